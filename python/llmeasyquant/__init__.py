@@ -1,0 +1,14 @@
+"""LLMEasyQuant: quantization toolkit for large language models.
+
+Importing the package loads the compiled extension, which registers the ops
+under ``torch.ops.llmeasyquant``; :mod:`llmeasyquant.ops` wraps them.
+"""
+
+from ._native import build_info
+from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from . import ops
+from .nn import QLinear, replace_linear
+
+__version__ = build_info()["version"]
+
+__all__ = ["QLinear", "build_info", "ops", "replace_linear", "__version__"]

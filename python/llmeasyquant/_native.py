@@ -1,0 +1,35 @@
+"""Loads the compiled extension (which registers torch.ops.llmeasyquant.*)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+try:
+    from . import _C
+except ImportError as err:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "llmeasyquant: the native extension llmeasyquant._C could not be loaded "
+        f"({err}). Build it from the source tree with "
+        "`pip install --no-build-isolation .` (needs torch, cmake>=3.26, ninja, "
+        "pybind11 and scikit-build-core installed) or run `make demo`."
+    ) from err
+
+
+@functools.lru_cache(maxsize=None)
+def _static_build_info() -> dict:
+    return dict(_C.build_info())
+
+
+def build_info() -> dict:
+    """What this installation was built with: version, torch version it was
+    compiled against, CUDA on/off and archs, CPU kernels and the ISA in use."""
+    info = dict(_static_build_info())
+    info.update({k: v for k, v in _C.build_info().items() if k == "cpu_isa_active"})
+    info["torch_version_runtime"] = torch.__version__
+    return info
+
+
+def has_cuda_kernels() -> bool:
+    return bool(_static_build_info()["cuda"])

@@ -1,0 +1,238 @@
+"""Pure-PyTorch reference for every op of LLMEasyQuant.
+
+This file *defines* the semantics. The C++ (and CUDA) kernels are tested
+against it, bit-for-bit where the math is integer or the same IEEE float
+operations happen in the same order, and within tolerances otherwise.
+It is also readable documentation of the quantization conventions:
+
+* Quantized values are signed integers ``q`` in ``[qmin, qmax] =
+  [-2**(bits-1), 2**(bits-1) - 1]``; dequantization is
+  ``x = scale * (q - zero_point)``.
+* Symmetric (AbsMax): ``scale = absmax / qmax``, ``zero_point = 0``.
+* Asymmetric (ZeroPoint, min/max): the range is widened to contain 0 so that
+  zero is exact, ``scale = (hi - lo) / (2**bits - 1)``,
+  ``zero_point = clamp(qmin - round(lo / scale), qmin, qmax)``.
+* A zero range gives ``scale = 1`` (all values quantize to the zero-point).
+  NaN inputs give a NaN scale, so outputs are NaN rather than silently finite.
+* ``q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)``, with a
+  NaN quotient mapped to 0. Division (not multiplication by a reciprocal) is
+  used everywhere so kernels can reproduce it exactly.
+* Granularity ``group_size``: ``0`` per tensor (scale shape ``[1]``),
+  ``-1`` per row (per output channel for weights, per token for activations;
+  scale shape ``[..., 1]``), ``g > 0`` group-wise along the last dim
+  (scale shape ``[..., K // g]``; ``g`` must divide ``K``).
+* 4-bit values are packed two per byte along the last dim: element ``2i`` in
+  the low nibble, ``2i + 1`` in the high nibble, as two's-complement nibbles;
+  odd ``K`` leaves the final high nibble 0. Packed shape ``[..., ceil(K/2)]``,
+  dtype uint8. 8-bit values are int8.
+* Scales are float32, zero-points int8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_BITS = (4, 8)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+# --------------------------------------------------------------------------
+# packing
+# --------------------------------------------------------------------------
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], shape [..., K] -> uint8 [..., ceil(K/2)]."""
+    K = q.shape[-1]
+    if K % 2:
+        q = F.pad(q, (0, 1))
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """uint8 [..., ceil(K/2)] -> int8 [..., K] with values in [-8, 7]."""
+    lo = (packed & 0xF).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    both = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :K]
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+# --------------------------------------------------------------------------
+# scales
+# --------------------------------------------------------------------------
+def _nan_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(a), a, torch.maximum(a, b))
+
+
+def scale_from_absmax(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    _, qmax = qrange(bits)
+    scale = absmax.float() / qmax
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def scale_zp_from_minmax(mn: torch.Tensor, mx: torch.Tensor, bits: int):
+    qmin, qmax = qrange(bits)
+    lo = torch.minimum(mn.float(), torch.zeros_like(mn, dtype=torch.float32))
+    hi = torch.maximum(mx.float(), torch.zeros_like(mx, dtype=torch.float32))
+    # NaN must survive minimum/maximum (torch.minimum propagates NaN).
+    scale = (hi - lo) / float((1 << bits) - 1)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = qmin - torch.round(lo / scale)
+    zp = torch.nan_to_num(zp, nan=0.0).clamp(qmin, qmax).to(torch.int8)
+    return scale, zp
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """View x [..., K] as [..., G, g] for the granularity; returns (view, G)."""
+    K = x.shape[-1]
+    if group_size == 0:
+        return x.reshape(1, -1), 1
+    if group_size == -1:
+        return x.unsqueeze(-2), 1
+    return x.reshape(*x.shape[:-1], K // group_size, group_size), K // group_size
+
+
+def _scale_shape(x_shape: torch.Size, group_size: int) -> tuple[int, ...]:
+    if group_size == 0:
+        return (1,)
+    if group_size == -1:
+        return (*x_shape[:-1], 1)
+    return (*x_shape[:-1], x_shape[-1] // group_size)
+
+
+def _quantize_values(xg, scale, zp, bits):
+    qmin, qmax = qrange(bits)
+    v = torch.round(xg / scale.unsqueeze(-1))
+    v = torch.where(torch.isnan(v), torch.zeros_like(v), v)
+    v = v + zp.unsqueeze(-1).float()
+    return v.clamp(qmin, qmax).to(torch.int8)
+
+
+def _finish(qg, x_shape, bits):
+    q = qg.reshape(x_shape)
+    return pack_int4(q) if bits == 4 else q
+
+
+# --------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------
+def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int):
+    """Dynamic quantization: returns (q, scale, zero_point)."""
+    xf = x.float()
+    xg, _ = _grouped(xf, group_size)
+    if symmetric:
+        amax = xg.abs().amax(dim=-1)
+        scale = scale_from_absmax(amax, bits)
+        zp = torch.zeros_like(scale, dtype=torch.int8)
+    else:
+        scale, zp = scale_zp_from_minmax(xg.amin(dim=-1), xg.amax(dim=-1), bits)
+    qg = _quantize_values(xg, scale, zp, bits)
+    shape = _scale_shape(x.shape, group_size)
+    return _finish(qg, x.shape, bits), scale.reshape(shape), zp.reshape(shape)
+
+
+def quantize_static(x, scale, zero_point, bits: int, group_size: int):
+    """Quantize with given scales/zero-points (same granularity rules)."""
+    xf = x.float()
+    xg, G = _grouped(xf, group_size)
+    s = scale.float().reshape(xg.shape[:-1])
+    z = zero_point.reshape(xg.shape[:-1])
+    return _finish(_quantize_values(xg, s, z, bits), x.shape, bits)
+
+
+def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
+    qi = unpack_int4(q, K) if bits == 4 else q
+    qg, _ = _grouped(qi.float(), group_size)
+    s = scale.float().reshape(qg.shape[:-1]).unsqueeze(-1)
+    z = zero_point.float().reshape(qg.shape[:-1]).unsqueeze(-1)
+    return (s * (qg - z)).reshape(qi.shape).to(dtype)
+
+
+def channel_stats_(x, absmax, mn, mx) -> None:
+    """Fold per-channel (last dim) statistics of x into running stats, in place."""
+    xf = x.float().reshape(-1, x.shape[-1])
+    if xf.shape[0] == 0:
+        return
+    absmax.copy_(_nan_max(xf.abs().amax(0), absmax))
+    mx.copy_(_nan_max(xf.amax(0), mx))
+    mn.copy_(-_nan_max(-xf.amin(0), -mn))
+
+
+def ema_quantize_(x, state, alpha: float, eps: float, bits: int, symmetric: bool, update: bool):
+    """Online EMA activation scales (paper Algorithm 1 / eq. 2).
+
+    state: float32 [4] = (absmax_ema, min_ema, max_ema, steps). The first
+    update initialises the EMA with the observation (no bias towards 0):
+      delta_t = alpha * delta_{t-1} + (1 - alpha) * max(eps, absmax(X_t))
+    Asymmetric mode tracks min/max the same way (each widened to contain 0,
+    eps applied to the range) and derives the zero-point from them; this
+    replaces the paper's -round(mu/delta), which is not a valid zero-point
+    for an absmax-sized range.
+    Returns (q, scale [1], zero_point [1]) computed with the *updated* state.
+    """
+    xf = x.float()
+    if update:
+        a = torch.tensor(alpha, dtype=torch.float32)
+        b = torch.tensor(1.0 - alpha, dtype=torch.float32)
+        e = torch.tensor(eps, dtype=torch.float32)
+        r = _nan_max(xf.abs().amax(), e) if xf.numel() else e
+        lo = torch.minimum(xf.amin(), torch.zeros(())) if xf.numel() else torch.zeros(())
+        hi = torch.maximum(xf.amax(), torch.zeros(())) if xf.numel() else torch.zeros(())
+        first = state[3] == 0
+        obs = torch.stack([r, lo, hi])
+        new = torch.where(first, obs, a * state[:3] + b * obs)
+        state[:3] = new
+        state[3] = state[3] + 1
+    if symmetric:
+        scale = scale_from_absmax(state[0:1], bits)
+        zp = torch.zeros(1, dtype=torch.int8)
+    else:
+        e = torch.tensor(eps, dtype=torch.float32)
+        lo, hi = state[1:2], state[2:3]
+        # the range gets the same eps floor as the symmetric absmax
+        hi = torch.maximum(hi, lo + e)
+        scale, zp = scale_zp_from_minmax(lo, hi, bits)
+    q = quantize_static(x, scale, zp, bits, 0)
+    return q, scale, zp
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M,K] x int8 [N,K] -> exact int32 [M,N]."""
+    return (a.long() @ b.long().T).to(torch.int32)
+
+
+def scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, b_sum, bias, out_dtype):
+    """(a_scale[m] * b_scale[n]) * (acc[m,n] - a_zero[m] * b_sum[n]) + bias[n]."""
+    acc = a.long() @ b.long().T
+    if a_zero is not None:
+        bs = b.long().sum(1) if b_sum is None else b_sum.long()
+        acc = acc - a_zero.reshape(-1, 1).long() * bs.reshape(1, -1)
+    acc = acc.to(torch.int32)
+    s = a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
+    out = s * acc.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric: bool):
+    """Paper Algorithm 2: per-token dynamic quantize + int8 GEMM, float in/out."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    q, s, z = quantize(x2, 8, act_symmetric, -1)
+    out = scaled_int8_gemm(q, s, None if act_symmetric else z, w, w_scale, w_sum, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bias):
+    """Weight-only quantized linear (W8A16 / W4A16): fp32 math, x.dtype out."""
+    K = x.shape[-1]
+    N = qw.shape[0]
+    zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
+    w = dequantize(qw, scale, zp, bits, group_size, K, torch.float32)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype).reshape(*x.shape[:-1], N)

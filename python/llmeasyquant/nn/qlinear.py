@@ -1,0 +1,213 @@
+"""QLinear: a drop-in quantized replacement for ``nn.Linear`` (and GPT-2's ``Conv1D``).
+
+It holds integer weights with their scales/zero-points and an activation mode:
+
+* ``act=None`` - weight-only (W8A16 / W4A16): float activations, the weight is
+  dequantized inside the kernel.
+* ``act="dynamic"`` - W8A8 with per-token activation scales computed on the fly
+  (paper Algorithm 2, one fused op).
+* ``act="static"`` - W8A8 with one calibrated per-tensor activation scale
+  (set it with :meth:`QLinear.set_static_range`).
+* ``act="ema"`` - W8A8 with an online per-tensor scale tracked by an
+  exponential moving average of the activation range (paper Algorithm 1),
+  updated on every forward unless :attr:`ema_update` is False.
+
+W8A8 modes need 8-bit, per-channel, symmetric weights (what the int8 GEMM's
+epilogue folds in); other weight settings run weight-only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+
+ACT_MODES = (None, "dynamic", "static", "ema")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: y = x @ W + b with W stored [in, out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _granularity(group_size: int) -> str:
+    return "per-channel" if group_size == -1 else f"group({group_size})"
+
+
+class QLinear(nn.Module):
+    """Quantized linear layer ``y = x @ W.T + b`` with integer ``W``.
+
+    Build one from a float layer with :meth:`from_linear`; the constructor
+    creates an empty (zero) layer of the right shapes, e.g. for loading a
+    ``state_dict``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
+                 w_group_size: int = -1, w_symmetric: bool = True, act: Optional[str] = "dynamic",
+                 act_symmetric: bool = True, ema_alpha: float = 0.9, ema_eps: float = 1e-5,
+                 bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if w_bits not in (4, 8):
+            raise ValueError(f"QLinear: unsupported w_bits={w_bits}; supported: 4, 8")
+        if act not in ACT_MODES:
+            raise ValueError(f"QLinear: act must be one of {ACT_MODES}, got {act!r}")
+        K, N = in_features, out_features
+        if w_group_size == 0 or w_group_size < -1:
+            raise ValueError(f"QLinear: w_group_size must be -1 (per channel) or a positive divisor of "
+                             f"in_features={K}, got {w_group_size}")
+        if w_group_size > 0 and K % w_group_size:
+            divs = [d for d in range(1, K + 1) if K % d == 0]
+            raise ValueError(f"QLinear: w_group_size={w_group_size} does not divide in_features={K}; "
+                             f"group sizes that divide it: {divs}")
+        if act is not None and not (w_bits == 8 and w_group_size == -1 and w_symmetric):
+            raise ValueError(
+                f"QLinear: act={act!r} (W8A8) needs 8-bit per-channel symmetric weights, got "
+                f"w_bits={w_bits}, w_group_size={w_group_size}, w_symmetric={w_symmetric}; "
+                "use act=None for weight-only quantization with these weight settings")
+        self.in_features, self.out_features = K, N
+        self.w_bits, self.w_group_size, self.w_symmetric = w_bits, w_group_size, w_symmetric
+        self.act, self.act_symmetric = act, act_symmetric
+        self.ema_alpha, self.ema_eps = float(ema_alpha), float(ema_eps)
+        self.ema_update = True
+        G = 1 if w_group_size == -1 else K // w_group_size
+        kq = (K + 1) // 2 if w_bits == 4 else K
+        qdtype = torch.uint8 if w_bits == 4 else torch.int8
+        self.register_buffer("qweight", torch.zeros(N, kq, dtype=qdtype, device=device))
+        self.register_buffer("w_scale", torch.ones(N, G, dtype=torch.float32, device=device))
+        self.register_buffer("w_zero", None if w_symmetric else torch.zeros(N, G, dtype=torch.int8, device=device))
+        self.register_buffer("bias", torch.zeros(N, dtype=bias_dtype, device=device) if bias else None)
+        # sum_k W[n,k]: derived from qweight, so not saved (recomputed on load).
+        self.register_buffer("w_sum", torch.zeros(N, dtype=torch.int32, device=device), persistent=False)
+        if act == "static":
+            self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device))
+            self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int8, device=device))
+        if act == "ema":
+            self.register_buffer("ema_state", ops.new_ema_state(device))
+        self._register_load_state_dict_pre_hook(self._check_state_dict)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_w_sum())
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_linear(cls, module: nn.Module, *, w_bits: int = 8, w_group_size: int = -1,
+                    w_symmetric: bool = True, act: Optional[str] = "dynamic", act_symmetric: bool = True,
+                    ema_alpha: float = 0.9, ema_eps: float = 1e-5) -> "QLinear":
+        """Quantize an ``nn.Linear`` or a transformers ``Conv1D`` (round-to-nearest)."""
+        if isinstance(module, nn.Linear):
+            weight = module.weight.detach()
+        elif _is_conv1d(module):
+            weight = module.weight.detach().t()
+        else:
+            raise TypeError(f"QLinear.from_linear: expected nn.Linear or transformers Conv1D, "
+                            f"got {type(module).__name__}")
+        N, K = weight.shape
+        bias = getattr(module, "bias", None)
+        q = cls(K, N, bias is not None, w_bits=w_bits, w_group_size=w_group_size, w_symmetric=w_symmetric,
+                act=act, act_symmetric=act_symmetric, ema_alpha=ema_alpha, ema_eps=ema_eps,
+                bias_dtype=bias.dtype if bias is not None else torch.float32, device=weight.device)
+        q.set_weight(weight)
+        if bias is not None:
+            q.bias.copy_(bias.detach())
+        return q
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                   zero_point: Optional[torch.Tensor] = None) -> None:
+        """Quantize a float weight ``[out, in]`` into this layer (RTN), or store
+        it with given scales/zero-points (what calibrated methods produce)."""
+        N, K = self.out_features, self.in_features
+        if tuple(weight.shape) != (N, K):
+            raise ValueError(f"QLinear.set_weight: expected a weight of shape ({N}, {K}), got {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError("QLinear.set_weight: the weight contains NaN or Inf")
+        w = weight.float()
+        if scale is None:
+            qw, s, z = ops.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size)
+        else:
+            z = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
+            qw = ops.quantize_static(w, scale.float().reshape(self.w_scale.shape).contiguous(),
+                                     z.to(torch.int8).reshape(self.w_scale.shape).contiguous(),
+                                     self.w_bits, self.w_group_size)
+            s = scale
+        self.qweight.copy_(qw)
+        self.w_scale.copy_(s.reshape(self.w_scale.shape))
+        if self.w_zero is not None:
+            self.w_zero.copy_(z.reshape(self.w_zero.shape))
+        self._refresh_w_sum()
+
+    def _refresh_w_sum(self) -> None:
+        if self.w_bits == 8:
+            self.w_sum.copy_(ops.weight_row_sums(self.qweight))
+
+    def _check_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "qweight"
+        if key in state_dict and state_dict[key].shape != self.qweight.shape:
+            raise ValueError(f"QLinear: state_dict '{key}' has shape {tuple(state_dict[key].shape)}, this layer "
+                             f"expects {tuple(self.qweight.shape)} ({self.w_bits}-bit, "
+                             f"in_features={self.in_features}, out_features={self.out_features})")
+
+    # ------------------------------------------------------------ activations
+    @torch.no_grad()
+    def set_static_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Set the calibrated activation range for ``act="static"``."""
+        if self.act != "static":
+            raise RuntimeError(f"QLinear.set_static_range: this layer has act={self.act!r}, not 'static'")
+        lo_t, hi_t = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+        if not (torch.isfinite(lo_t).all() and torch.isfinite(hi_t).all()):
+            raise ValueError(f"QLinear.set_static_range: the calibrated range must be finite, got lo={lo}, hi={hi}")
+        if (lo_t > hi_t).any():
+            raise ValueError(f"QLinear.set_static_range: lo={lo} > hi={hi}")
+        from .._reference import scale_from_absmax, scale_zp_from_minmax
+        if self.act_symmetric:
+            s = scale_from_absmax(torch.maximum(lo_t.abs(), hi_t.abs()).reshape(1), 8)
+            z = torch.zeros(1, dtype=torch.int8)
+        else:
+            s, z = scale_zp_from_minmax(lo_t.reshape(1), hi_t.reshape(1), 8)
+        self.act_scale.copy_(s)
+        self.act_zero.copy_(z)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is None:
+            return ops.weight_only_linear(x, self.qweight, self.w_scale, self.w_zero, self.w_bits,
+                                          self.w_group_size, self.bias)
+        if self.act == "dynamic":
+            return ops.dynamic_quant_linear(x, self.qweight, self.w_scale.view(-1), self.w_sum, self.bias,
+                                            self.act_symmetric)
+        x2 = x.reshape(-1, self.in_features)
+        if self.act == "static":
+            qx = ops.quantize_static(x2, self.act_scale, self.act_zero, 8, 0)
+            scale, zero = self.act_scale, self.act_zero
+        else:
+            qx, scale, zero = ops.ema_quantize_(x2, self.ema_state, self.ema_alpha, self.ema_eps, 8,
+                                                self.act_symmetric, self.ema_update)
+        out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.w_scale.view(-1),
+                                   a_zero=None if self.act_symmetric else zero, b_sum=self.w_sum,
+                                   bias=self.bias, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ misc
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``[out, in]`` this layer actually multiplies with."""
+        zero = self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale, dtype=torch.int8)
+        return ops.dequantize(self.qweight, self.w_scale, zero, self.w_bits, self.w_group_size,
+                              self.in_features, dtype)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the saved tensors (packed weights, scales, zero-points, bias, act. state)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        w = (f"w={self.w_bits}-bit {_granularity(self.w_group_size)} "
+             f"{'symmetric' if self.w_symmetric else 'asymmetric'}")
+        if self.act is None:
+            a = "act=none (weight-only)"
+        else:
+            kind = {"dynamic": "dynamic per-token", "static": "static per-tensor",
+                    "ema": f"EMA per-tensor (alpha={self.ema_alpha})"}[self.act]
+            a = f"act=8-bit {kind} {'symmetric' if self.act_symmetric else 'asymmetric'}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {w}, {a}")

@@ -1,0 +1,129 @@
+// Torch-free CPU kernels of LLMEasyQuant: raw pointers + sizes only.
+//
+// Semantics are defined by python/llmeasyquant/_reference.py; every function
+// here must agree with it (bit-for-bit where the math is integer or the float
+// operations are the same IEEE ops in the same order).
+//
+// Conventions shared with the CUDA side (src/cuda) and the reference:
+//  * Matrices are row-major with an explicit row stride in elements.
+//  * Quantized values are signed: q in [qmin, qmax] = [-2^(b-1), 2^(b-1)-1].
+//    Dequantization is x = scale * (q - zero_point).
+//  * 4-bit values are packed two per byte along the last (K) dimension:
+//    element 2i in the low nibble, element 2i+1 in the high nibble, each a
+//    two's-complement nibble; an odd K leaves the last high nibble 0.
+//  * Scales are fp32, zero-points int8.
+#pragma once
+
+#include <cstdint>
+
+namespace llmeq {
+namespace cpu {
+
+// ---------------------------------------------------------------------------
+// Instruction-set dispatch
+// ---------------------------------------------------------------------------
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+
+// The best ISA this CPU supports, capped by the environment variable
+// LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni (read on every call, so tests can
+// exercise each path in one process).
+Isa active_isa();
+// Best ISA the CPU supports (ignores the environment cap).
+Isa detected_isa();
+const char* isa_name(Isa isa);
+
+// Element types the kernels read/write for float tensors.
+enum class FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// ---------------------------------------------------------------------------
+// Quantize / dequantize (src/cpp/kernels/quantize.cpp)
+// ---------------------------------------------------------------------------
+// x: [rows, K] with row stride ldx (elements of `xtype`).
+// group_size: K  -> one scale per row (per-channel / per-token);
+//             g  -> K % g == 0, scales [rows, K/g];
+// (per-tensor quantization is done by the op layer with a precomputed scale.)
+// Writes q (bits 8: int8 [rows, K]; bits 4: uint8 [rows, ceil(K/2)], packed),
+// scale [rows, K/g] fp32 and zero_point [rows, K/g] int8 (0 when symmetric).
+void quantize_dynamic(const void* x, FloatType xtype, int64_t rows, int64_t K, int64_t ldx,
+                      int bits, bool symmetric, int64_t group_size, void* q, float* scale,
+                      int8_t* zero_point, int num_threads);
+
+// Quantize with given scales/zero-points; scale_stride_row is 0 for one scale
+// shared by all rows (per-tensor), otherwise K/group_size.
+void quantize_with_scale(const void* x, FloatType xtype, int64_t rows, int64_t K, int64_t ldx,
+                         int bits, int64_t group_size, const float* scale,
+                         const int8_t* zero_point, int64_t scale_stride_row, void* q,
+                         int num_threads);
+
+// Per-row symmetric/asymmetric 8-bit quantization straight into the offset
+// layout the VNNI GEMM consumes: u8 = q + 128 (vpdpbusd multiplies unsigned by
+// signed bytes), scale[r], and corr[r] = 128 + zero_point[r] (the epilogue
+// subtracts corr[r] * sum_k B[n,k]). Used by the fused dynamic linear.
+void quantize_rows_u8(const void* x, FloatType xtype, int64_t rows, int64_t K, int64_t ldx,
+                      bool symmetric, uint8_t* q_u8, int64_t ldq, float* scale, int32_t* corr,
+                      int num_threads);
+
+void dequantize(const void* q, int64_t rows, int64_t K, int bits, int64_t group_size,
+                const float* scale, const int8_t* zero_point, int64_t scale_stride_row,
+                void* out, FloatType otype, int num_threads);
+
+// ---------------------------------------------------------------------------
+// Reductions (src/cpp/kernels/reduce.cpp)
+// ---------------------------------------------------------------------------
+// Per-channel (last dim) statistics over `rows` rows of x, folded into the
+// running absmax/min/max (each [K] fp32, updated in place; NaN in x propagates).
+void channel_stats_update(const void* x, FloatType xtype, int64_t rows, int64_t K, int64_t ldx,
+                          float* absmax, float* mn, float* mx, int num_threads);
+
+// Whole-tensor absmax/min/max of x ([rows, K], stride ldx) -> out[0..2].
+void tensor_minmax(const void* x, FloatType xtype, int64_t rows, int64_t K, int64_t ldx,
+                   float* out3, int num_threads);
+
+// ---------------------------------------------------------------------------
+// int8 GEMM (src/cpp/kernels/gemm_*.cpp)
+// ---------------------------------------------------------------------------
+// Epilogue applied to the exact int32 accumulator acc[m,n] = sum_k A[m,k]*B[n,k]
+// of an unsigned-A x signed-B product:
+//   out[m,n] = a_scale[m*a_scale_stride] * b_scale[n]
+//              * float(acc[m,n] - a_corr[m*a_corr_stride] * b_sum[n])  + bias[n]
+// a_corr / b_sum may be null (no correction), bias may be null.
+// The subtraction is done in int32 (exact), then converted to fp32.
+struct GemmEpilogue {
+  const float* a_scale = nullptr;  // [M] or [1]
+  int64_t a_scale_stride = 1;      // 1 per token, 0 per tensor
+  const int32_t* a_corr = nullptr; // [M] or [1]: 128 + activation zero-point
+  int64_t a_corr_stride = 1;
+  const float* b_scale = nullptr;  // [N]
+  const int32_t* b_sum = nullptr;  // [N]: sum_k B[n,k]
+  const float* bias = nullptr;     // [N] fp32
+  void* out = nullptr;             // [M, N] row stride ldo
+  int64_t ldo = 0;
+  FloatType out_type = FloatType::F32;
+};
+
+// C[m,n] = sum_k A[m,k] * B[n,k] (A uint8 [M,K] stride lda, B int8 [N,K] stride
+// ldb, C int32 [M,N] stride ldc). Exact (no saturation) for K <= 65536.
+void gemm_u8s8s32(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                  const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc, int num_threads);
+
+// Same product with the epilogue above fused per tile (no int32 C in memory).
+void gemm_u8s8_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                      const int8_t* B, int64_t ldb, const GemmEpilogue& ep, int num_threads);
+
+// sum_k B[n,k] for each row n (int32).
+void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
+                 int num_threads);
+
+// ---------------------------------------------------------------------------
+// Weight-only GEMM (src/cpp/kernels/gemm_wo.cpp)
+// ---------------------------------------------------------------------------
+// out[m,n] = sum_k x[m,k] * scale[n,g(k)] * (Wq[n,k] - zp[n,g(k)]) + bias[n]
+// x fp32 [M,K] contiguous; Wq int8 [N,K] (bits 8) or packed uint8 [N,ceil(K/2)]
+// (bits 4); scale/zero_point [N, K/group_size]; zero_point may be null
+// (symmetric). Accumulation in fp32; out fp32 [M,N] contiguous.
+void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq, int bits,
+                      int64_t group_size, const float* scale, const int8_t* zero_point,
+                      const float* bias, float* out, int num_threads);
+
+}  // namespace cpu
+}  // namespace llmeq

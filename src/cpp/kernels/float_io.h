@@ -1,0 +1,52 @@
+// Loads/stores of fp32 / bf16 / fp16 elements for the torch-free CPU kernels.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"
+
+namespace llmeq {
+namespace cpu {
+
+inline float f16_to_f32(uint16_t h) {
+  _Float16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+}
+inline uint16_t f32_to_f16(float f) {
+  _Float16 v = static_cast<_Float16>(f);  // round to nearest even
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return h;
+}
+
+template <FloatType T> struct FloatIO;
+template <> struct FloatIO<FloatType::F32> {
+  using storage = float;
+  static inline float load(const storage* p, int64_t i) { return p[i]; }
+  static inline void store(storage* p, int64_t i, float v) { p[i] = v; }
+};
+template <> struct FloatIO<FloatType::BF16> {
+  using storage = uint16_t;
+  static inline float load(const storage* p, int64_t i) { return bf16_to_f32(p[i]); }
+  static inline void store(storage* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+};
+template <> struct FloatIO<FloatType::F16> {
+  using storage = uint16_t;
+  static inline float load(const storage* p, int64_t i) { return f16_to_f32(p[i]); }
+  static inline void store(storage* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
+};
+
+// Calls fn.template operator()<T>() for the runtime float type.
+template <typename Fn> inline void dispatch_float(FloatType t, Fn&& fn) {
+  switch (t) {
+    case FloatType::F32: fn.template operator()<FloatType::F32>(); break;
+    case FloatType::BF16: fn.template operator()<FloatType::BF16>(); break;
+    case FloatType::F16: fn.template operator()<FloatType::F16>(); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace llmeq

@@ -1,0 +1,437 @@
+// CPU implementations of the ops defined in schema.cpp: argument checks, then
+// the torch-free kernels of src/cpp/kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"
+
+namespace llmeq {
+namespace {
+
+int nthreads() { return at::get_num_threads(); }
+
+void check_cpu(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got a tensor on ", t.device());
+}
+
+at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
+  std::vector<int64_t> s(xs.begin(), xs.end());
+  if (bits == 4) {
+    s.back() = (s.back() + 1) / 2;
+    return at::empty(s, o.dtype(at::kByte));
+  }
+  return at::empty(s, o.dtype(at::kChar));
+}
+
+void check_x(const char* op, const at::Tensor& x, int64_t bits, int64_t group_size) {
+  check_cpu(op, x);
+  check_float(op, "x", x);
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension, got a scalar");
+  check_group_size(op, group_size, x.size(-1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits, bool symmetric,
+                                                            int64_t group_size) {
+  const char* op = "llmeasyquant.quantize";
+  check_x(op, x, bits, group_size);
+  if (group_size == 0)
+    TORCH_CHECK_VALUE(x.numel() > 0, op, ": per-tensor quantization of an empty tensor ", shape_str(x));
+  const int64_t K = x.size(-1);
+  const at::Tensor xv = rows_view(x);
+  const int64_t rows = xv.size(0);
+  at::Tensor q = q_storage(x.sizes(), bits, x.options());
+  at::Tensor scale = at::empty(scale_shape(x.sizes(), group_size), x.options().dtype(at::kFloat));
+  at::Tensor zp = at::empty(scale.sizes(), x.options().dtype(at::kChar));
+  if (group_size == 0) {
+    float r[3];
+    cpu::tensor_minmax(xv.data_ptr(), float_type(x.scalar_type()), rows, K, xv.stride(0), r, nthreads());
+    float s;
+    int8_t z = 0;
+    if (symmetric)
+      s = scale_from_absmax(r[0], static_cast<int>(bits));
+    else
+      scale_zp_from_minmax(r[1], r[2], static_cast<int>(bits), &s, &z);
+    scale.fill_(s);
+    zp.fill_(z);
+    cpu::quantize_with_scale(xv.data_ptr(), float_type(x.scalar_type()), rows, K, xv.stride(0), bits, K,
+                             scale.data_ptr<float>(), zp.data_ptr<int8_t>(), 0, q.data_ptr(), nthreads());
+  } else {
+    cpu::quantize_dynamic(xv.data_ptr(), float_type(x.scalar_type()), rows, K, xv.stride(0), bits, symmetric,
+                          group_len(group_size, K), q.data_ptr(), scale.data_ptr<float>(), zp.data_ptr<int8_t>(),
+                          nthreads());
+  }
+  return {q, scale, zp};
+}
+
+// Checks scale/zero-point tensors against the granularity; returns the row
+// stride of the scale grid (0 for a single per-tensor scale).
+int64_t check_scales(const char* op, const at::Tensor& ref, at::IntArrayRef xs, const at::Tensor& scale,
+                     const at::Tensor& zp, int64_t bits, int64_t group_size, bool check_values) {
+  check_cpu(op, scale);
+  check_cpu(op, zp);
+  check_dtype(op, "scale", scale, at::kFloat);
+  check_dtype(op, "zero_point", zp, at::kChar);
+  const auto want = scale_shape(xs, group_size);
+  int64_t n = 1;
+  for (auto v : want) n *= v;
+  const char* what = group_size == 0 ? "one per tensor" : group_size == -1 ? "one per row" : "one per group";
+  check_numel(op, "scale", scale, n, what);
+  check_numel(op, "zero_point", zp, n, what);
+  if (check_values && n > 0) {
+    const at::Tensor s = scale.contiguous();
+    const float* p = s.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0f, op, ": scales must be finite and > 0, got scale[", i,
+                        "] = ", p[i]);
+    if (bits == 4) {
+      const at::Tensor z = zp.contiguous();
+      const int8_t* zz = z.data_ptr<int8_t>();
+      for (int64_t i = 0; i < n; ++i)
+        TORCH_CHECK_VALUE(zz[i] >= -8 && zz[i] <= 7, op, ": 4-bit zero-points must lie in [-8, 7], got ",
+                          int(zz[i]));
+    }
+  }
+  (void)ref;
+  return group_size == 0 ? 0 : (xs.back() / group_len(group_size, xs.back()));
+}
+
+at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
+                               int64_t group_size) {
+  const char* op = "llmeasyquant.quantize_static";
+  check_x(op, x, bits, group_size);
+  const int64_t sstride = check_scales(op, x, x.sizes(), scale, zp, bits, group_size, true);
+  const int64_t K = x.size(-1);
+  const at::Tensor xv = rows_view(x);
+  at::Tensor q = q_storage(x.sizes(), bits, x.options());
+  const at::Tensor s = scale.contiguous(), z = zp.contiguous();
+  cpu::quantize_with_scale(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), bits,
+                           group_len(group_size, K), s.data_ptr<float>(), z.data_ptr<int8_t>(), sstride,
+                           q.data_ptr(), nthreads());
+  return q;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
+                          int64_t group_size, int64_t K, at::ScalarType dtype) {
+  const char* op = "llmeasyquant.dequantize";
+  check_cpu(op, q);
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(q.dim() >= 1, op, ": expected q with at least 1 dimension");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
+  const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
+  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, op, ": q of shape ", shape_str(q), " does not hold K=", K,
+                    " ", bits, "-bit values (last dim should be ", want_last, ")");
+  check_group_size(op, group_size, K);
+  std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
+  xs.back() = K;
+  const int64_t sstride = check_scales(op, q, xs, scale, zp, bits, group_size, false);
+  const at::Tensor qc = q.contiguous(), s = scale.contiguous(), z = zp.contiguous();
+  at::Tensor out = at::empty(xs, q.options().dtype(dtype));
+  const int64_t rows = K ? out.numel() / K : 0;
+  cpu::dequantize(qc.data_ptr(), rows, K, bits, group_len(group_size, K), s.data_ptr<float>(), z.data_ptr<int8_t>(),
+                  sstride, out.data_ptr(), float_type(dtype), nthreads());
+  return out;
+}
+
+void channel_stats_cpu(const at::Tensor& x, at::Tensor& absmax, at::Tensor& mn, at::Tensor& mx) {
+  const char* op = "llmeasyquant.channel_stats_";
+  check_cpu(op, x);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  const int64_t K = x.size(-1);
+  for (auto* t : {&absmax, &mn, &mx}) {
+    check_cpu(op, *t);
+    check_dtype(op, "running statistics", *t, at::kFloat);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": running statistics must have shape [", K,
+                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t));
+    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": running statistics must be contiguous");
+  }
+  const at::Tensor xv = rows_view(x);
+  cpu::channel_stats_update(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0),
+                            absmax.data_ptr<float>(), mn.data_ptr<float>(), mx.data_ptr<float>(), nthreads());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cpu(const at::Tensor& x, at::Tensor& state, double alpha,
+                                                                double eps, int64_t bits, bool symmetric,
+                                                                bool update) {
+  const char* op = "llmeasyquant.ema_quantize_";
+  check_x(op, x, bits, 0);
+  check_cpu(op, state);
+  check_dtype(op, "state", state, at::kFloat);
+  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), op,
+                    ": state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got ",
+                    shape_str(state));
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, op, ": alpha must be in [0, 1), got ", alpha);
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), op, ": eps must be finite and > 0, got ", eps);
+  const int64_t K = x.size(-1);
+  const at::Tensor xv = rows_view(x);
+  float* st = state.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  if (update) {
+    float r[3] = {0.0f, 0.0f, 0.0f};
+    if (x.numel()) cpu::tensor_minmax(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), r,
+                                      nthreads());
+    const float obs[3] = {nan_max(r[0], e), nan_min(r[1], 0.0f), nan_max(r[2], 0.0f)};
+    const float a = static_cast<float>(alpha), b = static_cast<float>(1.0 - alpha);
+    const bool first = st[3] == 0.0f;
+    for (int i = 0; i < 3; ++i) st[i] = first ? obs[i] : a * st[i] + b * obs[i];
+    st[3] += 1.0f;
+  }
+  float s;
+  int8_t z = 0;
+  if (symmetric) {
+    s = scale_from_absmax(st[0], static_cast<int>(bits));
+  } else {
+    const float hi = nan_max(st[2], st[1] + e);
+    scale_zp_from_minmax(st[1], hi, static_cast<int>(bits), &s, &z);
+  }
+  at::Tensor scale = at::full({1}, s, x.options().dtype(at::kFloat));
+  at::Tensor zp = at::full({1}, z, x.options().dtype(at::kChar));
+  at::Tensor q = q_storage(x.sizes(), bits, x.options());
+  cpu::quantize_with_scale(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), bits, K, &s, &z,
+                           0, q.data_ptr(), nthreads());
+  return {q, scale, zp};
+}
+
+// ---- GEMM -----------------------------------------------------------------
+// vpdpbusd multiplies unsigned by signed bytes: A is shifted to u8 = a + 128
+// (a XOR 0x80) and 128 * sum_k B[n,k] is subtracted again, exactly, in int32.
+constexpr int64_t kMaxK = 65536;  // |acc| <= 255 * 128 * K must fit int32
+
+void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_cpu(op, a);
+  check_cpu(op, b);
+  check_dtype(op, "a", a, at::kChar);
+  check_dtype(op, "b (weights)", b, at::kChar);
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D a [M, K] and b [N, K], got a ",
+                    shape_str(a), " and b ", shape_str(b));
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), op, ": K mismatch: a is [M=", a.size(0), ", K=", a.size(1),
+                    "] but b is [N=", b.size(0), ", K=", b.size(1), "]");
+  TORCH_CHECK_VALUE(a.size(1) <= kMaxK, op, ": K=", a.size(1), " exceeds the int32-exact limit ", kMaxK);
+}
+
+at::Tensor to_u8(const at::Tensor& a) {
+  const at::Tensor ac = a.contiguous();
+  at::Tensor u = at::empty(ac.sizes(), ac.options().dtype(at::kByte));
+  const int8_t* s = ac.data_ptr<int8_t>();
+  uint8_t* d = u.data_ptr<uint8_t>();
+  const int64_t n = ac.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) d[i] = static_cast<uint8_t>(s[i]) ^ 0x80u;
+  });
+  return u;
+}
+
+at::Tensor row_sums(const at::Tensor& b) {
+  const at::Tensor bc = b.contiguous();
+  at::Tensor out = at::empty({bc.size(0)}, bc.options().dtype(at::kInt));
+  cpu::row_sums_s8(bc.data_ptr<int8_t>(), bc.size(0), bc.size(1), bc.size(1), out.data_ptr<int32_t>(), nthreads());
+  return out;
+}
+
+at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "llmeasyquant.int8_gemm";
+  check_gemm_operands(op, a, b);
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const at::Tensor au = to_u8(a), bc = b.contiguous();
+  at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
+  cpu::gemm_u8s8s32(M, N, K, au.data_ptr<uint8_t>(), K, bc.data_ptr<int8_t>(), K, c.data_ptr<int32_t>(), N,
+                    nthreads());
+  if (M && N) c.sub_(row_sums(bc).mul_(128).unsqueeze(0));
+  return c;
+}
+
+void check_out_dtype(const char* op, at::ScalarType d) {
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, op,
+                   ": out_dtype must be float32, bfloat16 or float16, got ", d);
+}
+
+at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  check_cpu(op, *bias);
+  check_float(op, "bias", *bias);
+  check_numel(op, "bias", *bias, N, "one per output channel");
+  return bias->to(at::kFloat).contiguous();
+}
+
+at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const c10::optional<at::Tensor>& a_zero,
+                                const at::Tensor& b, const at::Tensor& b_scale, const c10::optional<at::Tensor>& b_sum,
+                                const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const char* op = "llmeasyquant.scaled_int8_gemm";
+  check_gemm_operands(op, a, b);
+  check_out_dtype(op, out_dtype);
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  check_cpu(op, a_scale);
+  check_cpu(op, b_scale);
+  check_dtype(op, "a_scale", a_scale, at::kFloat);
+  check_dtype(op, "b_scale", b_scale, at::kFloat);
+  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, op,
+                    ": a_scale must have M=", M, " elements (per token) or 1 (per tensor), got ", shape_str(a_scale));
+  check_numel(op, "b_scale", b_scale, N, "one per output channel");
+  at::Tensor corr;
+  if (a_zero.has_value()) {
+    check_cpu(op, *a_zero);
+    check_dtype(op, "a_zero", *a_zero, at::kChar);
+    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, op, ": a_zero must have M=", M,
+                      " elements or 1, got ", shape_str(*a_zero));
+    corr = a_zero->to(at::kInt).add_(128).contiguous();
+  } else {
+    corr = at::full({1}, 128, a.options().dtype(at::kInt));
+  }
+  at::Tensor bsum;
+  if (b_sum.has_value()) {
+    check_cpu(op, *b_sum);
+    check_dtype(op, "b_sum", *b_sum, at::kInt);
+    check_numel(op, "b_sum", *b_sum, N, "sum_k b[n, k] per output channel");
+    bsum = b_sum->contiguous();
+  } else {
+    bsum = row_sums(b);
+  }
+  const at::Tensor bias32 = bias_f32(op, bias, N);
+  const at::Tensor au = to_u8(a), bc = b.contiguous(), as = a_scale.contiguous(), bs = b_scale.contiguous();
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  cpu::GemmEpilogue ep;
+  ep.a_scale = as.data_ptr<float>();
+  ep.a_scale_stride = as.numel() == 1 ? 0 : 1;
+  ep.a_corr = corr.data_ptr<int32_t>();
+  ep.a_corr_stride = corr.numel() == 1 ? 0 : 1;
+  ep.b_scale = bs.data_ptr<float>();
+  ep.b_sum = bsum.data_ptr<int32_t>();
+  ep.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  ep.out = out.data_ptr();
+  ep.ldo = N;
+  ep.out_type = float_type(out_dtype);
+  cpu::gemm_u8s8_scaled(M, N, K, au.data_ptr<uint8_t>(), K, bc.data_ptr<int8_t>(), K, ep, nthreads());
+  return out;
+}
+
+void check_linear_weight(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t K_w) {
+  check_cpu(op, w);
+  TORCH_CHECK_VALUE(w.dim() == 2, op, ": expected a 2-D weight, got ", shape_str(w));
+  TORCH_CHECK_VALUE(x.size(-1) == K_w, op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
+                    ") but the weight has K=", K_w, " (shape ", shape_str(w), ")");
+}
+
+at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                    const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
+                                    bool act_symmetric) {
+  const char* op = "llmeasyquant.dynamic_quant_linear";
+  check_cpu(op, x);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  check_dtype(op, "w", w, at::kChar);
+  check_linear_weight(op, x, w, w.dim() == 2 ? w.size(1) : -1);
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK_VALUE(K <= kMaxK, op, ": K=", K, " exceeds the int32-exact limit ", kMaxK);
+  check_cpu(op, w_scale);
+  check_cpu(op, w_sum);
+  check_dtype(op, "w_scale", w_scale, at::kFloat);
+  check_dtype(op, "w_sum", w_sum, at::kInt);
+  check_numel(op, "w_scale", w_scale, N, "one per output channel");
+  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
+  const at::Tensor bias32 = bias_f32(op, bias, N);
+  const at::Tensor xv = rows_view(x);
+  const int64_t M = xv.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x.options());
+  if (M == 0 || N == 0) return out;
+  at::Tensor qa = at::empty({M, K}, x.options().dtype(at::kByte));
+  at::Tensor as = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor corr = at::empty({M}, x.options().dtype(at::kInt));
+  cpu::quantize_rows_u8(xv.data_ptr(), float_type(x.scalar_type()), M, K, xv.stride(0), act_symmetric,
+                        qa.data_ptr<uint8_t>(), K, as.data_ptr<float>(), corr.data_ptr<int32_t>(), nthreads());
+  const at::Tensor wc = w.contiguous(), ws = w_scale.contiguous(), wsum = w_sum.contiguous();
+  cpu::GemmEpilogue ep;
+  ep.a_scale = as.data_ptr<float>();
+  ep.a_corr = corr.data_ptr<int32_t>();
+  ep.b_scale = ws.data_ptr<float>();
+  ep.b_sum = wsum.data_ptr<int32_t>();
+  ep.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  ep.out = out.data_ptr();
+  ep.ldo = N;
+  ep.out_type = float_type(x.scalar_type());
+  cpu::gemm_u8s8_scaled(M, N, K, qa.data_ptr<uint8_t>(), K, wc.data_ptr<int8_t>(), K, ep, nthreads());
+  return out;
+}
+
+// Below this many tokens the fused dequantize-in-registers kernel streams the
+// small weights once; above it, dequantizing blocks of weight rows and calling
+// BLAS is faster (measured, see docs/benchmarks.md).
+constexpr int64_t kWeightOnlyDirectMaxM = 16;
+constexpr int64_t kWeightOnlyBlockN = 256;
+
+at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
+                                  const c10::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
+                                  const c10::optional<at::Tensor>& bias) {
+  const char* op = "llmeasyquant.weight_only_linear";
+  check_cpu(op, x);
+  check_float(op, "x", x);
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), op, ": K mismatch: x has K=", K,
+                    " (shape ", shape_str(x), ") but the ", bits, "-bit weight has shape ", shape_str(qw),
+                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])");
+  TORCH_CHECK_VALUE(group_size != 0, op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0");
+  check_group_size(op, group_size, K);
+  const int64_t N = qw.size(0);
+  const int64_t g = group_len(group_size, K);
+  const at::Tensor zp = zero_point.has_value() ? *zero_point : at::zeros(scale.sizes(), scale.options().dtype(at::kChar));
+  check_scales(op, qw, {N, K}, scale, zp, bits, group_size, false);
+  const at::Tensor bias32 = bias_f32(op, bias, N);
+  const at::Tensor xf = rows_view(x.to(at::kFloat)).contiguous();
+  const int64_t M = xf.size(0);
+  const at::Tensor qc = qw.contiguous(), sc = scale.contiguous(), zc = zp.contiguous();
+  at::Tensor out;
+  if (M <= kWeightOnlyDirectMaxM) {
+    out = at::empty({M, N}, xf.options());
+    cpu::gemm_weight_only(M, N, K, xf.data_ptr<float>(), qc.data_ptr(), bits, g, sc.data_ptr<float>(),
+                          zero_point.has_value() ? zc.data_ptr<int8_t>() : nullptr,
+                          bias32.defined() ? bias32.data_ptr<float>() : nullptr, out.data_ptr<float>(), nthreads());
+  } else {
+    out = at::empty({M, N}, xf.options());
+    const int64_t G = K / g;
+    const int64_t kb = bits == 4 ? (K + 1) / 2 : K;
+    at::Tensor wbuf = at::empty({std::min(N, kWeightOnlyBlockN), K}, xf.options());
+    for (int64_t n0 = 0; n0 < N; n0 += kWeightOnlyBlockN) {
+      const int64_t nb = std::min(kWeightOnlyBlockN, N - n0);
+      at::Tensor wb = wbuf.narrow(0, 0, nb);
+      cpu::dequantize(static_cast<const uint8_t*>(qc.data_ptr()) + n0 * kb, nb, K, bits, g,
+                      sc.data_ptr<float>() + n0 * G, zc.data_ptr<int8_t>() + n0 * G, G, wb.data_ptr(),
+                      cpu::FloatType::F32, nthreads());
+      at::Tensor o = out.narrow(1, n0, nb);
+      if (bias32.defined())
+        at::addmm_out(o, bias32.narrow(0, n0, nb), xf, wb.t());
+      else
+        at::mm_out(o, xf, wb.t());
+    }
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  return out.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_static", &quantize_static_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("channel_stats_", &channel_stats_cpu);
+  m.impl("ema_quantize_", &ema_quantize_cpu);
+  m.impl("int8_gemm", &int8_gemm_cpu);
+  m.impl("scaled_int8_gemm", &scaled_int8_gemm_cpu);
+  m.impl("dynamic_quant_linear", &dynamic_quant_linear_cpu);
+  m.impl("weight_only_linear", &weight_only_linear_cpu);
+}
+
+}  // namespace llmeq

@@ -1,0 +1,37 @@
+// The one place that defines every op schema of LLMEasyQuant.
+// CPU implementations: register_cpu.cpp; CUDA: src/cuda/register_cuda.cu;
+// fake (meta) implementations for torch.compile: python/llmeasyquant/_fake.py;
+// pure-PyTorch reference semantics: python/llmeasyquant/_reference.py.
+//
+// group_size everywhere: 0 = per tensor, -1 = per row (channel / token),
+// g > 0 = groups of g along the last dim.
+#include <torch/library.h>
+
+TORCH_LIBRARY(llmeasyquant, m) {
+  // Dynamic quantization -> (q, scale fp32, zero_point int8).
+  m.def("quantize(Tensor x, int bits, bool symmetric, int group_size) -> (Tensor, Tensor, Tensor)");
+  // Quantization with given (static / calibrated) scales and zero-points.
+  m.def("quantize_static(Tensor x, Tensor scale, Tensor zero_point, int bits, int group_size) -> Tensor");
+  m.def(
+      "dequantize(Tensor q, Tensor scale, Tensor zero_point, int bits, int group_size, int K, "
+      "ScalarType dtype) -> Tensor");
+  // Running per-channel statistics (calibration, SmoothQuant), updated in place.
+  m.def("channel_stats_(Tensor x, Tensor(a!) absmax, Tensor(b!) min, Tensor(c!) max) -> ()");
+  // Online EMA activation scale (paper Algorithm 1); state float32[4] updated in place.
+  m.def(
+      "ema_quantize_(Tensor x, Tensor(a!) state, float alpha, float eps, int bits, bool symmetric, "
+      "bool update) -> (Tensor, Tensor, Tensor)");
+  // Exact int8 x int8 -> int32, b given as [N, K].
+  m.def("int8_gemm(Tensor a, Tensor b) -> Tensor");
+  m.def(
+      "scaled_int8_gemm(Tensor a, Tensor a_scale, Tensor? a_zero, Tensor b, Tensor b_scale, Tensor? b_sum, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Paper Algorithm 2: per-token dynamic quantize + int8 GEMM, float in/out.
+  m.def(
+      "dynamic_quant_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias, "
+      "bool act_symmetric) -> Tensor");
+  // W8A16 / W4A16 group-wise weight-only linear.
+  m.def(
+      "weight_only_linear(Tensor x, Tensor qw, Tensor scale, Tensor? zero_point, int bits, int group_size, "
+      "Tensor? bias) -> Tensor");
+}
