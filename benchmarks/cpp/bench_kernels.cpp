@@ -1,0 +1,582 @@
+// Torch-free microbenchmark + self-check of the CPU kernels.
+//
+//   OMP_WAIT_POLICY=ACTIVE ./bench_kernels [--threads N] [--quick] [--check-only]
+//                                          [--only gemm|wo|quant]
+//
+// 1. Self-check (exit code 1 on any failure): every SIMD path available on this
+//    CPU against the scalar path, bit-for-bit (int32 products and the fp32 /
+//    bf16 / fp16 fused epilogue), on odd shapes, padded strides, extreme values
+//    and a sample of the benchmark shapes; the scalar path against a naive
+//    int64 reference; gemm_weight_only against a double-precision reference
+//    (tolerance: fp32 accumulation order is free).
+// 2. Timing (median of >= 20 runs after warm-up, min..max in brackets):
+//    gemm_u8s8_scaled GOP/s (2*M*N*K / t) per ISA; at M <= 16 also GB/s on
+//    weight bytes, "hot" (one weight copy, LLC resident when it fits) and
+//    "cold" (rotating copies whose total exceeds the 32 MiB L3);
+//    gemm_weight_only GB/s on weight bytes at M = 1, 16; quantize_dynamic GB/s
+//    on input bytes (per-row symmetric 8-bit, fp32 [M, K]).
+//
+// Build without src/cpp/kernels/quantize.cpp: -DLLMEQ_BENCH_NO_QUANTIZE.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "llmeq/cpu_kernels.h"
+
+using namespace llmeq::cpu;
+
+namespace {
+
+int g_threads = 2;
+bool g_quick = false;
+int g_failures = 0;
+std::mt19937_64 g_rng(12345);
+
+// Highest ISA exercised: active_isa() at startup, so LLMEQ_CPU_ISA caps the
+// bench like it caps the library.
+Isa g_cap = Isa::Scalar;
+
+void set_isa(Isa isa) { setenv("LLMEQ_CPU_ISA", isa_name(isa), 1); }
+
+std::vector<Isa> simd_isas() {
+  std::vector<Isa> v;
+  if (g_cap >= Isa::Avx2) v.push_back(Isa::Avx2);
+  if (g_cap >= Isa::Avx512Vnni) v.push_back(Isa::Avx512Vnni);
+  return v;
+}
+
+std::vector<Isa> all_isas() {
+  std::vector<Isa> v{Isa::Scalar};
+  for (Isa i : simd_isas()) v.push_back(i);
+  return v;
+}
+
+template <typename T>
+void fill_int(std::vector<T>& v, int lo, int hi) {
+  std::uniform_int_distribution<int> d(lo, hi);
+  for (auto& e : v) e = static_cast<T>(d(g_rng));
+}
+
+void fill_float(std::vector<float>& v, float lo, float hi) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  for (auto& e : v) e = d(g_rng);
+}
+
+void fail(const char* what, const std::string& ctx) {
+  ++g_failures;
+  if (g_failures <= 30) std::printf("  FAIL %s: %s\n", what, ctx.c_str());
+}
+
+std::string shape_str(int64_t M, int64_t N, int64_t K) {
+  char b[96];
+  std::snprintf(b, sizeof b, "M=%lld N=%lld K=%lld", (long long)M, (long long)N, (long long)K);
+  return b;
+}
+
+// ---------------------------------------------------------------------------
+// int8 GEMM checks
+// ---------------------------------------------------------------------------
+struct GemmCase {
+  int64_t M, N, K, lda, ldb, ldc;
+  std::vector<uint8_t> A;
+  std::vector<int8_t> B;
+};
+
+GemmCase make_case(int64_t M, int64_t N, int64_t K, int64_t pad, int mode) {
+  GemmCase c{M, N, K, K + pad, K + pad, N + pad, {}, {}};
+  // Exact-size buffers (no slack after the last row): ASan catches over-reads.
+  c.A.resize(static_cast<size_t>(M > 0 ? (M - 1) * c.lda + K : 0));
+  c.B.resize(static_cast<size_t>(N > 0 ? (N - 1) * c.ldb + K : 0));
+  if (mode == 0) {
+    fill_int(c.A, 0, 255);
+    fill_int(c.B, -128, 127);
+  } else {  // extremes: largest |acc|
+    std::fill(c.A.begin(), c.A.end(), 255);
+    for (size_t i = 0; i < c.B.size(); ++i) c.B[i] = (mode == 1) ? -128 : 127;
+  }
+  return c;
+}
+
+std::vector<int32_t> run_int(const GemmCase& c, Isa isa) {
+  set_isa(isa);
+  const size_t csize = static_cast<size_t>(c.M > 0 ? (c.M - 1) * c.ldc + c.N : 0);
+  std::vector<int32_t> C(csize, 0x5a5a5a5a);  // sentinel: padding must survive
+  gemm_u8s8s32(c.M, c.N, c.K, c.A.data(), c.lda, c.B.data(), c.ldb, C.data(), c.ldc, g_threads);
+  return C;
+}
+
+void check_int(int64_t M, int64_t N, int64_t K, int64_t pad, int mode = 0, bool naive = true) {
+  GemmCase c = make_case(M, N, K, pad, mode);
+  const std::string ctx = shape_str(M, N, K) + " pad=" + std::to_string(pad);
+  const std::vector<int32_t> ref = run_int(c, Isa::Scalar);
+  if (naive) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        int64_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += int64_t(c.A[m * c.lda + k]) * c.B[n * c.ldb + k];
+        if (ref[m * c.ldc + n] != s) {
+          fail("scalar vs naive int64", ctx);
+          return;
+        }
+      }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = N; n < c.ldc && m * c.ldc + n < (int64_t)ref.size(); ++n)
+      if (ref[m * c.ldc + n] != 0x5a5a5a5a) fail("scalar wrote padding", ctx);
+  for (Isa isa : simd_isas()) {
+    const std::vector<int32_t> got = run_int(c, isa);
+    if (got != ref) fail((std::string(isa_name(isa)) + " int32 != scalar").c_str(), ctx);
+  }
+}
+
+std::vector<uint16_t> run_scaled(const GemmCase& c, Isa isa, const GemmEpilogue& ep0,
+                                 int64_t ldo) {
+  set_isa(isa);
+  const size_t elems = static_cast<size_t>(c.M > 0 ? (c.M - 1) * ldo + c.N : 0);
+  const size_t esize = ep0.out_type == FloatType::F32 ? 4 : 2;
+  std::vector<uint16_t> out(elems * esize / 2, 0xa5a5);
+  GemmEpilogue ep = ep0;
+  ep.out = out.data();
+  ep.ldo = ldo;
+  gemm_u8s8_scaled(c.M, c.N, c.K, c.A.data(), c.lda, c.B.data(), c.ldb, ep, g_threads);
+  return out;
+}
+
+void check_scaled(int64_t M, int64_t N, int64_t K, int64_t pad) {
+  GemmCase c = make_case(M, N, K, pad, 0);
+  std::vector<float> a_scale(std::max<int64_t>(M, 1)), b_scale(N), bias(N);
+  std::vector<int32_t> a_corr(std::max<int64_t>(M, 1)), b_sum(N);
+  fill_float(a_scale, 1e-4f, 1e-2f);
+  fill_float(b_scale, 1e-4f, 1e-2f);
+  fill_float(bias, -1.f, 1.f);
+  fill_int(a_corr, 100, 156);
+  for (int64_t n = 0; n < N; ++n) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += c.B[n * c.ldb + k];
+    b_sum[n] = s;
+  }
+  // Exercise the fp16/bf16 special cases: huge scales overflow fp16 to inf.
+  if (N > 2) b_scale[2] = 1e3f;
+  const int64_t ldo = N + pad;
+  std::vector<int32_t> C = run_int(c, Isa::Scalar);
+  for (int variant = 0; variant < 4; ++variant) {
+    for (FloatType ot : {FloatType::F32, FloatType::BF16, FloatType::F16}) {
+      GemmEpilogue ep;
+      ep.a_scale = a_scale.data();
+      ep.a_scale_stride = (variant & 1) ? 0 : 1;
+      ep.b_scale = b_scale.data();
+      if (variant & 2) {
+        ep.a_corr = a_corr.data();
+        ep.a_corr_stride = (variant & 1) ? 0 : 1;
+        ep.b_sum = b_sum.data();
+        ep.bias = bias.data();
+      }
+      ep.out_type = ot;
+      const std::string ctx = shape_str(M, N, K) + " variant=" + std::to_string(variant) +
+                              " out=" + std::to_string(int(ot));
+      const std::vector<uint16_t> ref = run_scaled(c, Isa::Scalar, ep, ldo);
+      if (ot == FloatType::F32) {  // scalar epilogue vs the formula on the int32 product
+        const float* r = reinterpret_cast<const float*>(ref.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            int32_t t = C[m * c.ldc + n];
+            if (ep.a_corr) t -= ep.a_corr[m * ep.a_corr_stride] * b_sum[n];
+            const float s = ep.a_scale[m * ep.a_scale_stride] * b_scale[n];
+            float v = s * static_cast<float>(t);
+            if (ep.bias) v = v + bias[n];
+            if (std::memcmp(&v, &r[m * ldo + n], 4) != 0) {
+              fail("scalar epilogue vs formula", ctx);
+              m = M;
+              break;
+            }
+          }
+      }
+      for (Isa isa : simd_isas()) {
+        const std::vector<uint16_t> got = run_scaled(c, isa, ep, ldo);
+        if (got != ref) fail((std::string(isa_name(isa)) + " scaled != scalar").c_str(), ctx);
+      }
+    }
+  }
+}
+
+void check_row_sums(int64_t N, int64_t K, int64_t pad) {
+  std::vector<int8_t> B(static_cast<size_t>(N > 0 ? (N - 1) * (K + pad) + K : 0));
+  fill_int(B, -128, 127);
+  for (Isa isa : all_isas()) {
+    set_isa(isa);
+    std::vector<int32_t> out(N, 7);
+    row_sums_s8(B.data(), N, K, K + pad, out.data(), g_threads);
+    for (int64_t n = 0; n < N; ++n) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += B[n * (K + pad) + k];
+      if (out[n] != s) {
+        fail((std::string(isa_name(isa)) + " row_sums").c_str(), shape_str(1, N, K));
+        break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Weight-only checks
+// ---------------------------------------------------------------------------
+struct WoCase {
+  int64_t M, N, K, g;
+  int bits;
+  std::vector<float> x, scale, bias;
+  std::vector<uint8_t> W;
+  std::vector<int8_t> zp;
+};
+
+WoCase make_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp) {
+  WoCase c{M, N, K, g, bits, {}, {}, {}, {}, {}};
+  const int64_t G = K / g;
+  c.x.resize(M * K);
+  fill_float(c.x, -1.f, 1.f);
+  c.scale.resize(N * G);
+  fill_float(c.scale, 1e-3f, 2e-2f);
+  c.bias.resize(N);
+  fill_float(c.bias, -0.5f, 0.5f);
+  const int64_t rb = bits == 8 ? K : (K + 1) / 2;
+  c.W.resize(N * rb);
+  if (bits == 8) {
+    fill_int(c.W, 0, 255);
+  } else {
+    std::vector<int8_t> q(K);
+    for (int64_t n = 0; n < N; ++n) {
+      fill_int(q, -8, 7);
+      for (int64_t k = 0; k < rb; ++k) {
+        const int lo = q[2 * k] & 0xf, hi = 2 * k + 1 < K ? (q[2 * k + 1] & 0xf) : 0;
+        c.W[n * rb + k] = static_cast<uint8_t>(lo | (hi << 4));
+      }
+    }
+  }
+  if (zp) {
+    c.zp.resize(N * G);
+    if (bits == 8) fill_int(c.zp, -20, 20); else fill_int(c.zp, -3, 3);
+  }
+  return c;
+}
+
+void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, bool bias) {
+  WoCase c = make_wo(M, N, K, bits, g, zp);
+  const int64_t G = K / g, rb = bits == 8 ? K : (K + 1) / 2;
+  std::vector<double> ref(M * N), mag(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0, a = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        int q;
+        if (bits == 8) {
+          q = static_cast<int8_t>(c.W[n * rb + k]);
+        } else {
+          const int nib = (k & 1) ? (c.W[n * rb + k / 2] >> 4) : (c.W[n * rb + k / 2] & 0xf);
+          q = nib >= 8 ? nib - 16 : nib;
+        }
+        const int64_t gi = n * G + k / g;
+        const double w = double(c.scale[gi]) * (q - (zp ? c.zp[gi] : 0));
+        s += c.x[m * K + k] * w;
+        a += std::fabs(c.x[m * K + k] * w);
+      }
+      ref[m * N + n] = s + (bias ? c.bias[n] : 0.0);
+      mag[m * N + n] = a + (bias ? std::fabs(c.bias[n]) : 0.0);
+    }
+  for (Isa isa : all_isas()) {
+    set_isa(isa);
+    std::vector<float> out(M * N, 1e30f);
+    gemm_weight_only(M, N, K, c.x.data(), c.W.data(), bits, g, c.scale.data(),
+                     zp ? c.zp.data() : nullptr, bias ? c.bias.data() : nullptr, out.data(),
+                     g_threads);
+    for (int64_t i = 0; i < M * N; ++i) {
+      // fp32 accumulation: error <= ~K * 2^-24 * sum|terms|; allow 4x slack.
+      const double tol = 4.0 * (K + 2) * 6e-8 * mag[i] + 1e-30;
+      if (!(std::fabs(out[i] - ref[i]) <= tol)) {
+        char b[160];
+        std::snprintf(b, sizeof b, "%s bits=%d g=%lld zp=%d bias=%d i=%lld got %g want %g",
+                      shape_str(M, N, K).c_str(), bits, (long long)g, zp, bias, (long long)i,
+                      out[i], ref[i]);
+        fail((std::string(isa_name(isa)) + " weight_only").c_str(), b);
+        break;
+      }
+    }
+  }
+}
+
+void self_check() {
+  std::printf("== self-check (SIMD paths up to %s vs scalar, bit-exact)\n", isa_name(g_cap));
+  const int64_t Ms[] = {1, 2, 3, 5, 7, 17, 47, 48, 49, 53};
+  const int64_t Ks[] = {1, 3, 4, 17, 63, 64, 65, 100, 4097};
+  const int64_t Ns[] = {1, 5, 8, 17, 33, 64, 65, 130};
+  for (int64_t M : Ms)
+    for (int64_t K : Ks)
+      for (int64_t N : Ns) check_int(M, N, K, (M + N + K) % 3 == 0 ? 5 : 0);
+  // Zero-sized and K = 0 (acc = 0).
+  check_int(0, 5, 7, 0);
+  check_int(3, 0, 7, 0);
+  check_int(3, 5, 0, 0);
+  check_int(60, 70, 0, 1);
+  // Extremes: |acc| close to 2^31 must not saturate anywhere (K = 65536 is the
+  // documented limit: 255 * -128 * 65536 = -2139095040).
+  check_int(7, 9, 4097, 3, 1);
+  check_int(7, 9, 4097, 3, 2);
+  check_int(2, 3, 65536, 0, 1, false);
+  check_int(50, 3, 65536, 0, 1, false);
+  // Larger shapes through the packed (M >= 48) and dot paths, scalar-only reference.
+  check_int(16, 2304, 768, 0, 0, false);
+  check_int(130, 777, 515, 9, 0, false);
+  check_int(200, 96, 4096, 0, 0, false);
+  for (int64_t M : {1, 3, 17, 48, 61})
+    for (int64_t K : {1, 17, 63, 65, 100})
+      for (int64_t N : {1, 5, 33, 70}) check_scaled(M, N, K, (M + K) % 2 ? 3 : 0);
+  check_scaled(0, 4, 4, 0);
+  check_scaled(3, 5, 0, 1);
+  check_scaled(100, 200, 300, 2);
+  for (int64_t N : {1, 5, 33, 100})
+    for (int64_t K : {0, 1, 17, 63, 64, 65, 4097}) check_row_sums(N, K, K % 2 ? 3 : 0);
+  for (int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 17, 33})
+    for (int64_t NK : {0, 1, 2}) {
+      const int64_t N = NK == 0 ? 1 : NK == 1 ? 7 : 53;
+      for (int bits : {8, 4}) {
+        check_wo(M, N, 1, bits, 1, true, true);
+        check_wo(M, N, 17, bits, 17, NK != 1, NK != 2);
+        check_wo(M, N, 100, bits, 100, true, false);
+        check_wo(M, N, 256, bits, 32, true, true);
+        check_wo(M, N, 384, bits, 128, false, true);
+        check_wo(M, N, 96, bits, 24, true, true);  // group not a multiple of the vector chunk
+      }
+    }
+  check_wo(3, 5, 0, 8, 1, false, true);
+  std::printf("   %s (%d failures)\n", g_failures ? "FAILED" : "ok", g_failures);
+}
+
+// ---------------------------------------------------------------------------
+// Timing
+// ---------------------------------------------------------------------------
+struct Timing {
+  double med, lo, hi;  // seconds
+};
+
+Timing time_it(const std::function<void(int)>& fn, int runs, int warmup = 2) {
+  for (int i = 0; i < warmup; ++i) fn(i);
+  std::vector<double> t(runs);
+  for (int i = 0; i < runs; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn(warmup + i);
+    t[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  std::sort(t.begin(), t.end());
+  return {t[runs / 2], t.front(), t.back()};
+}
+
+// Runs needed: >= 20, more for fast calls (aim at ~0.3 s per measurement).
+int runs_for(double est_seconds) {
+  const int r = static_cast<int>(0.3 / std::max(est_seconds, 1e-7));
+  return std::clamp(r, 20, g_quick ? 50 : 200);
+}
+
+struct Shape {
+  const char* name;
+  int64_t N, K;
+};
+
+const Shape kShapes[] = {{"llama q/o 4096x4096", 4096, 4096},
+                         {"llama up 11008x4096", 11008, 4096},
+                         {"llama down 4096x11008", 4096, 11008},
+                         {"gpt2 qkv 2304x768", 2304, 768},
+                         {"gpt2 fc 3072x768", 3072, 768},
+                         {"gpt2 proj 768x3072", 768, 3072}};
+
+// Enough weight copies that cycling through them evicts the 32 MiB L3.
+int cold_copies(size_t bytes) {
+  return static_cast<int>(std::max<size_t>(2, (96u << 20) / std::max<size_t>(bytes, 1) + 1));
+}
+
+void bench_gemm() {
+  std::printf("\n== gemm_u8s8_scaled (fp32 out, a_corr + bias), threads=%d\n", g_threads);
+  std::printf("%-22s %5s %-12s %10s %9s %-19s %s\n", "shape (N x K)", "M", "isa", "median ms",
+              "GOP/s", "[min..max GOP/s]", "weights GB/s hot | cold");
+  std::vector<int64_t> Ms = g_quick ? std::vector<int64_t>{1, 16, 2048}
+                                    : std::vector<int64_t>{1, 16, 128, 2048};
+  for (const Shape& s : kShapes) {
+    if (g_quick && s.N == 11008) continue;
+    const int64_t N = s.N, K = s.K;
+    const size_t wbytes = static_cast<size_t>(N * K);
+    const int copies = cold_copies(wbytes);
+    std::vector<std::vector<int8_t>> Bs(copies, std::vector<int8_t>(wbytes));
+    for (auto& b : Bs) fill_int(b, -128, 127);
+    std::vector<float> b_scale(N), bias(N);
+    std::vector<int32_t> b_sum(N);
+    fill_float(b_scale, 1e-4f, 1e-2f);
+    fill_float(bias, -1.f, 1.f);
+    row_sums_s8(Bs[0].data(), N, K, K, b_sum.data(), g_threads);
+    for (int64_t M : Ms) {
+      std::vector<uint8_t> A(M * K);
+      fill_int(A, 0, 255);
+      std::vector<float> a_scale(M), out(M * N);
+      std::vector<int32_t> a_corr(M, 128);
+      fill_float(a_scale, 1e-3f, 1e-2f);
+      GemmEpilogue ep;
+      ep.a_scale = a_scale.data();
+      ep.a_corr = a_corr.data();
+      ep.b_scale = b_scale.data();
+      ep.b_sum = b_sum.data();
+      ep.bias = bias.data();
+      ep.out = out.data();
+      ep.ldo = N;
+      const double ops = 2.0 * M * N * K;
+      for (Isa isa : all_isas()) {
+        // The scalar path is only a reference: time it where it is affordable.
+        if (isa == Isa::Scalar && M > 16) continue;
+        if (isa == Isa::Avx2 && M * N * K > (int64_t(1) << 34) && g_quick) continue;
+        set_isa(isa);
+        auto hot = [&](int) {
+          gemm_u8s8_scaled(M, N, K, A.data(), K, Bs[0].data(), K, ep, g_threads);
+        };
+        const auto t0 = std::chrono::steady_clock::now();
+        hot(0);
+        const double est = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const Timing th = time_it(hot, runs_for(est));
+        char bw[64] = "";
+        if (M <= 16) {
+          auto cold = [&](int i) {
+            gemm_u8s8_scaled(M, N, K, A.data(), K, Bs[i % copies].data(), K, ep, g_threads);
+          };
+          const Timing tc = time_it(cold, std::max(runs_for(est), 2 * copies), copies);
+          std::snprintf(bw, sizeof bw, "%6.1f | %6.1f", wbytes / th.med / 1e9, wbytes / tc.med / 1e9);
+        }
+        std::printf("%-22s %5lld %-12s %10.3f %9.1f [%7.1f..%7.1f] %s\n", s.name, (long long)M,
+                    isa_name(isa), th.med * 1e3, ops / th.med / 1e9, ops / th.hi / 1e9,
+                    ops / th.lo / 1e9, bw);
+        std::fflush(stdout);
+      }
+    }
+  }
+}
+
+void bench_weight_only() {
+  std::printf("\n== gemm_weight_only (fp32 x), threads=%d: GB/s on weight bytes (hot | cold)\n",
+              g_threads);
+  std::printf("%-22s %3s %-22s %-12s %10s %16s %9s\n", "shape (N x K)", "M", "weights", "isa",
+              "median ms", "GB/s hot | cold", "GFLOP/s");
+  for (const Shape& s : kShapes) {
+    if (g_quick && s.N == 11008) continue;
+    const int64_t N = s.N, K = s.K;
+    for (int bits : {8, 4}) {
+      const int64_t g = bits == 8 ? K : 128;
+      const int64_t G = K / g;
+      const size_t wbytes = static_cast<size_t>(N * (bits == 8 ? K : (K + 1) / 2));
+      const int copies = cold_copies(wbytes);
+      std::vector<std::vector<uint8_t>> Ws(copies, std::vector<uint8_t>(wbytes));
+      for (auto& w : Ws) fill_int(w, 0, 255);
+      std::vector<float> scale(N * G);
+      std::vector<int8_t> zp(N * G);
+      std::vector<float> bias(N);
+      fill_float(scale, 1e-3f, 1e-2f);
+      fill_int(zp, -3, 3);
+      fill_float(bias, -1.f, 1.f);
+      for (int64_t M : {1, 16}) {
+        std::vector<float> x(M * K), out(M * N);
+        fill_float(x, -1.f, 1.f);
+        for (Isa isa : all_isas()) {
+          if (isa == Isa::Avx2) continue;  // no AVX2 weight-only path (falls back to scalar)
+          set_isa(isa);
+          auto call = [&](int i) {
+            gemm_weight_only(M, N, K, x.data(), Ws[i % copies].data(), bits, g, scale.data(),
+                             bits == 4 ? zp.data() : nullptr, bias.data(), out.data(), g_threads);
+          };
+          const auto t0 = std::chrono::steady_clock::now();
+          call(0);
+          const double est = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          const int runs = isa == Isa::Scalar ? 20 : runs_for(est);
+          const Timing th = time_it([&](int) { call(0); }, runs);
+          const Timing tc = time_it(call, std::max(runs, 2 * copies), copies);
+          char wdesc[32];
+          std::snprintf(wdesc, sizeof wdesc, bits == 8 ? "int8 per-channel" : "int4 g128 +zp");
+          std::printf("%-22s %3lld %-22s %-12s %10.3f %7.1f | %6.1f %9.1f\n", s.name, (long long)M,
+                      wdesc, isa_name(isa), th.med * 1e3, wbytes / th.med / 1e9,
+                      wbytes / tc.med / 1e9, 2.0 * M * N * K / th.med / 1e9);
+          std::fflush(stdout);
+        }
+      }
+    }
+  }
+}
+
+void bench_quantize() {
+#ifdef LLMEQ_BENCH_NO_QUANTIZE
+  std::printf("\n== quantize_dynamic: skipped (built with LLMEQ_BENCH_NO_QUANTIZE)\n");
+#else
+  std::printf("\n== quantize_dynamic (fp32 [M,K] -> int8, per-row symmetric), threads=%d\n",
+              g_threads);
+  std::printf("%5s %6s %-12s %10s %12s\n", "M", "K", "isa", "median us", "GB/s (input)");
+  for (int64_t K : {4096, 11008}) {
+    for (int64_t M : {1, 16, 128, 2048}) {
+      std::vector<float> x(M * K);
+      fill_float(x, -3.f, 3.f);
+      std::vector<int8_t> q(M * K);
+      std::vector<float> scale(M);
+      std::vector<int8_t> zp(M);
+      for (Isa isa : all_isas()) {
+        set_isa(isa);
+        auto call = [&](int) {
+          quantize_dynamic(x.data(), FloatType::F32, M, K, K, 8, true, K, q.data(), scale.data(),
+                           zp.data(), g_threads);
+        };
+        const auto t0 = std::chrono::steady_clock::now();
+        call(0);
+        const double est = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const Timing t = time_it(call, runs_for(est));
+        std::printf("%5lld %6lld %-12s %10.1f %12.1f\n", (long long)M, (long long)K, isa_name(isa),
+                    t.med * 1e6, M * K * 4.0 / t.med / 1e9);
+        std::fflush(stdout);
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool check_only = false;
+  std::string only;  // gemm | wo | quant
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) {
+      g_threads = std::atoi(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--quick")) {
+      g_quick = true;
+    } else if (!std::strcmp(argv[i], "--check-only")) {
+      check_only = true;
+    } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
+      only = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|quant]\n", argv[0]);
+      return 2;
+    }
+  }
+  const char* env = std::getenv("LLMEQ_CPU_ISA");
+  const std::string env_isa = env ? env : "";
+  g_cap = active_isa();
+  std::printf("bench_kernels: threads=%d, detected ISA %s, active %s, OMP_WAIT_POLICY=%s\n",
+              g_threads, isa_name(detected_isa()), isa_name(g_cap), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)");
+  self_check();
+  if (!check_only) {
+    if (only.empty() || only == "gemm") bench_gemm();
+    if (only.empty() || only == "wo") bench_weight_only();
+    if (only.empty() || only == "quant") bench_quantize();
+  }
+  if (env) setenv("LLMEQ_CPU_ISA", env_isa.c_str(), 1); else unsetenv("LLMEQ_CPU_ISA");
+  if (g_failures) {
+    std::printf("\nSELF-CHECK FAILED: %d failure(s)\n", g_failures);
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,140 @@
+"""The ``llmeasyquant`` command line.
+
+Commands (more arrive with the methods/evaluation work):
+  info   what this installation was built with
+  demo   quantize one real layer of the default model with QLinear and compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import llmeasyquant as lq
+
+    info = lq.build_info()
+    print(f"llmeasyquant {info['version']}")
+    print(f"  built against torch {info['torch_version']} (running torch {info['torch_version_runtime']})")
+    if info["cuda"]:
+        print(f"  CUDA kernels: on (archs {info['cuda_archs']}, CUDA runtime {info['cuda_runtime_version']}); "
+              "compiled, not yet validated on a GPU")
+    else:
+        print("  CUDA kernels: off")
+    print(f"  CPU kernels: {', '.join(info['cpu_kernels_compiled'])}; this CPU: {info['cpu_isa_detected']}, "
+          f"in use: {info['cpu_isa_active']}")
+    print(f"  OpenMP: {'on' if info['openmp'] else 'off'}; torch threads: {torch.get_num_threads()}")
+    print(f"  python {platform.python_version()} on {platform.machine()}")
+    return 0
+
+
+def _median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import llmeasyquant as lq
+    from llmeasyquant.models import load_model
+
+    from .data import read_text
+
+    model, tok = load_model(args.model)
+    text = read_text(args.text, max_chars=20000)
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    layers = model.model.layers
+    if not 0 <= args.layer < len(layers):
+        print(f"error: --layer must be in [0, {len(layers) - 1}], got {args.layer}", file=sys.stderr)
+        return 2
+    mlp = layers[args.layer].mlp
+    lin = getattr(mlp, args.proj)
+    seen = {}
+    hook = lin.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), y=o.detach()))
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    hook.remove()
+    x, y = seen["x"], seen["y"]
+    name = f"model.layers.{args.layer}.mlp.{args.proj}"
+    print(f"layer {name}: {lin.in_features} -> {lin.out_features}, real input {tuple(x.shape)} "
+          f"from {ids.shape[1]} tokens of {os.path.basename(args.text)}")
+    rows = []
+    float_bytes = lin.weight.numel() * 2  # fp16 storage as the size baseline
+    x2 = x.reshape(-1, lin.in_features)
+    with torch.no_grad():
+        t_float = _median_ms(lambda: lin(x2), args.reps)
+        for label, cfg in (("W8A8 dynamic", dict(act="dynamic")),
+                           ("W8A16", dict(act=None)),
+                           ("W4A16 g64", dict(act=None, w_bits=4, w_group_size=64))):
+            q = lq.QLinear.from_linear(lin, **cfg)
+            out = q(x)
+            rel = ((out - y).norm() / y.norm()).item()
+            t = _median_ms(lambda: q(x2), args.reps)
+            setattr(mlp, args.proj, q)
+            try:
+                logits = model(ids).logits
+            finally:
+                setattr(mlp, args.proj, lin)
+            agree = (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()
+            rows.append((label, rel, agree, q.memory_bytes(), t))
+    print(f"\n{'QLinear':<14} {'rel. error':>10} {'top-1 agree':>11} {'bytes':>10} {'vs fp16':>8} "
+          f"{'ms':>7} {'speed-up':>8}")
+    print(f"{'fp32 Linear':<14} {0:>10.4f} {1:>11.3f} {lin.weight.numel() * 4:>10,} {'2.00x':>8} "
+          f"{t_float:>7.3f} {'1.00x':>8}")
+    for label, rel, agree, nbytes, t in rows:
+        print(f"{label:<14} {rel:>10.4f} {agree:>11.3f} {nbytes:>10,} {nbytes / float_bytes:>7.2f}x "
+              f"{t:>7.3f} {t_float / t:>7.2f}x")
+    print(f"\n(rel. error: ||QLinear(x) - Linear(x)|| / ||Linear(x)|| on the real input; top-1 agree: "
+          f"next-token argmax of the whole model with this one layer swapped; ms: median of {args.reps} "
+          f"runs on {torch.get_num_threads()} threads)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DEFAULT_CALIB_FILE
+
+    p = argparse.ArgumentParser(prog="llmeasyquant", description="Quantization toolkit for LLMs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("info", help="show how this installation was built",
+                       description="Show version, the torch it was built against, CUDA and CPU kernels.")
+    s.set_defaults(fn=_cmd_info)
+    s = sub.add_parser("demo", help="quantize one real layer of a model with QLinear and compare",
+                       description="Swap one MLP projection of a real model for QLinear (W8A8 dynamic, "
+                                   "W8A16, W4A16) and report error, next-token agreement, bytes and speed.",
+                       epilog="example: llmeasyquant demo --layer 3 --proj down_proj")
+    s.add_argument("--model", default="smollm2-135m",
+                   help="local HF folder, .gguf file, or the embedded default 'smollm2-135m'")
+    s.add_argument("--text", default=DEFAULT_CALIB_FILE, help="text file the layer input comes from")
+    s.add_argument("--tokens", type=int, default=512, help="tokens of text to run (default 512)")
+    s.add_argument("--layer", type=int, default=3, help="decoder layer index (default 3)")
+    s.add_argument("--proj", default="down_proj", choices=["gate_proj", "up_proj", "down_proj"])
+    s.add_argument("--reps", type=int, default=20, help="timing repetitions (median)")
+    s.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"llmeasyquant {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+// u8 x s8 -> s32 GEMM: public entry points, ISA dispatch and the scalar path.
+//
+// Compiled with baseline x86-64 flags: the scalar path must run on any CPU and
+// is the bit-exact reference the SIMD paths are checked against.  The SIMD
+// implementations live in gemm_s8_avx2.cpp / gemm_s8_avx512.cpp (each compiled
+// with its own -m flags) and are reached only through active_isa().
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "llmeq/cpu_kernels.h"
+
+namespace llmeq {
+namespace cpu {
+namespace detail {
+// ep == nullptr: write the raw int32 product to C (stride ldc).
+// ep != nullptr: apply the fused epilogue, C is unused.
+void gemm_u8s8_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                      const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
+                      const GemmEpilogue* ep, int num_threads);
+void gemm_u8s8_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                    const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
+                    const GemmEpilogue* ep, int num_threads);
+void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
+                        int num_threads);
+}  // namespace detail
+
+namespace {
+
+inline int resolve_threads(int num_threads) {
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+}
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Round-to-nearest-even; a NaN stays a (quiet) NaN with its sign and top
+// payload bits, exactly what the AVX-512 path computes with integer ops.
+inline uint16_t f32_to_bf16(float f) {
+  const uint32_t x = f32_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Software float -> half, round-to-nearest-even, bit-identical to F16C
+// vcvtps2ph(imm = RNE) for all 2^32 inputs (checked exhaustively), so the
+// scalar path needs no F16C.  NaN: quiet, sign and top 10 payload bits kept.
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 -> inf
+  if (ax >= 0x38800000u) {  // normal half: rebias exponent, round mantissa
+    const uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);
+    return static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13));
+  }
+  const uint32_t e = ax >> 23;
+  if (e < 102) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to zero
+  const uint32_t m = (ax & 0x7fffffu) | 0x800000u;    // subnormal half
+  const uint32_t s = 126 - e;
+  uint32_t q = m >> s;
+  const uint32_t rem = m & ((1u << s) - 1u), half = 1u << (s - 1);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return static_cast<uint16_t>(sign | q);
+}
+
+// The epilogue of one element.  -ffp-contract=off keeps (as*bs)*t + bias as
+// two roundings of mul and one of add, the same IEEE ops the SIMD paths use.
+inline void store_scaled(const GemmEpilogue& ep, int64_t m, int64_t n, int32_t acc) {
+  if (ep.a_corr != nullptr) {
+    // int32 wrap-around semantics (as the SIMD mullo/sub), without signed-overflow UB.
+    const uint32_t corr = static_cast<uint32_t>(ep.a_corr[m * ep.a_corr_stride]) *
+                          static_cast<uint32_t>(ep.b_sum[n]);
+    acc = static_cast<int32_t>(static_cast<uint32_t>(acc) - corr);
+  }
+  const float as = ep.a_scale != nullptr ? ep.a_scale[m * ep.a_scale_stride] : 1.0f;
+  const float bs = ep.b_scale != nullptr ? ep.b_scale[n] : 1.0f;
+  const float s = as * bs;
+  float v = s * static_cast<float>(acc);
+  if (ep.bias != nullptr) v = v + ep.bias[n];
+  switch (ep.out_type) {
+    case FloatType::F32:
+      static_cast<float*>(ep.out)[m * ep.ldo + n] = v;
+      break;
+    case FloatType::BF16:
+      static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(v);
+      break;
+    case FloatType::F16:
+      static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_f16(v);
+      break;
+  }
+}
+
+// Reference implementation: 4 columns at a time so each A row is reused from
+// registers/L1; plain int32 accumulation is exact for K <= 65536.
+void gemm_scalar(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B,
+                 int64_t ldb, int32_t* C, int64_t ldc, const GemmEpilogue* ep, int nt) {
+  const int64_t nblk = (N + 3) / 4;
+  const bool par = nt > 1 && M * N * K >= (int64_t{1} << 18);
+#pragma omp parallel for schedule(static) num_threads(nt) if (par)
+  for (int64_t jb = 0; jb < nblk; ++jb) {
+    const int64_t n0 = jb * 4, nn = N - n0 < 4 ? N - n0 : 4;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint8_t* a = A + m * lda;
+      int32_t acc[4] = {0, 0, 0, 0};
+      for (int64_t j = 0; j < nn; ++j) {
+        const int8_t* b = B + (n0 + j) * ldb;
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(b[k]);
+        acc[j] = s;
+      }
+      for (int64_t j = 0; j < nn; ++j) {
+        if (ep == nullptr) {
+          C[m * ldc + n0 + j] = acc[j];
+        } else {
+          store_scaled(*ep, m, n0 + j, acc[j]);
+        }
+      }
+    }
+  }
+}
+
+void gemm_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                   const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
+                   int num_threads) {
+  if (M <= 0 || N <= 0) return;
+  if (K < 0) K = 0;
+  const int nt = resolve_threads(num_threads);
+  switch (active_isa()) {
+    case Isa::Avx512Vnni:
+      detail::gemm_u8s8_avx512(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
+      return;
+    case Isa::Avx2:
+      detail::gemm_u8s8_avx2(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
+      return;
+    case Isa::Scalar:
+      break;
+  }
+  gemm_scalar(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
+}
+
+}  // namespace
+
+void gemm_u8s8s32(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                  const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc, int num_threads) {
+  gemm_dispatch(M, N, K, A, lda, B, ldb, C, ldc, nullptr, num_threads);
+}
+
+void gemm_u8s8_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                      const int8_t* B, int64_t ldb, const GemmEpilogue& ep, int num_threads) {
+  gemm_dispatch(M, N, K, A, lda, B, ldb, nullptr, 0, &ep, num_threads);
+}
+
+void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
+                 int num_threads) {
+  if (N <= 0) return;
+  if (K < 0) K = 0;
+  const int nt = resolve_threads(num_threads);
+  if (active_isa() == Isa::Avx512Vnni) {
+    detail::row_sums_s8_avx512(B, N, K, ldb, out, nt);
+    return;
+  }
+  // Scalar (also the AVX2 choice: the compiler vectorizes this loop well
+  // enough and row sums are computed once per weight).
+  const bool par = nt > 1 && N * K >= (int64_t{1} << 20);
+#pragma omp parallel for schedule(static) num_threads(nt) if (par)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* b = B + n * ldb;
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += b[k];
+    out[n] = s;
+  }
+}
+
+}  // namespace cpu
+}  // namespace llmeq

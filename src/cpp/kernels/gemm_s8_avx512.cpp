@@ -1,0 +1,397 @@
+// AVX-512 VNNI u8 x s8 -> s32 GEMM with the fused epilogue.
+//
+// Build: -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx512bf16
+//        -mf16c -mfma -ffp-contract=off
+//
+// vpdpbusd multiplies unsigned bytes of one operand by signed bytes of the
+// other and adds groups of 4 products into int32 lanes without intermediate
+// saturation, so the sum is exact (|acc| <= 255*128*K < 2^31 for K <= 65536).
+// A is unsigned (activations shifted by +128 by the caller, corrected in the
+// epilogue through a_corr*b_sum), B the signed weights.
+//
+// Two kernels, chosen by M:
+//  * small M ("dot"): each (m, n) output owns a zmm accumulator; A rows and
+//    B rows are read straight from their row-major [.,K] layout 64 bytes at a
+//    time and the 16 lanes are reduced at the end.  No packing: at small M the
+//    op streams every weight byte once and is memory bound, so a packing pass
+//    (read + write of all of B) would cost as much as the GEMM itself.
+//  * large M ("packed"): B is repacked per thread into 64-column panels laid
+//    out [K/4][64][4] (L2 resident), A dwords are broadcast and 6x4 zmm
+//    accumulators hold a 6x64 tile: no horizontal reductions and the epilogue
+//    works on full 16-column vectors.  The packing reads each weight byte once
+//    per call, which is amortized over the M rows.
+//
+// Everything below except the two entry points has internal linkage, and no
+// std:: templates are used: an inline function instantiated here with
+// AVX-512 code must never be picked by the linker for a baseline TU.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "llmeq/cpu_kernels.h"
+
+namespace llmeq {
+namespace cpu {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+inline __mmask64 tail_mask64(int64_t n) {  // n in [0, 64]
+  return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1);
+}
+inline __mmask16 tail_mask16(int64_t n) {  // n in [0, 16]
+  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Where finished int32 accumulators go: raw C, or the epilogue.
+struct Sink {
+  int32_t* C;
+  int64_t ldc;
+  const GemmEpilogue* ep;
+};
+
+// fp32 -> bf16 round-to-nearest-even with integer ops (vcvtneps2bf16 is not
+// used: it flushes denormals, which the scalar reference does not).
+inline __m256i cvt_bf16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Finish up to 16 consecutive outputs (row m, columns n..n+popcount(mask)-1).
+inline void sink_row(const Sink& s, int64_t m, int64_t n, __m512i acc, __mmask16 mask) {
+  if (s.ep == nullptr) {
+    _mm512_mask_storeu_epi32(s.C + m * s.ldc + n, mask, acc);
+    return;
+  }
+  const GemmEpilogue& e = *s.ep;
+  if (e.a_corr != nullptr) {
+    const __m512i corr = _mm512_set1_epi32(e.a_corr[m * e.a_corr_stride]);
+    acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(corr, _mm512_maskz_loadu_epi32(mask, e.b_sum + n)));
+  }
+  const __m512 as = _mm512_set1_ps(e.a_scale != nullptr ? e.a_scale[m * e.a_scale_stride] : 1.0f);
+  const __m512 bs = e.b_scale != nullptr ? _mm512_maskz_loadu_ps(mask, e.b_scale + n)
+                                         : _mm512_set1_ps(1.0f);
+  // (as * bs) * float(t) [+ bias]: same op order as the scalar reference.
+  __m512 v = _mm512_mul_ps(_mm512_mul_ps(as, bs), _mm512_cvtepi32_ps(acc));
+  if (e.bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.bias + n));
+  switch (e.out_type) {
+    case FloatType::F32:
+      _mm512_mask_storeu_ps(static_cast<float*>(e.out) + m * e.ldo + n, mask, v);
+      break;
+    case FloatType::BF16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * e.ldo + n, mask, cvt_bf16(v));
+      break;
+    case FloatType::F16:
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(e.out) + m * e.ldo + n, mask,
+                               _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Small-M "dot" kernel
+// ---------------------------------------------------------------------------
+
+// Lane sums of 8 vectors -> lanes 0..7 of the result (upper lanes 0).
+inline __m512i hsum8(const __m512i* v) {
+  // Pairwise interleave-and-add halves the lanes per vector at each step.
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+  const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[4], v[5]), _mm512_unpackhi_epi32(v[4], v[5]));
+  const __m512i t3 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[6], v[7]), _mm512_unpackhi_epi32(v[6], v[7]));
+  // Per 128-bit lane: u0 = partial sums of v0..v3, u1 = of v4..v7.
+  const __m512i u0 = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m512i u1 = _mm512_add_epi32(_mm512_unpacklo_epi64(t2, t3), _mm512_unpackhi_epi64(t2, t3));
+  // Sum the four 128-bit lanes: w = [u0.L0+L1, u0.L2+L3, u1.L0+L1, u1.L2+L3].
+  const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i x = _mm512_add_epi32(w, _mm512_shuffle_i32x4(w, w, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_maskz_shuffle_i32x4(0x00ff, x, x, _MM_SHUFFLE(0, 0, 2, 0));
+}
+
+// Dot kernel tile: MR rows of A x 8 rows of B.  24 accumulators + 3 A
+// registers for MR = 3 fits the 32 zmm registers; 8 B rows per tile keeps the
+// weight stream wide (8 concurrent sequential streams) and gives a cheap
+// 8-way reduction.  (4x4 and 2x8 measured slower at M = 16.)
+constexpr int kDotNR = 8;
+constexpr int kDotMR = 3;
+
+template <int MR>
+inline void dot_tile(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t nvalid,
+                     int64_t K, const Sink& sink, int64_t m0, int64_t n0) {
+  // Rows past the end of B repeat the last valid row (results are not stored):
+  // keeps the inner loop free of row masks.
+  const int8_t* b[kDotNR];
+  for (int j = 0; j < kDotNR; ++j) b[j] = B + (j < nvalid ? j : nvalid - 1) * ldb;
+  __m512i acc[MR][kDotNR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kDotNR; ++j) acc[i][j] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512i a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm512_loadu_si512(A + i * lda + k);
+    for (int j = 0; j < kDotNR; ++j) {
+      const __m512i bv = _mm512_loadu_si512(b[j] + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], bv);
+    }
+  }
+  if (k < K) {  // masked tail: zero bytes contribute nothing, nothing read past a row
+    const __mmask64 km = tail_mask64(K - k);
+    __m512i a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = _mm512_maskz_loadu_epi8(km, A + i * lda + k);
+    for (int j = 0; j < kDotNR; ++j) {
+      const __m512i bv = _mm512_maskz_loadu_epi8(km, b[j] + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], bv);
+    }
+  }
+  const __mmask16 nm = tail_mask16(imin(nvalid, kDotNR));
+  for (int i = 0; i < MR; ++i) sink_row(sink, m0 + i, n0, hsum8(acc[i]), nm);
+}
+
+// One thread's share: columns [n_begin, n_end), all M rows.  n outer / m
+// inner: the 8 B rows of a tile come from memory once and are reused from
+// L1/L2 by every m tile; A (M <= small, M*K bytes) stays in L2.
+void dot_range(int64_t M, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
+               int64_t n_begin, int64_t n_end, const Sink& sink) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kDotNR) {
+    const int64_t nv = imin(kDotNR, n_end - n0);
+    const int8_t* bt = B + n0 * ldb;
+    int64_t m0 = 0;
+    for (; m0 + kDotMR <= M; m0 += kDotMR)
+      dot_tile<kDotMR>(A + m0 * lda, lda, bt, ldb, nv, K, sink, m0, n0);
+    switch (M - m0) {
+      case 2: dot_tile<2>(A + m0 * lda, lda, bt, ldb, nv, K, sink, m0, n0); break;
+      case 1: dot_tile<1>(A + m0 * lda, lda, bt, ldb, nv, K, sink, m0, n0); break;
+      default: break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Large-M "packed" kernel
+// ---------------------------------------------------------------------------
+constexpr int kPanel = 64;  // columns per packed panel = 4 zmm of int32
+constexpr int kPackMR = 6;  // 6 x 4 accumulators + 4 B + 1 broadcast = 29 zmm
+
+// Transpose a 16x16 matrix of dwords in place (r[i] = row i).
+inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // u[4q + c], 128-bit lane l, holds rows 4q..4q+3 of column 4l + c.
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+    r[c] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[8 + c] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(3, 1, 3, 1));
+    r[4 + c] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Pack columns [n0, n0 + nvalid) of B into dst[k4][64][4] (k4 < ceil(K/4)).
+// Missing columns and the bytes past K are zero, so the kernel needs no masks
+// on B.
+void pack_panel(const int8_t* B, int64_t ldb, int64_t nvalid, int64_t K, uint8_t* dst) {
+  const int64_t K4 = (K + 3) / 4;
+  for (int g = 0; g < kPanel / 16; ++g) {
+    for (int64_t kc = 0; kc < K; kc += 64) {
+      const __mmask64 km = tail_mask64(K - kc);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t n = g * 16 + i;
+        r[i] = n < nvalid ? _mm512_maskz_loadu_epi8(km, B + n * ldb + kc) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      const int64_t k4_0 = kc / 4, cnt = imin(16, K4 - k4_0);
+      for (int64_t j = 0; j < cnt; ++j)
+        _mm512_store_si512(dst + ((k4_0 + j) * kPanel + g * 16) * 4, r[j]);
+    }
+  }
+}
+
+inline int32_t load_u32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// MR rows of A x one packed 64-column panel, full K.
+template <int MR>
+inline void packed_tile(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_t K,
+                        const Sink& sink, int64_t m0, int64_t n0, int64_t nvalid) {
+  __m512i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int64_t K4 = K / 4;
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const uint8_t* bp = Bp + k4 * (kPanel * 4);
+    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
+    const __m512i b2 = _mm512_load_si512(bp + 128), b3 = _mm512_load_si512(bp + 192);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_set1_epi32(load_u32(A + i * lda + 4 * k4));
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
+      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], a, b2);
+      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], a, b3);
+    }
+  }
+  if (K4 * 4 < K) {  // last 1..3 bytes of each A row: masked load, never past the row
+    const __mmask16 km = static_cast<__mmask16>((1u << (K - K4 * 4)) - 1u);
+    const uint8_t* bp = Bp + K4 * (kPanel * 4);
+    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
+    const __m512i b2 = _mm512_load_si512(bp + 128), b3 = _mm512_load_si512(bp + 192);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(km, A + i * lda + 4 * K4));
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
+      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], a, b2);
+      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], a, b3);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    const int64_t cols = nvalid - 16 * j;
+    if (cols <= 0) break;
+    const __mmask16 nm = tail_mask16(cols);
+    for (int i = 0; i < MR; ++i) sink_row(sink, m0 + i, n0 + 16 * j, acc[i][j], nm);
+  }
+}
+
+void packed_rows(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_t K, const Sink& sink,
+                 int64_t m_begin, int64_t m_end, int64_t n0, int64_t nvalid) {
+  int64_t m = m_begin;
+  for (; m + kPackMR <= m_end; m += kPackMR)
+    packed_tile<kPackMR>(A + m * lda, lda, Bp, K, sink, m, n0, nvalid);
+  const uint8_t* a = A + m * lda;
+  switch (m_end - m) {
+    case 5: packed_tile<5>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 4: packed_tile<4>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 3: packed_tile<3>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 2: packed_tile<2>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 1: packed_tile<1>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    default: break;
+  }
+}
+
+// Per-thread panel buffer, grown on demand and kept for later calls (avoids a
+// page-faulting allocation per call).
+struct PanelBuffer {
+  uint8_t* p = nullptr;
+  size_t size = 0;
+  ~PanelBuffer() { std::free(p); }
+  uint8_t* get(size_t bytes) {
+    if (bytes > size) {
+      std::free(p);
+      size = (bytes + 4095) & ~size_t(4095);
+      p = static_cast<uint8_t*>(std::aligned_alloc(64, size));
+    }
+    return p;
+  }
+};
+thread_local PanelBuffer tl_panel;
+
+// Rows per work unit of the packed path: a unit is (panel, block of rows).
+// Large enough that the per-unit overhead is nil, small enough to balance
+// two threads when there are few panels (N = 768 -> 12 panels).
+constexpr int64_t kPackMBlock = 384;
+
+void packed_gemm(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B,
+                 int64_t ldb, const Sink& sink, int nt) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t mblocks = (M + kPackMBlock - 1) / kPackMBlock;
+  const int64_t units = panels * mblocks;
+  if (nt > units) nt = static_cast<int>(units);
+  const size_t panel_bytes = static_cast<size_t>((K + 3) / 4) * kPanel * 4 + 64;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    // Contiguous unit range in panel-major order: each thread packs a panel
+    // once and then sweeps its row blocks.
+    const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
+    uint8_t* buf = tl_panel.get(panel_bytes);
+    int64_t packed = -1;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u / mblocks, mb = u % mblocks;
+      const int64_t n0 = p * kPanel, nv = imin(kPanel, N - n0);
+      if (p != packed) {
+        pack_panel(B + n0 * ldb, ldb, nv, K, buf);
+        packed = p;
+      }
+      packed_rows(A, lda, buf, K, sink, mb * kPackMBlock, imin(M, (mb + 1) * kPackMBlock), n0, nv);
+    }
+  }
+}
+
+// Below this M the weights are streamed once with the dot kernel; above it
+// the per-call packing pays for itself (measured crossover, see
+// benchmarks/cpp/bench_kernels.cpp).
+constexpr int64_t kPackMinM = 48;
+
+void gemm_impl(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B,
+               int64_t ldb, const Sink& sink, int nt) {
+  // Parallel regions cost a few microseconds; tiny products run on one thread.
+  if (M * N * imax(K, 1) < (int64_t{1} << 16)) nt = 1;
+  if (M >= kPackMinM) {
+    packed_gemm(M, N, K, A, lda, B, ldb, sink, nt);
+    return;
+  }
+  // Split N into one contiguous range per thread (multiples of the tile).
+  const int64_t tiles = (N + kDotNR - 1) / kDotNR;
+  if (nt > tiles) nt = static_cast<int>(tiles);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t n_begin = tiles * t / T * kDotNR;
+    const int64_t n_end = imin(N, tiles * (t + 1) / T * kDotNR);
+    dot_range(M, K, A, lda, B, ldb, n_begin, n_end, sink);
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+void gemm_u8s8_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                      const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
+                      const GemmEpilogue* ep, int num_threads) {
+  const Sink sink{C, ldc, ep};
+  gemm_impl(M, N, K, A, lda, B, ldb, sink, num_threads);
+}
+
+void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
+                        int num_threads) {
+  // dpbusd with an all-ones unsigned operand sums 4 signed bytes per lane, exactly.
+  const __m512i ones = _mm512_set1_epi8(1);
+  const bool par = num_threads > 1 && N * K >= (int64_t{1} << 20);
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (par)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* b = B + n * ldb;
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(b + k));
+    if (k < K) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(tail_mask64(K - k), b + k));
+    out[n] = _mm512_reduce_add_epi32(acc);
+  }
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace llmeq

@@ -1,0 +1,67 @@
+// Weight-only GEMM (fp32 activations x int8 / packed int4 group-wise weights):
+// public entry point, dispatch and the scalar path.  Baseline x86-64 flags.
+#include <omp.h>
+
+#include <cstdint>
+
+#include "llmeq/cpu_kernels.h"
+
+namespace llmeq {
+namespace cpu {
+namespace detail {
+// Returns false when the shape is not handled (group size not a multiple of
+// the vector chunk); the caller then runs the scalar path.
+bool gemm_weight_only_avx512(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq,
+                             int bits, int64_t group_size, const float* scale,
+                             const int8_t* zero_point, const float* bias, float* out,
+                             int num_threads);
+}  // namespace detail
+
+namespace {
+
+inline int32_t weight_at(const void* Wq, int bits, int64_t row_bytes, int64_t n, int64_t k) {
+  if (bits == 8) return static_cast<const int8_t*>(Wq)[n * row_bytes + k];
+  const uint8_t byte = static_cast<const uint8_t*>(Wq)[n * row_bytes + (k >> 1)];
+  const int32_t nib = (k & 1) ? (byte >> 4) : (byte & 0xf);
+  return nib >= 8 ? nib - 16 : nib;  // two's-complement nibble
+}
+
+void gemm_wo_scalar(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq, int bits,
+                    int64_t g, const float* scale, const int8_t* zp, const float* bias,
+                    float* out, int nt) {
+  const int64_t G = K / g;
+  const int64_t row_bytes = bits == 8 ? K : (K + 1) / 2;
+  const bool par = nt > 1 && M * N * K >= (int64_t{1} << 16);
+#pragma omp parallel for schedule(static) num_threads(nt) if (par)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t gi = n * G + k / g;
+        const int32_t q = weight_at(Wq, bits, row_bytes, n, k) - (zp != nullptr ? zp[gi] : 0);
+        acc += xr[k] * (scale[gi] * static_cast<float>(q));
+      }
+      out[m * N + n] = bias != nullptr ? acc + bias[n] : acc;
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq, int bits,
+                      int64_t group_size, const float* scale, const int8_t* zero_point,
+                      const float* bias, float* out, int num_threads) {
+  if (M <= 0 || N <= 0) return;
+  if (K < 0) K = 0;
+  if (group_size <= 0 || group_size > K) group_size = K > 0 ? K : 1;
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (active_isa() == Isa::Avx512Vnni &&
+      detail::gemm_weight_only_avx512(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
+                                      out, nt))
+    return;
+  gemm_wo_scalar(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias, out, nt);
+}
+
+}  // namespace cpu
+}  // namespace llmeq

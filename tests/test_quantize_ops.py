@@ -1,0 +1,132 @@
+"""quantize / quantize_static / dequantize / channel_stats_ / ema_quantize_
+against the pure-PyTorch reference (bit-exact: same IEEE ops in the same order)."""
+
+import pytest
+import torch
+
+from conftest import R, lq, noncontig
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 7), (3, 64), (17, 100), (128, 65), (2, 5, 48)]
+
+
+def _groups(K):
+    return [0, -1] + [g for g in (4, 16, 5) if K % g == 0 and g < K]
+
+
+def _x(shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) * 4
+    x[..., 0] += 3.0  # an outlier channel, as in real LLM activations
+    return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_matches_reference(device, dtype, shape, bits, symmetric):
+    x = _x(shape, dtype, device, seed=hash((shape, bits)) % 1000)
+    for g in _groups(shape[-1]):
+        q, s, z = lq.ops.quantize(x, bits, symmetric, g)
+        rq, rs, rz = R.quantize(x.cpu(), bits, symmetric, g)
+        assert q.dtype == (torch.uint8 if bits == 4 else torch.int8)
+        torch.testing.assert_close(s.cpu(), rs, rtol=0, atol=0)
+        assert torch.equal(z.cpu(), rz)
+        assert torch.equal(q.cpu(), rq), f"group_size={g}"
+        d = lq.ops.dequantize(q, s, z, bits, g, shape[-1], dtype)
+        assert torch.equal(d.cpu(), R.dequantize(rq, rs, rz, bits, g, shape[-1], dtype))
+        # quantize_static with the dynamic scales reproduces the dynamic result
+        assert torch.equal(lq.ops.quantize_static(x, s, z, bits, g).cpu(), rq)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_error_is_bounded(device, bits):
+    x = _x((33, 96), torch.float32, device, seed=1)
+    for sym in (True, False):
+        for g in (-1, 32):
+            q, s, z = lq.ops.quantize(x, bits, sym, g)
+            d = lq.ops.dequantize(q, s, z, bits, g, 96)
+            step = s.repeat_interleave(96 if g == -1 else g, dim=-1)
+            assert ((d - x).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_noncontiguous_input(device):
+    x = _x((9, 40), torch.bfloat16, device, seed=2)
+    xn = noncontig(x)
+    for bits in (8, 4):
+        a = lq.ops.quantize(xn, bits, False, 8)
+        b = lq.ops.quantize(x, bits, False, 8)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    xt = _x((40, 9), torch.float32, device, seed=3).t()  # transposed view
+    assert all(torch.equal(u, v) for u, v in zip(lq.ops.quantize(xt), lq.ops.quantize(xt.contiguous())))
+
+
+def test_int4_packing_order_and_odd_k():
+    q = torch.tensor([[1, -2, 7, -8, 3]], dtype=torch.int8)
+    p = R.pack_int4(q)
+    # element 0 low nibble, element 1 high nibble; odd K pads the last high nibble with 0
+    assert p.tolist() == [[0x1 | (0xE << 4), 0x7 | (0x8 << 4), 0x3]]
+    assert torch.equal(R.unpack_int4(p, 5), q)
+    x = torch.tensor([[1.0, -2.0, 7.0, -8.0, 3.0]])
+    kq, _, _ = lq.ops.quantize(x, 4, True, -1)
+    assert kq.shape == (1, 3)
+
+
+def test_zero_and_nan_rows():
+    x = torch.zeros(2, 8)
+    x[1, 3] = float("nan")
+    q, s, z = lq.ops.quantize(x, 8, True, -1)
+    assert s[0].item() == 1.0 and (q[0] == 0).all()  # zero range -> scale 1, q 0
+    assert torch.isnan(s[1]).all()  # NaN stays visible in the scale
+    rq, rs, rz = R.quantize(x, 8, True, -1)
+    assert torch.equal(q, rq)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_channel_stats_accumulate(device, dtype):
+    K = 37
+    stats = lq.ops.new_channel_stats(K, device)
+    ref = lq.ops.new_channel_stats(K)
+    for seed in range(3):
+        x = _x((seed * 7 + 1, 3, K), dtype, device, seed)
+        lq.ops.channel_stats_(noncontig(x) if seed == 1 else x, *stats)
+        R.channel_stats_(x.cpu(), *ref)
+    for a, b in zip(stats, ref):
+        assert torch.equal(a.cpu(), b)
+    assert (stats[0] >= stats[2].abs()).all()
+
+
+def test_channel_stats_nan_propagates():
+    stats = lq.ops.new_channel_stats(4)
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    lq.ops.channel_stats_(x, *stats)
+    assert torch.isnan(stats[0][2]) and not torch.isnan(stats[0][[0, 1, 3]]).any()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ema_matches_reference(device, symmetric, bits):
+    state = lq.ops.new_ema_state(device)
+    ref = lq.ops.new_ema_state()
+    for t in range(6):
+        x = _x((5, 24), torch.float32, device, seed=10 + t) * (1 + t)
+        update = t != 4  # one frozen step
+        q, s, z = lq.ops.ema_quantize_(x, state, 0.8, 1e-5, bits, symmetric, update)
+        rq, rs, rz = R.ema_quantize_(x.cpu(), ref, 0.8, 1e-5, bits, symmetric, update)
+        assert torch.equal(state.cpu(), ref), f"step {t}"
+        assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz) and torch.equal(q.cpu(), rq)
+    assert state[3].item() == 5
+
+
+def test_ema_follows_paper_equation():
+    state = lq.ops.new_ema_state()
+    x1 = torch.tensor([[1.0, -4.0]])
+    x2 = torch.tensor([[2.0, 0.5]])
+    lq.ops.ema_quantize_(x1, state, 0.9, 1e-5)
+    assert state[0].item() == 4.0  # first step initialises delta with the observation
+    _, s, _ = lq.ops.ema_quantize_(x2, state, 0.9, 1e-5)
+    delta = 0.9 * 4.0 + 0.1 * 2.0
+    assert abs(state[0].item() - delta) < 1e-6
+    assert abs(s.item() - delta / 127) < 1e-7
