@@ -9,5 +9,5 @@ CPU_SHAPES = {
     "llama": LLAMA_7B,
     "gpt2": GPT2_SMALL,
     "all": LLAMA_7B + GPT2_SMALL,
-    "quick": [(256, 320)],
+    "quick": [(256, 384)],
 }

@@ -1,0 +1,64 @@
+"""build_info, the CLI, and that the benchmark scripts still run (CI touches them)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import lq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_info_reports_what_was_built():
+    info = lq.build_info()
+    assert info["version"] == lq.__version__
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cpu_isa_detected"] in ("scalar", "avx2", "avx512_vnni")
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert "80" in info["cuda_archs"] and "90a" in info["cuda_archs"]
+    assert info["openmp"] is True
+
+
+def test_isa_cap_from_environment(monkeypatch):
+    monkeypatch.setenv("LLMEQ_CPU_ISA", "scalar")
+    assert lq.build_info()["cpu_isa_active"] == "scalar"
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "llmeasyquant.cli", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_cli_info():
+    r = _cli("info")
+    assert r.returncode == 0, r.stderr
+    assert "built against torch" in r.stdout and "CPU kernels" in r.stdout
+
+
+def test_cli_help_and_bad_arguments():
+    for args in (["--help"], ["info", "--help"], ["demo", "--help"]):
+        r = _cli(*args)
+        assert r.returncode == 0 and "usage: llmeasyquant" in r.stdout
+    r = _cli("demo", "--proj", "q_proj")
+    assert r.returncode == 2 and "invalid choice: 'q_proj'" in r.stderr
+    r = _cli("demo", "--text", "/nonexistent/file.txt")
+    assert r.returncode == 2 and "text file not found" in r.stderr
+
+
+def test_cli_demo_on_default_model():
+    r = _cli("demo", "--tokens", "64", "--reps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "W8A8 dynamic" in r.stdout and "W4A16 g64" in r.stdout
+
+
+def test_bench_qlinear_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks"))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_qlinear.py"), "--shapes", "quick",
+                        "--tokens", "1,16", "--reps", "2", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "| 256x384 | 16 |" in r.stdout
