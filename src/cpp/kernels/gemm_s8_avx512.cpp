@@ -47,6 +47,16 @@ inline __mmask16 tail_mask16(int64_t n) {  // n in [0, 16]
   return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
+// acc += a_u8 . b_s8 (vpdpbusd).  GCC 12 compiles _mm512_dpbusd_epi32 inside
+// loops with a register copy and a stack spill of every accumulator per call
+// (the microkernels ran at half speed); inline asm keeps the accumulators in
+// registers.  Register operands only: with "vm" GCC folds the same B load
+// into each of the MR instructions that use it (3x the loads).
+inline __m512i dpbusd(__m512i acc, __m512i a_u8, __m512i b_s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a_u8), "v"(b_s8));
+  return acc;
+}
+
 // Where finished int32 accumulators go: raw C, or the epilogue.
 struct Sink {
   int32_t* C;
@@ -96,51 +106,137 @@ inline void sink_row(const Sink& s, int64_t m, int64_t n, __m512i acc, __mmask16
   }
 }
 
+// Row r (0..3) of a 4x4 block held as lanes [4r, 4r+4) of a zmm.
+template <int R>
+inline __m128i lane128(__m512i v) {
+  return _mm512_extracti32x4_epi32(v, R);
+}
+// Row r (0..3) of 16 packed uint16 values (4 per row).
+inline __m128i row_u16(__m256i h, int r) {
+  const __m128i half = (r & 2) ? _mm256_extracti128_si256(h, 1) : _mm256_castsi256_si128(h);
+  return (r & 1) ? _mm_srli_si128(half, 8) : half;
+}
+
+// Finish a block of up to 4 rows x 4 columns held in one zmm: lane 4r + c is
+// (row m0 + r, column n0 + c).  The epilogue math is lane-wise identical to
+// sink_row; only the per-row / per-column operands are laid out differently.
+inline void sink_4x4(const Sink& s, int64_t m0, int64_t n0, __m512i acc, int nrows, int64_t ncols) {
+  const __mmask8 cm = static_cast<__mmask8>(tail_mask16(ncols < 4 ? ncols : 4));
+  int64_t row[4];  // rows past nrows repeat the last one (their lanes are not stored)
+  for (int r = 0; r < 4; ++r) row[r] = m0 + (r < nrows ? r : nrows - 1);
+  if (s.ep == nullptr) {
+    __m128i q[4] = {lane128<0>(acc), lane128<1>(acc), lane128<2>(acc), lane128<3>(acc)};
+    for (int r = 0; r < nrows; ++r) _mm_mask_storeu_epi32(s.C + row[r] * s.ldc + n0, cm, q[r]);
+    return;
+  }
+  const GemmEpilogue& e = *s.ep;
+  if (e.a_corr != nullptr) {
+    __m512i corr = _mm512_set1_epi32(e.a_corr[row[0] * e.a_corr_stride]);
+    corr = _mm512_mask_set1_epi32(corr, 0x00f0, e.a_corr[row[1] * e.a_corr_stride]);
+    corr = _mm512_mask_set1_epi32(corr, 0x0f00, e.a_corr[row[2] * e.a_corr_stride]);
+    corr = _mm512_mask_set1_epi32(corr, 0xf000, e.a_corr[row[3] * e.a_corr_stride]);
+    const __m512i bsum = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32(cm, e.b_sum + n0));
+    acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(corr, bsum));
+  }
+  __m512 as = _mm512_set1_ps(1.0f);
+  if (e.a_scale != nullptr) {
+    as = _mm512_set1_ps(e.a_scale[row[0] * e.a_scale_stride]);
+    as = _mm512_mask_mov_ps(as, 0x00f0, _mm512_set1_ps(e.a_scale[row[1] * e.a_scale_stride]));
+    as = _mm512_mask_mov_ps(as, 0x0f00, _mm512_set1_ps(e.a_scale[row[2] * e.a_scale_stride]));
+    as = _mm512_mask_mov_ps(as, 0xf000, _mm512_set1_ps(e.a_scale[row[3] * e.a_scale_stride]));
+  }
+  const __m512 bs = e.b_scale != nullptr ? _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(cm, e.b_scale + n0))
+                                         : _mm512_set1_ps(1.0f);
+  __m512 v = _mm512_mul_ps(_mm512_mul_ps(as, bs), _mm512_cvtepi32_ps(acc));
+  if (e.bias != nullptr) v = _mm512_add_ps(v, _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(cm, e.bias + n0)));
+  if (e.out_type == FloatType::F32) {
+    const __m512i vi = _mm512_castps_si512(v);
+    __m128i q[4] = {lane128<0>(vi), lane128<1>(vi), lane128<2>(vi), lane128<3>(vi)};
+    float* out = static_cast<float*>(e.out);
+    for (int r = 0; r < nrows; ++r)
+      _mm_mask_storeu_ps(out + row[r] * e.ldo + n0, cm, _mm_castsi128_ps(q[r]));
+    return;
+  }
+  const __m256i h = e.out_type == FloatType::BF16
+                        ? cvt_bf16(v)
+                        : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  uint16_t* out = static_cast<uint16_t*>(e.out);
+  for (int r = 0; r < nrows; ++r) _mm_mask_storeu_epi16(out + row[r] * e.ldo + n0, cm, row_u16(h, r));
+}
+
 // ---------------------------------------------------------------------------
 // Small-M "dot" kernel
 // ---------------------------------------------------------------------------
 
-// Lane sums of 8 vectors -> lanes 0..7 of the result (upper lanes 0).
-inline __m512i hsum8(const __m512i* v) {
-  // Pairwise interleave-and-add halves the lanes per vector at each step.
-  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
-  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
-  const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[4], v[5]), _mm512_unpackhi_epi32(v[4], v[5]));
-  const __m512i t3 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[6], v[7]), _mm512_unpackhi_epi32(v[6], v[7]));
-  // Per 128-bit lane: u0 = partial sums of v0..v3, u1 = of v4..v7.
-  const __m512i u0 = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-  const __m512i u1 = _mm512_add_epi32(_mm512_unpacklo_epi64(t2, t3), _mm512_unpackhi_epi64(t2, t3));
-  // Sum the four 128-bit lanes: w = [u0.L0+L1, u0.L2+L3, u1.L0+L1, u1.L2+L3].
-  const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                     _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512i x = _mm512_add_epi32(w, _mm512_shuffle_i32x4(w, w, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm512_maskz_shuffle_i32x4(0x00ff, x, x, _MM_SHUFFLE(0, 0, 2, 0));
+// Lane sums of 16 vectors: lane i of the result = sum of the lanes of v[i].
+// Interleave-and-add halves the lanes per vector at each of the 4 steps
+// (45 instructions for 16 accumulators).
+inline __m512i hsum16(const __m512i* v) {
+  __m512i t[8], u[4];
+  for (int p = 0; p < 8; ++p)
+    t[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * p], v[2 * p + 1]),
+                            _mm512_unpackhi_epi32(v[2 * p], v[2 * p + 1]));
+  // u[q], 128-bit lane L: partial sums of v[4q..4q+3] (from lane L of each).
+  for (int q = 0; q < 4; ++q)
+    u[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * q], t[2 * q + 1]),
+                            _mm512_unpackhi_epi64(t[2 * q], t[2 * q + 1]));
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Dot kernel tile: MR rows of A x 8 rows of B.  24 accumulators + 3 A
-// registers for MR = 3 fits the 32 zmm registers; 8 B rows per tile keeps the
-// weight stream wide (8 concurrent sequential streams) and gives a cheap
-// 8-way reduction.  (4x4 and 2x8 measured slower at M = 16.)
-constexpr int kDotNR = 8;
-constexpr int kDotMR = 3;
+// Lane sums of 4 vectors -> lanes 0..3 (upper lanes 0).
+inline __m512i hsum4(const __m512i* v) {
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m512i w = _mm512_add_epi32(u, _mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512i x = _mm512_add_epi32(w, _mm512_shuffle_i32x4(w, w, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_maskz_mov_epi32(0x000f, x);
+}
 
-template <int MR>
+// Dot kernel tile: MR (<= 6) rows of A x 4 rows of B.  24 accumulators + 6 A
+// registers + 1 B register = 31 zmm; per 64-byte K step 10 loads feed 24
+// vpdpbusd.  Measured against 3x8, 4x6, 4x4, 5x4 and 2x8 (M = 4..47, 1 and 2
+// threads): 6x4 was best or tied, and 4-column tiles reduce cheaply as 4x4
+// blocks (hsum16).
+constexpr int kDotNR = 4;
+constexpr int kDotMR = 6;
+
+// PF: also prefetch the B tile that follows (pf, pf_valid rows) into L2, one
+// line per row per K step; done by the first row tile of each B tile.  With
+// weights coming from DRAM the 4 demand streams alone leave the kernel latency
+// bound; measured (2 threads, weights rotated through 3 copies): M = 1
+// 4096x4096 ~33 -> ~50 GB/s, M = 16 ~15 -> ~17 GB/s, hot (L3) unchanged.
+// (T1 and T2 hints measured equal, T0 worse at M = 1.)
+template <int MR, bool PF>
 inline void dot_tile(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t nvalid,
-                     int64_t K, const Sink& sink, int64_t m0, int64_t n0) {
+                     int64_t K, const Sink& sink, int64_t m0, int64_t n0, const int8_t* pf,
+                     int64_t pf_valid) {
   // Rows past the end of B repeat the last valid row (results are not stored):
   // keeps the inner loop free of row masks.
   const int8_t* b[kDotNR];
-  for (int j = 0; j < kDotNR; ++j) b[j] = B + (j < nvalid ? j : nvalid - 1) * ldb;
-  __m512i acc[MR][kDotNR];
-  for (int i = 0; i < MR; ++i)
+  const int8_t* p[kDotNR];
+  for (int j = 0; j < kDotNR; ++j) {
+    b[j] = B + (j < nvalid ? j : nvalid - 1) * ldb;
+    p[j] = PF ? pf + (j < pf_valid ? j : pf_valid - 1) * ldb : nullptr;
+  }
+  // Padded to whole 4-row blocks; the padding rows stay zero.
+  constexpr int MB = (MR + 3) / 4 * 4;
+  __m512i acc[MB][kDotNR];
+  for (int i = 0; i < MB; ++i)
     for (int j = 0; j < kDotNR; ++j) acc[i][j] = _mm512_setzero_si512();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
     __m512i a[MR];
     for (int i = 0; i < MR; ++i) a[i] = _mm512_loadu_si512(A + i * lda + k);
     for (int j = 0; j < kDotNR; ++j) {
+      if (PF) _mm_prefetch(reinterpret_cast<const char*>(p[j] + k), _MM_HINT_T1);
       const __m512i bv = _mm512_loadu_si512(b[j] + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], bv);
+      for (int i = 0; i < MR; ++i) acc[i][j] = dpbusd(acc[i][j], a[i], bv);
     }
   }
   if (k < K) {  // masked tail: zero bytes contribute nothing, nothing read past a row
@@ -149,31 +245,72 @@ inline void dot_tile(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb
     for (int i = 0; i < MR; ++i) a[i] = _mm512_maskz_loadu_epi8(km, A + i * lda + k);
     for (int j = 0; j < kDotNR; ++j) {
       const __m512i bv = _mm512_maskz_loadu_epi8(km, b[j] + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], bv);
+      for (int i = 0; i < MR; ++i) acc[i][j] = dpbusd(acc[i][j], a[i], bv);
     }
   }
-  const __mmask16 nm = tail_mask16(imin(nvalid, kDotNR));
-  for (int i = 0; i < MR; ++i) sink_row(sink, m0 + i, n0, hsum8(acc[i]), nm);
+  if (MR == 1) {
+    sink_row(sink, m0, n0, hsum4(acc[0]), tail_mask16(imin(nvalid, kDotNR)));
+    return;
+  }
+  for (int r0 = 0; r0 < MR; r0 += 4)
+    sink_4x4(sink, m0 + r0, n0, hsum16(&acc[r0][0]), MR - r0 < 4 ? MR - r0 : 4, nvalid);
 }
 
-// One thread's share: columns [n_begin, n_end), all M rows.  n outer / m
-// inner: the 8 B rows of a tile come from memory once and are reused from
-// L1/L2 by every m tile; A (M <= small, M*K bytes) stays in L2.
+// A row tile of R rows (1..6); the first row tile of a B tile prefetches the next one.
+template <int R>
+inline void dot_rows(const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int64_t nvalid,
+                     int64_t K, const Sink& sink, int64_t m0, int64_t n0, const int8_t* pf,
+                     int64_t pf_valid) {
+  if (pf != nullptr) {
+    dot_tile<R, true>(A, lda, B, ldb, nvalid, K, sink, m0, n0, pf, pf_valid);
+  } else {
+    dot_tile<R, false>(A, lda, B, ldb, nvalid, K, sink, m0, n0, nullptr, 0);
+  }
+}
+
+// One thread's share: columns [n_begin, n_end), all M rows.  B tiles outer,
+// row tiles inner: a B tile comes from memory once per call and is re-read
+// from L1/L2 by the other row tiles; A (M*K bytes, M small) stays in L2.
+// No K blocking: blocking K so that a B tile stays in L1 needs a reduction
+// and a scratch round trip per block, and measured slower for every Kc tried
+// (512..2048) at M = 16 and 47.
 void dot_range(int64_t M, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                int64_t n_begin, int64_t n_end, const Sink& sink) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kDotNR) {
     const int64_t nv = imin(kDotNR, n_end - n0);
     const int8_t* bt = B + n0 * ldb;
-    int64_t m0 = 0;
-    for (; m0 + kDotMR <= M; m0 += kDotMR)
-      dot_tile<kDotMR>(A + m0 * lda, lda, bt, ldb, nv, K, sink, m0, n0);
-    switch (M - m0) {
-      case 2: dot_tile<2>(A + m0 * lda, lda, bt, ldb, nv, K, sink, m0, n0); break;
-      case 1: dot_tile<1>(A + m0 * lda, lda, bt, ldb, nv, K, sink, m0, n0); break;
-      default: break;
+    const int64_t pf_valid = imin(kDotNR, n_end - n0 - kDotNR);
+    const int8_t* next = pf_valid > 0 ? bt + kDotNR * ldb : nullptr;
+    for (int64_t m0 = 0; m0 < M; m0 += kDotMR) {
+      const uint8_t* a = A + m0 * lda;
+      const int8_t* pf = m0 == 0 ? next : nullptr;
+      switch (imin(kDotMR, M - m0)) {
+        case 6: dot_rows<6>(a, lda, bt, ldb, nv, K, sink, m0, n0, pf, pf_valid); break;
+        case 5: dot_rows<5>(a, lda, bt, ldb, nv, K, sink, m0, n0, pf, pf_valid); break;
+        case 4: dot_rows<4>(a, lda, bt, ldb, nv, K, sink, m0, n0, pf, pf_valid); break;
+        case 3: dot_rows<3>(a, lda, bt, ldb, nv, K, sink, m0, n0, pf, pf_valid); break;
+        case 2: dot_rows<2>(a, lda, bt, ldb, nv, K, sink, m0, n0, pf, pf_valid); break;
+        default: dot_rows<1>(a, lda, bt, ldb, nv, K, sink, m0, n0, pf, pf_valid); break;
+      }
     }
   }
 }
+
+// Per-thread buffer for a packed panel, grown on demand and kept for later
+// calls (avoids a page-faulting allocation per call).
+struct ThreadBuffer {
+  uint8_t* p = nullptr;
+  size_t size = 0;
+  ~ThreadBuffer() { std::free(p); }
+  uint8_t* get(size_t bytes) {
+    if (bytes > size) {
+      std::free(p);
+      size = (bytes + 4095) & ~size_t(4095);
+      p = static_cast<uint8_t*>(std::aligned_alloc(64, size));
+    }
+    return p;
+  }
+};
 
 // ---------------------------------------------------------------------------
 // Large-M "packed" kernel
@@ -248,10 +385,10 @@ inline void packed_tile(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_
     const __m512i b2 = _mm512_load_si512(bp + 128), b3 = _mm512_load_si512(bp + 192);
     for (int i = 0; i < MR; ++i) {
       const __m512i a = _mm512_set1_epi32(load_u32(A + i * lda + 4 * k4));
-      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
-      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
-      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], a, b2);
-      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], a, b3);
+      acc[i][0] = dpbusd(acc[i][0], a, b0);
+      acc[i][1] = dpbusd(acc[i][1], a, b1);
+      acc[i][2] = dpbusd(acc[i][2], a, b2);
+      acc[i][3] = dpbusd(acc[i][3], a, b3);
     }
   }
   if (K4 * 4 < K) {  // last 1..3 bytes of each A row: masked load, never past the row
@@ -261,10 +398,10 @@ inline void packed_tile(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_
     const __m512i b2 = _mm512_load_si512(bp + 128), b3 = _mm512_load_si512(bp + 192);
     for (int i = 0; i < MR; ++i) {
       const __m512i a = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(km, A + i * lda + 4 * K4));
-      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, b0);
-      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, b1);
-      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], a, b2);
-      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], a, b3);
+      acc[i][0] = dpbusd(acc[i][0], a, b0);
+      acc[i][1] = dpbusd(acc[i][1], a, b1);
+      acc[i][2] = dpbusd(acc[i][2], a, b2);
+      acc[i][3] = dpbusd(acc[i][3], a, b3);
     }
   }
   for (int j = 0; j < 4; ++j) {
@@ -291,22 +428,7 @@ void packed_rows(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_t K, co
   }
 }
 
-// Per-thread panel buffer, grown on demand and kept for later calls (avoids a
-// page-faulting allocation per call).
-struct PanelBuffer {
-  uint8_t* p = nullptr;
-  size_t size = 0;
-  ~PanelBuffer() { std::free(p); }
-  uint8_t* get(size_t bytes) {
-    if (bytes > size) {
-      std::free(p);
-      size = (bytes + 4095) & ~size_t(4095);
-      p = static_cast<uint8_t*>(std::aligned_alloc(64, size));
-    }
-    return p;
-  }
-};
-thread_local PanelBuffer tl_panel;
+thread_local ThreadBuffer tl_panel;
 
 // Rows per work unit of the packed path: a unit is (panel, block of rows).
 // Large enough that the per-unit overhead is nil, small enough to balance
@@ -340,16 +462,22 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
   }
 }
 
-// Below this M the weights are streamed once with the dot kernel; above it
-// the per-call packing pays for itself (measured crossover, see
-// benchmarks/cpp/bench_kernels.cpp).
-constexpr int64_t kPackMinM = 48;
+// M <= 16 never packs B: at decode sizes the op streams every weight byte once
+// and is memory bound, so a packing pass over all of B would cost as much as
+// the product.  Above that the crossover depends on K (the dot kernel's
+// per-output reduction is amortized over K/64 steps).  Measured, 2 threads,
+// GOP/s packed vs dot: K = 768: M = 16 630 vs 530, M = 24 725 vs 555;
+// 4096x4096: M = 24 660 vs 780, M = 32 690 vs 600, M = 48 720 vs 600;
+// K = 11008: about equal from M = 32 on.
+constexpr int64_t kPackMinM = 32;
+constexpr int64_t kPackMinMSmallK = 17;
+constexpr int64_t kSmallK = 2048;
 
 void gemm_impl(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* B,
                int64_t ldb, const Sink& sink, int nt) {
   // Parallel regions cost a few microseconds; tiny products run on one thread.
   if (M * N * imax(K, 1) < (int64_t{1} << 16)) nt = 1;
-  if (M >= kPackMinM) {
+  if (M >= kPackMinM || (M >= kPackMinMSmallK && K < kSmallK)) {
     packed_gemm(M, N, K, A, lda, B, ldb, sink, nt);
     return;
   }
@@ -386,8 +514,8 @@ void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int3
     const int8_t* b = B + n * ldb;
     __m512i acc = _mm512_setzero_si512();
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(b + k));
-    if (k < K) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(tail_mask64(K - k), b + k));
+    for (; k + 64 <= K; k += 64) acc = dpbusd(acc, ones, _mm512_loadu_si512(b + k));
+    if (k < K) acc = dpbusd(acc, ones, _mm512_maskz_loadu_epi8(tail_mask64(K - k), b + k));
     out[n] = _mm512_reduce_add_epi32(acc);
   }
 }

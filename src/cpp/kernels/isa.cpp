@@ -12,9 +12,9 @@ namespace {
 Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  // The VNNI path also uses BW/VL/DQ (byte masks, 256-bit forms), BF16
-  // (vcvtneps2bf16 is not used, but the file is compiled with -mavx512bf16)
-  // and F16C/FMA; require all of them so the compiler may emit any.
+  // The AVX-512 translation units are compiled with
+  // -mavx512{f,bw,vl,dq,vnni,bf16} -mf16c -mfma, so the compiler may emit any
+  // of them there: the tier requires all (Zen 4, Sapphire Rapids and later).
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512vnni") &&
