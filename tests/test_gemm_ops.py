@@ -113,3 +113,17 @@ def test_weight_only_linear_batched_noncontiguous(cpu_isa):
     ref = R.weight_only_linear(x, qw, s, z, 4, 16, None)
     assert out.shape == (2, 3, 7)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_linear_large_m_uses_blas_path(bits):
+    # above the direct-kernel threshold (512 / 256 tokens) blocks are dequantized for BLAS
+    g = _gen("large-m", bits)
+    w = torch.randn(300, 64, generator=g)
+    qw, s, z = lq.ops.quantize(w, bits, False, 16)
+    x = torch.randn(600, 64, generator=g)
+    bias = torch.randn(300, generator=g)
+    out = lq.ops.weight_only_linear(x, qw, s, z, bits, 16, bias)
+    ref = R.weight_only_linear(x, qw, s, z, bits, 16, bias)
+    ref64 = x.double() @ R.dequantize(qw, s, z, bits, 16, 64, torch.float64).T + bias.double()
+    assert_close_to_reference(out, ref, ref64)

@@ -58,6 +58,31 @@ def test_qlinear_vs_dequantized_linear(cfg, dtype):
     assert rel < (0.15 if cfg["w_bits"] == 4 else 0.03)
 
 
+@pytest.mark.parametrize("act", ["dynamic", "static", "ema"])
+def test_simulated_w4a8_matches_integer_math(act):
+    lin = _linear(K=64, N=12)
+    q = lq.QLinear.from_linear(lin, w_bits=4, w_group_size=16, w_symmetric=False, act=act, act_symmetric=False)
+    assert not q.int8_gemm and "simulated" in repr(q)
+    if act == "static":
+        q.set_static_range(-2.0, 3.0)
+    x = _x(5, 64)
+    if act == "ema":
+        q.ema_update = False
+        q.ema_state.copy_(torch.tensor([3.0, -2.5, 3.0, 1.0]))
+    # the integer computation: sum_g s_x * s_w[n,g] * sum_k (qx - zx)(qw - zw)
+    if act == "dynamic":
+        qx, sx, zx = R.quantize(x, 8, False, -1)
+    elif act == "static":
+        qx, sx, zx = R.quantize_static(x, q.act_scale, q.act_zero, 8, 0), q.act_scale, q.act_zero
+    else:
+        qx, sx, zx = R.ema_quantize_(x, q.ema_state.clone(), 0.9, 1e-5, 8, False, False)
+    qw = R.unpack_int4(q.qweight, 64).double() - q.w_zero.double().repeat_interleave(16, 1)
+    xi = qx.double() - zx.double().reshape(-1, 1)
+    acc = torch.einsum("mgk,ngk->mng", xi.reshape(5, 4, 16), qw.reshape(12, 4, 16))
+    ref = (acc * q.w_scale.double().unsqueeze(0)).sum(-1) * sx.double().reshape(-1, 1) + q.bias.double()
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_dynamic_matches_reference_exactly():
     lin = _linear(K=33, N=10)
     q = lq.QLinear.from_linear(lin)

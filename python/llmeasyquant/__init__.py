@@ -6,9 +6,12 @@ under ``torch.ops.llmeasyquant``; :mod:`llmeasyquant.ops` wraps them.
 
 from ._native import build_info
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
-from . import ops
+from . import data, ops
 from .nn import QLinear, replace_linear
+from .api import quantize
+from .methods.base import available_methods, config_for
 
 __version__ = build_info()["version"]
 
-__all__ = ["QLinear", "build_info", "ops", "replace_linear", "__version__"]
+__all__ = ["QLinear", "available_methods", "build_info", "config_for", "ops", "quantize", "replace_linear",
+           "__version__"]

@@ -12,8 +12,9 @@ It holds integer weights with their scales/zero-points and an activation mode:
   exponential moving average of the activation range (paper Algorithm 1),
   updated on every forward unless :attr:`ema_update` is False.
 
-W8A8 modes need 8-bit, per-channel, symmetric weights (what the int8 GEMM's
-epilogue folds in); other weight settings run weight-only.
+W8A8 runs on the int8 GEMM with 8-bit per-channel symmetric weights (what its
+epilogue folds in); other weight layouts with quantized activations are
+simulated (quantize-dequantize activations, then the weight-only kernel).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _reference, ops
 
 ACT_MODES = (None, "dynamic", "static", "ema")
 
@@ -50,8 +51,8 @@ class QLinear(nn.Module):
                  act_symmetric: bool = True, ema_alpha: float = 0.9, ema_eps: float = 1e-5,
                  bias_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        if w_bits not in (4, 8):
-            raise ValueError(f"QLinear: unsupported w_bits={w_bits}; supported: 4, 8")
+        if w_bits not in (2, 3, 4, 8):
+            raise ValueError(f"QLinear: unsupported w_bits={w_bits}; supported: 2, 3, 4, 8")
         if act not in ACT_MODES:
             raise ValueError(f"QLinear: act must be one of {ACT_MODES}, got {act!r}")
         K, N = in_features, out_features
@@ -62,19 +63,23 @@ class QLinear(nn.Module):
             divs = [d for d in range(1, K + 1) if K % d == 0]
             raise ValueError(f"QLinear: w_group_size={w_group_size} does not divide in_features={K}; "
                              f"group sizes that divide it: {divs}")
-        if act is not None and not (w_bits == 8 and w_group_size == -1 and w_symmetric):
-            raise ValueError(
-                f"QLinear: act={act!r} (W8A8) needs 8-bit per-channel symmetric weights, got "
-                f"w_bits={w_bits}, w_group_size={w_group_size}, w_symmetric={w_symmetric}; "
-                "use act=None for weight-only quantization with these weight settings")
+        # The int8 GEMM epilogue folds per-channel symmetric 8-bit weight scales;
+        # other weight layouts with quantized activations (ZeroQuant W4A8,
+        # group-wise W8A8) run "simulated": activations are quantized and
+        # dequantized exactly as the integer path would, then the weight-only
+        # kernel does the product (same math, float accumulation, slower).
+        self.int8_gemm = act is not None and w_bits == 8 and w_group_size == -1 and w_symmetric
         self.in_features, self.out_features = K, N
         self.w_bits, self.w_group_size, self.w_symmetric = w_bits, w_group_size, w_symmetric
         self.act, self.act_symmetric = act, act_symmetric
         self.ema_alpha, self.ema_eps = float(ema_alpha), float(ema_eps)
         self.ema_update = True
+        # 2- and 3-bit values live in the 4-bit container (two per byte) until
+        # dedicated packed 2/3-bit storage exists; kernels see container bits.
+        self.storage_bits = 4 if w_bits <= 4 else 8
         G = 1 if w_group_size == -1 else K // w_group_size
-        kq = (K + 1) // 2 if w_bits == 4 else K
-        qdtype = torch.uint8 if w_bits == 4 else torch.int8
+        kq = (K + 1) // 2 if self.storage_bits == 4 else K
+        qdtype = torch.uint8 if self.storage_bits == 4 else torch.int8
         self.register_buffer("qweight", torch.zeros(N, kq, dtype=qdtype, device=device))
         self.register_buffer("w_scale", torch.ones(N, G, dtype=torch.float32, device=device))
         self.register_buffer("w_zero", None if w_symmetric else torch.zeros(N, G, dtype=torch.int8, device=device))
@@ -123,13 +128,17 @@ class QLinear(nn.Module):
         if not torch.isfinite(weight).all():
             raise ValueError("QLinear.set_weight: the weight contains NaN or Inf")
         w = weight.float()
+        if scale is None and self.w_bits < 4:
+            q, s, z = _reference.quantize(w.cpu(), self.w_bits, self.w_symmetric, self.w_group_size)
+            self.set_quantized(q, s, z)
+            return
         if scale is None:
             qw, s, z = ops.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size)
         else:
             z = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
             qw = ops.quantize_static(w, scale.float().reshape(self.w_scale.shape).contiguous(),
                                      z.to(torch.int8).reshape(self.w_scale.shape).contiguous(),
-                                     self.w_bits, self.w_group_size)
+                                     self.storage_bits, self.w_group_size)
             s = scale
         self.qweight.copy_(qw)
         self.w_scale.copy_(s.reshape(self.w_scale.shape))
@@ -137,8 +146,31 @@ class QLinear(nn.Module):
             self.w_zero.copy_(z.reshape(self.w_zero.shape))
         self._refresh_w_sum()
 
+    @torch.no_grad()
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
+        """Store integer weights a method produced (GPTQ, AWQ, ...): ``q`` int8
+        values ``[out, in]`` in ``[-2^(b-1), 2^(b-1)-1]`` for ``b = w_bits``, with
+        ``scale`` / ``zero_point`` in this layer's granularity."""
+        N, K = self.out_features, self.in_features
+        if tuple(q.shape) != (N, K):
+            raise ValueError(f"QLinear.set_quantized: expected q of shape ({N}, {K}), got {tuple(q.shape)}")
+        qmin, qmax = _reference.qrange(self.w_bits)
+        if q.numel() and (q.min() < qmin or q.max() > qmax):
+            raise ValueError(f"QLinear.set_quantized: {self.w_bits}-bit values must lie in [{qmin}, {qmax}], "
+                             f"got [{int(q.min())}, {int(q.max())}]")
+        if scale.numel() != self.w_scale.numel() or not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"QLinear.set_quantized: expected {self.w_scale.numel()} finite positive scales, "
+                             f"got shape {tuple(scale.shape)}")
+        q8 = q.to(torch.int8)
+        self.qweight.copy_(_reference.pack_int4(q8) if self.storage_bits == 4 else q8)
+        self.w_scale.copy_(scale.reshape(self.w_scale.shape))
+        if self.w_zero is not None:
+            zp = zero_point if zero_point is not None else torch.zeros_like(self.w_zero)
+            self.w_zero.copy_(zp.reshape(self.w_zero.shape))
+        self._refresh_w_sum()
+
     def _refresh_w_sum(self) -> None:
-        if self.w_bits == 8:
+        if self.storage_bits == 8:
             self.w_sum.copy_(ops.weight_row_sums(self.qweight))
 
     def _check_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -171,18 +203,25 @@ class QLinear(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None:
-            return ops.weight_only_linear(x, self.qweight, self.w_scale, self.w_zero, self.w_bits,
+            return ops.weight_only_linear(x, self.qweight, self.w_scale, self.w_zero, self.storage_bits,
                                           self.w_group_size, self.bias)
-        if self.act == "dynamic":
+        if self.act == "dynamic" and self.int8_gemm:
             return ops.dynamic_quant_linear(x, self.qweight, self.w_scale.view(-1), self.w_sum, self.bias,
                                             self.act_symmetric)
         x2 = x.reshape(-1, self.in_features)
-        if self.act == "static":
+        if self.act == "dynamic":
+            qx, scale, zero = ops.quantize(x2, 8, self.act_symmetric, -1)
+        elif self.act == "static":
             qx = ops.quantize_static(x2, self.act_scale, self.act_zero, 8, 0)
             scale, zero = self.act_scale, self.act_zero
         else:
             qx, scale, zero = ops.ema_quantize_(x2, self.ema_state, self.ema_alpha, self.ema_eps, 8,
                                                 self.act_symmetric, self.ema_update)
+        if not self.int8_gemm:
+            xq = ops.dequantize(qx, scale, zero, 8, -1 if self.act == "dynamic" else 0, self.in_features, x.dtype)
+            out = ops.weight_only_linear(xq, self.qweight, self.w_scale, self.w_zero, self.storage_bits,
+                                         self.w_group_size, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
         out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.w_scale.view(-1),
                                    a_zero=None if self.act_symmetric else zero, b_sum=self.w_sum,
                                    bias=self.bias, out_dtype=x.dtype)
@@ -193,7 +232,7 @@ class QLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this layer actually multiplies with."""
         zero = self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale, dtype=torch.int8)
-        return ops.dequantize(self.qweight, self.w_scale, zero, self.w_bits, self.w_group_size,
+        return ops.dequantize(self.qweight, self.w_scale, zero, self.storage_bits, self.w_group_size,
                               self.in_features, dtype)
 
     def memory_bytes(self) -> int:
@@ -209,5 +248,7 @@ class QLinear(nn.Module):
             kind = {"dynamic": "dynamic per-token", "static": "static per-tensor",
                     "ema": f"EMA per-tensor (alpha={self.ema_alpha})"}[self.act]
             a = f"act=8-bit {kind} {'symmetric' if self.act_symmetric else 'asymmetric'}"
+            if not self.int8_gemm:
+                a += " (simulated: no int8 kernel for this weight layout yet)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {w}, {a}")

@@ -362,10 +362,12 @@ at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, co
   return out;
 }
 
-// Below this many tokens the fused dequantize-in-registers kernel streams the
-// small weights once; above it, dequantizing blocks of weight rows and calling
-// BLAS is faster (measured, see docs/benchmarks.md).
-constexpr int64_t kWeightOnlyDirectMaxM = 16;
+// Up to this many tokens the fused dequantize-in-registers kernel beats fp32
+// BLAS (it streams 1- or 1/2-byte weights and runs near FMA peak); above it,
+// dequantizing blocks of weight rows and calling BLAS is faster. Measured on
+// 4096x4096, 2 threads: direct/fp32 = 1.16x (8-bit) at M=512 and 1.08x
+// (4-bit) at M=128, 0.4x at M=2048 (docs/benchmarks.md).
+int64_t weight_only_direct_max_m(int64_t bits) { return bits == 8 ? 512 : 256; }
 constexpr int64_t kWeightOnlyBlockN = 256;
 
 at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
@@ -392,7 +394,7 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   const int64_t M = xf.size(0);
   const at::Tensor qc = qw.contiguous(), sc = scale.contiguous(), zc = zp.contiguous();
   at::Tensor out;
-  if (M <= kWeightOnlyDirectMaxM) {
+  if (M <= weight_only_direct_max_m(bits)) {
     out = at::empty({M, N}, xf.options());
     cpu::gemm_weight_only(M, N, K, xf.data_ptr<float>(), qc.data_ptr(), bits, g, sc.data_ptr<float>(),
                           zero_point.has_value() ? zc.data_ptr<int8_t>() : nullptr,

@@ -1,0 +1,161 @@
+"""Calibration: turning text into token batches, and running a model over them
+to collect what methods need (per-channel activation statistics, per-block
+inputs for layer-by-layer methods such as GPTQ and AWQ).
+
+Text defaults to WikiText-2 *validation* (``wiki.valid.tokens``); evaluation
+uses the test split, so calibration never sees evaluation text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .data import DEFAULT_CALIB_FILE, read_text
+
+
+def calibration_batches(tokenizer, source: str | Sequence[str] | None = None, *, n_samples: int = 32,
+                        seq_len: int = 512, seed: int = 0) -> list[torch.Tensor]:
+    """``n_samples`` random windows of ``seq_len`` tokens, each ``[1, seq_len]``.
+
+    ``source``: a text file path (default: WikiText-2 validation) or a list of
+    strings (joined with blank lines).
+    """
+    if n_samples <= 0 or seq_len <= 1:
+        raise ValueError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
+    if source is None or isinstance(source, str):
+        text = read_text(source or DEFAULT_CALIB_FILE)
+    else:
+        text = "\n\n".join(source)
+    if not text.strip():
+        raise ValueError("calibration set is empty: the text has no content")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() <= seq_len:
+        # short text: one window of what there is
+        return [ids.unsqueeze(0)]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
+    return [ids[s: s + seq_len].unsqueeze(0) for s in starts.tolist()]
+
+
+@dataclass
+class ChannelStats:
+    """Running per-input-channel statistics of one linear's activations."""
+
+    absmax: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    samples: Optional[torch.Tensor] = None  # [T, K] token rows kept for searches
+    keep_tokens: int = 0
+
+    @classmethod
+    def empty(cls, K: int, device=None, keep_tokens: int = 0) -> "ChannelStats":
+        return cls(*ops.new_channel_stats(K, device), keep_tokens=keep_tokens)
+
+    def update(self, x: torch.Tensor) -> None:
+        ops.channel_stats_(x.detach(), self.absmax, self.min, self.max)
+        if self.keep_tokens:
+            # an evenly spaced subset of each batch's tokens, up to keep_tokens in all
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            have = 0 if self.samples is None else self.samples.shape[0]
+            take = min(self.keep_tokens - have, rows.shape[0])
+            if take > 0:
+                idx = torch.linspace(0, rows.shape[0] - 1, take).round().long()
+                picked = rows[idx]
+                self.samples = picked if self.samples is None else torch.cat([self.samples, picked])
+
+    def divide_(self, s: torch.Tensor) -> None:
+        """The statistics of X / s (s > 0 per channel)."""
+        self.absmax.div_(s)
+        self.min.div_(s)
+        self.max.div_(s)
+        if self.samples is not None:
+            self.samples = self.samples / s
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]  # Conv1D: [in, out]
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, paths: Iterable[str], batches: Sequence[torch.Tensor],
+                        progress: bool = True, keep_tokens: int = 0) -> dict[str, ChannelStats]:
+    """Per-channel absmax/min/max of the inputs of the modules at ``paths``
+    (and up to ``keep_tokens`` sample rows of each input, for searches)."""
+    stats: dict[str, ChannelStats] = {}
+    hooks = []
+    for p in paths:
+        mod = model.get_submodule(p)
+        st = stats[p] = ChannelStats.empty(_in_features(mod), keep_tokens=keep_tokens)
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, st=st: st.update(args[0].float())))
+    try:
+        for ids in tqdm(batches, desc="calibrating (activation statistics)", disable=not progress):
+            model(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """What the first decoder block received for each calibration batch."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[torch.Tensor]) -> BlockInputs:
+    """Run the model up to its first decoder block and keep the block's inputs
+    (hidden states and the extra arguments: masks, rotary embeddings, ...).
+    The same extra arguments serve every block, which is how the blocks are
+    called by the model itself."""
+    seen = BlockInputs([], [], [])
+
+    def grab(module, args, kwargs):
+        seen.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        seen.args.append(tuple(args[1:]))
+        seen.kwargs.append(dict(kwargs))
+        raise _StopForward
+
+    h = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    return seen
+
+
+def block_forward(block: nn.Module, inputs: BlockInputs, i: int) -> torch.Tensor:
+    out = block(inputs.hidden[i], *inputs.args[i], **inputs.kwargs[i])
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_blockwise(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[torch.Tensor],
+                  process_block: Callable[[int, nn.Module, BlockInputs], None], desc: str = "quantizing",
+                  progress: bool = True) -> None:
+    """Layer-by-layer processing: ``process_block(i, block, inputs)`` sees the
+    inputs block ``i`` receives *from the already-processed blocks before it*
+    (so errors of earlier quantized blocks are accounted for, as in GPTQ);
+    afterwards the block's outputs become the next block's inputs. Only one
+    block's activations are held at a time."""
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        process_block(i, block, inputs)
+        inputs.hidden = [block_forward(block, inputs, j) for j in range(len(inputs.hidden))]

@@ -1,0 +1,81 @@
+"""Perplexity on WikiText-2 with the standard protocol.
+
+The whole raw test file is read as it is, tokenized once, and cut into
+non-overlapping windows of ``seq_len`` tokens (the last partial window is
+dropped, as in the GPTQ/AWQ/SmoothQuant evaluations). Perplexity is
+exp(mean NLL) over every predicted token: ``seq_len - 1`` per window, or with
+a ``stride`` < seq_len, only the tokens not already scored by the previous
+window (each with the full left context of its window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import DEFAULT_EVAL_FILE, read_text
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens scored
+    windows: int
+    seq_len: int
+    stride: int
+    dtype: str
+    source: str
+
+    def protocol(self) -> str:
+        return (f"wikitext-2 raw test ({self.source}), {self.windows} windows x {self.seq_len} tokens, "
+                f"stride {self.stride}, {self.tokens} predicted tokens, {self.dtype}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_file(tokenizer, path: str) -> torch.Tensor:
+    return tokenizer(read_text(path), return_tensors="pt").input_ids[0]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, path: str = DEFAULT_EVAL_FILE,
+               seq_len: int = 2048, stride: Optional[int] = None, max_windows: Optional[int] = None,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on a text file (default: WikiText-2 raw test).
+
+    Pass ``ids`` (already tokenized, 1-D) to reuse one tokenization across models.
+    """
+    if ids is None:
+        if tokenizer is None:
+            raise ValueError("perplexity: pass a tokenizer or pre-tokenized ids")
+        ids = tokenize_file(tokenizer, path)
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
+    starts = list(range(0, ids.numel() - seq_len + 1, stride))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    if not starts:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    total_nll, count = 0.0, 0
+    prev_end = 0
+    for s in tqdm(starts, desc="perplexity", disable=not progress):
+        window = ids[s: s + seq_len].unsqueeze(0)
+        logits = model(window, use_cache=False).logits.float()
+        # predictions for tokens s+1 .. s+seq_len-1; score only those not scored before
+        first_new = max(prev_end, s + 1) - s
+        logp = torch.log_softmax(logits[0, first_new - 1: -1], dim=-1)
+        target = window[0, first_new:]
+        total_nll -= logp.gather(1, target.unsqueeze(1)).sum().item()
+        count += target.numel()
+        prev_end = s + seq_len
+    nll = total_nll / count
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "") if any(True for _ in model.parameters()) else "?"
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(starts), seq_len=seq_len,
+                            stride=stride, dtype=dtype, source=str(path))

@@ -1,0 +1,68 @@
+"""Pieces every method uses: swapping linears for QLinear, folding scales."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..models.extract import ModelSpec, ScaleGroup
+from ..nn.qlinear import QLinear, _is_conv1d
+
+
+def target_paths(model: nn.Module, spec: ModelSpec, exclude: Iterable[str]) -> list[str]:
+    """Linears a method quantizes: those of the decoder blocks plus any other
+    linear not excluded by name component (``lm_head`` by default)."""
+    ex = tuple(exclude)
+    paths = spec.linear_paths() + spec.extra_linears
+    return [p for p in paths if not any(part in ex for part in p.split("."))]
+
+
+def swap(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def weight_nk(module: nn.Module) -> torch.Tensor:
+    """The float weight as [out, in] (Conv1D stores [in, out])."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
+
+
+@torch.no_grad()
+def scale_input_channels(module: nn.Module, s: torch.Tensor) -> None:
+    """W[:, j] *= s[j] (the linear now expects inputs divided by s)."""
+    if _is_conv1d(module):
+        module.weight.mul_(s.to(module.weight.dtype).unsqueeze(1))
+    else:
+        module.weight.mul_(s.to(module.weight.dtype).unsqueeze(0))
+
+
+@torch.no_grad()
+def divide_output_channels(module: nn.Module, s: torch.Tensor) -> None:
+    """Output channel j of a norm or linear divided by s[j]."""
+    s = s.to(module.weight.dtype)
+    if isinstance(module, nn.Linear):
+        module.weight.div_(s.unsqueeze(1))
+    elif _is_conv1d(module):
+        module.weight.div_(s.unsqueeze(0))
+    else:  # LayerNorm / RMSNorm: y = norm(x) * weight (+ bias)
+        module.weight.div_(s)
+    if getattr(module, "bias", None) is not None:
+        module.bias.div_(s.to(module.bias.dtype))
+
+
+def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
+    """Make the group's input X/s and its weights W*s: the float block computes
+    exactly the same function (up to float rounding)."""
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError(f"scales for {group.prev} -> {group.linears} must be finite and > 0")
+    divide_output_channels(block.get_submodule(group.prev), s)
+    for name in group.linears:
+        scale_input_channels(block.get_submodule(name), s)
+
+
+def to_qlinear(module: nn.Module, config, **overrides) -> QLinear:
+    kw = config.qlinear_kwargs()
+    kw.update(overrides)
+    return QLinear.from_linear(module, **kw)

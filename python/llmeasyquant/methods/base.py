@@ -1,0 +1,143 @@
+"""Method configs and the registry that maps a method name to its code.
+
+Every method is one module with one function ``apply(model, spec, config,
+calib) -> None`` that replaces the model's linears (in place) by QLinear.
+Configs are small dataclasses that round-trip through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
+
+
+@dataclass
+class QuantConfig:
+    """Round-to-nearest weights (+ optional activation quantization).
+
+    ``w_group_size``: -1 per output channel, g > 0 group-wise along K.
+    ``act``: None (weight-only), "dynamic" (per-token), "static" (calibrated
+    per-tensor), "ema" (online per-tensor).
+    """
+
+    method: ClassVar[str] = "absmax"
+    w_bits: int = 8
+    w_group_size: int = -1
+    w_symmetric: bool = True
+    act: Optional[str] = None
+    act_symmetric: bool = True
+    exclude: tuple[str, ...] = ("lm_head",)
+    n_calib: int = 32  # calibration windows (methods that calibrate)
+    calib_seq_len: int = 512
+
+    def qlinear_kwargs(self) -> dict:
+        return dict(w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
+                    act=self.act, act_symmetric=self.act_symmetric)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exclude"] = list(self.exclude)
+        return {"method": self.method, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def describe(self) -> str:
+        w = f"W{self.w_bits}" + ("" if self.w_group_size == -1 else f" g{self.w_group_size}")
+        w += "" if self.w_symmetric else " asym"
+        a = "A16" if self.act is None else f"A8 {self.act}"
+        return f"{self.method} {w} {a}"
+
+
+@dataclass
+class AbsMaxConfig(QuantConfig):
+    method: ClassVar[str] = "absmax"
+
+
+@dataclass
+class ZeroPointConfig(QuantConfig):
+    method: ClassVar[str] = "zeropoint"
+    w_symmetric: bool = False
+    act_symmetric: bool = False
+
+
+@dataclass
+class ZeroQuantConfig(QuantConfig):
+    """Group-wise weights + per-token dynamic activations (W8A8 / W4A8)."""
+
+    method: ClassVar[str] = "zeroquant"
+    w_group_size: int = 64
+    act: Optional[str] = "dynamic"
+
+
+@dataclass
+class SmoothQuantConfig(QuantConfig):
+    """Migrate activation outliers into the weights with per-channel scales
+    s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the previous op."""
+
+    method: ClassVar[str] = "smoothquant"
+    act: Optional[str] = "dynamic"
+    alpha: float = 0.5
+    # search alpha over this grid per scale group (empty: use alpha as is)
+    alpha_grid: tuple[float, ...] = ()
+
+
+@dataclass
+class GPTQConfig(QuantConfig):
+    method: ClassVar[str] = "gptq"
+    w_bits: int = 4
+    w_group_size: int = 64
+    w_symmetric: bool = False
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    n_calib: int = 32
+
+
+@dataclass
+class AWQConfig(QuantConfig):
+    method: ClassVar[str] = "awq"
+    w_bits: int = 4
+    w_group_size: int = 64
+    w_symmetric: bool = False
+    grid: int = 20
+    clip: bool = True
+    n_calib: int = 32
+
+
+_CONFIGS: dict[str, type[QuantConfig]] = {
+    c.method: c for c in (AbsMaxConfig, ZeroPointConfig, ZeroQuantConfig, SmoothQuantConfig, GPTQConfig, AWQConfig)
+}
+
+
+def config_for(method: str, **overrides) -> QuantConfig:
+    """The config dataclass of ``method`` with ``overrides`` applied."""
+    cls = _CONFIGS.get(method)
+    if cls is None:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(_CONFIGS))}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = set(overrides) - names
+    if bad:
+        raise ValueError(f"{method}: unknown option(s) {sorted(bad)}; options: {sorted(names)}")
+    if "exclude" in overrides:
+        overrides["exclude"] = tuple(overrides["exclude"])
+    if "alpha_grid" in overrides:
+        overrides["alpha_grid"] = tuple(overrides["alpha_grid"])
+    return cls(**overrides)
+
+
+def config_from_json(text: str) -> QuantConfig:
+    d = json.loads(text)
+    method = d.pop("method", None)
+    if method is None:
+        raise ValueError("quantization config JSON has no 'method'")
+    return config_for(method, **d)
+
+
+def available_methods() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+MethodFn = Callable[..., None]
