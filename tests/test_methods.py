@@ -31,7 +31,7 @@ def _qlinears(model):
 @pytest.mark.parametrize("model_type", ALL)
 @pytest.mark.parametrize("method,opts", [
     ("absmax", {}), ("zeropoint", {"act": "static"}), ("zeroquant", {"w_bits": 4, "w_group_size": 16}),
-    ("smoothquant", {}), ("smoothquant", {"act": "static", "alpha_grid": (0.3, 0.5, 0.7)}),
+    ("smoothquant", {}), ("smoothquant", {"alpha_grid": ()}), ("smoothquant", {"act": "static", "alpha_grid": (0.3, 0.5, 0.7)}),
 ])
 def test_methods_run_on_every_architecture(model_type, method, opts):
     model = build(model_type)

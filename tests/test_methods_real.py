@@ -45,7 +45,7 @@ def test_smoothquant_dynamic_w8a8_within_1_percent(base):
 def test_smoothquant_halves_static_absmax_degradation(base):
     f = base[4]
     plain = _ppl(base, "absmax", act="static")
-    smooth = _ppl(base, "smoothquant", act="static", alpha_grid=(0.5, 0.65, 0.8))
+    smooth = _ppl(base, "smoothquant", act="static")
     assert smooth - f <= 0.5 * (plain - f), (f, plain, smooth)
 
 

@@ -31,11 +31,13 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(min=_MIN_SCALE)
 
 
-def _w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
-    """Output error of per-token W8A8 with smoothing s on sample tokens x."""
+def _w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act: str, act_symmetric: bool) -> float:
+    """Output error of W8A8 with smoothing s on sample tokens x, activations
+    quantized as the layer will (per token, or one per-tensor range)."""
     xs = x / s
-    q, sc, z = ops.quantize(xs, 8, True, -1)
-    xq = ops.dequantize(q, sc, z, 8, -1, xs.shape[-1])
+    gran = 0 if act == "static" else -1
+    q, sc, z = ops.quantize(xs, 8, act_symmetric, gran)
+    xq = ops.dequantize(q, sc, z, 8, gran, xs.shape[-1])
     err = 0.0
     for w in weights:
         ws = w.float() * s
@@ -58,8 +60,8 @@ def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = Tru
             alpha = config.alpha
             if config.alpha_grid:
                 x = stats[key].samples
-                alpha = min(config.alpha_grid,
-                            key=lambda a: _w8a8_error(x, weights, smoothing_scales(stats[key].absmax, weights, a)))
+                alpha = min(config.alpha_grid, key=lambda a: _w8a8_error(
+                    x, weights, smoothing_scales(stats[key].absmax, weights, a), config.act, config.act_symmetric))
             s = smoothing_scales(stats[key].absmax, weights, alpha)
             fold_scales(block, g, s)
             # the layers now see X / s: keep their statistics consistent
