@@ -2,33 +2,11 @@
 activations, scale folding is exact before quantization, clip search never worse
 than no clipping, argument errors, determinism."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 from llmeasyquant import _reference as R
-
-
-def _load(name):
-    # The methods package may not be in the installed copy yet: then load the source
-    # file under its package name so its relative import of _reference resolves.
-    full = f"llmeasyquant.methods.{name}"
-    try:
-        return importlib.import_module(full)
-    except ImportError:
-        pass
-    path = os.path.join(os.path.dirname(__file__), "..", "python", "llmeasyquant", "methods", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(full, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[full] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-awq = _load("awq")
+from llmeasyquant.methods import awq
 
 
 @pytest.fixture(autouse=True, scope="module")

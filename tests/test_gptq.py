@@ -1,33 +1,11 @@
 """GPTQ (methods/gptq.py): agreement with a slow, unblocked OBS reference written
 here, error below RTN's, result layout/conventions, argument errors."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 from llmeasyquant import _reference as R
-
-
-def _load(name):
-    # The methods package may not be in the installed copy yet: then load the source
-    # file under its package name so its relative import of _reference resolves.
-    full = f"llmeasyquant.methods.{name}"
-    try:
-        return importlib.import_module(full)
-    except ImportError:
-        pass
-    path = os.path.join(os.path.dirname(__file__), "..", "python", "llmeasyquant", "methods", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(full, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[full] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gptq = _load("gptq")
+from llmeasyquant.methods import gptq
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -147,6 +147,21 @@ def block_forward(block: nn.Module, inputs: BlockInputs, i: int) -> torch.Tensor
 
 
 @torch.no_grad()
+def observe_block(block: nn.Module, inputs: BlockInputs, names: Iterable[str],
+                  on_input: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``block`` over every calibration input; ``on_input(name, x)`` sees
+    the input rows ``x [tokens, K]`` of each linear named in ``names``."""
+    hooks = [block.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: on_input(n, args[0].detach().reshape(-1, args[0].shape[-1]))) for n in names]
+    try:
+        for j in range(len(inputs.hidden)):
+            block_forward(block, inputs, j)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
 def run_blockwise(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[torch.Tensor],
                   process_block: Callable[[int, nn.Module, BlockInputs], None], desc: str = "quantizing",
                   progress: bool = True) -> None:

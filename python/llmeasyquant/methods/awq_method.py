@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import BlockInputs, ChannelStats, block_forward, run_blockwise
+from ..calibration import BlockInputs, ChannelStats, observe_block, run_blockwise
 from ..models.extract import ModelSpec
 from ._common import fold_scales, swap, target_paths, to_qlinear, weight_nk
 from .awq import apply_clip, awq_search_clip, awq_search_scale
@@ -32,24 +32,14 @@ def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = Tru
     def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         names = [n for n in spec.block_linears if f"{prefix}.{i}.{n}" in wanted]
         per_batch = max(1, _KEEP_TOKENS // max(1, len(inputs.hidden)))
-        xs: dict[str, ChannelStats] = {}
-        hooks = []
-        for n in names:
-            mod = block.get_submodule(n)
-            st = xs[n] = ChannelStats.empty(weight_nk(mod).shape[1], keep_tokens=_KEEP_TOKENS)
+        xs = {n: ChannelStats.empty(weight_nk(block.get_submodule(n)).shape[1], keep_tokens=_KEEP_TOKENS)
+              for n in names}
 
-            def grab(m, args, st=st):
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
-                idx = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).round().long()
-                st.update(x[idx].float())
+        def keep(n: str, x: torch.Tensor) -> None:
+            idx = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).round().long()
+            xs[n].update(x[idx].float())
 
-            hooks.append(mod.register_forward_pre_hook(grab))
-        try:
-            for j in range(len(inputs.hidden)):
-                block_forward(block, inputs, j)
-        finally:
-            for h in hooks:
-                h.remove()
+        observe_block(block, inputs, names, keep)
         for g in spec.groups:
             if not all(n in xs for n in g.linears):
                 continue

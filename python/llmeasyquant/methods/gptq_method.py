@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import BlockInputs, block_forward, run_blockwise
+from ..calibration import BlockInputs, observe_block, run_blockwise
 from ..models.extract import ModelSpec
 from ..nn.qlinear import QLinear
 from ._common import swap, target_paths, to_qlinear, weight_nk
@@ -43,23 +43,15 @@ def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = Tru
     def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         names = [n for n in spec.block_linears if f"{prefix}.{i}.{n}" in wanted]
         hessians: dict[str, torch.Tensor] = {}
-        hooks = []
         for n in names:
-            mod = block.get_submodule(n)
-            K = weight_nk(mod).shape[1]
+            K = weight_nk(block.get_submodule(n)).shape[1]
             hessians[n] = torch.zeros(K, K, dtype=torch.float64)
 
-            def acc(m, args, n=n):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                hessians[n].add_(x.T @ x)
+        def accumulate(n: str, x: torch.Tensor) -> None:
+            xd = x.double()
+            hessians[n].add_(xd.T @ xd)
 
-            hooks.append(mod.register_forward_pre_hook(acc))
-        try:
-            for j in range(len(inputs.hidden)):
-                block_forward(block, inputs, j)
-        finally:
-            for h in hooks:
-                h.remove()
+        observe_block(block, inputs, names, accumulate)
         for n in names:
             mod = block.get_submodule(n)
             r = gptq_quantize(weight_nk(mod).float(), hessians[n], bits=config.w_bits,

@@ -10,6 +10,8 @@
 #include <cstring>
 
 #include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"  // f32_to_bf16: RNE, NaN kept quiet (same as the AVX-512 path)
+#include "parallel.h"
 
 namespace llmeq {
 namespace cpu {
@@ -28,22 +30,10 @@ void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int3
 
 namespace {
 
-inline int resolve_threads(int num_threads) {
-  return num_threads > 0 ? num_threads : omp_get_max_threads();
-}
-
 inline uint32_t f32_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
-}
-
-// Round-to-nearest-even; a NaN stays a (quiet) NaN with its sign and top
-// payload bits, exactly what the AVX-512 path computes with integer ops.
-inline uint16_t f32_to_bf16(float f) {
-  const uint32_t x = f32_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
 // Software float -> half, round-to-nearest-even, bit-identical to F16C

@@ -17,24 +17,13 @@
 #include <cstring>
 
 #include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"
 
 namespace llmeq {
 namespace cpu {
 namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  const uint32_t x = f32_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
-  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
 
 // One output element; identical IEEE ops and order to the scalar path.  The
 // AVX2 path is a fallback, so the epilogue stays scalar (its cost is 1/K of

@@ -12,7 +12,9 @@
 #if defined(__CUDACC__)
 #define LLMEQ_HD __host__ __device__ __forceinline__
 #else
-#define LLMEQ_HD inline
+// static: every translation unit gets its own copy, so a copy compiled with
+// -mavx2/-mavx512 flags can never be the one a baseline file links to.
+#define LLMEQ_HD static inline
 #endif
 
 namespace llmeq {
