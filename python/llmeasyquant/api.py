@@ -20,6 +20,7 @@ _METHOD_MODULES = {
     "smoothquant": "smoothquant",
     "gptq": "gptq_method",
     "awq": "awq_method",
+    "simquant": "simquant",  # KV cache only; weights stay float
 }
 _NEEDS_CALIBRATION = {"smoothquant", "gptq", "awq"}
 

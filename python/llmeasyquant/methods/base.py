@@ -115,8 +115,48 @@ class AWQConfig(QuantConfig):
     n_calib: int = 32
 
 
+@dataclass
+class SimQuantConfig(QuantConfig):
+    """KV-cache quantization; the weights stay float (the inherited ``w_*``/``act``
+    fields are unused).
+
+    Keys are quantized per channel over chunks of ``chunk_size`` tokens (before
+    RoPE when ``pre_rope`` and the model has an invertible rotary embedding),
+    values per token over head_dim (or groups of ``v_group_size`` channels), both
+    asymmetric unless ``*_symmetric``; ``outlier_fraction`` of each (batch, head)
+    chunk slice, the largest magnitudes, is kept exactly (dense-and-sparse). The
+    most recent ``residual_length`` tokens and the first ``sink_tokens`` stay in
+    full precision. ``residual_length=0`` (and ``sink_tokens=0``): attention sees
+    every K/V quantized, the setting for perplexity measurements.
+    """
+
+    method: ClassVar[str] = "simquant"
+    k_bits: int = 4
+    v_bits: int = 4
+    k_symmetric: bool = False
+    v_symmetric: bool = False
+    chunk_size: int = 64
+    v_group_size: int = -1
+    outlier_fraction: float = 0.0
+    residual_length: int = 32
+    sink_tokens: int = 0
+    pre_rope: bool = True
+
+    def describe(self) -> str:
+        s = f"simquant KV K{self.k_bits} V{self.v_bits} chunk{self.chunk_size} res{self.residual_length}"
+        if self.v_group_size != -1:
+            s += f" vg{self.v_group_size}"
+        if self.outlier_fraction:
+            s += f" outliers {100 * self.outlier_fraction:g}%"
+        if self.sink_tokens:
+            s += f" sink{self.sink_tokens}"
+        s += "" if self.pre_rope else " post-rope"
+        return s
+
+
 _CONFIGS: dict[str, type[QuantConfig]] = {
-    c.method: c for c in (AbsMaxConfig, ZeroPointConfig, ZeroQuantConfig, SmoothQuantConfig, GPTQConfig, AWQConfig)
+    c.method: c for c in (AbsMaxConfig, ZeroPointConfig, ZeroQuantConfig, SmoothQuantConfig, GPTQConfig, AWQConfig,
+                          SimQuantConfig)
 }
 
 
