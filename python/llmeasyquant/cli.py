@@ -23,10 +23,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"llmeasyquant {info['version']}")
     print(f"  built against torch {info['torch_version']} (running torch {info['torch_version_runtime']})")
     if info["cuda"]:
-        print(f"  CUDA kernels: on (archs {info['cuda_archs']}, CUDA runtime {info['cuda_runtime_version']}); "
-              "compiled, not yet validated on a GPU")
+        print(f"  CUDA build: on (archs {info['cuda_archs']}, CUDA runtime {info['cuda_runtime_version']}); "
+              "no CUDA op kernels yet, nothing validated on a GPU")
     else:
-        print("  CUDA kernels: off")
+        print("  CUDA build: off")
     print(f"  CPU kernels: {', '.join(info['cpu_kernels_compiled'])}; this CPU: {info['cpu_isa_detected']}, "
           f"in use: {info['cpu_isa_active']}")
     print(f"  OpenMP: {'on' if info['openmp'] else 'off'}; torch threads: {torch.get_num_threads()}")
