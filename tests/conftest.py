@@ -41,6 +41,15 @@ def cpu_isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: threads only add contention (and the machine may be busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rand_int8(*shape, lo=-128, hi=127, gen=None):
     return torch.randint(lo, hi + 1, shape, dtype=torch.int8, generator=gen)
 

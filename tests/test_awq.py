@@ -8,14 +8,7 @@ import torch
 from llmeasyquant import _reference as R
 from llmeasyquant.methods import awq
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: threads only add contention (and the machine may be busy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(Ns, K, T, seed, outlier_mult=(20.0, 35.0, 50.0)):

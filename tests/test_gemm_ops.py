@@ -1,6 +1,8 @@
 """int8 GEMM, fused dynamic linear and weight-only linear against the reference,
 for every CPU instruction-set path (scalar, AVX2, AVX-512 VNNI)."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -13,7 +15,8 @@ OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _gen(*key):
-    return torch.Generator().manual_seed(abs(hash(key)) % (2**31))
+    # crc32, not hash(): str hashing is salted per process, which made inputs differ run to run
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 @pytest.mark.parametrize("M", MS)

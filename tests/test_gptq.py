@@ -7,14 +7,8 @@ import torch
 from llmeasyquant import _reference as R
 from llmeasyquant.methods import gptq
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: threads only add contention (and the machine may be busy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 gptq_quantize = gptq.gptq_quantize
 
 

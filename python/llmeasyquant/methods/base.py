@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 
 @dataclass
@@ -187,5 +187,3 @@ def config_from_json(text: str) -> QuantConfig:
 def available_methods() -> list[str]:
     return sorted(_CONFIGS)
 
-
-MethodFn = Callable[..., None]

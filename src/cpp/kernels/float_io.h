@@ -39,14 +39,5 @@ template <> struct FloatIO<FloatType::F16> {
   static inline void store(storage* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
 };
 
-// Calls fn.template operator()<T>() for the runtime float type.
-template <typename Fn> inline void dispatch_float(FloatType t, Fn&& fn) {
-  switch (t) {
-    case FloatType::F32: fn.template operator()<FloatType::F32>(); break;
-    case FloatType::BF16: fn.template operator()<FloatType::BF16>(); break;
-    case FloatType::F16: fn.template operator()<FloatType::F16>(); break;
-  }
-}
-
 }  // namespace cpu
 }  // namespace llmeq

@@ -34,11 +34,6 @@ inline void check_dtype(const char* op, const char* name, const at::Tensor& t, a
                    t.scalar_type());
 }
 
-inline void check_same_device(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(), " (like the input), got ",
-              t.device());
-}
-
 inline void check_numel(const char* op, const char* name, const at::Tensor& t, int64_t want, const char* what) {
   TORCH_CHECK_VALUE(t.numel() == want, op, ": expected ", name, " with ", want, " elements (", what, "), got shape ",
                     shape_str(t));

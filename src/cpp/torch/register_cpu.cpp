@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
 
 // Checks scale/zero-point tensors against the granularity; returns the row
 // stride of the scale grid (0 for a single per-tensor scale).
-int64_t check_scales(const char* op, const at::Tensor& ref, at::IntArrayRef xs, const at::Tensor& scale,
+int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale,
                      const at::Tensor& zp, int64_t bits, int64_t group_size, bool check_values) {
   check_cpu(op, scale);
   check_cpu(op, zp);
@@ -97,7 +97,6 @@ int64_t check_scales(const char* op, const at::Tensor& ref, at::IntArrayRef xs, 
                           int(zz[i]));
     }
   }
-  (void)ref;
   return group_size == 0 ? 0 : (xs.back() / group_len(group_size, xs.back()));
 }
 
@@ -105,7 +104,7 @@ at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, con
                                int64_t group_size) {
   const char* op = "llmeasyquant.quantize_static";
   check_x(op, x, bits, group_size);
-  const int64_t sstride = check_scales(op, x, x.sizes(), scale, zp, bits, group_size, true);
+  const int64_t sstride = check_scales(op, x.sizes(), scale, zp, bits, group_size, true);
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
   at::Tensor q = q_storage(x.sizes(), bits, x.options());
@@ -131,7 +130,7 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
   check_group_size(op, group_size, K);
   std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
   xs.back() = K;
-  const int64_t sstride = check_scales(op, q, xs, scale, zp, bits, group_size, false);
+  const int64_t sstride = check_scales(op, xs, scale, zp, bits, group_size, false);
   const at::Tensor qc = q.contiguous(), s = scale.contiguous(), z = zp.contiguous();
   at::Tensor out = at::empty(xs, q.options().dtype(dtype));
   const int64_t rows = K ? out.numel() / K : 0;
@@ -388,7 +387,7 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   const int64_t N = qw.size(0);
   const int64_t g = group_len(group_size, K);
   const at::Tensor zp = zero_point.has_value() ? *zero_point : at::zeros(scale.sizes(), scale.options().dtype(at::kChar));
-  check_scales(op, qw, {N, K}, scale, zp, bits, group_size, false);
+  check_scales(op, {N, K}, scale, zp, bits, group_size, false);
   const at::Tensor bias32 = bias_f32(op, bias, N);
   const at::Tensor xf = rows_view(x.to(at::kFloat)).contiguous();
   const int64_t M = xf.size(0);
