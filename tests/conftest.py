@@ -20,7 +20,13 @@ def _has_cuda_kernels() -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key("llmeasyquant::quantize", "CUDA"))
 
 
-DEVICES = ["cpu"] + (["cuda"] if _has_cuda_kernels() else [])
+HAS_CUDA_KERNELS = _has_cuda_kernels()
+# The CUDA cases carry the `cuda` marker (`pytest -m cuda` selects them) and
+# skip, saying why, where there is no GPU or the build has no CUDA kernels.
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA GPU and a CUDA build of llmeasyquant"),
+])]
 
 
 @pytest.fixture(params=DEVICES)

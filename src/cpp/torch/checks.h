@@ -61,6 +61,40 @@ inline std::vector<int64_t> scale_shape(at::IntArrayRef xs, int64_t group_size) 
   return s;
 }
 
+// Checks scale / zero-point tensors (dtype, element count) against the
+// granularity for values of shape xs; returns the row stride of the scale
+// grid (0 for a single per-tensor scale). Values are checked by the callers.
+inline int64_t check_scale_shapes(const char* op, at::IntArrayRef xs, const at::Tensor& scale, const at::Tensor& zp,
+                                  int64_t group_size) {
+  check_dtype(op, "scale", scale, at::kFloat);
+  check_dtype(op, "zero_point", zp, at::kChar);
+  const auto want = scale_shape(xs, group_size);
+  int64_t n = 1;
+  for (auto v : want) n *= v;
+  const char* what = group_size == 0 ? "one per tensor" : group_size == -1 ? "one per row" : "one per group";
+  check_numel(op, "scale", scale, n, what);
+  check_numel(op, "zero_point", zp, n, what);
+  return group_size == 0 ? 0 : (xs.back() / (group_size > 0 ? group_size : xs.back()));
+}
+
+// The int8 GEMM operands: a [M, K] and b [N, K], int8, K within the range
+// where int32 accumulation is exact.
+constexpr int64_t kMaxK = 65536;  // |acc| <= 255 * 128 * K must fit int32
+inline void check_gemm_shapes(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_dtype(op, "a", a, at::kChar);
+  check_dtype(op, "b (weights)", b, at::kChar);
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D a [M, K] and b [N, K], got a ", shape_str(a),
+                    " and b ", shape_str(b));
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), op, ": K mismatch: a is [M=", a.size(0), ", K=", a.size(1),
+                    "] but b is [N=", b.size(0), ", K=", b.size(1), "]");
+  TORCH_CHECK_VALUE(a.size(1) <= kMaxK, op, ": K=", a.size(1), " exceeds the int32-exact limit ", kMaxK);
+}
+
+inline void check_out_dtype(const char* op, at::ScalarType d) {
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, op,
+                   ": out_dtype must be float32, bfloat16 or float16, got ", d);
+}
+
 // Effective group length along K (per tensor and per row use whole rows).
 inline int64_t group_len(int64_t group_size, int64_t K) { return group_size > 0 ? group_size : K; }
 

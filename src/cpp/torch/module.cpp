@@ -3,7 +3,10 @@
 // for the small build-information API below.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "llmeq/cpu_kernels.h"
+#include "llmeq/mma_layout.h"
 
 #ifndef LLMEQ_VERSION
 #define LLMEQ_VERSION "unknown"
@@ -24,7 +27,27 @@ int cuda_runtime_version_built();
 #endif
 }  // namespace llmeq
 
+// The CUDA kernels' fragment layouts and shared-memory addressing
+// (llmeq/mma_layout.h), exposed for CPU unit tests: (row, col) or
+// (row, byte offset) for one lane and element / k-step.
+static py::tuple mma_layout(const std::string& what, int lane, int i) {
+  using namespace llmeq::mma;
+  RC r{};
+  if (what == "s8_a") r = s8_a(lane, i);
+  else if (what == "s8_b") r = s8_b(lane, i);
+  else if (what == "acc_c") r = acc_c(lane, i);
+  else if (what == "h_a") r = h_a(lane, i);
+  else if (what == "h_b") r = h_b(lane, i);
+  else if (what == "ldsm_s8_a") r = ldsm_s8_a(lane, i);
+  else if (what == "ldsm_s8_b") r = ldsm_s8_b(lane, i);
+  else if (what == "ldsm_h_a") r = ldsm_h_a(lane, i);
+  else if (what == "swz64") return py::make_tuple(lane, swz64(lane, i));
+  else throw py::value_error("unknown layout '" + what + "'");
+  return py::make_tuple(r.row, r.col);
+}
+
 PYBIND11_MODULE(_C, m) {
+  m.def("_mma_layout", &mma_layout, "fragment layout / smem addressing of the CUDA kernels (tests)");
   m.doc() = "LLMEasyQuant native kernels (ops are registered under torch.ops.llmeasyquant)";
   m.def("build_info", []() {
     py::dict d;

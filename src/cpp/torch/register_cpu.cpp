@@ -69,20 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
   return {q, scale, zp};
 }
 
-// Checks scale/zero-point tensors against the granularity; returns the row
-// stride of the scale grid (0 for a single per-tensor scale).
-int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale,
-                     const at::Tensor& zp, int64_t bits, int64_t group_size, bool check_values) {
+// Shapes and dtypes (checks.h), plus the values: scales finite and > 0,
+// 4-bit zero-points in range.
+int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
+                     int64_t group_size, bool check_values) {
   check_cpu(op, scale);
   check_cpu(op, zp);
-  check_dtype(op, "scale", scale, at::kFloat);
-  check_dtype(op, "zero_point", zp, at::kChar);
-  const auto want = scale_shape(xs, group_size);
-  int64_t n = 1;
-  for (auto v : want) n *= v;
-  const char* what = group_size == 0 ? "one per tensor" : group_size == -1 ? "one per row" : "one per group";
-  check_numel(op, "scale", scale, n, what);
-  check_numel(op, "zero_point", zp, n, what);
+  const int64_t sstride = check_scale_shapes(op, xs, scale, zp, group_size);
+  const int64_t n = scale.numel();
   if (check_values && n > 0) {
     const at::Tensor s = scale.contiguous();
     const float* p = s.data_ptr<float>();
@@ -97,7 +91,7 @@ int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale
                           int(zz[i]));
     }
   }
-  return group_size == 0 ? 0 : (xs.back() / group_len(group_size, xs.back()));
+  return sstride;
 }
 
 at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
@@ -202,18 +196,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cpu(const at::Tensor
 // ---- GEMM -----------------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes: A is shifted to u8 = a + 128
 // (a XOR 0x80) and 128 * sum_k B[n,k] is subtracted again, exactly, in int32.
-constexpr int64_t kMaxK = 65536;  // |acc| <= 255 * 128 * K must fit int32
-
 void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
   check_cpu(op, a);
   check_cpu(op, b);
-  check_dtype(op, "a", a, at::kChar);
-  check_dtype(op, "b (weights)", b, at::kChar);
-  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D a [M, K] and b [N, K], got a ",
-                    shape_str(a), " and b ", shape_str(b));
-  TORCH_CHECK_VALUE(a.size(1) == b.size(1), op, ": K mismatch: a is [M=", a.size(0), ", K=", a.size(1),
-                    "] but b is [N=", b.size(0), ", K=", b.size(1), "]");
-  TORCH_CHECK_VALUE(a.size(1) <= kMaxK, op, ": K=", a.size(1), " exceeds the int32-exact limit ", kMaxK);
+  check_gemm_shapes(op, a, b);
 }
 
 at::Tensor to_u8(const at::Tensor& a) {
@@ -245,11 +231,6 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
                     nthreads());
   if (M && N) c.sub_(row_sums(bc).mul_(128).unsqueeze(0));
   return c;
-}
-
-void check_out_dtype(const char* op, at::ScalarType d) {
-  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, op,
-                   ": out_dtype must be float32, bfloat16 or float16, got ", d);
 }
 
 at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N) {

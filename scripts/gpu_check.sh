@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU check for a lent H100/H200 (or any CUDA machine): build for the present
+# GPU only, run the CUDA tests, run the GPU benchmarks; logs and result tables
+# go under $OUT (default ./gpu_check_out). Meant to finish in ~6 minutes so
+# it can run twice in a 15-minute device lease.
+#
+# Assumes what the device machines have: python3 with a CUDA build of torch,
+# nvcc, cmake, ninja, pybind11, scikit-build-core, pytest, transformers
+# (no internet: nothing is installed from an index).
+#   usage: OUT=/some/dir scripts/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+QUICK=${1:-}
+status=0
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || { log "nvidia-smi failed: no GPU?"; exit 1; }
+cap=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")
+arch=$cap
+[ "$cap" = "90" ] && arch=90a   # Hopper: the arch-specific target
+log "GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); torch $($PY -c 'import torch; print(torch.__version__)'); building for sm_$arch"
+
+# 1. build (present arch only; --no-build-isolation: compile against this torch)
+export LLMEQ_CUDA=ON LLMEQ_CUDA_ARCHS=$arch CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+t0=$(date +%s)
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1; then
+  log "BUILD FAILED (tail of build.log follows)"; tail -40 "$OUT/build.log"; exit 1
+fi
+log "build ok in $(( $(date +%s) - t0 )) s"
+nvcc_bin=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+$nvcc_bin -O2 -std=c++20 -gencode=arch=compute_$arch,code=sm_$arch -Isrc/cpp/include benchmarks/cpp/bench_cuda.cu \
+  src/cuda/gemm_s8.cu src/cuda/gemm_wo.cu src/cuda/quantize.cu -o /tmp/bench_cuda > "$OUT/bench_cuda_build.log" 2>&1 \
+  || { log "bench_cuda build failed"; status=1; }
+
+# 2. CUDA tests (+ the CPU layout tests), from outside the source tree so the
+#    installed extension is the one imported.
+t0=$(date +%s)
+(cd tests && timeout 240 $PY -m pytest -q -ra -m cuda -p no:cacheprovider . \
+   > "$OUT/pytest_cuda.log" 2>&1)
+rc=$?
+log "pytest -m cuda: rc=$rc in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/pytest_cuda.log")"
+[ $rc -ne 0 ] && { status=1; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -20; }
+
+# 3. benchmarks
+if [ -x /tmp/bench_cuda ]; then
+  timeout 120 /tmp/bench_cuda > "$OUT/bench_cuda.txt" 2>&1 || { log "bench_cuda rc=$?"; status=1; }
+  log "bench_cuda: $(grep -E 'correctness|copy:' "$OUT/bench_cuda.txt" | tr '\n' ' ')"
+fi
+t0=$(date +%s)
+timeout 200 $PY benchmarks/bench_gemm_cuda.py $QUICK --out "$OUT/bench_gemm_cuda.md" > "$OUT/bench_gemm_cuda.log" 2>&1 \
+  || { log "bench_gemm_cuda failed rc=$? (tail follows)"; tail -20 "$OUT/bench_gemm_cuda.log"; status=1; }
+log "bench_gemm_cuda done in $(( $(date +%s) - t0 )) s"
+cat "$OUT/bench_gemm_cuda.md" 2>/dev/null
+log "gpu_check finished, status=$status"
+exit $status
