@@ -8,11 +8,13 @@ method quantizes:
   W8A8        llmeasyquant dynamic_quant_linear (quantize pre-pass + mma/dp4a GEMM, fused epilogue)
   W8A8-mma    the same with LLMEQ_CUDA_GEMM=mma (M <= 8 only: dp4a vs mma)
   W8A16       llmeasyquant weight_only_linear, 8-bit per-channel weights
-  W4A16       llmeasyquant weight_only_linear, 4-bit g=128 weights
+  W4A16       llmeasyquant weight_only_linear, 4-bit g=128 weights (auto path)
+  W4A16-mma   the same forced onto the tensor-core kernel (LLMEQ_CUDA_WO=mma)
 and the quantize kernel's bandwidth on a 64 MiB bf16 activation.
 
 Weights are rotated over enough copies to exceed the L2 cache; times are the
-median of CUDA-event timings per call (launch overhead included, no graphs).
+median over CUDA-event-timed batches of 10 back-to-back calls (device time
+per call; no CUDA graphs).
 Each method is checked against bf16 before it is timed.
 
 Run:  python benchmarks/bench_gemm_cuda.py [--quick] [--out FILE.md]
@@ -43,19 +45,24 @@ def _copies(nbytes: int, l2: int) -> int:
     return max(2, min(16, -(-3 * l2 // max(nbytes, 1))))
 
 
-def _time(fn, args_list, reps: int = 60, warmup: int = 10) -> float:
-    """Median microseconds per call, cycling through the rotated argument sets."""
+def _time(fn, args_list, batches: int = 12, inner: int = 10, warmup: int = 10) -> float:
+    """Median microseconds per call over `batches` event-timed batches of
+    `inner` back-to-back calls (>= 100 calls), cycling through the rotated
+    argument sets. Back-to-back calls keep the GPU queue fed, so this is
+    device time per call; host dispatch overhead is hidden unless it exceeds it."""
+    n = len(args_list)
     for i in range(warmup):
-        fn(*args_list[i % len(args_list)])
+        fn(*args_list[i % n])
+    torch.cuda.synchronize()
     times = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(reps):
-        a = args_list[i % len(args_list)]
+    for b in range(batches):
         start.record()
-        fn(*a)
+        for i in range(inner):
+            fn(*args_list[(b * inner + i) % n])
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / inner)
     return statistics.median(times)
 
 
@@ -103,7 +110,8 @@ def bench_shape(N, K, M, l2, quick):
         row["int_mm+q"] = None
         errs["int_mm+q"] = str(e).splitlines()[0][:60]
     del q8
-    for name, bits, gs in (("W8A16", 8, -1), ("W4A16", 4, 128)):
+    for name, bits, gs, path in (("W8A16", 8, -1, "auto"), ("W4A16", 4, 128, "auto"), ("W4A16-mma", 4, 128, "mma")):
+        os.environ["LLMEQ_CUDA_WO"] = path
         qwb, sb, zb = lq.ops.quantize(w, bits, True, gs)
         out = lq.ops.weight_only_linear(x, qwb, sb, None, bits, gs, None)
         errs[name] = _rel_err(out, ref)
@@ -111,6 +119,7 @@ def bench_shape(N, K, M, l2, quick):
         row[name] = _time(lambda x, q, s_, b=bits, gg=gs: lq.ops.weight_only_linear(x, q, s_, None, b, gg, None),
                           sets)
         del sets
+        del os.environ["LLMEQ_CUDA_WO"]
     row["err"] = errs
     return row
 
@@ -118,9 +127,9 @@ def bench_shape(N, K, M, l2, quick):
 def bench_quantize(l2):
     x = torch.randn(8192, 4096, device=DEV, dtype=torch.bfloat16)  # 64 MiB
     sets = [(x,)] + [(x.clone(),) for _ in range(_copies(x.numel() * 2, l2) - 1)]
-    t = _time(lambda a: lq.ops.quantize(a, 8, True, -1), sets, reps=30)
+    t = _time(lambda a: lq.ops.quantize(a, 8, True, -1), sets)
     nbytes = x.numel() * 2 + x.numel() + x.shape[0] * 5  # read bf16, write int8 + scales/zp
-    t4 = _time(lambda a: lq.ops.quantize(a, 4, False, 128), sets, reps=30)
+    t4 = _time(lambda a: lq.ops.quantize(a, 4, False, 128), sets)
     nbytes4 = x.numel() * 2 + x.numel() // 2 + (x.numel() // 128) * 5
     return {"per_token_int8_us": t, "per_token_int8_GBps": nbytes / t / 1e3,
             "g128_int4_us": t4, "g128_int4_GBps": nbytes4 / t4 / 1e3}
@@ -129,14 +138,15 @@ def bench_quantize(l2):
 def peak_copy_GBps():
     a = torch.empty(512 * 2**20, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
-    t = _time(lambda: b.copy_(a), [()], reps=20)
+    t = _time(lambda: b.copy_(a), [()], batches=5)
     return 2 * a.numel() / t / 1e3
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one shape (4096x4096)")
-    ap.add_argument("--out", default=None, help="write the Markdown table here (and .json beside it)")
+    ap.add_argument("--out", default=None, help="write the Markdown table here")
+    ap.add_argument("--json", default=None, help="write the raw rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemm_cuda: needs a CUDA GPU")
@@ -155,14 +165,14 @@ def main():
              f"{datetime.date.today()}; measured copy bandwidth {copy_bw:.0f} GB/s (read+write).",
              "",
              "| N x K | M | bf16 µs | W8A8 µs | W8A8 / bf16 | W8A8-mma µs | int_mm+q µs | W8A16 µs | W4A16 µs "
-             "| W4A16 / bf16 | W8A8 weight GB/s (% of copy) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| W4A16 / bf16 | W4A16-mma µs | W8A8 weight GB/s (% of copy) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         wbw = r["N"] * r["K"] / r["W8A8"] / 1e3
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {f(r['bf16'])} | {f(r['W8A8'])} | "
                      f"{r['bf16'] / r['W8A8']:.2f}x | {f(r.get('W8A8-mma'))} | {f(r['int_mm+q'])} | "
-                     f"{f(r['W8A16'])} | {f(r['W4A16'])} | {r['bf16'] / r['W4A16']:.2f}x | "
+                     f"{f(r['W8A16'])} | {f(r['W4A16'])} | {r['bf16'] / r['W4A16']:.2f}x | {f(r['W4A16-mma'])} | "
                      f"{wbw:.0f} ({100 * wbw / copy_bw:.0f}%) |")
     lines += ["", f"Quantize (8192x4096 bf16 = 64 MiB): per-token int8 {qb['per_token_int8_us']:.1f} µs = "
               f"{qb['per_token_int8_GBps']:.0f} GB/s ({100 * qb['per_token_int8_GBps'] / copy_bw:.0f}% of copy); "
@@ -179,7 +189,8 @@ def main():
         with open(tmp, "w") as fh:
             fh.write(text + "\n")
         os.replace(tmp, args.out)
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
+    if args.json:
+        with open(args.json, "w") as fh:
             json.dump({"rows": rows, "quantize": qb, "copy_GBps": copy_bw, "device": props.name}, fh, indent=1)
 
 

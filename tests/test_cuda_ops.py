@@ -119,11 +119,19 @@ WO_SHAPES = [(64, 5, 32, True), (256, 33, 64, False), (4096, 130, 128, False), (
              (1024, 200, -1, False), (100, 33, 20, False), (130, 9, 10, True)]
 
 
+@pytest.fixture
+def wo_path(request, monkeypatch):
+    monkeypatch.setenv("LLMEQ_CUDA_WO", request.param)
+    return request.param
+
+
+# auto = GEMV up to M = 8, dequantize + cuBLAS above; mma = the tensor-core kernel for every M
+@pytest.mark.parametrize("wo_path", ["auto", "mma"], indirect=True)
 @pytest.mark.parametrize("M", [1, 7, 16, 17, 64, 65, 300])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
-def test_weight_only_linear(M, bits, dtype, _):
+def test_weight_only_linear(wo_path, M, bits, dtype, _):
     g = _gen(M, bits, str(dtype))
     for K, N, gs, sym in WO_SHAPES:
         if bits == 8 and K == 48 and M > 64:
@@ -290,12 +298,13 @@ def test_sass_has_tensor_core_and_dp4a_instructions(arch):
     mma = [k for k in sass if "gemm_s8_mma_kernel" in k]
     gemv = [k for k in sass if "gemv_s8_dp4a_kernel" in k]
     wo = [k for k in sass if "weight_only_kernel" in k]
-    assert len(mma) == 3 and gemv and len(wo) == 12, sorted(sass)
+    wo_gemv = [k for k in sass if "weight_only_gemv_kernel" in k]
+    assert len(mma) == 3 and gemv and len(wo) == 12 and len(wo_gemv) == 4, sorted(sass)
     for k in mma:
         assert "IMMA.16832.S8.S8" in sass[k] and "LDSM" in sass[k] and "LDGSTS" in sass[k], k
     for k in gemv:
         assert "IDP.4A.S8.S8" in sass[k], k
     for k in wo:
         assert "HMMA.16816.F32" in sass[k], k
-    for k in mma + gemv:  # register arrays stayed in registers (no local-memory spills)
+    for k in mma + gemv + wo_gemv:  # register arrays stayed in registers (no local-memory spills)
         assert not re.search(r"\b(LDL|STL)\b", sass[k]), f"{k} spills to local memory"

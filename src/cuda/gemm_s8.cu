@@ -105,16 +105,21 @@ __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)
   const int nkt = kt1 - kt0;
   if (nkt <= 0) return;  // only possible for an empty split (split-K)
 
+  static_assert((BM * 4) % NTHREADS == 0 && (BN * 4) % NTHREADS == 0, "whole chunks per thread");
   auto load_tile = [&](int stage, int kt) {
     const int kb = kt * kBK;
     int8_t* a = sA + stage * BM * kBK;
     int8_t* b = sB + stage * BN * kBK;
-    for (int c = tid; c < BM * 4; c += NTHREADS) {
+#pragma unroll
+    for (int u = 0; u < BM * 4 / NTHREADS; ++u) {
+      const int c = tid + u * NTHREADS;
       const int r = c >> 2, ch = c & 3, gm = m0 + r, gk = kb + ch * 16;
       const bool ok = gm < M && gk < K;
       cp_async16(a + mma::swz64(r, ch), ok ? A + gm * lda + gk : A, ok ? 16 : 0);
     }
-    for (int c = tid; c < BN * 4; c += NTHREADS) {
+#pragma unroll
+    for (int u = 0; u < BN * 4 / NTHREADS; ++u) {
+      const int c = tid + u * NTHREADS;
       const int r = c >> 2, ch = c & 3, gn = n0 + r, gk = kb + ch * 16;
       const bool ok = gn < N && gk < K;
       cp_async16(b + mma::swz64(r, ch), ok ? B + gn * ldb + gk : B, ok ? 16 : 0);
@@ -215,17 +220,24 @@ __global__ void __launch_bounds__(kGemvThreads)
   for (int m = 0; m < kDp4aMaxM; ++m) acc[m] = 0;
   const int4* brow = reinterpret_cast<const int4*>(B + static_cast<int64_t>(n) * ldb);
   const int kv = K / 16;
-#pragma unroll 4
-  for (int k = lane; k < kv; k += 32) {
-    const int4 w = __ldg(brow + k);
+  constexpr int U = 4;  // weight vectors in flight per lane
+  for (int k0 = lane; k0 < kv; k0 += 32 * U) {
+    int4 w[U];
 #pragma unroll
-    for (int m = 0; m < kDp4aMaxM; ++m) {
-      if (m < M) {
-        const int4 a = __ldg(reinterpret_cast<const int4*>(A + m * lda) + k);
-        acc[m] = __dp4a(a.x, w.x, acc[m]);
-        acc[m] = __dp4a(a.y, w.y, acc[m]);
-        acc[m] = __dp4a(a.z, w.z, acc[m]);
-        acc[m] = __dp4a(a.w, w.w, acc[m]);
+    for (int u = 0; u < U; ++u) w[u] = k0 + 32 * u < kv ? __ldg(brow + k0 + 32 * u) : make_int4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + 32 * u;
+      if (k >= kv) break;
+#pragma unroll
+      for (int m = 0; m < kDp4aMaxM; ++m) {
+        if (m < M) {
+          const int4 a = __ldg(reinterpret_cast<const int4*>(A + m * lda) + k);
+          acc[m] = __dp4a(a.x, w[u].x, acc[m]);
+          acc[m] = __dp4a(a.y, w[u].y, acc[m]);
+          acc[m] = __dp4a(a.z, w[u].z, acc[m]);
+          acc[m] = __dp4a(a.w, w[u].w, acc[m]);
+        }
       }
     }
   }
@@ -271,7 +283,7 @@ cudaError_t launch_mma(int M, int N, int K, const int8_t* A, int64_t lda, const 
 TileCfg tile_for(int64_t M) {
   if (M <= 32) return {32, 64};
   if (M <= 128) return {64, 128};
-  return {128, 128};
+  return {128, 256};
 }
 
 // Split K until the grid covers the SMs about twice, keeping >= 4 K slices each.
@@ -285,7 +297,7 @@ int splits_for(int64_t M, int64_t N, int64_t K, int sm_count) {
 }
 
 bool use_dp4a(int64_t M, GemmPath path) {
-  return path == GemmPath::Dp4a || (path == GemmPath::Auto && M <= kDp4aMaxM);
+  return path == GemmPath::Dp4a || (path == GemmPath::Auto && M <= kDp4aAutoMaxM);
 }
 
 }  // namespace
@@ -320,7 +332,7 @@ cudaError_t gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t ld
   else if (t.bm == 64)
     e = launch_mma<64, 128, 32, 64, 4>(m, n, k, A, lda, B, ldb, ep, ws, splits, stream);
   else
-    e = launch_mma<128, 128, 64, 64, 4>(m, n, k, A, lda, B, ldb, ep, ws, splits, stream);
+    e = launch_mma<128, 256, 64, 64, 3>(m, n, k, A, lda, B, ldb, ep, ws, splits, stream);
   if (e != cudaSuccess || splits == 1) return e;
   const int64_t pairs = (M * N + 1) / 2;
   splitk_epilogue_kernel<<<ceil_div(pairs, 256) < 4096 ? ceil_div(pairs, 256) : 4096, 256, 0, stream>>>(m, n, ws, ep);

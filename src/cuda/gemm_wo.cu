@@ -187,6 +187,95 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       }
 }
 
+// GEMV for decode-sized M: one warp per output channel streams its weight row
+// in 16-byte vectors (16 values at 8 bits, 32 at 4 bits, always inside one
+// quantization group since g % 32 == 0 or g == K), forms (q - z) in fp32 and
+// accumulates x * (q - z) per vector, scaled by the group scale.
+constexpr int kGemvThreads = 256;
+template <int BITS, bool BF16>
+__global__ void __launch_bounds__(kGemvThreads)
+    weight_only_gemv_kernel(int M, int N, int K, const uint16_t* __restrict__ X, int64_t ldx,
+                            const uint8_t* __restrict__ W, int G, int g, const float* __restrict__ scale,
+                            const int8_t* __restrict__ zp, const float* __restrict__ bias,
+                            uint16_t* __restrict__ out) {
+  constexpr int VPC = BITS == 8 ? 16 : 32;  // values per 16-byte weight vector
+  const int n = blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const int ldw = BITS == 8 ? K : K / 2;
+  const uint4* wrow = reinterpret_cast<const uint4*>(W + static_cast<int64_t>(n) * ldw);
+  float acc[kWoGemvMaxM];
+#pragma unroll
+  for (int m = 0; m < kWoGemvMaxM; ++m) acc[m] = 0.0f;
+  const int chunks = K / VPC;
+  constexpr int U = 2;  // weight vectors in flight per lane
+  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+    uint4 wv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) wv[u] = c0 + 32 * u < chunks ? __ldg(wrow + c0 + 32 * u) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + 32 * u;
+      if (c >= chunks) break;
+      const int k0 = c * VPC, gi = k0 / g;
+      const float s = scale[static_cast<int64_t>(n) * G + gi];
+      const int z = zp ? zp[static_cast<int64_t>(n) * G + gi] : 0;
+      float wf[VPC];
+      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+#pragma unroll
+      for (int i = 0; i < VPC; ++i) {
+        int q;
+        if constexpr (BITS == 8) {
+          q = static_cast<int8_t>((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+        } else {
+          q = static_cast<int>((words[i / 8] >> (4 * (i % 8))) & 0xfu);
+          q = (q ^ 8) - 8;
+        }
+        wf[i] = static_cast<float>(q - z);
+      }
+#pragma unroll
+      for (int m = 0; m < kWoGemvMaxM; ++m) {
+        if (m >= M) break;
+        const uint4* xr = reinterpret_cast<const uint4*>(X + m * ldx + k0);
+        float t = 0.0f;
+#pragma unroll
+        for (int v = 0; v < VPC / 8; ++v) {
+          const uint4 xv = __ldg(xr + v);
+          const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float lo, hi;
+            if constexpr (BF16) {
+              lo = __uint_as_float(xw[j] << 16);
+              hi = __uint_as_float(xw[j] & 0xffff0000u);
+            } else {
+              lo = __half2float(__ushort_as_half(static_cast<unsigned short>(xw[j] & 0xffffu)));
+              hi = __half2float(__ushort_as_half(static_cast<unsigned short>(xw[j] >> 16)));
+            }
+            t += lo * wf[8 * v + 2 * j] + hi * wf[8 * v + 2 * j + 1];
+          }
+        }
+        acc[m] += s * t;
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kWoGemvMaxM; ++m) {
+    if (m >= M) break;
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) {
+      const float o = bias ? v + bias[n] : v;
+      if constexpr (BF16) {
+        const __nv_bfloat16 h = __float2bfloat16_rn(o);
+        out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
+      } else {
+        const __half h = __float2half_rn(o);
+        out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
+      }
+    }
+  }
+}
+
 template <int BM, int BN, int WARPS_M, int WARPS_N, int BITS, bool BF16>
 cudaError_t launch_wo(int M, int N, int K, const void* x, int64_t ldx, const void* qw, int g, const float* scale,
                       const int8_t* zp, const float* bias, void* out, cudaStream_t stream) {
@@ -199,13 +288,25 @@ cudaError_t launch_wo(int M, int N, int K, const void* x, int64_t ldx, const voi
 
 template <int BITS, bool BF16>
 cudaError_t dispatch_m(int M, int N, int K, const void* x, int64_t ldx, const void* qw, int g, const float* scale,
-                       const int8_t* zp, const float* bias, void* out, cudaStream_t stream) {
+                       const int8_t* zp, const float* bias, void* out, WoPath path, cudaStream_t stream) {
+  if (path == WoPath::Gemv) {
+    weight_only_gemv_kernel<BITS, BF16><<<ceil_div(N, kGemvThreads / 32), kGemvThreads, 0, stream>>>(
+        M, N, K, static_cast<const uint16_t*>(x), ldx, static_cast<const uint8_t*>(qw), K / g, g, scale, zp, bias,
+        static_cast<uint16_t*>(out));
+    return cudaGetLastError();
+  }
   if (M <= 16) return launch_wo<16, 32, 1, 4, BITS, BF16>(M, N, K, x, ldx, qw, g, scale, zp, bias, out, stream);
   if (M <= 64) return launch_wo<64, 64, 2, 2, BITS, BF16>(M, N, K, x, ldx, qw, g, scale, zp, bias, out, stream);
   return launch_wo<128, 64, 4, 2, BITS, BF16>(M, N, K, x, ldx, qw, g, scale, zp, bias, out, stream);
 }
 
 }  // namespace
+
+WoPath weight_only_path(int64_t M, WoPath requested) {
+  if (requested == WoPath::Gemv && M > kWoGemvMaxM) return WoPath::Mma;
+  if (requested != WoPath::Auto) return requested;
+  return M <= kWoGemvMaxM ? WoPath::Gemv : WoPath::Dequant;
+}
 
 bool weight_only_supported(int64_t K, int bits, int64_t g, FloatType t) {
   if (t == FloatType::F32) return false;
@@ -215,16 +316,18 @@ bool weight_only_supported(int64_t K, int bits, int64_t g, FloatType t) {
 
 cudaError_t weight_only_gemm(int64_t M, int64_t N, int64_t K, const void* x, FloatType t, int64_t ldx, const void* qw,
                              int bits, int64_t g, const float* scale, const int8_t* zp, const float* bias, void* out,
-                             cudaStream_t stream) {
+                             WoPath path, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (!weight_only_supported(K, bits, g, t)) return cudaErrorInvalidValue;
+  if (!weight_only_supported(K, bits, g, t) || path == WoPath::Dequant || path == WoPath::Auto ||
+      (path == WoPath::Gemv && M > kWoGemvMaxM))
+    return cudaErrorInvalidValue;
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K), gg = static_cast<int>(g);
   const bool bf = t == FloatType::BF16;
   if (bits == 8)
-    return bf ? dispatch_m<8, true>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, stream)
-              : dispatch_m<8, false>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, stream);
-  return bf ? dispatch_m<4, true>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, stream)
-            : dispatch_m<4, false>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, stream);
+    return bf ? dispatch_m<8, true>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, path, stream)
+              : dispatch_m<8, false>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, path, stream);
+  return bf ? dispatch_m<4, true>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, path, stream)
+            : dispatch_m<4, false>(m, n, k, x, ldx, qw, gg, scale, zp, bias, out, path, stream);
 }
 
 }  // namespace cuda

@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kThreads) quantize_segments_kernel(const void*
     const bool vec = (g % 8 == 0) &&
                      (reinterpret_cast<uintptr_t>(static_cast<const char*>(x) + base * elem_bytes(t)) % 16 == 0);
     float amax = 0.0f, mn = INFINITY, mx = -INFINITY;
+#pragma unroll 4
     for (int64_t j = lane * 8; j < g; j += 256) {
       float v[8];
       const bool full = j + 8 <= g;
@@ -73,6 +74,7 @@ __global__ void __launch_bounds__(kThreads) quantize_segments_kernel(const void*
       zp[seg] = z;
     }
     if (!write_q) continue;
+#pragma unroll 4
     for (int64_t j = lane * 8; j < g; j += 256) {
       float v[8];
       int qv[8];

@@ -251,6 +251,15 @@ cuda::GemmPath gemm_path() {
   TORCH_CHECK_VALUE(false, "LLMEQ_CUDA_GEMM must be auto, mma or dp4a, got '", v, "'");
 }
 
+cuda::WoPath wo_path() {
+  const char* v = std::getenv("LLMEQ_CUDA_WO");
+  if (!v || !*v || std::strcmp(v, "auto") == 0) return cuda::WoPath::Auto;
+  if (std::strcmp(v, "mma") == 0) return cuda::WoPath::Mma;
+  if (std::strcmp(v, "gemv") == 0) return cuda::WoPath::Gemv;
+  if (std::strcmp(v, "dequant") == 0) return cuda::WoPath::Dequant;
+  TORCH_CHECK_VALUE(false, "LLMEQ_CUDA_WO must be auto, mma, gemv or dequant, got '", v, "'");
+}
+
 cuda::OutKind out_kind(at::ScalarType d) {
   return d == at::kFloat ? cuda::OutKind::F32 : d == at::kBFloat16 ? cuda::OutKind::BF16 : cuda::OutKind::F16;
 }
@@ -439,20 +448,31 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
   out_shape.back() = N;
   const at::Tensor sc = scale.contiguous(), zc = zp.contiguous(), qc = qw.contiguous();
   const auto t = float_type(x.scalar_type());
-  if (cuda::weight_only_supported(K, static_cast<int>(bits), g, t)) {
+  const int64_t M = K ? x.numel() / K : 0;
+  const cuda::WoPath path = cuda::weight_only_path(M, wo_path());
+  const bool kernel_ok = cuda::weight_only_supported(K, static_cast<int>(bits), g, t);
+  if (kernel_ok && path != cuda::WoPath::Dequant) {
     const at::Tensor xv = aligned16(x.reshape({-1, K}).contiguous());
     const at::Tensor qv = aligned16(qc);
-    const int64_t M = xv.size(0);
     at::Tensor out = at::empty({M, N}, x.options());
     check_cuda_ok(op, cuda::weight_only_gemm(M, N, K, xv.data_ptr(), t, K, qv.data_ptr(), static_cast<int>(bits), g,
                                              sc.data_ptr<float>(),
                                              zero_point.has_value() ? zc.data_ptr<int8_t>() : nullptr,
                                              bias32.defined() ? bias32.data_ptr<float>() : nullptr, out.data_ptr(),
-                                             stream()));
+                                             path, stream()));
     return out.reshape(out_shape);
   }
-  // fp32 activations, or K / group sizes the tensor-core tiles cannot take:
-  // dequantize to fp32 and multiply in fp32 (the reference's own math).
+  if (t != cuda::FloatType::F32) {
+    // Prefill-sized M in bf16/fp16: dequantize to x's dtype, then cuBLAS.
+    at::Tensor w = at::empty({N, K}, x.options());
+    check_cuda_ok(op, cuda::dequantize(qc.data_ptr(), N, K, static_cast<int>(bits), g, sc.data_ptr<float>(),
+                                       zc.data_ptr<int8_t>(), K / g, w.data_ptr(), t, stream()));
+    const at::Tensor out = at::linear(x, w, bias32.defined() ? c10::optional<at::Tensor>(bias32.to(x.scalar_type()))
+                                                             : c10::optional<at::Tensor>());
+    return out.reshape(out_shape);
+  }
+  // fp32 activations: dequantize to fp32 and multiply in fp32 (the
+  // reference's own math; cuBLAS keeps fp32 unless TF32 is switched on).
   at::Tensor w = at::empty({N, K}, x.options().dtype(at::kFloat));
   check_cuda_ok(op, cuda::dequantize(qc.data_ptr(), N, K, static_cast<int>(bits), g, sc.data_ptr<float>(),
                                      zc.data_ptr<int8_t>(), K / g, w.data_ptr(), cuda::FloatType::F32, stream()));

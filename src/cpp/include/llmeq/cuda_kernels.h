@@ -69,7 +69,8 @@ struct Epilogue {
 };
 
 enum class GemmPath : int { Auto = 0, Mma = 1, Dp4a = 2 };
-constexpr int kDp4aMaxM = 8;
+constexpr int kDp4aMaxM = 8;      // the dp4a GEMV takes M <= 8
+constexpr int kDp4aAutoMaxM = 4;  // Auto picks it up to here (H100: wins at M = 1, loses at M = 8)
 
 // A int8 [M, K] (row stride lda), B int8 [N, K] (ldb), exact int32
 // accumulation. Needs K % 16 == 0 and 16-byte aligned rows (the torch layer
@@ -85,10 +86,18 @@ cudaError_t gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t ld
 // [N, K] or packed uint8 [N, K/2], scales/zero-points [N, K/g]; (q - z) is
 // formed exactly in 16-bit registers, multiplied on the tensor cores with
 // fp32 accumulation per group, then scaled per group in fp32.
+// Auto: a GEMV (one warp per output channel, dequantize in registers, fp32
+// FMA) for M <= kWoGemvMaxM; above it the caller dequantizes to x's dtype
+// and uses cuBLAS (faster than the mma kernel on H100 today); Mma forces the
+// tensor-core kernel (any M), Gemv the GEMV (M <= kWoGemvMaxM).
+enum class WoPath : int { Auto = 0, Mma = 1, Gemv = 2, Dequant = 3 };
+constexpr int kWoGemvMaxM = 8;
+WoPath weight_only_path(int64_t M, WoPath requested);
 bool weight_only_supported(int64_t K, int bits, int64_t g, FloatType t);
+// Runs the Mma or Gemv path (as returned by weight_only_path; not Dequant).
 cudaError_t weight_only_gemm(int64_t M, int64_t N, int64_t K, const void* x, FloatType t, int64_t ldx, const void* qw,
                              int bits, int64_t g, const float* scale, const int8_t* zp, const float* bias, void* out,
-                             cudaStream_t stream);
+                             WoPath path, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace llmeq
