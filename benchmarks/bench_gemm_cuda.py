@@ -66,6 +66,34 @@ def _time(fn, args_list, batches: int = 12, inner: int = 10, warmup: int = 10) -
     return statistics.median(times)
 
 
+def _time_graph(fn, args_list, batches: int = 12, inner: int = 10) -> float:
+    """Like _time, but the `inner` calls are captured once in a CUDA graph and
+    replayed: device time without any host dispatch cost (what decode loops
+    with CUDA graphs see)."""
+    n = len(args_list)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(*args_list[i % n])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(inner):
+            fn(*args_list[i % n])
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(batches):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times)
+
+
 def _rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
@@ -88,6 +116,7 @@ def bench_shape(N, K, M, l2, quick):
     n_i8 = _copies(N * K, l2)
     ws = [w.clone() for _ in range(n_bf)]
     row["bf16"] = _time(lambda x, w: F.linear(x, w), [(x, wi) for wi in ws])
+    row["bf16-graph"] = _time_graph(lambda x, w: F.linear(x, w), [(x, wi) for wi in ws])
     del ws
     qw, s, _ = lq.ops.quantize(w, 8, True, -1)
     w_sum = lq.ops.weight_row_sums(qw)
@@ -97,6 +126,7 @@ def bench_shape(N, K, M, l2, quick):
     errs["W8A8"] = _rel_err(out, ref)
     q8 = [(x, qw.clone(), s1, w_sum) for _ in range(n_i8)]
     row["W8A8"] = _time(lambda x, q, s, ws_: lq.ops.dynamic_quant_linear(x, q, s, ws_, None, True), q8)
+    row["W8A8-graph"] = _time_graph(lambda x, q, s, ws_: lq.ops.dynamic_quant_linear(x, q, s, ws_, None, True), q8)
     if M <= 8:
         os.environ["LLMEQ_CUDA_GEMM"] = "mma"
         row["W8A8-mma"] = _time(lambda x, q, s, ws_: lq.ops.dynamic_quant_linear(x, q, s, ws_, None, True), q8)
@@ -116,8 +146,10 @@ def bench_shape(N, K, M, l2, quick):
         out = lq.ops.weight_only_linear(x, qwb, sb, None, bits, gs, None)
         errs[name] = _rel_err(out, ref)
         sets = [(x, qwb.clone(), sb) for _ in range(_copies(qwb.numel(), l2))]
-        row[name] = _time(lambda x, q, s_, b=bits, gg=gs: lq.ops.weight_only_linear(x, q, s_, None, b, gg, None),
-                          sets)
+        fn = lambda x, q, s_, b=bits, gg=gs: lq.ops.weight_only_linear(x, q, s_, None, b, gg, None)  # noqa: E731
+        row[name] = _time(fn, sets)
+        if name == "W4A16":
+            row["W4A16-graph"] = _time_graph(fn, sets)
         del sets
         del os.environ["LLMEQ_CUDA_WO"]
     row["err"] = errs
@@ -164,16 +196,24 @@ def main():
     lines = [f"Device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB; torch {torch.__version__}; "
              f"{datetime.date.today()}; measured copy bandwidth {copy_bw:.0f} GB/s (read+write).",
              "",
+             "Eager (batches of back-to-back calls):",
+             "",
              "| N x K | M | bf16 µs | W8A8 µs | W8A8 / bf16 | W8A8-mma µs | int_mm+q µs | W8A16 µs | W4A16 µs "
-             "| W4A16 / bf16 | W4A16-mma µs | W8A8 weight GB/s (% of copy) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| W4A16 / bf16 | W4A16-mma µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-        wbw = r["N"] * r["K"] / r["W8A8"] / 1e3
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {f(r['bf16'])} | {f(r['W8A8'])} | "
                      f"{r['bf16'] / r['W8A8']:.2f}x | {f(r.get('W8A8-mma'))} | {f(r['int_mm+q'])} | "
-                     f"{f(r['W8A16'])} | {f(r['W4A16'])} | {r['bf16'] / r['W4A16']:.2f}x | {f(r['W4A16-mma'])} | "
-                     f"{wbw:.0f} ({100 * wbw / copy_bw:.0f}%) |")
+                     f"{f(r['W8A16'])} | {f(r['W4A16'])} | {r['bf16'] / r['W4A16']:.2f}x | {f(r['W4A16-mma'])} |")
+    lines += ["", "CUDA graphs (replayed; no host dispatch cost):", "",
+              "| N x K | M | bf16 µs | W8A8 µs | W8A8 / bf16 | W8A8 weight GB/s (% of copy) | W4A16 µs | W4A16 / bf16 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        wbw = r["N"] * r["K"] / r["W8A8-graph"] / 1e3
+        lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['bf16-graph']:.1f} | {r['W8A8-graph']:.1f} | "
+                     f"{r['bf16-graph'] / r['W8A8-graph']:.2f}x | {wbw:.0f} ({100 * wbw / copy_bw:.0f}%) | "
+                     f"{r['W4A16-graph']:.1f} | {r['bf16-graph'] / r['W4A16-graph']:.2f}x |")
     lines += ["", f"Quantize (8192x4096 bf16 = 64 MiB): per-token int8 {qb['per_token_int8_us']:.1f} µs = "
               f"{qb['per_token_int8_GBps']:.0f} GB/s ({100 * qb['per_token_int8_GBps'] / copy_bw:.0f}% of copy); "
               f"g=128 int4 asym {qb['g128_int4_us']:.1f} µs = {qb['g128_int4_GBps']:.0f} GB/s "

@@ -59,5 +59,14 @@ timeout 200 $PY benchmarks/bench_gemm_cuda.py $QUICK --out "$OUT/bench_gemm_cuda
   || { log "bench_gemm_cuda failed"; status=1; }
 log "bench_gemm_cuda done in $(( $(date +%s) - t0 )) s"
 cat "$OUT/bench_cuda.txt" 2>/dev/null
+
+# 4. optional: Nsight Compute on the prefill-sized int8 GEMM (GPU_CHECK_NCU=1)
+if [ "${GPU_CHECK_NCU:-0}" = 1 ] && [ -x /tmp/bench_cuda ] && command -v ncu >/dev/null; then
+  timeout 90 ncu --kernel-name regex:gemm_s8_mma --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis /tmp/bench_cuda --one 2048 4096 4096 \
+    > "$OUT/ncu_gemm.txt" 2>&1 || log "ncu rc=$?"
+  grep -E "Duration|Throughput|Warp Cycles|Stall|Achieved Occupancy|Issue Slot|Registers|Theoretical Occ|Executed Ipc|Pipe" \
+    "$OUT/ncu_gemm.txt" | head -40
+fi
 log "gpu_check finished, status=$status"
 exit $status

@@ -241,20 +241,26 @@ def test_qlinear_on_cuda_matches_cpu(act, _):
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
-def test_cuda_errors_are_clear(_):
+def test_cuda_error_mixed_devices(_):
     a = rand_int8(4, 32).to(DEV)
     with pytest.raises(RuntimeError, match="expected b \\(weights\\) on cuda"):
         lq.ops.int8_gemm(a, rand_int8(4, 32))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -1.0])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
+def test_cuda_error_bad_static_scale(bad, _):
     x = torch.randn(4, 32, device=DEV)
-    bad = torch.tensor([float("inf")], device=DEV)
     with pytest.raises(ValueError, match="finite and > 0"):
-        lq.ops.quantize_static(x, bad, torch.zeros(1, dtype=torch.int8, device=DEV), 8, 0)
+        lq.ops.quantize_static(x, torch.tensor([bad], device=DEV), torch.zeros(1, dtype=torch.int8, device=DEV), 8, 0)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
+def test_cuda_error_bad_path_setting(_, monkeypatch):
+    a = rand_int8(4, 32).to(DEV)
+    monkeypatch.setenv("LLMEQ_CUDA_GEMM", "fast")
     with pytest.raises(ValueError, match="LLMEQ_CUDA_GEMM"):
-        os.environ["LLMEQ_CUDA_GEMM"] = "fast"
-        try:
-            lq.ops.int8_gemm(a, a)
-        finally:
-            del os.environ["LLMEQ_CUDA_GEMM"]
+        lq.ops.int8_gemm(a, a)
 
 
 # ---- SASS: the instructions we claim are in the binary (no GPU needed) --------

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "llmeq/cuda_kernels.h"
@@ -100,10 +101,39 @@ static bool check_gemm(int M, int N, int K, int sms, cuda::GemmPath path) {
   return ok;
 }
 
-int main() {
+// `bench_cuda --one M N K`: one GEMM launch (bf16 out) and exit, for profilers (ncu).
+static int run_one(int M, int N, int K, int sms) {
+  int8_t *A, *B;
+  float *as, *bs;
+  void* out;
+  int32_t* ws = nullptr;
+  CK(cudaMalloc(&A, size_t(M) * K));
+  CK(cudaMalloc(&B, size_t(N) * K));
+  fill_random_s8(A, size_t(M) * K, 1);
+  fill_random_s8(B, size_t(N) * K, 2);
+  CK(cudaMalloc(&as, M * 4));
+  CK(cudaMalloc(&bs, N * 4));
+  CK(cudaMemset(as, 0, M * 4));
+  CK(cudaMemset(bs, 0, N * 4));
+  CK(cudaMalloc(&out, size_t(M) * N * 2));
+  const int64_t wsn = cuda::gemm_s8_workspace(M, N, K, sms, cuda::GemmPath::Auto);
+  if (wsn) CK(cudaMalloc(&ws, wsn * 4));
+  cuda::Epilogue ep;
+  ep.a_scale = as;
+  ep.b_scale = bs;
+  ep.out = out;
+  ep.ldo = N;
+  ep.kind = cuda::OutKind::BF16;
+  for (int i = 0; i < 3; ++i) CK(cuda::gemm_s8(M, N, K, A, K, B, K, ep, ws, sms, cuda::GemmPath::Auto, 0));
+  CK(cudaDeviceSynchronize());
+  return 0;
+}
+
+int main(int argc, char** argv) {
   cudaDeviceProp p;
   CK(cudaGetDeviceProperties(&p, 0));
   const int sms = p.multiProcessorCount;
+  if (argc == 5 && std::string(argv[1]) == "--one") return run_one(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]), sms);
   const size_t l2 = p.l2CacheSize;
   std::printf("device: %s, %d SMs, L2 %zu MiB\n", p.name, sms, l2 >> 20);
 

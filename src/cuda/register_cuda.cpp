@@ -105,22 +105,8 @@ int64_t check_scales(const char* op, const at::Device& dev, at::IntArrayRef xs, 
   check_on(op, "scale", scale, dev);
   check_on(op, "zero_point", zp, dev);
   const int64_t sstride = check_scale_shapes(op, xs, scale, zp, group_size);
-  if (check_values && scale.numel() > 0 && !capturing()) {
-    const at::Tensor bad = at::logical_not(at::isfinite(scale).logical_and(scale > 0)).reshape(-1);
-    if (bad.any().item<bool>()) {
-      const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
-      TORCH_CHECK_VALUE(false, op, ": scales must be finite and > 0, got scale[", i,
-                        "] = ", scale.reshape(-1)[i].item<float>());
-    }
-    if (bits == 4) {
-      const at::Tensor zbad = zp.lt(-8).logical_or(zp.gt(7)).reshape(-1);
-      if (zbad.any().item<bool>()) {
-        const int64_t i = zbad.nonzero().select(1, 0)[0].item<int64_t>();
-        TORCH_CHECK_VALUE(false, op, ": 4-bit zero-points must lie in [-8, 7], got ",
-                          int(zp.reshape(-1)[i].item<int8_t>()));
-      }
-    }
-  }
+  // A small device-to-host copy (scales are per tensor / row / group).
+  if (check_values && scale.numel() > 0 && !capturing()) check_scale_values(op, scale.cpu(), zp.cpu(), bits);
   return sstride;
 }
 
@@ -128,8 +114,8 @@ at::Tensor quantize_static_cuda(const at::Tensor& x, const at::Tensor& scale, co
                                 int64_t group_size) {
   const char* op = "llmeasyquant.quantize_static";
   check_x(op, x, bits, group_size);
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t sstride = check_scales(op, x.device(), x.sizes(), scale, zp, bits, group_size, true);
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
   at::Tensor q = q_storage(x.sizes(), bits, x.options());

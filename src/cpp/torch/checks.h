@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <sstream>
 #include <string>
 
@@ -75,6 +76,21 @@ inline int64_t check_scale_shapes(const char* op, at::IntArrayRef xs, const at::
   check_numel(op, "scale", scale, n, what);
   check_numel(op, "zero_point", zp, n, what);
   return group_size == 0 ? 0 : (xs.back() / (group_size > 0 ? group_size : xs.back()));
+}
+
+// Scale values (host memory): finite and > 0; 4-bit zero-points in [-8, 7].
+inline void check_scale_values(const char* op, const at::Tensor& scale_cpu, const at::Tensor& zp_cpu, int64_t bits) {
+  const at::Tensor s = scale_cpu.contiguous();
+  const float* p = s.data_ptr<float>();
+  for (int64_t i = 0; i < s.numel(); ++i)
+    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0f, op, ": scales must be finite and > 0, got scale[", i,
+                      "] = ", p[i]);
+  if (bits == 4) {
+    const at::Tensor z = zp_cpu.contiguous();
+    const int8_t* zz = z.data_ptr<int8_t>();
+    for (int64_t i = 0; i < z.numel(); ++i)
+      TORCH_CHECK_VALUE(zz[i] >= -8 && zz[i] <= 7, op, ": 4-bit zero-points must lie in [-8, 7], got ", int(zz[i]));
+  }
 }
 
 // The int8 GEMM operands: a [M, K] and b [N, K], int8, K within the range

@@ -76,21 +76,7 @@ int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale
   check_cpu(op, scale);
   check_cpu(op, zp);
   const int64_t sstride = check_scale_shapes(op, xs, scale, zp, group_size);
-  const int64_t n = scale.numel();
-  if (check_values && n > 0) {
-    const at::Tensor s = scale.contiguous();
-    const float* p = s.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i)
-      TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0f, op, ": scales must be finite and > 0, got scale[", i,
-                        "] = ", p[i]);
-    if (bits == 4) {
-      const at::Tensor z = zp.contiguous();
-      const int8_t* zz = z.data_ptr<int8_t>();
-      for (int64_t i = 0; i < n; ++i)
-        TORCH_CHECK_VALUE(zz[i] >= -8 && zz[i] <= 7, op, ": 4-bit zero-points must lie in [-8, 7], got ",
-                          int(zz[i]));
-    }
-  }
+  if (check_values) check_scale_values(op, scale, zp, bits);
   return sstride;
 }
 
