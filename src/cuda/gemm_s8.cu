@@ -279,11 +279,14 @@ cudaError_t launch_mma(int M, int N, int K, const int8_t* A, int64_t lda, const 
   return cudaGetLastError();
 }
 
-// Tile shape by M: the configurations benchmarked in benchmarks/bench_gemm_cuda.py.
+// Tile shape by M. Measured on H100 (docs/benchmarks.md, 2026-11-27): for
+// M > 128 a 128x128 tile with 8 warps (64x32 each, ~2 blocks/SM) ran
+// 1.3-2.3x faster than 128x256 with 8 warps (64x64 each, 1 block/SM by
+// registers); for M <= 128, 8 warps on 64x128 gained nothing over 4.
 TileCfg tile_for(int64_t M) {
   if (M <= 32) return {32, 64};
   if (M <= 128) return {64, 128};
-  return {128, 256};
+  return {128, 128};
 }
 
 // Split K until the grid covers the SMs about twice, keeping >= 4 K slices each.
@@ -332,7 +335,7 @@ cudaError_t gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t ld
   else if (t.bm == 64)
     e = launch_mma<64, 128, 32, 64, 4>(m, n, k, A, lda, B, ldb, ep, ws, splits, stream);
   else
-    e = launch_mma<128, 256, 64, 64, 3>(m, n, k, A, lda, B, ldb, ep, ws, splits, stream);
+    e = launch_mma<128, 128, 64, 32, 3>(m, n, k, A, lda, B, ldb, ep, ws, splits, stream);
   if (e != cudaSuccess || splits == 1) return e;
   const int64_t pairs = (M * N + 1) / 2;
   splitk_epilogue_kernel<<<ceil_div(pairs, 256) < 4096 ? ceil_div(pairs, 256) : 4096, 256, 0, stream>>>(m, n, ws, ep);

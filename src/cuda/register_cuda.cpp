@@ -18,18 +18,18 @@ namespace llmeq {
 namespace {
 
 void check_cuda_ok(const char* op, cudaError_t e) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
+  TORCH_CHECK(e == cudaSuccess, msg(op, ": CUDA kernel launch failed: ", cudaGetErrorString(e)));
 }
 
 void check_on(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, op, ": expected ", name, " on ", dev, " (where the input is), got ", t.device());
+  TORCH_CHECK(t.device() == dev, msg(op, ": expected ", name, " on ", dev, " (where the input is), got ", t.device()));
 }
 
 void check_x(const char* op, const at::Tensor& x, int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
+  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
   check_float(op, "x", x);
   check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension, got a scalar");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
   check_group_size(op, group_size, x.size(-1));
 }
 
@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
   const char* op = "llmeasyquant.quantize";
   check_x(op, x, bits, group_size);
   if (group_size == 0)
-    TORCH_CHECK_VALUE(x.numel() > 0, op, ": per-tensor quantization of an empty tensor ", shape_str(x));
+    TORCH_CHECK_VALUE(x.numel() > 0, msg(op, ": per-tensor quantization of an empty tensor ", shape_str(x)));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
@@ -129,15 +129,15 @@ at::Tensor quantize_static_cuda(const at::Tensor& x, const at::Tensor& scale, co
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                            int64_t group_size, int64_t K, at::ScalarType dtype) {
   const char* op = "llmeasyquant.dequantize";
-  TORCH_CHECK(q.is_cuda(), op, ": the CUDA kernel got a tensor on ", q.device());
+  TORCH_CHECK(q.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", q.device()));
   check_bits(op, bits);
-  TORCH_CHECK_VALUE(q.dim() >= 1, op, ": expected q with at least 1 dimension");
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-                   ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(q.dim() >= 1, msg(op, ": expected q with at least 1 dimension"));
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, msg(op,
+                   ": dtype must be float32, bfloat16 or float16, got ", dtype));
   check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
   const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
-  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, op, ": q of shape ", shape_str(q), " does not hold K=", K,
-                    " ", bits, "-bit values (last dim should be ", want_last, ")");
+  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, msg(op, ": q of shape ", shape_str(q), " does not hold K=", K,
+                    " ", bits, "-bit values (last dim should be ", want_last, ")"));
   check_group_size(op, group_size, K);
   const c10::cuda::CUDAGuard guard(q.device());
   std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
@@ -154,16 +154,16 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const a
 
 void channel_stats_cuda(const at::Tensor& x, at::Tensor& absmax, at::Tensor& mn, at::Tensor& mx) {
   const char* op = "llmeasyquant.channel_stats_";
-  TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
+  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
   check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   const int64_t K = x.size(-1);
   for (auto* t : {&absmax, &mn, &mx}) {
     check_on(op, "running statistics", *t, x.device());
     check_dtype(op, "running statistics", *t, at::kFloat);
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": running statistics must have shape [", K,
-                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t));
-    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": running statistics must be contiguous");
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, msg(op, ": running statistics must have shape [", K,
+                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t)));
+    TORCH_CHECK_VALUE(t->is_contiguous(), msg(op, ": running statistics must be contiguous"));
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xv = rows_view(x);
@@ -181,11 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cuda(const at::Tenso
   check_x(op, x, bits, 0);
   check_on(op, "state", state, x.device());
   check_dtype(op, "state", state, at::kFloat);
-  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), op,
+  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), msg(op,
                     ": state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got ",
-                    shape_str(state));
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, op, ": alpha must be in [0, 1), got ", alpha);
-  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), op, ": eps must be finite and > 0, got ", eps);
+                    shape_str(state)));
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, msg(op, ": alpha must be in [0, 1), got ", alpha));
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), msg(op, ": eps must be finite and > 0, got ", eps));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
@@ -234,7 +234,7 @@ cuda::GemmPath gemm_path() {
   if (!v || !*v || std::strcmp(v, "auto") == 0) return cuda::GemmPath::Auto;
   if (std::strcmp(v, "mma") == 0) return cuda::GemmPath::Mma;
   if (std::strcmp(v, "dp4a") == 0) return cuda::GemmPath::Dp4a;
-  TORCH_CHECK_VALUE(false, "LLMEQ_CUDA_GEMM must be auto, mma or dp4a, got '", v, "'");
+  TORCH_CHECK_VALUE(false, msg("LLMEQ_CUDA_GEMM must be auto, mma or dp4a, got '", v, "'"));
 }
 
 cuda::WoPath wo_path() {
@@ -243,7 +243,7 @@ cuda::WoPath wo_path() {
   if (std::strcmp(v, "mma") == 0) return cuda::WoPath::Mma;
   if (std::strcmp(v, "gemv") == 0) return cuda::WoPath::Gemv;
   if (std::strcmp(v, "dequant") == 0) return cuda::WoPath::Dequant;
-  TORCH_CHECK_VALUE(false, "LLMEQ_CUDA_WO must be auto, mma, gemv or dequant, got '", v, "'");
+  TORCH_CHECK_VALUE(false, msg("LLMEQ_CUDA_WO must be auto, mma, gemv or dequant, got '", v, "'"));
 }
 
 cuda::OutKind out_kind(at::ScalarType d) {
@@ -262,7 +262,7 @@ void run_gemm(const char* op, const at::Tensor& a, const at::Tensor& b, cuda::Ep
 }
 
 void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.is_cuda(), op, ": the CUDA kernel got a tensor on ", a.device());
+  TORCH_CHECK(a.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", a.device()));
   check_on(op, "b (weights)", b, a.device());
   check_gemm_shapes(op, a, b);
 }
@@ -312,15 +312,15 @@ at::Tensor scaled_int8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale,
   check_on(op, "b_scale", b_scale, dev);
   check_dtype(op, "a_scale", a_scale, at::kFloat);
   check_dtype(op, "b_scale", b_scale, at::kFloat);
-  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, op, ": a_scale must have M=", M,
-                    " elements (per token) or 1 (per tensor), got ", shape_str(a_scale));
+  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, msg(op, ": a_scale must have M=", M,
+                    " elements (per token) or 1 (per tensor), got ", shape_str(a_scale)));
   check_numel(op, "b_scale", b_scale, N, "one per output channel");
   at::Tensor az, bsum;
   if (a_zero.has_value()) {
     check_on(op, "a_zero", *a_zero, dev);
     check_dtype(op, "a_zero", *a_zero, at::kChar);
-    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, op, ": a_zero must have M=", M,
-                      " elements or 1, got ", shape_str(*a_zero));
+    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, msg(op, ": a_zero must have M=", M,
+                      " elements or 1, got ", shape_str(*a_zero)));
     az = a_zero->contiguous();
     if (b_sum.has_value()) {
       check_on(op, "b_sum", *b_sum, dev);
@@ -356,17 +356,17 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
                                      const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
                                      bool act_symmetric) {
   const char* op = "llmeasyquant.dynamic_quant_linear";
-  TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
+  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
   check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   const auto dev = x.device();
   check_on(op, "w", w, dev);
   check_dtype(op, "w", w, at::kChar);
-  TORCH_CHECK_VALUE(w.dim() == 2, op, ": expected a 2-D weight, got ", shape_str(w));
-  TORCH_CHECK_VALUE(x.size(-1) == w.size(1), op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
-                    ") but the weight has K=", w.size(1), " (shape ", shape_str(w), ")");
+  TORCH_CHECK_VALUE(w.dim() == 2, msg(op, ": expected a 2-D weight, got ", shape_str(w)));
+  TORCH_CHECK_VALUE(x.size(-1) == w.size(1), msg(op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
+                    ") but the weight has K=", w.size(1), " (shape ", shape_str(w), ")"));
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK_VALUE(K <= kMaxK, op, ": K=", K, " exceeds the int32-exact limit ", kMaxK);
+  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
   check_on(op, "w_scale", w_scale, dev);
   check_on(op, "w_sum", w_sum, dev);
   check_dtype(op, "w_scale", w_scale, at::kFloat);
@@ -410,18 +410,18 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                    const c10::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                                    const c10::optional<at::Tensor>& bias) {
   const char* op = "llmeasyquant.weight_only_linear";
-  TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", x.device());
+  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
   check_float(op, "x", x);
   check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   const auto dev = x.device();
   check_on(op, "qw", qw, dev);
   check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
   const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), op, ": K mismatch: x has K=", K,
+  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), msg(op, ": K mismatch: x has K=", K,
                     " (shape ", shape_str(x), ") but the ", bits, "-bit weight has shape ", shape_str(qw),
-                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])");
-  TORCH_CHECK_VALUE(group_size != 0, op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0");
+                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])"));
+  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0"));
   check_group_size(op, group_size, K);
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t N = qw.size(0);

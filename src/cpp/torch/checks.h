@@ -7,50 +7,80 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
-#include <sstream>
+#include <cstdio>
 #include <string>
+#include <type_traits>
 
 #include "llmeq/cpu_kernels.h"
 
 namespace llmeq {
 
-inline std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
+// Error messages are built as strings without std::ostream number
+// formatting: with toolchains that link parts of libstdc++ statically into
+// the extension (GCC 13 at /opt/gcc on the lent H100 image), formatting a
+// number through the extension's own copy of num_put crashed the process
+// (segfault in ostream::_M_insert<long>) instead of raising the error.
+inline std::string to_text(const char* v) { return v; }
+inline std::string to_text(const std::string& v) { return v; }
+inline std::string to_text(char v) { return std::string(1, v); }
+inline std::string to_text(bool v) { return v ? "true" : "false"; }
+inline std::string to_text(at::ScalarType v) { return c10::toString(v); }
+inline std::string to_text(const c10::Device& v) { return v.str(); }
+inline std::string to_text(at::IntArrayRef v) {
+  std::string r = "[";
+  for (size_t i = 0; i < v.size(); ++i) r += (i ? ", " : "") + std::to_string(v[i]);
+  return r + "]";
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string to_text(T v) {
+  return std::to_string(v);
+}
+template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+std::string to_text(T v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.9g", static_cast<double>(v));
+  return buf;
+}
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string r;
+  (r.append(to_text(args)), ...);
+  return r;
 }
 
+inline std::string shape_str(const at::Tensor& t) { return to_text(t.sizes()); }
+
 inline void check_bits(const char* op, int64_t bits) {
-  TORCH_CHECK_VALUE(bits == 4 || bits == 8, op, ": unsupported bits=", bits, "; supported: 4, 8");
+  TORCH_CHECK_VALUE(bits == 4 || bits == 8, msg(op, ": unsupported bits=", bits, "; supported: 4, 8"));
 }
 
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   const auto d = t.scalar_type();
-  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, op, ": expected ", name,
-                   " of dtype float32, bfloat16 or float16, got ", d);
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, msg(op, ": expected ", name,
+                   " of dtype float32, bfloat16 or float16, got ", d));
 }
 
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": expected ", name, " of dtype ", want, ", got ",
-                   t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, msg(op, ": expected ", name, " of dtype ", want, ", got ",
+                   t.scalar_type()));
 }
 
 inline void check_numel(const char* op, const char* name, const at::Tensor& t, int64_t want, const char* what) {
-  TORCH_CHECK_VALUE(t.numel() == want, op, ": expected ", name, " with ", want, " elements (", what, "), got shape ",
-                    shape_str(t));
+  TORCH_CHECK_VALUE(t.numel() == want, msg(op, ": expected ", name, " with ", want, " elements (", what, "), got shape ",
+                    shape_str(t)));
 }
 
 // Valid group sizes for K: the divisors of K (listed in the error).
 inline void check_group_size(const char* op, int64_t group_size, int64_t K) {
   if (group_size == 0 || group_size == -1) return;
-  TORCH_CHECK_VALUE(group_size > 0, op, ": group_size must be 0 (per tensor), -1 (per row) or a positive ",
-                    "divisor of K, got ", group_size);
+  TORCH_CHECK_VALUE(group_size > 0, msg(op, ": group_size must be 0 (per tensor), -1 (per row) or a positive ",
+                    "divisor of K, got ", group_size));
   if (K % group_size != 0) {
-    std::ostringstream os;
+    std::string divisors;
     for (int64_t d = 1; d <= K; ++d)
-      if (K % d == 0) os << (d == 1 ? "" : ", ") << d;
-    TORCH_CHECK_VALUE(false, op, ": group_size=", group_size, " does not divide K=", K,
-                      "; group sizes that divide K: ", os.str());
+      if (K % d == 0) divisors += (d == 1 ? "" : ", ") + std::to_string(d);
+    TORCH_CHECK_VALUE(false, msg(op, ": group_size=", group_size, " does not divide K=", K,
+                      "; group sizes that divide K: ", divisors));
   }
 }
 
@@ -83,13 +113,13 @@ inline void check_scale_values(const char* op, const at::Tensor& scale_cpu, cons
   const at::Tensor s = scale_cpu.contiguous();
   const float* p = s.data_ptr<float>();
   for (int64_t i = 0; i < s.numel(); ++i)
-    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0f, op, ": scales must be finite and > 0, got scale[", i,
-                      "] = ", p[i]);
+    TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0f, msg(op, ": scales must be finite and > 0, got scale[", i,
+                      "] = ", p[i]));
   if (bits == 4) {
     const at::Tensor z = zp_cpu.contiguous();
     const int8_t* zz = z.data_ptr<int8_t>();
     for (int64_t i = 0; i < z.numel(); ++i)
-      TORCH_CHECK_VALUE(zz[i] >= -8 && zz[i] <= 7, op, ": 4-bit zero-points must lie in [-8, 7], got ", int(zz[i]));
+      TORCH_CHECK_VALUE(zz[i] >= -8 && zz[i] <= 7, msg(op, ": 4-bit zero-points must lie in [-8, 7], got ", int(zz[i])));
   }
 }
 
@@ -99,16 +129,16 @@ constexpr int64_t kMaxK = 65536;  // |acc| <= 255 * 128 * K must fit int32
 inline void check_gemm_shapes(const char* op, const at::Tensor& a, const at::Tensor& b) {
   check_dtype(op, "a", a, at::kChar);
   check_dtype(op, "b (weights)", b, at::kChar);
-  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D a [M, K] and b [N, K], got a ", shape_str(a),
-                    " and b ", shape_str(b));
-  TORCH_CHECK_VALUE(a.size(1) == b.size(1), op, ": K mismatch: a is [M=", a.size(0), ", K=", a.size(1),
-                    "] but b is [N=", b.size(0), ", K=", b.size(1), "]");
-  TORCH_CHECK_VALUE(a.size(1) <= kMaxK, op, ": K=", a.size(1), " exceeds the int32-exact limit ", kMaxK);
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, msg(op, ": expected 2-D a [M, K] and b [N, K], got a ", shape_str(a),
+                    " and b ", shape_str(b)));
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), msg(op, ": K mismatch: a is [M=", a.size(0), ", K=", a.size(1),
+                    "] but b is [N=", b.size(0), ", K=", b.size(1), "]"));
+  TORCH_CHECK_VALUE(a.size(1) <= kMaxK, msg(op, ": K=", a.size(1), " exceeds the int32-exact limit ", kMaxK));
 }
 
 inline void check_out_dtype(const char* op, at::ScalarType d) {
-  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, op,
-                   ": out_dtype must be float32, bfloat16 or float16, got ", d);
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf, msg(op,
+                   ": out_dtype must be float32, bfloat16 or float16, got ", d));
 }
 
 // Effective group length along K (per tensor and per row use whole rows).

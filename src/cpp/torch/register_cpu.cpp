@@ -16,7 +16,7 @@ namespace {
 int nthreads() { return at::get_num_threads(); }
 
 void check_cpu(const char* op, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": the CPU kernel got a tensor on ", t.device());
+  TORCH_CHECK(t.device().is_cpu(), msg(op, ": the CPU kernel got a tensor on ", t.device()));
 }
 
 at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
@@ -32,7 +32,7 @@ void check_x(const char* op, const at::Tensor& x, int64_t bits, int64_t group_si
   check_cpu(op, x);
   check_float(op, "x", x);
   check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension, got a scalar");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
   check_group_size(op, group_size, x.size(-1));
 }
 
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
   const char* op = "llmeasyquant.quantize";
   check_x(op, x, bits, group_size);
   if (group_size == 0)
-    TORCH_CHECK_VALUE(x.numel() > 0, op, ": per-tensor quantization of an empty tensor ", shape_str(x));
+    TORCH_CHECK_VALUE(x.numel() > 0, msg(op, ": per-tensor quantization of an empty tensor ", shape_str(x)));
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
   const int64_t rows = xv.size(0);
@@ -100,13 +100,13 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
   const char* op = "llmeasyquant.dequantize";
   check_cpu(op, q);
   check_bits(op, bits);
-  TORCH_CHECK_VALUE(q.dim() >= 1, op, ": expected q with at least 1 dimension");
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-                   ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(q.dim() >= 1, msg(op, ": expected q with at least 1 dimension"));
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, msg(op,
+                   ": dtype must be float32, bfloat16 or float16, got ", dtype));
   check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
   const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
-  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, op, ": q of shape ", shape_str(q), " does not hold K=", K,
-                    " ", bits, "-bit values (last dim should be ", want_last, ")");
+  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, msg(op, ": q of shape ", shape_str(q), " does not hold K=", K,
+                    " ", bits, "-bit values (last dim should be ", want_last, ")"));
   check_group_size(op, group_size, K);
   std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
   xs.back() = K;
@@ -123,14 +123,14 @@ void channel_stats_cpu(const at::Tensor& x, at::Tensor& absmax, at::Tensor& mn, 
   const char* op = "llmeasyquant.channel_stats_";
   check_cpu(op, x);
   check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   const int64_t K = x.size(-1);
   for (auto* t : {&absmax, &mn, &mx}) {
     check_cpu(op, *t);
     check_dtype(op, "running statistics", *t, at::kFloat);
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": running statistics must have shape [", K,
-                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t));
-    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": running statistics must be contiguous");
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, msg(op, ": running statistics must have shape [", K,
+                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t)));
+    TORCH_CHECK_VALUE(t->is_contiguous(), msg(op, ": running statistics must be contiguous"));
   }
   const at::Tensor xv = rows_view(x);
   cpu::channel_stats_update(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0),
@@ -144,11 +144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cpu(const at::Tensor
   check_x(op, x, bits, 0);
   check_cpu(op, state);
   check_dtype(op, "state", state, at::kFloat);
-  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), op,
+  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), msg(op,
                     ": state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got ",
-                    shape_str(state));
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, op, ": alpha must be in [0, 1), got ", alpha);
-  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), op, ": eps must be finite and > 0, got ", eps);
+                    shape_str(state)));
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, msg(op, ": alpha must be in [0, 1), got ", alpha));
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), msg(op, ": eps must be finite and > 0, got ", eps));
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
   float* st = state.data_ptr<float>();
@@ -238,15 +238,15 @@ at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, 
   check_cpu(op, b_scale);
   check_dtype(op, "a_scale", a_scale, at::kFloat);
   check_dtype(op, "b_scale", b_scale, at::kFloat);
-  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, op,
-                    ": a_scale must have M=", M, " elements (per token) or 1 (per tensor), got ", shape_str(a_scale));
+  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, msg(op,
+                    ": a_scale must have M=", M, " elements (per token) or 1 (per tensor), got ", shape_str(a_scale)));
   check_numel(op, "b_scale", b_scale, N, "one per output channel");
   at::Tensor corr;
   if (a_zero.has_value()) {
     check_cpu(op, *a_zero);
     check_dtype(op, "a_zero", *a_zero, at::kChar);
-    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, op, ": a_zero must have M=", M,
-                      " elements or 1, got ", shape_str(*a_zero));
+    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, msg(op, ": a_zero must have M=", M,
+                      " elements or 1, got ", shape_str(*a_zero)));
     corr = a_zero->to(at::kInt).add_(128).contiguous();
   } else {
     corr = at::full({1}, 128, a.options().dtype(at::kInt));
@@ -280,9 +280,9 @@ at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, 
 
 void check_linear_weight(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t K_w) {
   check_cpu(op, w);
-  TORCH_CHECK_VALUE(w.dim() == 2, op, ": expected a 2-D weight, got ", shape_str(w));
-  TORCH_CHECK_VALUE(x.size(-1) == K_w, op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
-                    ") but the weight has K=", K_w, " (shape ", shape_str(w), ")");
+  TORCH_CHECK_VALUE(w.dim() == 2, msg(op, ": expected a 2-D weight, got ", shape_str(w)));
+  TORCH_CHECK_VALUE(x.size(-1) == K_w, msg(op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
+                    ") but the weight has K=", K_w, " (shape ", shape_str(w), ")"));
 }
 
 at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -291,11 +291,11 @@ at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, co
   const char* op = "llmeasyquant.dynamic_quant_linear";
   check_cpu(op, x);
   check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   check_dtype(op, "w", w, at::kChar);
   check_linear_weight(op, x, w, w.dim() == 2 ? w.size(1) : -1);
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK_VALUE(K <= kMaxK, op, ": K=", K, " exceeds the int32-exact limit ", kMaxK);
+  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
   check_cpu(op, w_scale);
   check_cpu(op, w_sum);
   check_dtype(op, "w_scale", w_scale, at::kFloat);
@@ -343,13 +343,13 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   check_cpu(op, x);
   check_float(op, "x", x);
   check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": expected x with at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
   const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), op, ": K mismatch: x has K=", K,
+  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), msg(op, ": K mismatch: x has K=", K,
                     " (shape ", shape_str(x), ") but the ", bits, "-bit weight has shape ", shape_str(qw),
-                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])");
-  TORCH_CHECK_VALUE(group_size != 0, op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0");
+                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])"));
+  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0"));
   check_group_size(op, group_size, K);
   const int64_t N = qw.size(0);
   const int64_t g = group_len(group_size, K);
