@@ -31,4 +31,19 @@ def build(model_type: str, seed: int = 0):
     raise ValueError(model_type)
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly VOCAB = 256 ids (one per byte, no
+    merges), built locally, so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    return tok
+
+
 ALL = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")

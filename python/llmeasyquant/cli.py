@@ -1,8 +1,9 @@
 """The ``llmeasyquant`` command line.
 
-Commands (more arrive with the methods/evaluation work):
-  info   what this installation was built with
-  demo   quantize one real layer of the default model with QLinear and compare
+Commands:
+  info      what this installation was built with
+  compare   quantize a model with several methods; perplexity, memory, tokens/s table
+  demo      quantize one real layer of the default model with QLinear and compare
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"llmeasyquant {info['version']}")
     print(f"  built against torch {info['torch_version']} (running torch {info['torch_version_runtime']})")
     if info["cuda"]:
-        print(f"  CUDA build: on (archs {info['cuda_archs']}, CUDA runtime {info['cuda_runtime_version']}); "
-              "no CUDA op kernels yet, nothing validated on a GPU")
+        print(f"  CUDA kernels: on (archs {info['cuda_archs']}, CUDA runtime {info['cuda_runtime_version']}); "
+              f"GPU here: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     else:
         print("  CUDA build: off")
     print(f"  CPU kernels: {', '.join(info['cpu_kernels_compiled'])}; this CPU: {info['cpu_isa_detected']}, "
@@ -104,6 +105,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from .compare import format_table, resolve_methods, run_compare
+    from .models import load_model
+
+    presets = resolve_methods(args.methods)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows = run_compare(lambda: load_model(args.model), presets, out_dir=args.out, seq_len=args.seq_len,
+                       max_windows=None if args.max_windows == 0 else args.max_windows,
+                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                       speed=not args.no_speed, resume=args.resume, progress=not args.quiet,
+                       command="llmeasyquant " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                       model_name=args.model)
+    print(format_table(rows))
+    print(f"\n({rows[0]['protocol']}; {time.perf_counter() - t0:.0f} s in all"
+          + (f"; written to {args.out}/compare.{{md,csv,json}})" if args.out else ")"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DEFAULT_CALIB_FILE
 
@@ -124,6 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--proj", default="down_proj", choices=["gate_proj", "up_proj", "down_proj"])
     s.add_argument("--reps", type=int, default=20, help="timing repetitions (median)")
     s.set_defaults(fn=_cmd_demo)
+
+    from .compare import METHOD_SETS, PRESETS
+
+    s = sub.add_parser("compare", help="compare quantization methods on a model (perplexity, memory, tokens/s)",
+                       description="Quantize a fresh copy of the model with each method preset, evaluate "
+                                   "WikiText-2 perplexity (non-overlapping windows of the raw test file), bytes "
+                                   "held by the linear layers and the whole model, and prefill/decode tokens/s; "
+                                   "print one table and write it as Markdown, CSV and JSON.",
+                       epilog="example: llmeasyquant compare smollm2-135m --methods default --max-windows 8 "
+                              "--out results")
+    s.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="local HF folder, .gguf file, or the embedded default 'smollm2-135m'")
+    s.add_argument("--methods", default="default",
+                   help=f"a set ({', '.join(f'{k}: {len(v)} presets' for k, v in METHOD_SETS.items())}) or "
+                        f"comma-separated presets: {', '.join(PRESETS)}")
+    s.add_argument("--max-windows", type=int, default=16,
+                   help="evaluate the first N windows of the test file (0 = the whole file; default 16)")
+    s.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window (default 2048)")
+    s.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    s.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    s.add_argument("--out", default=None, help="folder for compare.md/.csv/.json (rewritten after each method)")
+    s.add_argument("--resume", action="store_true", help="skip presets already in OUT/compare.json (same protocol)")
+    s.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_compare)
     return p
 
 

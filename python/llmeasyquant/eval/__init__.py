@@ -2,5 +2,6 @@
 
 from .memory import model_memory
 from .perplexity import PerplexityResult, perplexity
+from .speed import SpeedResult, throughput
 
-__all__ = ["PerplexityResult", "model_memory", "perplexity"]
+__all__ = ["PerplexityResult", "SpeedResult", "model_memory", "perplexity", "throughput"]

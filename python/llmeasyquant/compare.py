@@ -1,0 +1,203 @@
+"""Method comparison on one model: quantize with each preset, evaluate
+perplexity (WikiText-2 protocol), memory and tokens/s, and write one table
+(Markdown, CSV, JSON) like the paper's Table 1.
+
+Rows are written after every method (atomically), so a long run can be
+interrupted and resumed (``resume=True`` skips presets already in the JSON
+with the same protocol).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .api import quantize
+from .eval import model_memory, perplexity, throughput
+from .eval.perplexity import tokenize_file
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    method: Optional[str]  # None: the float model
+    bits: str  # what the table shows, e.g. "W8A8", "W4 g64", "KV4"
+    options: dict = field(default_factory=dict)
+
+
+PRESETS = {p.name: p for p in [
+    Preset("float", None, "fp32"),
+    Preset("smoothquant-w8a8", "smoothquant", "W8A8 dyn"),
+    Preset("absmax-w8a8", "absmax", "W8A8 dyn"),
+    Preset("absmax-w8a8-static", "absmax", "W8A8 static", {"act": "static"}),
+    Preset("smoothquant-w8a8-static", "smoothquant", "W8A8 static", {"act": "static"}),
+    Preset("zeroquant-w4a8", "zeroquant", "W4A8 g64", {"w_bits": 4, "w_group_size": 64}),
+    Preset("rtn-w8", "absmax", "W8", {"act": None}),
+    Preset("rtn-w4-g64", "zeropoint", "W4 g64", {"w_bits": 4, "w_group_size": 64, "act": None}),
+    Preset("gptq-w4-g64", "gptq", "W4 g64", {"w_bits": 4, "w_group_size": 64}),
+    Preset("awq-w4-g64", "awq", "W4 g64", {"w_bits": 4, "w_group_size": 64}),
+    Preset("rtn-w3-g64", "zeropoint", "W3 g64", {"w_bits": 3, "w_group_size": 64, "act": None}),
+    Preset("gptq-w3-g64", "gptq", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
+    Preset("awq-w3-g64", "awq", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
+    Preset("simquant-kv8", "simquant", "KV8", {"k_bits": 8, "v_bits": 8, "residual_length": 0}),
+    Preset("simquant-kv4", "simquant", "KV4", {"k_bits": 4, "v_bits": 4, "residual_length": 0}),
+    Preset("simquant-kv2", "simquant", "KV2", {"k_bits": 2, "v_bits": 2, "residual_length": 0}),
+]}
+
+# Named sets for --methods: a few-minute default, the issue's accuracy bar, everything.
+METHOD_SETS = {
+    "default": ["float", "smoothquant-w8a8", "rtn-w4-g64", "awq-w4-g64", "simquant-kv4"],
+    "bar": ["float", "smoothquant-w8a8", "absmax-w8a8-static", "smoothquant-w8a8-static", "rtn-w4-g64",
+            "gptq-w4-g64", "awq-w4-g64", "rtn-w3-g64", "gptq-w3-g64", "awq-w3-g64", "simquant-kv4",
+            "simquant-kv2"],
+    "all": list(PRESETS),
+}
+
+COLUMNS = ["method", "bits", "ppl", "delta_pct", "linear_MiB", "total_MiB", "prefill_tok_s", "decode_tok_s",
+           "calib_s", "quant_s"]
+
+
+def resolve_methods(spec: str) -> list[Preset]:
+    """'default' | 'bar' | 'all' | comma-separated preset names ('float' is always first)."""
+    names = METHOD_SETS.get(spec, [s.strip() for s in spec.split(",") if s.strip()])
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown method preset(s) {unknown}; choose from: {', '.join(PRESETS)} "
+                         f"or a set: {', '.join(METHOD_SETS)}")
+    if "float" in names:
+        names.remove("float")
+    return [PRESETS["float"]] + [PRESETS[n] for n in names]
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _row_table(rows: list[dict]) -> str:
+    def fmt(v, nd=2):
+        return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+    lines = ["| method | bits | perplexity | Δ% vs float | linear MiB | total MiB | prefill tok/s | decode tok/s "
+             "| calib s | quantize s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r.get("delta_pct")
+        lines.append(f"| {r['method']} | {r['bits']} | {fmt(r['ppl'])} | "
+                     f"{'—' if d is None else f'{d:+.2f}'} | {fmt(r['linear_MiB'], 1)} | {fmt(r['total_MiB'], 1)} | "
+                     f"{fmt(r.get('prefill_tok_s'), 0)} | {fmt(r.get('decode_tok_s'), 1)} | "
+                     f"{fmt(r.get('calib_s'), 1)} | {fmt(r.get('quant_s'), 1)} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], meta: dict, out_dir: str) -> dict:
+    """compare.md / compare.csv / compare.json in out_dir (each written atomically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"compare.{k}") for k in ("md", "csv", "json")}
+    _atomic_write(paths["json"], json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS + ["protocol"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    _atomic_write(paths["csv"], buf.getvalue())
+    md = [f"# {meta['model']}: methods compared", "", _row_table(rows), "",
+          f"Protocol: {meta['protocol']}.", f"Calibration: {meta['calibration']}.",
+          f"Speed: {meta['speed']}.", f"Environment: {meta['environment']}.", f"Command: `{meta['command']}`", ""]
+    _atomic_write(paths["md"], "\n".join(md))
+    return paths
+
+
+def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optional[str] = None,
+                seq_len: int = 2048, max_windows: Optional[int] = None, calib_samples: int = 128,
+                calib_seq_len: int = 512, speed: bool = True, speed_prefill_tokens: int = 512,
+                resume: bool = False, progress: bool = True,
+                command: str = "", model_name: str = "") -> list[dict]:
+    """Quantize + evaluate each preset on a fresh copy of the float model.
+    ``model_loader()`` -> (model, tokenizer). Returns the rows (float first)."""
+    from .calibration import calibration_batches
+    from .data import DEFAULT_EVAL_FILE
+    from .methods import simquant
+
+    base, tok = model_loader()
+    base.eval()
+    ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
+    windows = (ids.numel() // seq_len) if max_windows is None else min(max_windows, ids.numel() // seq_len)
+    protocol = (f"WikiText-2 raw test ({os.path.basename(DEFAULT_EVAL_FILE)}), {windows} non-overlapping windows "
+                f"x {seq_len} tokens{' (whole file)' if max_windows is None else ''}, fp32 logits")
+    import platform
+
+    meta = {"model": model_name, "protocol": protocol,
+            "calibration": f"{calib_samples} x {calib_seq_len} tokens of WikiText-2 validation (wiki.valid.tokens)",
+            "speed": f"prefill: one forward of {speed_prefill_tokens} tokens; decode: 32 greedy tokens after a "
+                     "64-token prompt; "
+                     f"batch 1, {torch.get_num_threads()} threads" if speed else "not measured",
+            "environment": f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+                           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}",
+            "command": command}
+    done = {}
+    if resume and out_dir and os.path.exists(os.path.join(out_dir, "compare.json")):
+        with open(os.path.join(out_dir, "compare.json")) as fh:
+            old = json.load(fh)
+        done = {r["method"]: r for r in old.get("rows", []) if r.get("protocol") == protocol}
+    calib = None
+    rows: list[dict] = []
+    float_ppl = None
+    for p in tqdm(presets, desc="methods", disable=not progress):
+        if p.name in done:
+            rows.append(done[p.name])
+            float_ppl = rows[-1]["ppl"] if p.method is None else float_ppl
+            continue
+        model = base if p.method is None else copy.deepcopy(base)
+        calib_s = quant_s = None
+        if p.method is not None:
+            needs_calib = p.method in ("smoothquant", "gptq", "awq") or p.options.get("act") == "static"
+            if needs_calib and calib is None:  # one calibration set, shared by every method
+                t0 = time.perf_counter()
+                calib = calibration_batches(tok, n_samples=calib_samples, seq_len=calib_seq_len)
+                calib_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            quantize(model, p.method, calib=calib if calib is not None else None, tokenizer=tok,
+                     progress=progress, **p.options)
+            quant_s = time.perf_counter() - t0
+        if p.method == "simquant":
+            res = simquant.kv_perplexity(model, ids, model.llmeq_kv_config, seq_len=seq_len,
+                                         max_windows=windows, progress=progress)
+        else:
+            res = perplexity(model, ids=ids, seq_len=seq_len, max_windows=windows, progress=progress)
+        mem = model_memory(model)
+        row = {"method": p.name, "bits": p.bits, "ppl": res.ppl, "tokens": res.tokens,
+               "linear_MiB": mem["linear"] / 2**20, "total_MiB": mem["total"] / 2**20,
+               "calib_s": calib_s, "quant_s": quant_s, "protocol": protocol,
+               "options": {"method": p.method, **p.options}}
+        if speed:
+            sp = throughput(model, ids, prefill_tokens=speed_prefill_tokens)
+            row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s)
+        if p.method is None:
+            float_ppl = res.ppl
+        rows.append(row)
+        for r in rows:
+            r["delta_pct"] = None if float_ppl is None or r["method"] == "float" else \
+                100.0 * (r["ppl"] - float_ppl) / float_ppl
+        if out_dir:
+            write_outputs(rows, meta, out_dir)
+        del model
+    for r in rows:
+        r["delta_pct"] = None if r["method"] == "float" else 100.0 * (r["ppl"] - float_ppl) / float_ppl
+    if out_dir:
+        write_outputs(rows, meta, out_dir)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    return _row_table(rows)

@@ -1,0 +1,75 @@
+"""The method comparison (llmeasyquant.compare, `llmeasyquant compare`) end to
+end on a tiny random LLaMA with a local byte-level tokenizer and real
+WikiText-2 text: every output written, columns present, resume, bad presets."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import tiny_models
+from conftest import lq  # noqa: F401  (loads the extension)
+from llmeasyquant import cli
+from llmeasyquant.compare import COLUMNS, resolve_methods, run_compare
+
+
+def _loader():
+    import transformers as tf
+
+    torch.manual_seed(0)  # group size 64 must divide every in_features: 64 and 128
+    cfg = tf.LlamaConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return tf.LlamaForCausalLM(cfg).eval(), tiny_models.byte_tokenizer()
+
+
+KW = dict(seq_len=64, max_windows=2, calib_samples=2, calib_seq_len=32, speed_prefill_tokens=32, progress=False)
+
+
+def test_compare_rows_outputs_and_resume(tmp_path, one_thread):
+    presets = resolve_methods("float,smoothquant-w8a8,rtn-w4-g64,simquant-kv4")
+    rows = run_compare(_loader, presets, out_dir=str(tmp_path), **KW)
+    assert [r["method"] for r in rows] == ["float", "smoothquant-w8a8", "rtn-w4-g64", "simquant-kv4"]
+    f = rows[0]
+    assert f["delta_pct"] is None and f["ppl"] > 1
+    for r in rows[1:]:
+        assert r["delta_pct"] == pytest.approx(100 * (r["ppl"] - f["ppl"]) / f["ppl"])
+        assert r["quant_s"] is not None and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0
+    assert rows[2]["linear_MiB"] < 0.4 * f["linear_MiB"]  # 4-bit weights + scales vs fp32
+    assert rows[1]["calib_s"] is not None  # the one shared calibration set is built for SmoothQuant
+    md = (tmp_path / "compare.md").read_text()
+    assert "| method | bits | perplexity |" in md and "Protocol: WikiText-2 raw test" in md
+    with open(tmp_path / "compare.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["method"] for r in table] == [r["method"] for r in rows] and set(COLUMNS) <= set(table[0])
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["rows"][3]["bits"] == "KV4"
+    # resume: nothing is recomputed, the loader's model is never quantized
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return _loader()
+
+    again = run_compare(loader, presets, out_dir=str(tmp_path), resume=True, **KW)
+    assert [r["ppl"] for r in again] == [r["ppl"] for r in rows] and len(calls) == 1
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp files
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown method preset.*awq-w4-g64"):
+        resolve_methods("float,magic")
+    assert [p.name for p in resolve_methods("rtn-w4-g64,float")] == ["float", "rtn-w4-g64"]
+
+
+def test_cli_compare_on_a_local_folder(tmp_path, capsys, one_thread):
+    model, tok = _loader()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rc = cli.main(["compare", str(tmp_path / "m"), "--methods", "float,rtn-w8", "--max-windows", "1",
+                   "--seq-len", "64", "--calib-samples", "2", "--no-speed", "--quiet", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| rtn-w8 | W8 |" in out
+    assert (tmp_path / "o" / "compare.md").exists()
+    assert cli.main(["compare", str(tmp_path / "m"), "--methods", "nope"]) == 2
+    assert "unknown method preset" in capsys.readouterr().err
