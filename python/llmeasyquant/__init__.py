@@ -10,8 +10,9 @@ from . import data, ops
 from .nn import QLinear, replace_linear
 from .api import quantize
 from .methods.base import available_methods, config_for
+from .io import load, save
 
 __version__ = build_info()["version"]
 
-__all__ = ["QLinear", "available_methods", "build_info", "config_for", "ops", "quantize", "replace_linear",
-           "__version__"]
+__all__ = ["QLinear", "available_methods", "build_info", "config_for", "load", "ops", "quantize", "replace_linear",
+           "save", "__version__"]

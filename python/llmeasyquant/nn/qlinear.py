@@ -95,6 +95,25 @@ class QLinear(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_w_sum())
 
     # ------------------------------------------------------------------ build
+    def spec(self) -> dict:
+        """The constructor arguments that rebuild this layer's structure (JSON-safe);
+        the tensors come from the state_dict."""
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
+                    act=self.act, act_symmetric=self.act_symmetric, ema_alpha=self.ema_alpha,
+                    ema_eps=self.ema_eps,
+                    bias_dtype=str(self.bias.dtype).replace("torch.", "") if self.bias is not None else "float32")
+
+    @classmethod
+    def from_spec(cls, spec: dict, device=None) -> "QLinear":
+        """An empty layer from :meth:`spec` (load its state_dict next)."""
+        kw = dict(spec)
+        try:
+            kw["bias_dtype"] = getattr(torch, kw.get("bias_dtype", "float32"))
+            return cls(kw.pop("in_features"), kw.pop("out_features"), device=device, **kw)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"QLinear.from_spec: bad layer spec {spec}: {err}") from err
+
     @classmethod
     def from_linear(cls, module: nn.Module, *, w_bits: int = 8, w_group_size: int = -1,
                     w_symmetric: bool = True, act: Optional[str] = "dynamic", act_symmetric: bool = True,
