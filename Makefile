@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   - set up (venv, pinned deps, build) and run the main job
+#   make demo   - set up (venv, pinned deps, build) and run the main job (compare methods on SmolLM2-135M)
 #   make test   - set up and run the test suite (what .ci/run calls)
 # Everything else here is a helper of those two.
 
@@ -31,7 +31,7 @@ install: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(BIN)/llmeasyquant info
-	$(BIN)/llmeasyquant demo
+	$(BIN)/llmeasyquant compare smollm2-135m --methods default --max-windows 8 --calib-samples 32 --out results
 
 test: $(INSTALLED) build/kernels/bench_kernels
 	build/kernels/bench_kernels --check-only --threads 2
