@@ -12,7 +12,15 @@ from .api import quantize
 from .methods.base import available_methods, config_for
 from .io import load, save
 
+
+def export_onnx(model, path, **kwargs):
+    """ONNX export (needs onnx, onnxscript, onnxruntime): see :mod:`llmeasyquant.onnx_export`."""
+    from .onnx_export import export_onnx as _export
+
+    return _export(model, path, **kwargs)
+
+
 __version__ = build_info()["version"]
 
-__all__ = ["QLinear", "available_methods", "build_info", "config_for", "load", "ops", "quantize", "replace_linear",
+__all__ = ["QLinear", "available_methods", "build_info", "config_for", "export_onnx", "load", "ops", "quantize", "replace_linear",
            "save", "__version__"]

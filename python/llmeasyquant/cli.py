@@ -3,6 +3,8 @@
 Commands:
   info      what this installation was built with
   compare   quantize a model with several methods; perplexity, memory, tokens/s table
+  quantize  quantize a model with one method and save it (safetensors folder)
+  export    export a saved quantized model to ONNX (checked in ONNX Runtime)
   demo      quantize one real layer of the default model with QLinear and compare
 """
 
@@ -129,6 +131,45 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import llmeasyquant as lq
+    from llmeasyquant.models import load_model
+
+    model, tok = load_model(args.model)
+    opts = {}
+    for key in ("w_bits", "w_group_size", "act"):
+        v = getattr(args, key)
+        if v is not None:
+            opts[key] = None if v == "none" else v
+    t0 = time.perf_counter()
+    lq.quantize(model, args.method, calib=args.calib, tokenizer=tok, progress=not args.quiet, **opts)
+    lq.save(model, args.out, tokenizer=tok)
+    print(f"{model.llmeq_config.describe()}: quantized in {time.perf_counter() - t0:.1f} s, saved to {args.out} "
+          f"(load with llmeasyquant.load({args.out!r}))")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import llmeasyquant as lq
+    from llmeasyquant.onnx_export import export_onnx, ort_session
+
+    model, tok = lq.load(args.model_dir, with_tokenizer=True)
+    t0 = time.perf_counter()
+    export_onnx(model, args.onnx, seq_len=args.seq_len)
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
+    ids = ids[:, : args.seq_len] if args.seq_len else ids
+    out = ort_session(args.onnx).run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    err = float(np.abs(out - ref).max())
+    print(f"exported {args.onnx} ({os.path.getsize(args.onnx) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
+          f"ONNX Runtime vs PyTorch on {ids.shape[1]} tokens: max |logit diff| = {err:.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DEFAULT_CALIB_FILE
 
@@ -175,6 +216,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_compare)
+
+    from .methods.base import available_methods
+
+    s = sub.add_parser("quantize", help="quantize a model with one method and save it",
+                       description="Quantize a model with a method (calibrated on WikiText-2 validation unless "
+                                   "--calib is given) and save it as a self-contained folder (safetensors).",
+                       epilog="example: llmeasyquant quantize smollm2-135m --method awq --w-bits 4 "
+                              "--w-group-size 64 --out smollm2-awq")
+    s.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="local HF folder, .gguf file, or the embedded default 'smollm2-135m'")
+    s.add_argument("--method", required=True, choices=available_methods())
+    s.add_argument("--w-bits", type=int, choices=[2, 3, 4, 8], default=None, help="weight bits (method default)")
+    s.add_argument("--w-group-size", type=int, default=None, help="-1 per channel, g > 0 group-wise")
+    s.add_argument("--act", choices=["none", "dynamic", "static", "ema"], default=None,
+                   help="activation quantization (none = weight-only)")
+    s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
+    s.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_quantize)
+
+    s = sub.add_parser("export", help="export a saved quantized model to ONNX",
+                       description="Export a folder written by `llmeasyquant quantize` (or llmeasyquant.save) to "
+                                   "ONNX opset 21 (QuantizeLinear/MatMulInteger for W8A8, DequantizeLinear for "
+                                   "weight-only, INT4 initializers for 4-bit) and compare ONNX Runtime's logits "
+                                   "with PyTorch's.",
+                       epilog="example: llmeasyquant export smollm2-awq --onnx smollm2-awq.onnx")
+    s.add_argument("model_dir", help="folder written by llmeasyquant quantize / llmeasyquant.save")
+    s.add_argument("--onnx", required=True, help="output .onnx file")
+    s.add_argument("--seq-len", type=int, default=None, help="fixed sequence length (default: dynamic)")
+    s.set_defaults(fn=_cmd_export)
     return p
 
 
