@@ -43,7 +43,7 @@ def test_compare_rows_outputs_and_resume(tmp_path, one_thread):
         table = list(csv.DictReader(fh))
     assert [r["method"] for r in table] == [r["method"] for r in rows] and set(COLUMNS) <= set(table[0])
     saved = json.loads((tmp_path / "compare.json").read_text())
-    assert saved["rows"][3]["bits"] == "KV4"
+    assert saved["rows"][3]["bits"].startswith("KV4")
     # resume: nothing is recomputed, the loader's model is never quantized
     calls = []
 

@@ -11,7 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "checks.h"
+#include "op_checks.h"
 #include "llmeq/cuda_kernels.h"
 
 namespace llmeq {
@@ -21,16 +21,11 @@ void check_cuda_ok(const char* op, cudaError_t e) {
   TORCH_CHECK(e == cudaSuccess, msg(op, ": CUDA kernel launch failed: ", cudaGetErrorString(e)));
 }
 
-void check_on(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
-  TORCH_CHECK(t.device() == dev, msg(op, ": expected ", name, " on ", dev, " (where the input is), got ", t.device()));
-}
-
-void check_x(const char* op, const at::Tensor& x, int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
-  check_float(op, "x", x);
-  check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
-  check_group_size(op, group_size, x.size(-1));
+// The CUDA kernels run where the first tensor argument lives; every other
+// tensor must be there too (op_checks.h).
+at::Device cuda_device(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", t.device()));
+  return t.device();
 }
 
 at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
@@ -64,7 +59,7 @@ void tensor_scale(const char* op, const at::Tensor& xv, int64_t bits, bool symme
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bits, bool symmetric,
                                                              int64_t group_size) {
   const char* op = "llmeasyquant.quantize";
-  check_x(op, x, bits, group_size);
+  check_quant_input(op, x, bits, group_size, cuda_device(op, x));
   if (group_size == 0)
     TORCH_CHECK_VALUE(x.numel() > 0, msg(op, ": per-tensor quantization of an empty tensor ", shape_str(x)));
   const c10::cuda::CUDAGuard guard(x.device());
@@ -102,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
 // zero-points within [-8, 7].
 int64_t check_scales(const char* op, const at::Device& dev, at::IntArrayRef xs, const at::Tensor& scale,
                      const at::Tensor& zp, int64_t bits, int64_t group_size, bool check_values) {
-  check_on(op, "scale", scale, dev);
-  check_on(op, "zero_point", zp, dev);
+  check_device(op, "scale", scale, dev);
+  check_device(op, "zero_point", zp, dev);
   const int64_t sstride = check_scale_shapes(op, xs, scale, zp, group_size);
   // A small device-to-host copy (scales are per tensor / row / group).
   if (check_values && scale.numel() > 0 && !capturing()) check_scale_values(op, scale.cpu(), zp.cpu(), bits);
@@ -113,7 +108,7 @@ int64_t check_scales(const char* op, const at::Device& dev, at::IntArrayRef xs, 
 at::Tensor quantize_static_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                                 int64_t group_size) {
   const char* op = "llmeasyquant.quantize_static";
-  check_x(op, x, bits, group_size);
+  check_quant_input(op, x, bits, group_size, cuda_device(op, x));
   const int64_t sstride = check_scales(op, x.device(), x.sizes(), scale, zp, bits, group_size, true);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
@@ -129,19 +124,8 @@ at::Tensor quantize_static_cuda(const at::Tensor& x, const at::Tensor& scale, co
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                            int64_t group_size, int64_t K, at::ScalarType dtype) {
   const char* op = "llmeasyquant.dequantize";
-  TORCH_CHECK(q.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", q.device()));
-  check_bits(op, bits);
-  TORCH_CHECK_VALUE(q.dim() >= 1, msg(op, ": expected q with at least 1 dimension"));
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, msg(op,
-                   ": dtype must be float32, bfloat16 or float16, got ", dtype));
-  check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
-  const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
-  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, msg(op, ": q of shape ", shape_str(q), " does not hold K=", K,
-                    " ", bits, "-bit values (last dim should be ", want_last, ")"));
-  check_group_size(op, group_size, K);
+  const std::vector<int64_t> xs = check_dequantize_args(op, q, bits, group_size, K, dtype, cuda_device(op, q));
   const c10::cuda::CUDAGuard guard(q.device());
-  std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
-  xs.back() = K;
   const int64_t sstride = check_scales(op, q.device(), xs, scale, zp, bits, group_size, false);
   const at::Tensor qc = q.contiguous(), s = scale.contiguous(), z = zp.contiguous();
   at::Tensor out = at::empty(xs, q.options().dtype(dtype));
@@ -154,17 +138,8 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const a
 
 void channel_stats_cuda(const at::Tensor& x, at::Tensor& absmax, at::Tensor& mn, at::Tensor& mx) {
   const char* op = "llmeasyquant.channel_stats_";
-  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  check_channel_stats_args(op, x, absmax, mn, mx, cuda_device(op, x));
   const int64_t K = x.size(-1);
-  for (auto* t : {&absmax, &mn, &mx}) {
-    check_on(op, "running statistics", *t, x.device());
-    check_dtype(op, "running statistics", *t, at::kFloat);
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, msg(op, ": running statistics must have shape [", K,
-                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t)));
-    TORCH_CHECK_VALUE(t->is_contiguous(), msg(op, ": running statistics must be contiguous"));
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xv = rows_view(x);
   const int chunks = cuda::channel_stats_chunks(xv.size(0));
@@ -178,14 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cuda(const at::Tenso
                                                                  double eps, int64_t bits, bool symmetric,
                                                                  bool update) {
   const char* op = "llmeasyquant.ema_quantize_";
-  check_x(op, x, bits, 0);
-  check_on(op, "state", state, x.device());
-  check_dtype(op, "state", state, at::kFloat);
-  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), msg(op,
-                    ": state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got ",
-                    shape_str(state)));
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, msg(op, ": alpha must be in [0, 1), got ", alpha));
-  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), msg(op, ": eps must be finite and > 0, got ", eps));
+  check_ema_args(op, x, state, alpha, eps, bits, cuda_device(op, x));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
@@ -261,15 +229,9 @@ void run_gemm(const char* op, const at::Tensor& a, const at::Tensor& b, cuda::Ep
                                   wsn ? ws.data_ptr<int32_t>() : nullptr, sms, path, stream()));
 }
 
-void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", a.device()));
-  check_on(op, "b (weights)", b, a.device());
-  check_gemm_shapes(op, a, b);
-}
-
 at::Tensor int8_gemm_cuda(const at::Tensor& a, const at::Tensor& b) {
   const char* op = "llmeasyquant.int8_gemm";
-  check_gemm_operands(op, a, b);
+  check_gemm_operands(op, a, b, cuda_device(op, a));
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
   if (a.size(1) == 0) return c.zero_();
@@ -279,14 +241,6 @@ at::Tensor int8_gemm_cuda(const at::Tensor& a, const at::Tensor& b) {
   ep.kind = cuda::OutKind::I32;
   run_gemm(op, a, b, ep);
   return c;
-}
-
-at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N, const at::Device& dev) {
-  if (!bias.has_value()) return at::Tensor();
-  check_on(op, "bias", *bias, dev);
-  check_float(op, "bias", *bias);
-  check_numel(op, "bias", *bias, N, "one per output channel");
-  return bias->to(at::kFloat).contiguous();
 }
 
 // K == 0: every accumulator is 0, so the output is the bias (or 0), through
@@ -303,33 +257,15 @@ at::Tensor scaled_int8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale,
                                  const at::Tensor& b_scale, const c10::optional<at::Tensor>& b_sum,
                                  const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "llmeasyquant.scaled_int8_gemm";
-  check_gemm_operands(op, a, b);
-  check_out_dtype(op, out_dtype);
+  const at::Device dev = cuda_device(op, a);
+  check_gemm_operands(op, a, b, dev);
   const int64_t M = a.size(0), N = b.size(0);
-  const auto dev = a.device();
+  check_scaled_gemm_args(op, M, N, a_scale, a_zero, b_scale, b_sum, out_dtype, dev);
   const c10::cuda::CUDAGuard guard(dev);
-  check_on(op, "a_scale", a_scale, dev);
-  check_on(op, "b_scale", b_scale, dev);
-  check_dtype(op, "a_scale", a_scale, at::kFloat);
-  check_dtype(op, "b_scale", b_scale, at::kFloat);
-  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, msg(op, ": a_scale must have M=", M,
-                    " elements (per token) or 1 (per tensor), got ", shape_str(a_scale)));
-  check_numel(op, "b_scale", b_scale, N, "one per output channel");
   at::Tensor az, bsum;
-  if (a_zero.has_value()) {
-    check_on(op, "a_zero", *a_zero, dev);
-    check_dtype(op, "a_zero", *a_zero, at::kChar);
-    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, msg(op, ": a_zero must have M=", M,
-                      " elements or 1, got ", shape_str(*a_zero)));
+  if (a_zero.has_value()) {  // the correction needs the weight row sums
     az = a_zero->contiguous();
-    if (b_sum.has_value()) {
-      check_on(op, "b_sum", *b_sum, dev);
-      check_dtype(op, "b_sum", *b_sum, at::kInt);
-      check_numel(op, "b_sum", *b_sum, N, "sum_k b[n, k] per output channel");
-      bsum = b_sum->contiguous();
-    } else {
-      bsum = b.sum(1, false, at::kInt);
-    }
+    bsum = b_sum.has_value() ? b_sum->contiguous() : b.sum(1, false, at::kInt);
   }
   const at::Tensor bias32 = bias_f32(op, bias, N, dev);
   if (a.size(1) == 0) return empty_k_output(bias32, M, N, a.options(), out_dtype);
@@ -356,23 +292,9 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
                                      const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
                                      bool act_symmetric) {
   const char* op = "llmeasyquant.dynamic_quant_linear";
-  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
-  const auto dev = x.device();
-  check_on(op, "w", w, dev);
-  check_dtype(op, "w", w, at::kChar);
-  TORCH_CHECK_VALUE(w.dim() == 2, msg(op, ": expected a 2-D weight, got ", shape_str(w)));
-  TORCH_CHECK_VALUE(x.size(-1) == w.size(1), msg(op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
-                    ") but the weight has K=", w.size(1), " (shape ", shape_str(w), ")"));
+  const at::Device dev = cuda_device(op, x);
+  check_dynamic_linear_args(op, x, w, w_scale, w_sum, dev);
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
-  check_on(op, "w_scale", w_scale, dev);
-  check_on(op, "w_sum", w_sum, dev);
-  check_dtype(op, "w_scale", w_scale, at::kFloat);
-  check_dtype(op, "w_sum", w_sum, at::kInt);
-  check_numel(op, "w_scale", w_scale, N, "one per output channel");
-  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
   const c10::cuda::CUDAGuard guard(dev);
   const at::Tensor bias32 = bias_f32(op, bias, N, dev);
   const at::Tensor xv = rows_view(x);
@@ -410,19 +332,9 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                    const c10::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                                    const c10::optional<at::Tensor>& bias) {
   const char* op = "llmeasyquant.weight_only_linear";
-  TORCH_CHECK(x.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", x.device()));
-  check_float(op, "x", x);
-  check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
-  const auto dev = x.device();
-  check_on(op, "qw", qw, dev);
-  check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
+  const at::Device dev = cuda_device(op, x);
+  check_weight_only_args(op, x, qw, bits, group_size, dev);
   const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), msg(op, ": K mismatch: x has K=", K,
-                    " (shape ", shape_str(x), ") but the ", bits, "-bit weight has shape ", shape_str(qw),
-                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])"));
-  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0"));
-  check_group_size(op, group_size, K);
   const c10::cuda::CUDAGuard guard(dev);
   const int64_t N = qw.size(0);
   const int64_t g = group_len(group_size, K);

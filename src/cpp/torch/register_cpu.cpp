@@ -6,7 +6,7 @@
 
 #include <cmath>
 
-#include "checks.h"
+#include "op_checks.h"
 #include "llmeq/cpu_kernels.h"
 #include "llmeq/quant_math.h"
 
@@ -15,9 +15,7 @@ namespace {
 
 int nthreads() { return at::get_num_threads(); }
 
-void check_cpu(const char* op, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), msg(op, ": the CPU kernel got a tensor on ", t.device()));
-}
+const at::Device kCpu(at::kCPU);
 
 at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
   std::vector<int64_t> s(xs.begin(), xs.end());
@@ -28,18 +26,10 @@ at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& 
   return at::empty(s, o.dtype(at::kChar));
 }
 
-void check_x(const char* op, const at::Tensor& x, int64_t bits, int64_t group_size) {
-  check_cpu(op, x);
-  check_float(op, "x", x);
-  check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
-  check_group_size(op, group_size, x.size(-1));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits, bool symmetric,
                                                             int64_t group_size) {
   const char* op = "llmeasyquant.quantize";
-  check_x(op, x, bits, group_size);
+  check_quant_input(op, x, bits, group_size, kCpu);
   if (group_size == 0)
     TORCH_CHECK_VALUE(x.numel() > 0, msg(op, ": per-tensor quantization of an empty tensor ", shape_str(x)));
   const int64_t K = x.size(-1);
@@ -73,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
 // 4-bit zero-points in range.
 int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                      int64_t group_size, bool check_values) {
-  check_cpu(op, scale);
-  check_cpu(op, zp);
+  check_device(op, "scale", scale, kCpu);
+  check_device(op, "zero_point", zp, kCpu);
   const int64_t sstride = check_scale_shapes(op, xs, scale, zp, group_size);
   if (check_values) check_scale_values(op, scale, zp, bits);
   return sstride;
@@ -83,7 +73,7 @@ int64_t check_scales(const char* op, at::IntArrayRef xs, const at::Tensor& scale
 at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                                int64_t group_size) {
   const char* op = "llmeasyquant.quantize_static";
-  check_x(op, x, bits, group_size);
+  check_quant_input(op, x, bits, group_size, kCpu);
   const int64_t sstride = check_scales(op, x.sizes(), scale, zp, bits, group_size, true);
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
@@ -98,18 +88,7 @@ at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, con
 at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                           int64_t group_size, int64_t K, at::ScalarType dtype) {
   const char* op = "llmeasyquant.dequantize";
-  check_cpu(op, q);
-  check_bits(op, bits);
-  TORCH_CHECK_VALUE(q.dim() >= 1, msg(op, ": expected q with at least 1 dimension"));
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, msg(op,
-                   ": dtype must be float32, bfloat16 or float16, got ", dtype));
-  check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
-  const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
-  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, msg(op, ": q of shape ", shape_str(q), " does not hold K=", K,
-                    " ", bits, "-bit values (last dim should be ", want_last, ")"));
-  check_group_size(op, group_size, K);
-  std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
-  xs.back() = K;
+  const std::vector<int64_t> xs = check_dequantize_args(op, q, bits, group_size, K, dtype, kCpu);
   const int64_t sstride = check_scales(op, xs, scale, zp, bits, group_size, false);
   const at::Tensor qc = q.contiguous(), s = scale.contiguous(), z = zp.contiguous();
   at::Tensor out = at::empty(xs, q.options().dtype(dtype));
@@ -121,17 +100,8 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
 
 void channel_stats_cpu(const at::Tensor& x, at::Tensor& absmax, at::Tensor& mn, at::Tensor& mx) {
   const char* op = "llmeasyquant.channel_stats_";
-  check_cpu(op, x);
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  check_channel_stats_args(op, x, absmax, mn, mx, kCpu);
   const int64_t K = x.size(-1);
-  for (auto* t : {&absmax, &mn, &mx}) {
-    check_cpu(op, *t);
-    check_dtype(op, "running statistics", *t, at::kFloat);
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, msg(op, ": running statistics must have shape [", K,
-                      "] (one per channel of x ", shape_str(x), "), got ", shape_str(*t)));
-    TORCH_CHECK_VALUE(t->is_contiguous(), msg(op, ": running statistics must be contiguous"));
-  }
   const at::Tensor xv = rows_view(x);
   cpu::channel_stats_update(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0),
                             absmax.data_ptr<float>(), mn.data_ptr<float>(), mx.data_ptr<float>(), nthreads());
@@ -141,14 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cpu(const at::Tensor
                                                                 double eps, int64_t bits, bool symmetric,
                                                                 bool update) {
   const char* op = "llmeasyquant.ema_quantize_";
-  check_x(op, x, bits, 0);
-  check_cpu(op, state);
-  check_dtype(op, "state", state, at::kFloat);
-  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(), msg(op,
-                    ": state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got ",
-                    shape_str(state)));
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, msg(op, ": alpha must be in [0, 1), got ", alpha));
-  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), msg(op, ": eps must be finite and > 0, got ", eps));
+  check_ema_args(op, x, state, alpha, eps, bits, kCpu);
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
   float* st = state.data_ptr<float>();
@@ -182,12 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cpu(const at::Tensor
 // ---- GEMM -----------------------------------------------------------------
 // vpdpbusd multiplies unsigned by signed bytes: A is shifted to u8 = a + 128
 // (a XOR 0x80) and 128 * sum_k B[n,k] is subtracted again, exactly, in int32.
-void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  check_cpu(op, a);
-  check_cpu(op, b);
-  check_gemm_shapes(op, a, b);
-}
-
 at::Tensor to_u8(const at::Tensor& a) {
   const at::Tensor ac = a.contiguous();
   at::Tensor u = at::empty(ac.sizes(), ac.options().dtype(at::kByte));
@@ -209,7 +166,7 @@ at::Tensor row_sums(const at::Tensor& b) {
 
 at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   const char* op = "llmeasyquant.int8_gemm";
-  check_gemm_operands(op, a, b);
+  check_gemm_operands(op, a, b, kCpu);
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
   const at::Tensor au = to_u8(a), bc = b.contiguous();
   at::Tensor c = at::empty({M, N}, a.options().dtype(at::kInt));
@@ -219,48 +176,17 @@ at::Tensor int8_gemm_cpu(const at::Tensor& a, const at::Tensor& b) {
   return c;
 }
 
-at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value()) return at::Tensor();
-  check_cpu(op, *bias);
-  check_float(op, "bias", *bias);
-  check_numel(op, "bias", *bias, N, "one per output channel");
-  return bias->to(at::kFloat).contiguous();
-}
-
 at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const c10::optional<at::Tensor>& a_zero,
                                 const at::Tensor& b, const at::Tensor& b_scale, const c10::optional<at::Tensor>& b_sum,
                                 const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "llmeasyquant.scaled_int8_gemm";
-  check_gemm_operands(op, a, b);
-  check_out_dtype(op, out_dtype);
+  check_gemm_operands(op, a, b, kCpu);
   const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
-  check_cpu(op, a_scale);
-  check_cpu(op, b_scale);
-  check_dtype(op, "a_scale", a_scale, at::kFloat);
-  check_dtype(op, "b_scale", b_scale, at::kFloat);
-  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1, msg(op,
-                    ": a_scale must have M=", M, " elements (per token) or 1 (per tensor), got ", shape_str(a_scale)));
-  check_numel(op, "b_scale", b_scale, N, "one per output channel");
-  at::Tensor corr;
-  if (a_zero.has_value()) {
-    check_cpu(op, *a_zero);
-    check_dtype(op, "a_zero", *a_zero, at::kChar);
-    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1, msg(op, ": a_zero must have M=", M,
-                      " elements or 1, got ", shape_str(*a_zero)));
-    corr = a_zero->to(at::kInt).add_(128).contiguous();
-  } else {
-    corr = at::full({1}, 128, a.options().dtype(at::kInt));
-  }
-  at::Tensor bsum;
-  if (b_sum.has_value()) {
-    check_cpu(op, *b_sum);
-    check_dtype(op, "b_sum", *b_sum, at::kInt);
-    check_numel(op, "b_sum", *b_sum, N, "sum_k b[n, k] per output channel");
-    bsum = b_sum->contiguous();
-  } else {
-    bsum = row_sums(b);
-  }
-  const at::Tensor bias32 = bias_f32(op, bias, N);
+  check_scaled_gemm_args(op, M, N, a_scale, a_zero, b_scale, b_sum, out_dtype, kCpu);
+  const at::Tensor corr = a_zero.has_value() ? a_zero->to(at::kInt).add_(128).contiguous()
+                                             : at::full({1}, 128, a.options().dtype(at::kInt));
+  const at::Tensor bsum = b_sum.has_value() ? b_sum->contiguous() : row_sums(b);
+  const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor au = to_u8(a), bc = b.contiguous(), as = a_scale.contiguous(), bs = b_scale.contiguous();
   at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
   cpu::GemmEpilogue ep;
@@ -278,31 +204,13 @@ at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, 
   return out;
 }
 
-void check_linear_weight(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t K_w) {
-  check_cpu(op, w);
-  TORCH_CHECK_VALUE(w.dim() == 2, msg(op, ": expected a 2-D weight, got ", shape_str(w)));
-  TORCH_CHECK_VALUE(x.size(-1) == K_w, msg(op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
-                    ") but the weight has K=", K_w, " (shape ", shape_str(w), ")"));
-}
-
 at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                                     const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
                                     bool act_symmetric) {
   const char* op = "llmeasyquant.dynamic_quant_linear";
-  check_cpu(op, x);
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
-  check_dtype(op, "w", w, at::kChar);
-  check_linear_weight(op, x, w, w.dim() == 2 ? w.size(1) : -1);
+  check_dynamic_linear_args(op, x, w, w_scale, w_sum, kCpu);
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
-  check_cpu(op, w_scale);
-  check_cpu(op, w_sum);
-  check_dtype(op, "w_scale", w_scale, at::kFloat);
-  check_dtype(op, "w_sum", w_sum, at::kInt);
-  check_numel(op, "w_scale", w_scale, N, "one per output channel");
-  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
-  const at::Tensor bias32 = bias_f32(op, bias, N);
+  const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor xv = rows_view(x);
   const int64_t M = xv.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -340,22 +248,13 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
                                   const c10::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                                   const c10::optional<at::Tensor>& bias) {
   const char* op = "llmeasyquant.weight_only_linear";
-  check_cpu(op, x);
-  check_float(op, "x", x);
-  check_bits(op, bits);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
-  check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
+  check_weight_only_args(op, x, qw, bits, group_size, kCpu);
   const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == (bits == 4 ? (K + 1) / 2 : K), msg(op, ": K mismatch: x has K=", K,
-                    " (shape ", shape_str(x), ") but the ", bits, "-bit weight has shape ", shape_str(qw),
-                    " (expected [N, ", (bits == 4 ? (K + 1) / 2 : K), "])"));
-  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0"));
-  check_group_size(op, group_size, K);
   const int64_t N = qw.size(0);
   const int64_t g = group_len(group_size, K);
   const at::Tensor zp = zero_point.has_value() ? *zero_point : at::zeros(scale.sizes(), scale.options().dtype(at::kChar));
   check_scales(op, {N, K}, scale, zp, bits, group_size, false);
-  const at::Tensor bias32 = bias_f32(op, bias, N);
+  const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor xf = rows_view(x.to(at::kFloat)).contiguous();
   const int64_t M = xf.size(0);
   const at::Tensor qc = qw.contiguous(), sc = scale.contiguous(), zc = zp.contiguous();

@@ -1,0 +1,151 @@
+// Argument checks of each op, shared by the CPU and CUDA implementations:
+// every tensor on the expected device, dtypes, shapes, ranges. Each message
+// says which op, what was expected and what came (checks.h builds them).
+#pragma once
+
+#include "checks.h"
+
+namespace llmeq {
+
+inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
+  TORCH_CHECK(t.device() == dev, msg(op, ": expected ", name, " on ", dev, " (where the input is), got ", t.device()));
+}
+
+// quantize / quantize_static / ema_quantize_ input.
+inline void check_quant_input(const char* op, const at::Tensor& x, int64_t bits, int64_t group_size,
+                              const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
+  check_group_size(op, group_size, x.size(-1));
+}
+
+// dequantize: returns the shape of the dequantized tensor.
+inline std::vector<int64_t> check_dequantize_args(const char* op, const at::Tensor& q, int64_t bits,
+                                                  int64_t group_size, int64_t K, at::ScalarType dtype,
+                                                  const at::Device& dev) {
+  check_device(op, "q", q, dev);
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(q.dim() >= 1, msg(op, ": expected q with at least 1 dimension"));
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   msg(op, ": dtype must be float32, bfloat16 or float16, got ", dtype));
+  check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
+  const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
+  TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, msg(op, ": q of shape ", shape_str(q), " does not hold K=", K,
+                                                            " ", bits, "-bit values (last dim should be ", want_last,
+                                                            ")"));
+  check_group_size(op, group_size, K);
+  std::vector<int64_t> xs(q.sizes().begin(), q.sizes().end());
+  xs.back() = K;
+  return xs;
+}
+
+inline void check_channel_stats_args(const char* op, const at::Tensor& x, const at::Tensor& absmax,
+                                     const at::Tensor& mn, const at::Tensor& mx, const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  const int64_t K = x.size(-1);
+  for (const at::Tensor* t : {&absmax, &mn, &mx}) {
+    check_device(op, "running statistics", *t, dev);
+    check_dtype(op, "running statistics", *t, at::kFloat);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, msg(op, ": running statistics must have shape [", K,
+                                                             "] (one per channel of x ", shape_str(x), "), got ",
+                                                             shape_str(*t)));
+    TORCH_CHECK_VALUE(t->is_contiguous(), msg(op, ": running statistics must be contiguous"));
+  }
+}
+
+inline void check_ema_args(const char* op, const at::Tensor& x, const at::Tensor& state, double alpha, double eps,
+                           int64_t bits, const at::Device& dev) {
+  check_quant_input(op, x, bits, 0, dev);
+  check_device(op, "state", state, dev);
+  check_dtype(op, "state", state, at::kFloat);
+  TORCH_CHECK_VALUE(state.dim() == 1 && state.size(0) == 4 && state.is_contiguous(),
+                    msg(op, ": state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got ",
+                        shape_str(state)));
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha < 1.0, msg(op, ": alpha must be in [0, 1), got ", alpha));
+  TORCH_CHECK_VALUE(eps > 0.0 && std::isfinite(eps), msg(op, ": eps must be finite and > 0, got ", eps));
+}
+
+inline void check_gemm_operands(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Device& dev) {
+  check_device(op, "a", a, dev);
+  check_device(op, "b (weights)", b, dev);
+  check_gemm_shapes(op, a, b);
+}
+
+// scaled_int8_gemm's scales, zero-points and row sums (operands checked above).
+inline void check_scaled_gemm_args(const char* op, int64_t M, int64_t N, const at::Tensor& a_scale,
+                                   const c10::optional<at::Tensor>& a_zero, const at::Tensor& b_scale,
+                                   const c10::optional<at::Tensor>& b_sum, at::ScalarType out_dtype,
+                                   const at::Device& dev) {
+  check_out_dtype(op, out_dtype);
+  check_device(op, "a_scale", a_scale, dev);
+  check_device(op, "b_scale", b_scale, dev);
+  check_dtype(op, "a_scale", a_scale, at::kFloat);
+  check_dtype(op, "b_scale", b_scale, at::kFloat);
+  TORCH_CHECK_VALUE(a_scale.numel() == M || a_scale.numel() == 1,
+                    msg(op, ": a_scale must have M=", M, " elements (per token) or 1 (per tensor), got ",
+                        shape_str(a_scale)));
+  check_numel(op, "b_scale", b_scale, N, "one per output channel");
+  if (a_zero.has_value()) {
+    check_device(op, "a_zero", *a_zero, dev);
+    check_dtype(op, "a_zero", *a_zero, at::kChar);
+    TORCH_CHECK_VALUE(a_zero->numel() == M || a_zero->numel() == 1,
+                      msg(op, ": a_zero must have M=", M, " elements or 1, got ", shape_str(*a_zero)));
+  }
+  if (b_sum.has_value()) {
+    check_device(op, "b_sum", *b_sum, dev);
+    check_dtype(op, "b_sum", *b_sum, at::kInt);
+    check_numel(op, "b_sum", *b_sum, N, "sum_k b[n, k] per output channel");
+  }
+}
+
+inline void check_dynamic_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
+                                      const at::Tensor& w_scale, const at::Tensor& w_sum, const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  check_device(op, "w", w, dev);
+  check_dtype(op, "w", w, at::kChar);
+  TORCH_CHECK_VALUE(w.dim() == 2, msg(op, ": expected a 2-D weight, got ", shape_str(w)));
+  TORCH_CHECK_VALUE(x.size(-1) == w.size(1), msg(op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
+                                                 ") but the weight has K=", w.size(1), " (shape ", shape_str(w), ")"));
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
+  check_device(op, "w_scale", w_scale, dev);
+  check_device(op, "w_sum", w_sum, dev);
+  check_dtype(op, "w_scale", w_scale, at::kFloat);
+  check_dtype(op, "w_sum", w_sum, at::kInt);
+  check_numel(op, "w_scale", w_scale, N, "one per output channel");
+  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
+}
+
+inline void check_weight_only_args(const char* op, const at::Tensor& x, const at::Tensor& qw, int64_t bits,
+                                   int64_t group_size, const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  check_bits(op, bits);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  check_device(op, "qw", qw, dev);
+  check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
+  const int64_t K = x.size(-1);
+  const int64_t kq = bits == 4 ? (K + 1) / 2 : K;
+  TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == kq,
+                    msg(op, ": K mismatch: x has K=", K, " (shape ", shape_str(x), ") but the ", bits,
+                        "-bit weight has shape ", shape_str(qw), " (expected [N, ", kq, "])"));
+  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0"));
+  check_group_size(op, group_size, K);
+}
+
+// bias as contiguous fp32 (undefined when absent).
+inline at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N, const at::Device& dev) {
+  if (!bias.has_value()) return at::Tensor();
+  check_device(op, "bias", *bias, dev);
+  check_float(op, "bias", *bias);
+  check_numel(op, "bias", *bias, N, "one per output channel");
+  return bias->to(at::kFloat).contiguous();
+}
+
+}  // namespace llmeq
