@@ -42,7 +42,18 @@ def test_compare_rows_outputs_and_resume(tmp_path, one_thread):
     with open(tmp_path / "compare.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [r["method"] for r in table] == [r["method"] for r in rows] and set(COLUMNS) <= set(table[0])
+    report = (tmp_path / "report.md").read_text()
+    assert "![ppl_memory](ppl_memory.png)" in report and "![weights](weights.png)" in report
+    assert "Command:" in report and "transformers" in report  # environment recorded
+    from PIL import Image
+
+    for stem in ("ppl_memory", "weights"):
+        with Image.open(tmp_path / f"{stem}.png") as im:
+            assert im.size[0] >= 400 and im.size[1] >= 250, (stem, im.size)
+            assert len(set(im.convert("L").getdata())) > 10  # not a blank canvas
+        assert (tmp_path / f"{stem}.svg").stat().st_size > 1000
     saved = json.loads((tmp_path / "compare.json").read_text())
+    assert len(saved["rows"][1]["weight_hist"]["counts"]) == 120
     assert saved["rows"][3]["bits"].startswith("KV4")
     # resume: nothing is recomputed, the loader's model is never quantized
     calls = []

@@ -103,6 +103,32 @@ def _row_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_report(rows: list[dict], meta: dict, out_dir: str) -> str:
+    """report.md with the table, the plots (rendered from the rows), the
+    environment and the command; plots need matplotlib (skipped without)."""
+    from . import plots
+
+    figures = []
+    try:
+        figures += plots.plot_ppl_memory(rows, out_dir)
+        figures += plots.plot_weights(rows, meta.get("plot_layer", "?"), out_dir)
+    except ImportError as err:
+        figures = []
+        meta = dict(meta, plots=f"not drawn: {err}")
+    md = [f"# {meta['model']}: quantization methods compared", "", _row_table(rows), ""]
+    for f in figures:
+        if f.endswith(".png"):
+            stem = os.path.splitext(os.path.basename(f))[0]
+            md += [f"![{stem}]({os.path.basename(f)})", ""]
+    md += ["## How this was measured", "",
+           f"- Protocol: {meta['protocol']}.", f"- Calibration: {meta['calibration']}.", f"- Speed: {meta['speed']}.",
+           f"- Weight histograms: layer `{meta.get('plot_layer', '?')}`." if figures else f"- Plots: {meta.get('plots')}.",
+           f"- Environment: {meta['environment']}.", f"- Command: `{meta['command']}`", ""]
+    path = os.path.join(out_dir, "report.md")
+    _atomic_write(path, "\n".join(md))
+    return path
+
+
 def write_outputs(rows: list[dict], meta: dict, out_dir: str) -> dict:
     """compare.md / compare.csv / compare.json in out_dir (each written atomically)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -132,22 +158,24 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
     from .data import DEFAULT_EVAL_FILE
     from .methods import simquant
 
+    from . import plots
+
     base, tok = model_loader()
     base.eval()
+    plot_layer = plots.pick_layer(base)
+    float_w = plots.layer_weight(base, plot_layer)
+    hist_range = (-1.05 * float(float_w.abs().max()), 1.05 * float(float_w.abs().max()))
     ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
     windows = (ids.numel() // seq_len) if max_windows is None else min(max_windows, ids.numel() // seq_len)
     protocol = (f"WikiText-2 raw test ({os.path.basename(DEFAULT_EVAL_FILE)}), {windows} non-overlapping windows "
                 f"x {seq_len} tokens{' (whole file)' if max_windows is None else ''}, fp32 logits")
-    import platform
-
     meta = {"model": model_name, "protocol": protocol,
             "calibration": f"{calib_samples} x {calib_seq_len} tokens of WikiText-2 validation (wiki.valid.tokens)",
             "speed": f"prefill: one forward of {speed_prefill_tokens} tokens; decode: 32 greedy tokens after a "
                      "64-token prompt; "
                      f"batch 1, {torch.get_num_threads()} threads" if speed else "not measured",
-            "environment": f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-                           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}",
-            "command": command}
+            "environment": _environment(),
+            "command": command, "plot_layer": plot_layer}
     done = {}
     if resume and out_dir and os.path.exists(os.path.join(out_dir, "compare.json")):
         with open(os.path.join(out_dir, "compare.json")) as fh:
@@ -179,10 +207,11 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
         else:
             res = perplexity(model, ids=ids, seq_len=seq_len, max_windows=windows, progress=progress)
         mem = model_memory(model)
+        hist = plots.weight_histogram(plots.layer_weight(model, plot_layer), *hist_range)
         row = {"method": p.name, "bits": p.bits, "ppl": res.ppl, "tokens": res.tokens,
                "linear_MiB": mem["linear"] / 2**20, "total_MiB": mem["total"] / 2**20,
                "calib_s": calib_s, "quant_s": quant_s, "protocol": protocol,
-               "options": {"method": p.method, **p.options}}
+               "options": {"method": p.method, **p.options}, "weight_hist": hist}
         if speed:
             sp = throughput(model, ids, prefill_tokens=speed_prefill_tokens)
             row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s)
@@ -199,7 +228,28 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
         r["delta_pct"] = None if r["method"] == "float" else 100.0 * (r["ppl"] - float_ppl) / float_ppl
     if out_dir:
         write_outputs(rows, meta, out_dir)
+        write_report(rows, meta, out_dir)
     return rows
+
+
+def _environment() -> str:
+    import platform
+
+    import transformers
+
+    from ._native import build_info
+
+    info = build_info()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"llmeasyquant {info['version']}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"{cpu} ({torch.get_num_threads()} threads, CPU kernels {info['cpu_isa_active']}), {gpu}, "
+            f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
 def format_table(rows: list[dict]) -> str:
