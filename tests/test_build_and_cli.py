@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import lq
@@ -62,3 +63,24 @@ def test_bench_qlinear_runs(tmp_path):
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert "| 256x384 | 16 |" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["info", "compare", "quantize", "eval", "export", "demo"])
+def test_every_command_has_help(command, capsys):
+    from llmeasyquant import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llmeasyquant " + command) and "example" in out or command == "info"
+
+
+def test_bad_choice_is_a_one_line_error_with_the_choices(capsys):
+    from llmeasyquant import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--method", "magic", "--out", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "invalid choice: 'magic'" in err and "gptq" in err

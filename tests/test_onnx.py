@@ -93,6 +93,10 @@ def test_cli_quantize_then_export(tmp_path, capsys, one_thread):
     assert "saved to" in capsys.readouterr().out
     q = lq.load(str(tmp_path / "q"))
     assert q.llmeq_config.w_bits == 4 and q.llmeq_config.act is None
+    assert cli.main(["eval", str(tmp_path / "q"), "--ppl", "--memory", "--max-windows", "1", "--seq-len", "64",
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "zeropoint W4 g16" in out and "perplexity" in out and "memory: linear layers" in out
     assert cli.main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx")]) == 0
     out = capsys.readouterr().out
     diff = float(out.rsplit("=", 1)[1])

@@ -4,6 +4,7 @@ Commands:
   info      what this installation was built with
   compare   quantize a model with several methods; perplexity, memory, tokens/s table
   quantize  quantize a model with one method and save it (safetensors folder)
+  eval      perplexity / memory / tokens/s of a model or a saved quantized folder
   export    export a saved quantized model to ONNX (checked in ONNX Runtime)
   demo      quantize one real layer of the default model with QLinear and compare
 """
@@ -149,6 +150,48 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_any(path: str):
+    """A saved quantized folder (llmeasyquant.save) or anything load_model takes."""
+    from .io import is_quantized_folder, load
+    from .models import load_model
+
+    if os.path.isdir(path) and is_quantized_folder(path):
+        return load(path, with_tokenizer=True)
+    return load_model(path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import DEFAULT_EVAL_FILE
+    from .eval import model_memory, perplexity, throughput
+    from .eval.perplexity import tokenize_file
+
+    model, tok = _load_any(args.model)
+    want = {k for k in ("ppl", "memory", "speed") if getattr(args, k)} or {"ppl", "memory", "speed"}
+    ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
+    cfg = getattr(model, "llmeq_config", None)
+    print(f"{args.model}: {cfg.describe() if cfg is not None else 'float model'}")
+    if "ppl" in want:
+        kv = getattr(model, "llmeq_kv_config", None)
+        if kv is not None:
+            from .methods.simquant import kv_perplexity
+
+            r = kv_perplexity(model, ids, kv, seq_len=args.seq_len,
+                              max_windows=None if args.max_windows == 0 else args.max_windows,
+                              progress=not args.quiet)
+        else:
+            r = perplexity(model, ids=ids, seq_len=args.seq_len,
+                           max_windows=None if args.max_windows == 0 else args.max_windows, progress=not args.quiet)
+        print(f"  perplexity {r.ppl:.3f}  ({r.protocol()})")
+    if "memory" in want:
+        m = model_memory(model)
+        print(f"  memory: linear layers {m['linear'] / 2**20:.1f} MiB, whole model {m['total'] / 2**20:.1f} MiB")
+    if "speed" in want:
+        sp = throughput(model, ids)
+        print(f"  speed: prefill {sp.prefill_tokens_per_s:.0f} tok/s ({sp.prefill_tokens} tokens), decode "
+              f"{sp.decode_tokens_per_s:.1f} tok/s ({sp.threads} threads, {sp.device})")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -235,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (replaced atomically)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity, memory and tokens/s of a model or a saved quantized folder",
+                       description="Evaluate a model (local HF folder, .gguf, 'smollm2-135m') or a folder written "
+                                   "by `llmeasyquant quantize`: WikiText-2 perplexity, bytes held, tokens/s "
+                                   "(all three unless some are named).",
+                       epilog="example: llmeasyquant eval smollm2-awq --ppl --max-windows 8")
+    s.add_argument("model", help="model or saved quantized folder")
+    s.add_argument("--ppl", action="store_true", help="perplexity on WikiText-2 raw test")
+    s.add_argument("--memory", action="store_true", help="bytes held by the linear layers and the model")
+    s.add_argument("--speed", action="store_true", help="prefill / decode tokens per second")
+    s.add_argument("--max-windows", type=int, default=16, help="perplexity windows (0 = whole file; default 16)")
+    s.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("export", help="export a saved quantized model to ONNX",
                        description="Export a folder written by `llmeasyquant quantize` (or llmeasyquant.save) to "
