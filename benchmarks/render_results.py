@@ -61,6 +61,12 @@ def render(path: str) -> str:
              f"- Command: `{meta['command']}`", "",
              "## The accuracy bar (methods issue)", "", "| bar | status | measured |", "|---|---|---|"]
     lines += [f"| {t} | {s} | {m} |" for t, s, m in _bars(by)]
+    onnx_md = Path(path).with_name("onnx.md")
+    if onnx_md.exists():
+        lines += ["", "## ONNX export of the default model (checked in ONNX Runtime)", "", onnx_md.read_text().strip()]
+    report = Path(path).with_name("report.md")
+    if report.exists():
+        lines += ["", "Plots and the full report of this run: [results/report.md](results/report.md)."]
     return "\n".join(lines) + "\n"
 
 
