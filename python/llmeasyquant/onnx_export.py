@@ -124,7 +124,7 @@ def export_onnx(model: nn.Module, path: str, *, seq_len: Optional[int] = None, e
     wrapper = _LogitsOnly(model).eval()
     with _onnx_int4_weights(model):
         prog = torch.onnx.export(wrapper, (ids,), dynamo=True, opset_version=OPSET, dynamic_shapes=dyn,
-                                 custom_translation_table=_translations(), optimize=True, verbose=False)
+                                 custom_translation_table=_translations(), optimize=False, verbose=False)
     proto = prog.model_proto
     _store_int4(proto, model)
     cfg = getattr(model, "llmeq_config", None)
