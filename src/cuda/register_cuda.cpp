@@ -28,15 +28,6 @@ at::Device cuda_device(const char* op, const at::Tensor& t) {
   return t.device();
 }
 
-at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
-  std::vector<int64_t> s(xs.begin(), xs.end());
-  if (bits == 4) {
-    s.back() = (s.back() + 1) / 2;
-    return at::empty(s, o.dtype(at::kByte));
-  }
-  return at::empty(s, o.dtype(at::kChar));
-}
-
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

@@ -141,6 +141,17 @@ inline void check_out_dtype(const char* op, at::ScalarType d) {
                    ": out_dtype must be float32, bfloat16 or float16, got ", d));
 }
 
+// Storage for quantized values of shape xs: int8, or uint8 with two 4-bit
+// values per byte along the last dim.
+inline at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
+  std::vector<int64_t> s(xs.begin(), xs.end());
+  if (bits == 4) {
+    s.back() = (s.back() + 1) / 2;
+    return at::empty(s, o.dtype(at::kByte));
+  }
+  return at::empty(s, o.dtype(at::kChar));
+}
+
 // Effective group length along K (per tensor and per row use whole rows).
 inline int64_t group_len(int64_t group_size, int64_t K) { return group_size > 0 ? group_size : K; }
 

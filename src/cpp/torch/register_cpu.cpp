@@ -17,15 +17,6 @@ int nthreads() { return at::get_num_threads(); }
 
 const at::Device kCpu(at::kCPU);
 
-at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
-  std::vector<int64_t> s(xs.begin(), xs.end());
-  if (bits == 4) {
-    s.back() = (s.back() + 1) / 2;
-    return at::empty(s, o.dtype(at::kByte));
-  }
-  return at::empty(s, o.dtype(at::kChar));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits, bool symmetric,
                                                             int64_t group_size) {
   const char* op = "llmeasyquant.quantize";
