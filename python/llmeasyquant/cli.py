@@ -162,8 +162,8 @@ def _load_any(path: str):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import DEFAULT_EVAL_FILE
-    from .eval import model_memory, perplexity, throughput
-    from .eval.perplexity import tokenize_file
+    from .eval import model_memory, throughput
+    from .eval.perplexity import model_perplexity, tokenize_file
 
     model, tok = _load_any(args.model)
     want = {k for k in ("ppl", "memory", "speed") if getattr(args, k)} or {"ppl", "memory", "speed"}
@@ -171,16 +171,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = getattr(model, "llmeq_config", None)
     print(f"{args.model}: {cfg.describe() if cfg is not None else 'float model'}")
     if "ppl" in want:
-        kv = getattr(model, "llmeq_kv_config", None)
-        if kv is not None:
-            from .methods.simquant import kv_perplexity
-
-            r = kv_perplexity(model, ids, kv, seq_len=args.seq_len,
-                              max_windows=None if args.max_windows == 0 else args.max_windows,
-                              progress=not args.quiet)
-        else:
-            r = perplexity(model, ids=ids, seq_len=args.seq_len,
-                           max_windows=None if args.max_windows == 0 else args.max_windows, progress=not args.quiet)
+        r = model_perplexity(model, ids, seq_len=args.seq_len,
+                             max_windows=None if args.max_windows == 0 else args.max_windows, progress=not args.quiet)
         print(f"  perplexity {r.ppl:.3f}  ({r.protocol()})")
     if "memory" in want:
         m = model_memory(model)

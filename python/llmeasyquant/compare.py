@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import quantize
-from .eval import model_memory, perplexity, throughput
-from .eval.perplexity import tokenize_file
+from .eval import model_memory, throughput
+from .eval.perplexity import model_perplexity, tokenize_file
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,6 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
     ``model_loader()`` -> (model, tokenizer). Returns the rows (float first)."""
     from .calibration import calibration_batches
     from .data import DEFAULT_EVAL_FILE
-    from .methods import simquant
 
     from . import plots
 
@@ -201,11 +200,7 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
             quantize(model, p.method, calib=calib if calib is not None else None, tokenizer=tok,
                      progress=progress, **p.options)
             quant_s = time.perf_counter() - t0
-        if p.method == "simquant":
-            res = simquant.kv_perplexity(model, ids, model.llmeq_kv_config, seq_len=seq_len,
-                                         max_windows=windows, progress=progress)
-        else:
-            res = perplexity(model, ids=ids, seq_len=seq_len, max_windows=windows, progress=progress)
+        res = model_perplexity(model, ids, seq_len=seq_len, max_windows=windows, progress=progress)
         mem = model_memory(model)
         hist = plots.weight_histogram(plots.layer_weight(model, plot_layer), *hist_range)
         row = {"method": p.name, "bits": p.bits, "ppl": res.ppl, "tokens": res.tokens,

@@ -79,3 +79,15 @@ def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, pat
     dtype = str(next(model.parameters()).dtype).replace("torch.", "") if any(True for _ in model.parameters()) else "?"
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(starts), seq_len=seq_len,
                             stride=stride, dtype=dtype, source=str(path))
+
+
+def model_perplexity(model, ids: torch.Tensor, *, seq_len: int = 2048, max_windows: Optional[int] = None,
+                     progress: bool = True) -> PerplexityResult:
+    """:func:`perplexity`, or, for a model with a SimQuant KV cache
+    (``model.llmeq_kv_config``), the same protocol through the quantized cache."""
+    kv = getattr(model, "llmeq_kv_config", None)
+    if kv is None:
+        return perplexity(model, ids=ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
+    from ..methods.simquant import kv_perplexity
+
+    return kv_perplexity(model, ids, kv, seq_len=seq_len, max_windows=max_windows, progress=progress)
