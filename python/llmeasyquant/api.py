@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .calibration import calibration_batches
+from .distributed.shard import Shard
 from .methods.base import QuantConfig, config_for
 from .models.extract import extract
 
@@ -40,7 +41,7 @@ def _calibration(config: QuantConfig, calib, tokenizer) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquant", calib=None, *,
-             tokenizer=None, progress: bool = True, **options) -> nn.Module:
+             tokenizer=None, progress: bool = True, shard=None, **options) -> nn.Module:
     """Quantize a Hugging Face causal LM in place and return it.
 
     ``method_or_config``: a method name (``absmax``, ``zeropoint``, ``zeroquant``,
@@ -48,6 +49,9 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
     fields, or a config object. ``calib``: a text file, a list of strings, or a
     list of token-id tensors; default WikiText-2 validation (needs
     ``tokenizer``). Linears named in ``exclude`` (default ``lm_head``) stay float.
+    ``shard``: a :class:`llmeasyquant.distributed.ProcessShard` to split the
+    work over torch.distributed ranks (see :func:`llmeasyquant.distributed.quantize`);
+    every rank ends with the same quantized model.
     """
     if isinstance(method_or_config, QuantConfig):
         if options:
@@ -58,10 +62,14 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
     spec = extract(model)
     needs = config.method in _NEEDS_CALIBRATION or config.act == "static"
     batches = _calibration(config, calib, tokenizer) if needs else []
+    shard = shard or Shard()
+    if needs:
+        # every rank tokenizes the same windows (seeded); data-parallel keeps its share
+        batches = shard.local_batches(batches)
     module = importlib.import_module(f".methods.{_METHOD_MODULES[config.method]}", __package__)
     was_training = model.training
     model.eval()
-    module.apply(model, spec, config, batches, progress=progress)
+    module.apply(model, spec, config, batches, progress=progress, shard=shard)
     model.train(was_training)
     model.llmeq_config = config
     return model

@@ -8,8 +8,9 @@ uses the test split, so calibration never sees evaluation text.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -164,13 +165,16 @@ def observe_block(block: nn.Module, inputs: BlockInputs, names: Iterable[str],
 @torch.no_grad()
 def run_blockwise(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[torch.Tensor],
                   process_block: Callable[[int, nn.Module, BlockInputs], None], desc: str = "quantizing",
-                  progress: bool = True) -> None:
+                  progress: bool = True,
+                  forward_context: Optional[Callable[[int, nn.Module], ContextManager]] = None) -> None:
     """Layer-by-layer processing: ``process_block(i, block, inputs)`` sees the
     inputs block ``i`` receives *from the already-processed blocks before it*
     (so errors of earlier quantized blocks are accounted for, as in GPTQ);
     afterwards the block's outputs become the next block's inputs. Only one
-    block's activations are held at a time."""
+    block's activations are held at a time. ``forward_context(i, block)``
+    wraps that forward (timing the quantized layers)."""
     inputs = capture_block_inputs(model, blocks[0], batches)
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
         process_block(i, block, inputs)
-        inputs.hidden = [block_forward(block, inputs, j) for j in range(len(inputs.hidden))]
+        with forward_context(i, block) if forward_context else contextlib.nullcontext():
+            inputs.hidden = [block_forward(block, inputs, j) for j in range(len(inputs.hidden))]

@@ -66,3 +66,29 @@ def to_qlinear(module: nn.Module, config, **overrides) -> QLinear:
     kw = config.qlinear_kwargs()
     kw.update(overrides)
     return QLinear.from_linear(module, **kw)
+
+
+def weight_cost(module: nn.Module) -> float:
+    """Work of quantizing a layer, for partitioning layers over ranks."""
+    return float(weight_nk(module).numel())
+
+
+@torch.no_grad()
+def quantize_owned(root: nn.Module, names: list[str], config, shard, stats: dict | None = None,
+                   prefix: str = "") -> None:
+    """Round-to-nearest the linears ``names`` (paths under ``root``) this rank
+    owns, then every rank receives the others' (single process: all of them).
+    ``stats`` (full path -> ChannelStats) sets calibrated static ranges."""
+    full = {n: f"{prefix}.{n}" if prefix else n for n in names}
+    mine = shard.assign([full[n] for n in names], [weight_cost(root.get_submodule(n)) for n in names])
+    for n in names:
+        if full[n] not in mine:
+            continue
+        with shard.phase(full[n], "quant"):
+            q = to_qlinear(root.get_submodule(n), config)
+            if config.act == "static":
+                st = stats[full[n]]
+                q.set_static_range(st.min.min(), st.max.max())
+            swap(root, n, q)
+    shard.barrier(prefix or "model")
+    shard.gather_modules(root, names, prefix)

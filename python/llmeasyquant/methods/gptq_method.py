@@ -9,13 +9,16 @@ sub-groups the difference is small in the GPTQ paper's ablation.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..calibration import BlockInputs, observe_block, run_blockwise
+from ..distributed.shard import Shard
 from ..models.extract import ModelSpec
 from ..nn.qlinear import QLinear
-from ._common import swap, target_paths, to_qlinear, weight_nk
+from ._common import quantize_owned, swap, target_paths, weight_nk
 from .gptq import gptq_quantize
 
 
@@ -34,32 +37,49 @@ def quantized_from(module: nn.Module, config, q, scale, zero_point) -> QLinear:
 
 
 @torch.no_grad()
-def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = True) -> None:
+def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = True,
+          shard: Optional[Shard] = None) -> None:
     if config.act not in (None, "dynamic"):
         raise ValueError(f"gptq: act={config.act!r} is not supported (weight-only or dynamic activations)")
+    shard = shard or Shard()
     wanted = set(target_paths(model, spec, config.exclude))
     prefix = spec.arch.layers_path
 
     def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
-        names = [n for n in spec.block_linears if f"{prefix}.{i}.{n}" in wanted]
-        hessians: dict[str, torch.Tensor] = {}
-        for n in names:
-            K = weight_nk(block.get_submodule(n)).shape[1]
-            hessians[n] = torch.zeros(K, K, dtype=torch.float64)
+        key = f"{prefix}.{i}"
+        names = [n for n in spec.block_linears if f"{key}.{n}" in wanted]
+        shapes = {n: weight_nk(block.get_submodule(n)).shape for n in names}
+        # Cholesky O(K^3) + column sweep O(N K^2)
+        mine = shard.assign([f"{key}.{n}" for n in names],
+                            [shapes[n][1] ** 2 * (shapes[n][0] + shapes[n][1]) for n in names])
+        # data-parallel: every rank adds its batches' part of every Hessian;
+        # replicated calibration: only the owner needs a layer's Hessian
+        observed = names if shard.data_parallel else [n for n in names if f"{key}.{n}" in mine]
+        hessians = {n: torch.zeros(shapes[n][1], shapes[n][1], dtype=torch.float64) for n in observed}
 
         def accumulate(n: str, x: torch.Tensor) -> None:
             xd = x.double()
             hessians[n].add_(xd.T @ xd)
 
-        observe_block(block, inputs, names, accumulate)
+        with shard.phase(key, "calib"):
+            observe_block(block, inputs, observed, accumulate)
+        for n in observed:
+            shard.reduce_to_owner_(f"{key}.{n}", hessians[n])
         for n in names:
+            if f"{key}.{n}" not in mine:
+                continue
             mod = block.get_submodule(n)
-            r = gptq_quantize(weight_nk(mod).float(), hessians[n], bits=config.w_bits,
-                              group_size=config.w_group_size, symmetric=config.w_symmetric,
-                              block_size=config.block_size, damp=config.damp, act_order=config.act_order)
-            swap(block, n, quantized_from(mod, config, r.q, r.scale, r.zero_point))
+            with shard.phase(f"{key}.{n}", "load"):
+                W = weight_nk(mod).float()
+            with shard.phase(f"{key}.{n}", "quant"):
+                r = gptq_quantize(W, hessians[n], bits=config.w_bits, group_size=config.w_group_size,
+                                  symmetric=config.w_symmetric, block_size=config.block_size, damp=config.damp,
+                                  act_order=config.act_order)
+                swap(block, n, quantized_from(mod, config, r.q, r.scale, r.zero_point))
+        shard.barrier(key)
+        shard.gather_modules(block, names, key)
 
-    run_blockwise(model, spec.blocks, calib, process, desc="GPTQ", progress=progress)
-    for p in spec.extra_linears:  # outside the blocks: round-to-nearest
-        if p in wanted:
-            swap(model, p, to_qlinear(model.get_submodule(p), config))
+    run_blockwise(model, spec.blocks, calib, process, desc="GPTQ", progress=progress,
+                  forward_context=lambda i, block: shard.forward_times(block, f"{prefix}.{i}"))
+    # outside the blocks: round-to-nearest
+    quantize_owned(model, [p for p in spec.extra_linears if p in wanted], config, shard)

@@ -7,21 +7,25 @@ per-tensor activation range of every layer is calibrated first.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..calibration import collect_input_stats
+from ..distributed.shard import Shard
 from ..models.extract import ModelSpec
-from ._common import swap, target_paths, to_qlinear
+from ._common import quantize_owned, target_paths
 
 
 @torch.no_grad()
-def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = True) -> None:
+def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = True,
+          shard: Optional[Shard] = None) -> None:
+    shard = shard or Shard()
     paths = target_paths(model, spec, config.exclude)
-    stats = collect_input_stats(model, paths, calib, progress) if config.act == "static" else {}
-    for p in paths:
-        q = to_qlinear(model.get_submodule(p), config)
-        if config.act == "static":
-            st = stats[p]
-            q.set_static_range(st.min.min(), st.max.max())
-        swap(model, p, q)
+    stats = {}
+    if config.act == "static":
+        with shard.phase("calibration", "calib"):
+            stats = collect_input_stats(model, paths, calib, progress)
+        shard.reduce_stats_(stats)
+    quantize_owned(model, paths, config, shard, stats)

@@ -94,9 +94,10 @@ def install_generate_hook(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def apply(model: nn.Module, spec, config, calib, progress: bool = True) -> None:
+def apply(model: nn.Module, spec, config, calib, progress: bool = True, shard=None) -> None:
     """Attach the KV-cache config and make ``generate`` use a SimQuant cache by
-    default. No weights change; ``spec`` and ``calib`` are unused."""
+    default. No weights change; ``spec``, ``calib`` and ``shard`` are unused
+    (every rank does the same, cheap, setup)."""
     check_supported(model)
     check_kv_config(config)
     model.llmeq_kv_config = config

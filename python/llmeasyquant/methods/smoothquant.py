@@ -10,13 +10,16 @@ Then W8A8 (per-token dynamic or static per-tensor activations).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from .. import ops
 from ..calibration import collect_input_stats
+from ..distributed.shard import Shard
 from ..models.extract import ModelSpec
-from ._common import fold_scales, swap, target_paths, to_qlinear, weight_nk
+from ._common import fold_scales, quantize_owned, target_paths, weight_nk
 
 _MIN_SCALE = 1e-5
 
@@ -48,29 +51,40 @@ def _w8a8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, a
 
 
 @torch.no_grad()
-def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = True) -> None:
-    first = [f"{spec.arch.layers_path}.{i}.{g.linears[0]}" for i in range(len(spec.blocks)) for g in spec.groups]
+def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = True,
+          shard: Optional[Shard] = None) -> None:
+    shard = shard or Shard()
+    prefix = spec.arch.layers_path
+    first = [f"{prefix}.{i}.{g.linears[0]}" for i in range(len(spec.blocks)) for g in spec.groups]
     paths = target_paths(model, spec, config.exclude)
     keep = 256 if config.alpha_grid else 0
-    stats = collect_input_stats(model, sorted(set(first) | set(paths)), calib, progress, keep_tokens=keep)
+    with shard.phase("calibration", "calib"):
+        stats = collect_input_stats(model, sorted(set(first) | set(paths)), calib, progress, keep_tokens=keep)
+    shard.reduce_stats_(stats)
+    # the alpha searches are the costly part: spread the scale groups over the ranks
+    keys = [f"{prefix}.{i}.{g.linears[0]}" for i in range(len(spec.blocks)) for g in spec.groups]
+    costs = [sum(weight_nk(spec.blocks[i].get_submodule(n)).numel() for n in g.linears)
+             for i in range(len(spec.blocks)) for g in spec.groups]
+    mine = shard.assign(keys, costs) if config.alpha_grid else set(keys)
     for i, block in enumerate(spec.blocks):
         for g in spec.groups:
-            key = f"{spec.arch.layers_path}.{i}.{g.linears[0]}"
+            key = f"{prefix}.{i}.{g.linears[0]}"
             weights = [weight_nk(block.get_submodule(n)) for n in g.linears]
             alpha = config.alpha
             if config.alpha_grid:
-                x = stats[key].samples
-                alpha = min(config.alpha_grid, key=lambda a: _w8a8_error(
-                    x, weights, smoothing_scales(stats[key].absmax, weights, a), config.act, config.act_symmetric))
+                if key in mine:
+                    x = stats[key].samples
+                    with shard.phase(key, "quant"):
+                        alpha = min(config.alpha_grid, key=lambda a: _w8a8_error(
+                            x, weights, smoothing_scales(stats[key].absmax, weights, a), config.act,
+                            config.act_symmetric))
+                alpha = shard.share(key, alpha)
+            # every rank folds the same scales (same statistics, same alpha)
             s = smoothing_scales(stats[key].absmax, weights, alpha)
             fold_scales(block, g, s)
             # the layers now see X / s: keep their statistics consistent
             for n in g.linears:
-                st = stats.get(f"{spec.arch.layers_path}.{i}.{n}")
+                st = stats.get(f"{prefix}.{i}.{n}")
                 if st is not None:
                     st.divide_(s)
-    for p in paths:
-        q = to_qlinear(model.get_submodule(p), config)
-        if config.act == "static":
-            q.set_static_range(stats[p].min.min(), stats[p].max.max())
-        swap(model, p, q)
+    quantize_owned(model, paths, config, shard, stats)

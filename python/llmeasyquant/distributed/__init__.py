@@ -1,0 +1,55 @@
+"""Distributed quantization on torch.distributed (NCCL on GPUs, gloo over TCP on CPU).
+
+* :func:`quantize` - any method, with the layers (and scale searches) spread
+  over the ranks and the quantized tensors all-gathered, so every rank ends
+  with the identical model; optional data-parallel calibration with global
+  statistics (max / min / Hessian sums).
+* :mod:`.tensor_parallel` - column- and row-parallel QLinear (Megatron layout).
+* :class:`.ema_sync.EMASync` - keeps online (EMA) activation scales equal across ranks.
+* :mod:`.timing` - the per-layer time breakdown (paper eq. 12).
+
+Start ranks with ``torchrun``: ``torchrun --nproc_per_node 2 -m
+llmeasyquant.distributed quantize smollm2-135m --method gptq --out q/``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .runtime import DEFAULT_TIMEOUT_S, PeerFailure, collective, init, pick_backend, shutdown
+from .shard import ProcessShard, Shard, partition
+from .timing import PHASES, Breakdown, format_table
+from .verify import check_consistent, model_digests
+
+
+def quantize(model: nn.Module, method_or_config="smoothquant", calib=None, *, tokenizer=None,
+             data_parallel: bool = False, timer: Optional[Breakdown] = None, verify: bool = True,
+             progress: bool = True, group=None, **options) -> nn.Module:
+    """:func:`llmeasyquant.quantize` over the ranks of an initialised process group.
+
+    Every rank passes the same float model. Layers are partitioned across
+    ranks (largest first, balanced); each rank quantizes its part and the
+    results are all-gathered. ``data_parallel=False`` (default): every rank
+    runs the calibration forwards over all the data, so the result is
+    bit-identical to one process. ``data_parallel=True``: each rank calibrates
+    on 1/P of the batches and the statistics are combined (max/min exact,
+    Hessian sums up to float64 summation order; SmoothQuant/AWQ searches see the
+    union of the ranks' sampled tokens). ``verify``: compare checksums of every
+    tensor across ranks at the end.
+    """
+    from ..api import quantize as _quantize
+
+    device = next(iter(model.parameters())).device
+    shard = ProcessShard(data_parallel=data_parallel, timer=timer, device=device, group=group)
+    _quantize(model, method_or_config, calib, tokenizer=tokenizer, progress=progress and shard.rank == 0,
+              shard=shard, **options)
+    if verify:
+        check_consistent(model, group)
+    return model
+
+
+__all__ = ["Breakdown", "DEFAULT_TIMEOUT_S", "PHASES", "PeerFailure", "ProcessShard", "Shard", "check_consistent",
+           "collective", "format_table", "init", "model_digests", "partition", "pick_backend", "quantize",
+           "shutdown"]

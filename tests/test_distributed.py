@@ -1,0 +1,177 @@
+"""Distributed quantization on real torch.distributed process groups: 2 and 4
+gloo ranks on 127.0.0.1, spawned by the test (bounded in time, reaped on
+failure). NCCL variants need 2+ GPUs (marked multi_gpu; skipped otherwise)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import llmeasyquant.distributed as lqd  # noqa: E402
+from llmeasyquant.distributed.local import run_local  # noqa: E402
+
+import dist_workers as W  # noqa: E402
+
+TIMEOUT = 240
+
+# (method, options): every calibrated method and the RTN family
+METHODS = [
+    ("absmax", {}),
+    ("zeropoint", {"w_bits": 4, "w_group_size": 16, "act": None}),
+    ("absmax", {"act": "static"}),
+    ("smoothquant", {"n_calib": 8}),
+    ("gptq", {"w_group_size": 16}),
+    ("awq", {"w_group_size": 16, "grid": 5}),
+]
+
+
+def _single(arch, method, options):
+    return run_local(W.quantize_single, 1, arch, method, options, timeout_s=TIMEOUT).ordered()[0]
+
+
+@pytest.mark.parametrize("method,options", METHODS, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in METHODS])
+def test_sharded_is_bit_identical_to_one_process(method, options):
+    ref = _single("llama", method, options)
+    out = run_local(W.quantize_sharded, 2, "llama", method, options, False, timeout_s=TIMEOUT).ordered()
+    for rank, o in enumerate(out):
+        diff = [k for k in ref if o["digests"].get(k) != ref[k]]
+        assert not diff, f"rank {rank} differs from the single-process run in {diff[:5]}"
+    # the work was split: both ranks quantized something and sent it
+    assert all(o["sent"] > 0 for o in out)
+    assert all(o["totals"]["quant"] > 0 for o in out)
+
+
+def test_four_ranks_gptq_bit_identical():
+    ref = _single("llama", "gptq", {"w_group_size": 16})
+    out = run_local(W.quantize_sharded, 4, "llama", "gptq", {"w_group_size": 16}, False, timeout_s=TIMEOUT).ordered()
+    assert all(o["digests"] == ref for o in out)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_sharded_other_architectures(arch):
+    ref = _single(arch, "gptq", {"w_group_size": 16})
+    out = run_local(W.quantize_sharded, 2, arch, "gptq", {"w_group_size": 16}, False, timeout_s=TIMEOUT).ordered()
+    assert all(o["digests"] == ref for o in out)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_parallel_statistics_equal_one_process(world):
+    out = run_local(W.stats_data_parallel, world, timeout_s=TIMEOUT).ordered()
+    for rank, same in enumerate(out):
+        assert all(same.values()), f"rank {rank}: stats differ for {[p for p, ok in same.items() if not ok]}"
+
+
+def test_data_parallel_static_absmax_bit_identical():
+    # max/min reductions are exact, so data-parallel calibration changes nothing
+    ref = _single("llama", "absmax", {"act": "static"})
+    out = run_local(W.quantize_sharded, 2, "llama", "absmax", {"act": "static"}, True, timeout_s=TIMEOUT).ordered()
+    assert all(o["digests"] == ref for o in out)
+
+
+def test_data_parallel_gptq_close_to_one_process():
+    # Hessian sums differ from one process only in float64 summation order
+    ref_run = run_local(W.quantize_sharded, 1, "llama", "gptq", {"w_group_size": 16}, False, timeout_s=TIMEOUT)
+    ref = ref_run.ordered()[0]["state"]
+    out = run_local(W.quantize_sharded, 2, "llama", "gptq", {"w_group_size": 16}, True, timeout_s=TIMEOUT).ordered()
+    assert out[0]["digests"] == out[1]["digests"]  # ranks agree exactly
+    for k, v in ref.items():
+        if k.endswith("qweight"):
+            same = (out[0]["state"][k] == v).float().mean().item()
+            assert same > 0.99, f"{k}: only {same:.3%} of the packed weights equal the one-process run"
+        elif v.is_floating_point():
+            torch.testing.assert_close(out[0]["state"][k], v, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_qlinear_matches_single_device(world):
+    out = run_local(W.tensor_parallel_layers, world, timeout_s=TIMEOUT).ordered()
+    assert len(out[0]) == 2 * len(W.TP_CASES)
+    for rank, cases in enumerate(out):
+        for case, (col_err, row_err, scale) in cases.items():
+            assert col_err == 0.0, f"rank {rank} {case}: column-parallel output must equal the unsharded one exactly"
+            assert row_err <= 1e-5 * scale + 1e-6, f"rank {rank} {case}: row-parallel error {row_err} (scale {scale})"
+
+
+@pytest.mark.parametrize("act,w_bits,group", [("dynamic", 8, -1), (None, 4, 16)])
+def test_tensor_parallel_block_matches_single_device(act, w_bits, group):
+    out = run_local(W.tensor_parallel_block, 2, act, w_bits, group, timeout_s=TIMEOUT).ordered()
+    for err, scale in out:
+        assert err <= 1e-5 * scale + 1e-6, f"TP block error {err} (output scale {scale})"
+
+
+def test_tensor_parallel_rejects_indivisible_and_unknown():
+    import llmeasyquant as lq
+    from llmeasyquant.distributed import tensor_parallel as tp
+
+    ql = lq.QLinear.from_linear(torch.nn.Linear(30, 10))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tp.RowParallelQLinear.from_qlinear(ql, 0, 4)
+    with pytest.raises(ValueError, match="group boundaries"):
+        tp.RowParallelQLinear.from_qlinear(lq.QLinear.from_linear(torch.nn.Linear(64, 8), w_bits=4,
+                                                                  w_group_size=32, act=None), 1, 4)
+    with pytest.raises(ValueError, match="no layout for model type 'gpt2'"):
+        tp.shard_block(torch.nn.Module(), "gpt2", 0, 2)
+
+
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_ema_scales_consistent_across_ranks(mode):
+    out = run_local(W.ema_sync, 2, 3, mode, timeout_s=TIMEOUT).ordered()
+    assert all(o["equal_after"] for o in out)
+    # before the first sync the ranks really had different scales
+    assert not torch.equal(out[0]["before"], out[1]["before"])
+    assert all(o["syncs"] == 2 for o in out)
+
+
+def test_dead_rank_fails_the_others_quickly():
+    run = run_local(W.dies_midway, 2, timeout_s=120, pg_timeout_s=30)
+    assert 1 in run.errors and "code 3" in run.errors[1]
+    assert 0 in run.results, f"rank 0 should report a PeerFailure, got {run.errors.get(0)}"
+    r0 = run.result(0)
+    assert r0["error"] is not None and "another rank probably died" in r0["error"], r0
+    assert r0["seconds"] < 60
+
+
+def test_partition_is_balanced_and_deterministic():
+    owner = lqd.partition(["a", "b", "c", "d", "e"], [5, 4, 3, 2, 1], 2)
+    assert owner == lqd.partition(["a", "b", "c", "d", "e"], [5, 4, 3, 2, 1], 2)
+    loads = [sum(c for k, c in zip("abcde", [5, 4, 3, 2, 1]) if owner[k] == r) for r in range(2)]
+    assert max(loads) - min(loads) <= 1
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert lqd.pick_backend("auto", "cpu") == "gloo"
+    assert lqd.pick_backend("gloo", "cuda") == "gloo"
+    with pytest.raises(ValueError, match="unknown backend 'mpi'"):
+        lqd.pick_backend("mpi")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        lqd.init("gloo")
+
+
+def test_breakdown_table_has_every_phase():
+    t = lqd.Breakdown()
+    with t.phase("model.layers.0.mlp.up_proj", "quant"):
+        pass
+    with t.phase("model.layers.0", "sync"):
+        pass
+    table = lqd.format_table(t.by_block("model.layers"))
+    assert "model.layers.0" in table and "**all**" in table
+    for p in lqd.PHASES:
+        assert f"{p} s" in table
+    with pytest.raises(ValueError, match="unknown phase"):
+        with t.phase("x", "nap"):
+            pass
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for NCCL")
+def test_nccl_sharded_gptq_bit_identical():
+    ref = _single("llama", "gptq", {"w_group_size": 16})
+    out = run_local(W.quantize_sharded, 2, "llama", "gptq", {"w_group_size": 16}, False, timeout_s=TIMEOUT,
+                    backend="nccl").ordered()
+    assert all(o["digests"] == ref for o in out)
