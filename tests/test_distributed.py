@@ -149,7 +149,7 @@ def test_backend_choice_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'mpi'"):
         lqd.pick_backend("mpi")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(lqd.LaunchError, match="torchrun"):
         lqd.init("gloo")
 
 
@@ -175,3 +175,54 @@ def test_nccl_sharded_gptq_bit_identical():
     out = run_local(W.quantize_sharded, 2, "llama", "gptq", {"w_group_size": 16}, False, timeout_s=TIMEOUT,
                     backend="nccl").ordered()
     assert all(o["digests"] == ref for o in out)
+
+
+def test_torchrun_cli_quantize_matches_one_process(tmp_path):
+    """`torchrun -m llmeasyquant.distributed quantize` end to end: 2 gloo ranks,
+    rank 0 saves; the saved model equals a one-process quantization."""
+    import subprocess
+
+    import llmeasyquant as lq
+    import tiny_models
+
+    src = tmp_path / "tiny"
+    tiny_models.build("llama").save_pretrained(src)
+    tiny_models.byte_tokenizer().save_pretrained(src)
+    calib = tmp_path / "calib.txt"
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2",
+                           "wiki.valid.tokens")) as fh:
+        calib.write_text(fh.read(20000))
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "llmeasyquant.distributed", "quantize", str(src), "--method", "gptq", "--w-group-size", "16",
+           "--calib", str(calib), "--calib-samples", "4", "--out", str(out), "--breakdown",
+           str(tmp_path / "bd.md"), "--timeout", "60", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "identical on every rank" in r.stdout
+    table = (tmp_path / "bd.md").read_text()
+    assert "| rank |" in table and "model.layers.1" in table
+    saved = lq.load(str(out))
+
+    from llmeasyquant.models import load_model
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks ran with one thread each: same float summation order
+    try:
+        model, tok = load_model(str(src))
+        lq.quantize(model, "gptq", calib=str(calib), tokenizer=tok, progress=False, w_group_size=16, n_calib=4)
+    finally:
+        torch.set_num_threads(n)
+    assert lqd.model_digests(saved) == lqd.model_digests(model)
+
+
+def test_distributed_entry_point_usage():
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "llmeasyquant.distributed"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "torchrun --nproc_per_node" in r.stderr
+    # not started by torchrun: one clear line, no traceback
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-m", "llmeasyquant.cli", "quantize", "--method", "absmax", "--distributed",
+                        "--out", "/nonexistent/x"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "RANK is not set" in r.stderr and "Traceback" not in r.stderr

@@ -136,12 +136,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import llmeasyquant as lq
     from llmeasyquant.models import load_model
 
-    model, tok = load_model(args.model)
     opts = {}
     for key in ("w_bits", "w_group_size", "act"):
         v = getattr(args, key)
         if v is not None:
             opts[key] = None if v == "none" else v
+    if args.calib_samples is not None:
+        opts["n_calib"] = args.calib_samples
+    if args.distributed:
+        from .distributed.command import quantize_distributed
+
+        return quantize_distributed(args, opts)
+    model, tok = load_model(args.model)
     t0 = time.perf_counter()
     lq.quantize(model, args.method, calib=args.calib, tokenizer=tok, progress=not args.quiet, **opts)
     lq.save(model, args.out, tokenizer=tok)
@@ -267,8 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--act", choices=["none", "dynamic", "static", "ema"], default=None,
                    help="activation quantization (none = weight-only)")
     s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
+    s.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (method default)")
     s.add_argument("--out", required=True, help="output folder (replaced atomically)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = s.add_argument_group("distributed (start the ranks with torchrun --no-python llmeasyquant quantize "
+                             "--distributed ..., or torchrun -m llmeasyquant.distributed quantize ...)")
+    d.add_argument("--distributed", action="store_true",
+                   help="split the work over the torchrun ranks; rank 0 saves the (identical) model")
+    d.add_argument("--data-parallel", action="store_true",
+                   help="each rank calibrates on 1/P of the data, statistics combined (default: every rank "
+                        "runs all calibration data, bit-identical to one process)")
+    d.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="auto: nccl on CUDA, gloo (TCP) on CPU")
+    d.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    d.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective waits for a stuck rank before failing (default 300)")
+    d.add_argument("--breakdown", default=None, help="write the per-layer time breakdown (Markdown) here")
     s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity, memory and tokens/s of a model or a saved quantized folder",
@@ -299,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed.runtime import LaunchError, PeerFailure
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError, LaunchError, PeerFailure) as err:
         print(f"llmeasyquant {args.command}: error: {err}", file=sys.stderr)
         return 2
 

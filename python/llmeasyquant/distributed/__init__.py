@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch import nn
 
-from .runtime import DEFAULT_TIMEOUT_S, PeerFailure, collective, init, pick_backend, shutdown
+from .runtime import DEFAULT_TIMEOUT_S, LaunchError, PeerFailure, collective, init, pick_backend, shutdown
 from .shard import ProcessShard, Shard, partition
 from .timing import PHASES, Breakdown, format_table
 from .verify import check_consistent, model_digests
@@ -50,6 +50,6 @@ def quantize(model: nn.Module, method_or_config="smoothquant", calib=None, *, to
     return model
 
 
-__all__ = ["Breakdown", "DEFAULT_TIMEOUT_S", "PHASES", "PeerFailure", "ProcessShard", "Shard", "check_consistent",
+__all__ = ["Breakdown", "DEFAULT_TIMEOUT_S", "LaunchError", "PHASES", "PeerFailure", "ProcessShard", "Shard", "check_consistent",
            "collective", "format_table", "init", "model_digests", "partition", "pick_backend", "quantize",
            "shutdown"]

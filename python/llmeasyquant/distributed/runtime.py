@@ -26,6 +26,10 @@ class PeerFailure(RuntimeError):
     """A collective failed: another rank died, hung past the timeout, or disagreed."""
 
 
+class LaunchError(RuntimeError):
+    """This process was not started as a rank (no torchrun environment) or cannot be one."""
+
+
 def pick_backend(backend: str = "auto", device: Optional[torch.device | str] = None) -> str:
     """``auto``: NCCL when the ranks run on CUDA devices (and NCCL is built),
     gloo otherwise (CPU, or CUDA without NCCL)."""
@@ -45,14 +49,14 @@ def pick_backend(backend: str = "auto", device: Optional[torch.device | str] = N
 def _env_int(name: str) -> int:
     v = os.environ.get(name)
     if v is None:
-        raise RuntimeError(
+        raise LaunchError(
             f"{name} is not set: start the ranks with torchrun, e.g. "
             "`torchrun --nproc_per_node 2 -m llmeasyquant.distributed quantize ...` "
             "(or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself)")
     try:
         return int(v)
     except ValueError as err:
-        raise RuntimeError(f"{name}={v!r} is not an integer") from err
+        raise LaunchError(f"{name}={v!r} is not an integer") from err
 
 
 def init(backend: str = "auto", *, device: Optional[str] = None,
@@ -69,7 +73,7 @@ def init(backend: str = "auto", *, device: Optional[str] = None,
     if dev.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"rank {rank}: LOCAL_RANK={local} but this node has "
+            raise LaunchError(f"rank {rank}: LOCAL_RANK={local} but this node has "
                                f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per node")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
