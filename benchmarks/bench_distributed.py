@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -121,7 +122,7 @@ def main():
                      + " / ".join(f"{r['totals'][p]:.1f}" for p in PHASES)
                      + f" | {'yes' if r['same'] else 'no (data-parallel Hessian sums)'} |")
     if breakdown:
-        lines += ["", format_table(breakdown, f"Per-block breakdown, rank 0 of the 2-rank replicated run (eq. 12):")]
+        lines += ["", format_table(breakdown, "Per-block breakdown, rank 0 of the 2-rank replicated run (eq. 12):")]
 
     if args.ema_every:
         every = [int(e) for e in args.ema_every.split(",")]
@@ -134,6 +135,21 @@ def main():
             ov = v["per_forward_ms"] / e0[0]["per_forward_ms"] - 1
             lines.append(f"| {'never' if k == 0 else k} | {v['per_forward_ms']:.1f} | {ov:+.1%} | "
                          f"{v['sync_ms']:.2f} | {v['bytes']} |")
+    if args.out:
+        try:
+            from llmeasyquant import plots
+
+            out_dir = os.path.dirname(os.path.abspath(args.out))
+            figs = []
+            if breakdown:
+                figs += plots.plot_breakdown(breakdown, out_dir, "distributed_breakdown",
+                                             f"{args.method} on {args.model}: rank 0 of 2, time per phase per block")
+            figs += plots.plot_breakdown({f"{r['P']} rank(s)\n{r['mode']}": r["totals"] for r in rows}, out_dir,
+                                         "distributed_scaling", f"{args.method} on {args.model}: rank 0 time per "
+                                         "phase (wall time also includes tokenization)", xlabel="run")
+            lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs if f.endswith(".png")]
+        except ImportError as err:
+            lines += ["", f"(plots not drawn: {err})"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
@@ -141,6 +157,8 @@ def main():
         with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, args.out)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
+            json.dump({"rows": rows, "breakdown": breakdown}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,18 @@ def test_bench_qlinear_runs(tmp_path):
     assert "| 256x384 | 16 |" in r.stdout
 
 
-@pytest.mark.parametrize("command", ["info", "compare", "quantize", "eval", "export", "demo"])
+def test_bench_command_times_and_checks(capsys):
+    from llmeasyquant import cli
+
+    assert cli.main(["bench", "--shapes", "quick", "--tokens", "1,3", "--reps", "2", "--rounds", "1", "--ops",
+                     "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 256x384 | 3 |" in out and "Ops alone" in out and "int8 GEMM (int32 out)" in out
+    assert cli.main(["bench", "--shapes", "quick", "--tokens", "0"]) == 2
+    assert "positive token counts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["info", "bench", "compare", "quantize", "eval", "export", "demo"])
 def test_every_command_has_help(command, capsys):
     from llmeasyquant import cli
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from .calibration import calibration_batches
-from .distributed.shard import Shard
+from .sharding import Shard
 from .methods.base import QuantConfig, config_for
 from .models.extract import extract
 

@@ -108,6 +108,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    cmd = "llmeasyquant bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "llmeasyquant bench"
+    header, table = bench.run(args, cmd)
+    print(f"\n{header}\n\n{table}")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
@@ -290,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a collective waits for a stuck rank before failing (default 300)")
     d.add_argument("--breakdown", default=None, help="write the per-layer time breakdown (Markdown) here")
     s.set_defaults(fn=_cmd_quantize)
+
+    s = sub.add_parser("bench", help="QLinear and op microbenchmarks against fp32, torch.ao and torch._int_mm (CPU)",
+                       description="Time QLinear (W8A8 dynamic, W8A16, W4A16) against fp32 F.linear, torch.ao dynamic "
+                                   "quantization and torch._int_mm on layer shapes, each checked for correctness "
+                                   "first; --ops adds the ops alone. CPU timing is noisy: ratios come from one run "
+                                   "with interleaved rounds, the spread is shown.",
+                       epilog="example: llmeasyquant bench --shapes smollm2 --tokens 1,16 --ops")
+    from . import bench as _bench
+
+    _bench.add_arguments(s)
+    s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("eval", help="perplexity, memory and tokens/s of a model or a saved quantized folder",
                        description="Evaluate a model (local HF folder, .gguf, 'smollm2-135m') or a folder written "

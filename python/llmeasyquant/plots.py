@@ -5,7 +5,8 @@ numbers in compare.json so they can be re-rendered without re-running:
   histogram under the dequantized one, with the clipping range (the largest
   representable magnitude of the layer's grid) marked (paper Figure 1);
 * ``ppl_memory``: perplexity against bytes held by the linear layers, one
-  point per method (paper Figure 2).
+  point per method (paper Figure 2);
+* ``breakdown``: stacked time per phase (paper eq. 12) per block or per run.
 """
 
 from __future__ import annotations
@@ -125,5 +126,37 @@ def plot_ppl_memory(rows: list[dict], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths = _save(fig, out_dir, "ppl_memory")
+    plt.close(fig)
+    return paths
+
+
+def plot_breakdown(bars: dict[str, dict[str, float]], out_dir: str, stem: str, title: str,
+                   xlabel: str = "decoder block") -> list[str]:
+    """Stacked bars of time per phase (paper eq. 12: load, calibration, quantize,
+    GEMM, communication, sync), one bar per key of ``bars`` (blocks, or runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .distributed.timing import PHASES
+
+    labels = list(bars)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.28 * len(labels) + 2), 4.2))
+    bottom = np.zeros(len(labels))
+    colors = dict(zip(PHASES, ["tab:gray", "tab:olive", "tab:blue", "tab:green", "tab:red", "tab:purple"]))
+    for p in PHASES:
+        vals = np.array([bars[k].get(p, 0.0) for k in labels])
+        ax.bar(range(len(labels)), vals, bottom=bottom, color=colors[p], label=p)
+        bottom += vals
+    short = [k.rsplit(".", 1)[-1] if k.rsplit(".", 1)[-1].isdigit() else k for k in labels]
+    ax.set_xticks(range(len(labels)), short, rotation=90 if len(labels) > 12 else 0, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("seconds")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncols=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths = _save(fig, out_dir, stem)
     plt.close(fig)
     return paths

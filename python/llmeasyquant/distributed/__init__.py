@@ -19,7 +19,8 @@ from typing import Optional
 from torch import nn
 
 from .runtime import DEFAULT_TIMEOUT_S, LaunchError, PeerFailure, collective, init, pick_backend, shutdown
-from .shard import ProcessShard, Shard, partition
+from ..sharding import Shard, partition
+from .shard import ProcessShard
 from .timing import PHASES, Breakdown, format_table
 from .verify import check_consistent, model_digests
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..calibration import BlockInputs, ChannelStats, observe_block, run_blockwise
-from ..distributed.shard import Shard
+from ..sharding import Shard
 from ..models.extract import ModelSpec
 from ._common import fold_scales, quantize_owned, swap, target_paths, to_qlinear, weight_nk
 from .awq import apply_clip, awq_search_clip, awq_search_scale

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..calibration import BlockInputs, observe_block, run_blockwise
-from ..distributed.shard import Shard
+from ..sharding import Shard
 from ..models.extract import ModelSpec
 from ..nn.qlinear import QLinear
 from ._common import quantize_owned, swap, target_paths, weight_nk

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..calibration import collect_input_stats
-from ..distributed.shard import Shard
+from ..sharding import Shard
 from ..models.extract import ModelSpec
 from ._common import quantize_owned, target_paths
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..calibration import collect_input_stats
-from ..distributed.shard import Shard
+from ..sharding import Shard
 from ..models.extract import ModelSpec
 from ._common import fold_scales, quantize_owned, target_paths, weight_nk
 

@@ -1,0 +1,242 @@
+"""``llmeasyquant bench``: QLinear vs peers on the CPU, one process, one run
+(protocol: PERF.md of the project), plus op-level timings (``--ops``).
+
+Compared per (N, K, M), fp32 activations in and out, quantization included:
+  fp32      torch.nn.functional.linear (MKL/oneDNN sgemm)
+  ao-dyn    torch.ao.quantization.quantize_dynamic Linear (fbgemm, per-tensor act.)
+  int_mm    torch._int_mm on pre-quantized int8 (GEMM only, no quantization)
+  W8A8      llmeasyquant QLinear act="dynamic" (per-token act., per-channel weights)
+  W8A16     llmeasyquant QLinear act=None, 8-bit per-channel weights
+  W4A16     llmeasyquant QLinear act=None, 4-bit group-wise (g=128) weights
+
+Each method is checked against fp32 before it is timed. Weight copies are
+rotated so that their total exceeds the last-level cache ("cold" weights),
+which is what decode (small M) sees in a real model.
+
+Run:  OMP_WAIT_POLICY=ACTIVE llmeasyquant bench [--shapes smollm2] [--tokens 1,16] [--ops]
+      (benchmarks/bench_qlinear.py --write-docs records the table in docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llmeasyquant as lq
+
+# Layer shapes (N = out_features, K = in_features)
+LLAMA_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]
+GPT2_SMALL = [(2304, 768), (3072, 768), (768, 3072)]
+SMOLLM2_135M = [(576, 576), (1536, 576), (576, 1536)]
+TOKENS = [1, 16, 128, 2048]
+CPU_SHAPES = {
+    "llama": LLAMA_7B,
+    "gpt2": GPT2_SMALL,
+    "smollm2": SMOLLM2_135M,
+    "all": LLAMA_7B + GPT2_SMALL,
+    "quick": [(256, 384)],
+}
+
+LLC_BYTES = 32 * 2**20  # this machine's L3 (lscpu); rotate weights beyond 3x of it
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _rotating(make, nbytes: int):
+    """Enough independent copies of a layer that their weights exceed the LLC."""
+    n = max(1, min(8, -(-3 * LLC_BYTES // max(nbytes, 1))))
+    return [make() for _ in range(n)]
+
+
+def _time(fns, x, reps: int, warmup: int) -> float:
+    """Median seconds of fn(x), cycling through the rotated copies."""
+    i = 0
+    for _ in range(warmup):
+        fns[i % len(fns)](x)
+        i += 1
+    ts = []
+    for _ in range(reps):
+        f = fns[i % len(fns)]
+        i += 1
+        t0 = time.perf_counter()
+        f(x)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(N * 7 + K)
+    base = nn.Linear(K, N)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(N, K, generator=g) / K**0.5)
+    x = torch.randn(M, K, generator=g)
+    ref = base(x)
+
+    def q(**cfg):
+        return lambda: lq.QLinear.from_linear(base, **cfg)
+
+    methods = {
+        "fp32": (lambda: (lambda l: (lambda t: F.linear(t, l.weight, l.bias)))(
+            nn.Linear(K, N).requires_grad_(False)), 4 * N * K),
+        "ao-dyn": (lambda: torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(base), {nn.Linear}, dtype=torch.qint8), N * K),
+        "W8A8": (q(act="dynamic"), N * K),
+        "W8A16": (q(act=None), N * K),
+        "W4A16": (q(act=None, w_bits=4, w_group_size=128), N * K // 2),
+    }
+    out = {}
+    with torch.inference_mode():
+        layers = {}
+        for name, (make, nbytes) in methods.items():
+            layers[name] = _rotating(make, nbytes)
+            if name != "fp32":
+                layer = layers[name][0]
+                y = layer(x)
+                # kernel check: against float math on the weight the layer really holds
+                # (isolates kernel error from quantization error)
+                if isinstance(layer, lq.QLinear):
+                    check = F.linear(x, layer.dequantize(), layer.bias)
+                    tol = 0.02 if layer.act else 1e-4
+                else:
+                    check, tol = ref, 0.05
+                rel = ((y - check).norm() / check.norm()).item()
+                if rel > tol:
+                    raise AssertionError(f"{name} is wrong at N={N} K={K} M={M}: rel. error {rel:.3g} > {tol}")
+                out[f"{name}_err"] = ((y - ref).norm() / ref.norm()).item()
+        qa = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
+        qb = [torch.randint(-127, 128, (K, N), dtype=torch.int8, generator=g)
+              for _ in range(max(1, min(8, -(-3 * LLC_BYTES // (N * K)))))]
+        int_mm = None
+        try:
+            torch._int_mm(qa, qb[0])
+            int_mm = [lambda t, b=b: torch._int_mm(t, b) for b in qb]
+        except RuntimeError as err:  # not available for this shape/device
+            out["int_mm_error"] = str(err).splitlines()[0]
+        times = {k: [] for k in list(methods) + (["int_mm"] if int_mm else [])}
+        for _ in range(rounds):  # rounds interleave methods so drift hits all alike
+            for name, fns in layers.items():
+                times[name].append(_time(fns, x, reps, warmup=3))
+            if int_mm:
+                times["int_mm"].append(_time(int_mm, qa, reps, warmup=3))
+    for name, ts in times.items():
+        out[name] = statistics.median(ts)
+        out[f"{name}_spread"] = (min(ts), max(ts))
+    return out
+
+
+def fmt_table(results: list[dict]) -> str:
+    head = ("| N x K | M | fp32 ms | W8A8 ms | vs fp32 | vs ao-dyn | W8A8 GOP/s | W8A16 vs fp32 | "
+            "W4A16 vs fp32 | ao-dyn vs fp32 | int_mm ms (GEMM only) |")
+    lines = [head, "|" + "|".join("---" for _ in range(11)) + "|"]
+    for r in results:
+        s = r["stats"]
+        f, w8 = s["fp32"], s["W8A8"]
+        gops = 2 * r["M"] * r["N"] * r["K"] / w8 / 1e9
+        lo, hi = s["W8A8_spread"]
+        ao_lo, ao_hi = s["ao-dyn_spread"]
+        ratio_ao = s["ao-dyn"] / w8
+        ratio_ao_rng = f"{ao_lo / hi:.2f}-{ao_hi / lo:.2f}"
+        im = f"{s['int_mm'] * 1e3:.3f}" if "int_mm" in s else "n/a"
+        lines.append(
+            f"| {r['N']}x{r['K']} | {r['M']} | {f * 1e3:.3f} | {w8 * 1e3:.3f} | {f / w8:.2f}x | "
+            f"{ratio_ao:.2f}x ({ratio_ao_rng}) | {gops:.0f} | {f / s['W8A16']:.2f}x | {f / s['W4A16']:.2f}x | "
+            f"{f / s['ao-dyn']:.2f}x | {im} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--reps", type=int, default=50, help="timed runs per round (median; default 50)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the spread across rounds is reported (default 3)")
+    p.add_argument("--shapes", default="llama", choices=sorted(CPU_SHAPES),
+                   help="layer shapes N x K (default llama: LLaMA-7B's)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens M per call, comma-separated")
+    p.add_argument("--ops", action="store_true", help="also time the ops alone (quantize, int8 GEMM, weight-only)")
+
+
+def _parse_tokens(spec: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in spec.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--tokens must be comma-separated integers, got {spec!r}") from None
+    if not tokens or min(tokens) < 1:
+        raise ValueError(f"--tokens needs positive token counts, got {spec!r}")
+    return tokens
+
+
+def bench_ops(N: int, K: int, M: int, reps: int) -> dict:
+    """Median ms of each op alone on fresh inputs (CPU)."""
+    from . import ops
+
+    g = torch.Generator().manual_seed(N + K + M)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    qw, ws, _ = ops.quantize(w, 8, True, -1)
+    qa, xs, _ = ops.quantize(x, 8, True, -1)
+    q4, s4, z4 = ops.quantize(w, 4, False, 128 if K % 128 == 0 else -1)
+    g4 = 128 if K % 128 == 0 else -1
+    wsum = ops.weight_row_sums(qw)
+    res = {}
+    for name, fn in {
+        "quantize per-token": lambda: ops.quantize(x, 8, True, -1),
+        "int8 GEMM (int32 out)": lambda: ops.int8_gemm(qa, qw),
+        "dynamic quant linear": lambda: ops.dynamic_quant_linear(x, qw, ws.view(-1), wsum),
+        "weight-only W4": lambda: ops.weight_only_linear(x, q4, s4, z4, 4, g4),
+    }.items():
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        res[name] = statistics.median(ts) * 1e3
+    return res
+
+
+def run(args: argparse.Namespace, command: str) -> tuple[str, str]:
+    """Benchmark; returns (header, Markdown table) and prints progress."""
+    torch.set_num_threads(args.threads)
+    shapes = CPU_SHAPES[args.shapes]
+    tokens = _parse_tokens(args.tokens)
+    results, op_rows = [], []
+    for (N, K) in shapes:
+        for M in tokens:
+            reps = args.reps if M * N * K < 2048 * 4096 * 4096 // 2 else max(10, args.reps // 5)
+            stats = bench_shape(N, K, M, reps, args.rounds)
+            results.append(dict(N=N, K=K, M=M, stats=stats))
+            print(f"N={N} K={K} M={M}: " + ", ".join(
+                f"{k}={v * 1e3:.3f}ms" for k, v in stats.items() if not k.endswith(("_err", "_spread", "_error"))),
+                flush=True)
+            if args.ops:
+                op_rows.append((N, K, M, bench_ops(N, K, M, reps)))
+    table = fmt_table(results)
+    if op_rows:
+        names = list(op_rows[0][3])
+        table += "\n\nOps alone (median ms):\n\n| N x K | M | " + " | ".join(names) + " |\n|---|---|" + \
+            "---|" * len(names) + "\n" + "\n".join(
+                f"| {N}x{K} | {M} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |" for N, K, M, r in op_rows)
+    header = (f"### QLinear W8A8 dynamic vs peers (CPU)\n\n"
+              f"- date: {datetime.date.today().isoformat()}; CPU: {_cpu_name()}, {args.threads} threads; "
+              f"torch {torch.__version__}; llmeasyquant {lq.__version__} (ISA {lq.build_info()['cpu_isa_active']})\n"
+              f"- command: `{command}`\n"
+              f"- fp32 activations in/out, quantization of activations included in W8A8 and ao-dyn; "
+              f"weights cold (copies rotated past the {LLC_BYTES >> 20} MiB L3); median of {args.reps} runs "
+              f"per round (fewer at the largest M), median over {args.rounds} rounds; ratio ranges in "
+              f"parentheses are the worst/best pairing of per-round medians.")
+    return header, table
