@@ -121,6 +121,8 @@ class ProcessShard(Shard):
         """Every rank ends with the owners' quantized modules at ``names``
         (paths under ``root``): per owner, one pickled header (layer specs,
         tensor layout) and one flat byte buffer with every tensor."""
+        if self.world == 1:
+            return  # nothing to send: this rank quantized everything itself
         full = {n: f"{prefix}.{n}" if prefix else n for n in names}
         for src in range(self.world):
             mine = [n for n in names if self.owner[full[n]] == src]
