@@ -7,8 +7,13 @@ from conftest import lq, rand_int8
 
 
 def test_unsupported_bits():
-    with pytest.raises(ValueError, match=r"unsupported bits=3; supported: 4, 8"):
-        lq.ops.quantize(torch.randn(2, 8), 3)
+    with pytest.raises(ValueError, match=r"unsupported bits=5; supported: 2, 3, 4, 8"):
+        lq.ops.quantize(torch.randn(2, 8), 5)
+    with pytest.raises(ValueError, match=r"3-bit values \(last dim should be 6\)"):
+        lq.ops.dequantize(torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int8),
+                          3, -1, 16)
+    with pytest.raises(ValueError, match=r"2-bit zero-points must lie in \[-2, 1\], got 3"):
+        lq.ops.quantize_static(torch.randn(2, 8), torch.ones(2, 1), torch.full((2, 1), 3, dtype=torch.int8), 2, -1)
     with pytest.raises(ValueError, match="unsupported w_bits=5"):
         lq.QLinear(8, 4, w_bits=5)
 

@@ -89,7 +89,7 @@ def test_dynamic_quant_linear_batched_noncontiguous(cpu_isa):
 
 
 @pytest.mark.parametrize("M", MS)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("dtype", OUT_DTYPES)
 def test_weight_only_linear(cpu_isa, M, bits, dtype):
     g = _gen(M, bits, str(dtype))
@@ -118,7 +118,7 @@ def test_weight_only_linear_batched_noncontiguous(cpu_isa):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_weight_only_linear_large_m_uses_blas_path(bits):
     # above the direct-kernel threshold (512 / 256 tokens) blocks are dequantized for BLAS
     g = _gen("large-m", bits)

@@ -156,7 +156,7 @@ def test_layout_and_conventions(bits, symmetric, group_size):
     assert isinstance(r.loss, float) and r.loss >= 0
     # dequantize() is the reference dequantization; re-quantizing the result with the
     # returned scales gives q back (the result lives on the convention's grid)
-    qs = R.pack_int4(r.q) if bits == 4 else r.q
+    qs = R.pack_bits(r.q, bits)
     deq = R.dequantize(qs, r.scale, r.zero_point, bits, group_size, 40, torch.float32)
     assert torch.equal(r.dequantize(), deq)
     assert torch.equal(R.quantize_static(deq, r.scale, r.zero_point, bits, group_size), qs)

@@ -23,14 +23,19 @@ def _x(shape, dtype, device, seed):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_quantize_matches_reference(device, dtype, shape, bits, symmetric):
     x = _x(shape, dtype, device, seed=hash((shape, bits)) % 1000)
+    if device.type == "cuda" and bits < 4:
+        with pytest.raises(ValueError, match="CPU kernels only"):
+            lq.ops.quantize(x, bits, symmetric, -1)
+        return
     for g in _groups(shape[-1]):
         q, s, z = lq.ops.quantize(x, bits, symmetric, g)
         rq, rs, rz = R.quantize(x.cpu(), bits, symmetric, g)
-        assert q.dtype == (torch.uint8 if bits == 4 else torch.int8)
+        assert q.dtype == (torch.uint8 if bits != 8 else torch.int8)
+        assert q.shape[-1] == R.packed_len(shape[-1], bits)
         torch.testing.assert_close(s.cpu(), rs, rtol=0, atol=0)
         assert torch.equal(z.cpu(), rz)
         assert torch.equal(q.cpu(), rq), f"group_size={g}"
@@ -71,6 +76,31 @@ def test_int4_packing_order_and_odd_k():
     x = torch.tensor([[1.0, -2.0, 7.0, -8.0, 3.0]])
     kq, _, _ = lq.ops.quantize(x, 4, True, -1)
     assert kq.shape == (1, 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("K", [1, 5, 7, 8, 9, 13, 67])
+def test_low_bit_packing_round_trips_at_odd_k(bits, K):
+    lo, hi = R.qrange(bits)
+    q = torch.randint(lo, hi + 1, (3, K), generator=torch.Generator().manual_seed(K * bits), dtype=torch.int8)
+    p = R.pack_bits(q, bits)
+    assert p.dtype == torch.uint8 and p.shape == (3, R.packed_len(K, bits))
+    assert torch.equal(R.unpack_bits(p, bits, K), q)
+    # the C++ dequantize reads the same layout
+    one = torch.ones(3, 1)
+    zero = torch.zeros(3, 1, dtype=torch.int8)
+    assert torch.equal(lq.ops.dequantize(p, one, zero, bits, -1, K), q.float())
+
+
+def test_three_bit_layout_is_the_documented_bit_stream():
+    # 8 values -> 3 bytes: value i's code (q + 4) at bits [3i, 3i+3) of a little-endian 24-bit word
+    q = torch.tensor([[-4, 3, 0, -1, 1, 2, -3, -2, 3]], dtype=torch.int8)
+    word = sum((int(v) + 4) << (3 * i) for i, v in enumerate(q[0, :8].tolist()))
+    tail = int(q[0, 8]) + 4  # the 9th value starts a new zero-padded 3-byte group
+    want = [word & 0xFF, (word >> 8) & 0xFF, word >> 16, tail, 0, 0]
+    assert R.pack_bits(q, 3).tolist() == [want]
+    assert R.pack_bits(torch.tensor([[-2, 1, 0, -1, 1]], dtype=torch.int8), 2).tolist() == [
+        [0 | (3 << 2) | (2 << 4) | (1 << 6), 3]]
 
 
 def test_zero_and_nan_rows():

@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 
 from . import _native  # noqa: F401  (the schemas must exist before register_fake)
+from ._reference import packed_len
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_bits(op, bits):
-    torch._check_value(bits in (4, 8), lambda: f"{op}: unsupported bits={bits}; supported: 4, 8")
+    torch._check_value(bits in (2, 3, 4, 8), lambda: f"{op}: unsupported bits={bits}; supported: 2, 3, 4, 8")
 
 
 def _check_float(op, name, t):
@@ -33,8 +34,7 @@ def _check_group(op, group_size, K):
 
 def _q_shape(shape, bits):
     s = list(shape)
-    if bits == 4:
-        s[-1] = (s[-1] + 1) // 2
+    s[-1] = packed_len(s[-1], bits)
     return s
 
 
@@ -45,7 +45,7 @@ def _scale_shape(shape, group_size):
 
 
 def _q_dtype(bits):
-    return torch.uint8 if bits == 4 else torch.int8
+    return torch.uint8 if bits != 8 else torch.int8
 
 
 @torch.library.register_fake("llmeasyquant::quantize")
@@ -75,7 +75,7 @@ def _dequantize(q, scale, zero_point, bits, group_size, K, dtype):
     op = "llmeasyquant.dequantize"
     _check_bits(op, bits)
     _check_dtype(op, "q", q, _q_dtype(bits))
-    want = (K + 1) // 2 if bits == 4 else K
+    want = packed_len(K, bits)
     torch._check_value(q.shape[-1] == want, lambda: f"{op}: q of shape {tuple(q.shape)} does not hold K={K}")
     return q.new_empty([*q.shape[:-1], K], dtype=dtype)
 
@@ -135,7 +135,7 @@ def _weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias):
     _check_bits(op, bits)
     _check_dtype(op, "qw", qw, _q_dtype(bits))
     K = x.shape[-1]
-    torch._check_value(qw.shape[1] == ((K + 1) // 2 if bits == 4 else K),
+    torch._check_value(qw.shape[1] == packed_len(K, bits),
                        lambda: f"{op}: K mismatch: x has K={K} but the weight has shape {tuple(qw.shape)}")
     _check_float(op, "x", x)
     return x.new_empty([*x.shape[:-1], qw.shape[0]])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_BITS = (4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)  # 2 and 3: CPU kernels only (QLinear unpacks on CUDA)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -59,6 +59,52 @@ def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int16)
     both = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :K]
     return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+def packed_len(n: int, bits: int) -> int:
+    """Bytes one row of ``n`` ``bits``-bit values takes once packed."""
+    if bits == 8:
+        return n
+    if bits == 4:
+        return (n + 1) // 2
+    return (n + 7) // 8 * bits
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ints in ``qrange(bits)``, shape [..., L] -> packed [..., packed_len(L, bits)].
+
+    8 bits: int8 as is. 4 bits: :func:`pack_int4` (two's-complement nibbles).
+    Other widths: uint8 bit stream of the offset-binary code ``q - qmin``, value
+    ``i``'s bit ``j`` at stream bit ``i * bits + j``, LSB first; rows padded with
+    zeros to a multiple of 8 values. (Weights use 2 and 3 bits, the KV cache 2-7.)
+    """
+    if bits == 8:
+        return q.to(torch.int8).contiguous()
+    if bits == 4:
+        return pack_int4(q)
+    qmin, _ = qrange(bits)
+    L = q.shape[-1]
+    u = q.to(torch.int32) - qmin
+    if L % 8:
+        u = F.pad(u, (0, 8 - L % 8))
+    shifts = torch.arange(bits, device=q.device, dtype=torch.int32)
+    stream = ((u.unsqueeze(-1) >> shifts) & 1).reshape(*u.shape[:-1], -1, 8)  # [..., bytes, 8]
+    weights = torch.tensor([1 << i for i in range(8)], device=q.device, dtype=torch.int32)
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, L: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: -> int8 [..., L]."""
+    if bits == 8:
+        return packed
+    if bits == 4:
+        return unpack_int4(packed, L)
+    qmin, _ = qrange(bits)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], -1, bits)
+    weights = torch.tensor([1 << j for j in range(bits)], device=packed.device, dtype=torch.int32)
+    u = (stream * weights).sum(-1)[..., :L]
+    return (u + qmin).to(torch.int8)
 
 
 # --------------------------------------------------------------------------
@@ -113,8 +159,7 @@ def _quantize_values(xg, scale, zp, bits):
 
 
 def _finish(qg, x_shape, bits):
-    q = qg.reshape(x_shape)
-    return pack_int4(q) if bits == 4 else q
+    return pack_bits(qg.reshape(x_shape), bits)
 
 
 # --------------------------------------------------------------------------
@@ -145,7 +190,7 @@ def quantize_static(x, scale, zero_point, bits: int, group_size: int):
 
 
 def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
-    qi = unpack_int4(q, K) if bits == 4 else q
+    qi = unpack_bits(q, bits, K)
     qg, _ = _grouped(qi.float(), group_size)
     s = scale.float().reshape(qg.shape[:-1]).unsqueeze(-1)
     z = zero_point.float().reshape(qg.shape[:-1]).unsqueeze(-1)

@@ -26,7 +26,8 @@ from torch import nn
 from .nn.qlinear import QLinear
 
 FORMAT = "llmeasyquant"
-FORMAT_VERSION = 1
+# 2: 2- and 3-bit weights packed as bit streams (version 1 kept them in the 4-bit container)
+FORMAT_VERSION = 2
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -98,6 +99,9 @@ def _read_meta(path: str) -> dict:
         raise ValueError(f"load: {path} was written in format version {meta['format_version']} by llmeasyquant "
                          f"{meta.get('library_version')}; this llmeasyquant ({_library_version()}) reads "
                          f"versions <= {FORMAT_VERSION}: upgrade llmeasyquant")
+    if meta["format_version"] < 2 and any(spec.get("w_bits") in (2, 3) for spec in meta.get("qlinear", {}).values()):
+        raise ValueError(f"load: {path} holds 2/3-bit layers in format version 1 (4-bit container); this "
+                         "llmeasyquant packs them as bit streams (version 2): re-quantize the model")
     return meta
 
 

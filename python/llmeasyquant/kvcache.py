@@ -59,7 +59,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from . import _reference as R
@@ -89,50 +88,16 @@ def check_bits(bits, what: str = "bits") -> int:
 # --------------------------------------------------------------------------
 def packed_len(n: int, bits: int) -> int:
     """Bytes one row of ``n`` ``bits``-bit values takes once packed."""
-    check_bits(bits)
-    if bits == 8:
-        return n
-    if bits == 4:
-        return (n + 1) // 2
-    return (n + 7) // 8 * bits
+    return R.packed_len(n, check_bits(bits))
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed ints in ``qrange(bits)``, shape [..., L] -> packed [..., packed_len(L, bits)].
-
-    8 bits: int8 as is. 4 bits: ``_reference.pack_int4`` (uint8). Other widths:
-    uint8 bit stream, value ``i``'s bit ``j`` (of ``q - qmin``) at stream bit
-    ``i * bits + j``, LSB first; the last byte group is zero-padded.
-    """
-    check_bits(bits)
-    if bits == 8:
-        return q.to(torch.int8).contiguous()
-    if bits == 4:
-        return R.pack_int4(q)
-    qmin, _ = R.qrange(bits)
-    L = q.shape[-1]
-    u = (q.to(torch.int32) - qmin)
-    if L % 8:
-        u = F.pad(u, (0, 8 - L % 8))
-    shifts = torch.arange(bits, device=q.device, dtype=torch.int32)
-    stream = ((u.unsqueeze(-1) >> shifts) & 1).reshape(*u.shape[:-1], -1, 8)  # [..., bytes, 8]
-    weights = torch.tensor([1 << i for i in range(8)], device=q.device, dtype=torch.int32)
-    return (stream * weights).sum(-1).to(torch.uint8)
+    """:func:`llmeasyquant._reference.pack_bits` (the one packed layout of the project)."""
+    return R.pack_bits(q, check_bits(bits))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, L: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: -> int8 [..., L]."""
-    check_bits(bits)
-    if bits == 8:
-        return packed
-    if bits == 4:
-        return R.unpack_int4(packed, L)
-    qmin, _ = R.qrange(bits)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], -1, bits)
-    weights = torch.tensor([1 << j for j in range(bits)], device=packed.device, dtype=torch.int32)
-    u = (stream * weights).sum(-1)[..., :L]
-    return (u + qmin).to(torch.int8)
+    return R.unpack_bits(packed, check_bits(bits), L)
 
 
 # --------------------------------------------------------------------------

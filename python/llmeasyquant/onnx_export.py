@@ -105,8 +105,8 @@ def check_exportable(model: nn.Module) -> None:
                     f"{'' if m.int8_gemm else ' with a simulated W' + str(m.w_bits) + 'A8 path'}; "
                     "ONNX export supports W8A8 with dynamic per-token activations (8-bit per-channel symmetric "
                     "weights) and weight-only layers")
-            if m.act is None and m.storage_bits == 4 and m.in_features % 2:
-                raise ValueError(f"export_onnx: 4-bit layer {name} has odd in_features={m.in_features}")
+            if m.act is None and m.storage_bits < 8 and m.in_features % 2:
+                raise ValueError(f"export_onnx: {m.storage_bits}-bit layer {name} has odd in_features={m.in_features}")
 
 
 def export_onnx(model: nn.Module, path: str, *, seq_len: Optional[int] = None, example_len: int = 16,
@@ -141,12 +141,14 @@ def export_onnx(model: nn.Module, path: str, *, seq_len: Optional[int] = None, e
 
 def _store_int4(proto, model: nn.Module) -> None:
     """4-bit layers' weights (and zero-points) become ONNX INT4 initializers
-    (two values per byte, as in our storage), halving the file against int8."""
+    (two values per byte, as in our storage), halving the file against int8.
+    2- and 3-bit layers are stored as INT4 too: opset 21 has no narrower
+    integer type, so their ONNX file is as large as a 4-bit one."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    four = {f"model.{name}" for name, m in model.named_modules() if isinstance(m, QLinear) and m.storage_bits == 4}
+    four = {f"model.{name}" for name, m in model.named_modules() if isinstance(m, QLinear) and m.storage_bits < 8}
     inits = {t.name: i for i, t in enumerate(proto.graph.initializer)}
     for prefix in four:
         for suffix in ("qweight", "w_zero"):
@@ -174,7 +176,7 @@ def ort_session(path: str):
 
 
 class _onnx_int4_weights:
-    """During export, packed 4-bit weights are presented unpacked as int8 [N, K]
+    """During export, packed 2/3/4-bit weights are presented unpacked as int8 [N, K]
     (ONNX's INT4 packing order differs from ours only in container type; the
     exporter stores int8). Restores the packed buffers afterwards."""
 
@@ -183,12 +185,12 @@ class _onnx_int4_weights:
         self.saved = []
 
     def __enter__(self):
-        from ._reference import unpack_int4
+        from ._reference import unpack_bits
 
         for m in self.model.modules():
-            if isinstance(m, QLinear) and m.storage_bits == 4:
+            if isinstance(m, QLinear) and m.storage_bits < 8:
                 self.saved.append((m, m.qweight, m.storage_bits))
-                m.qweight = unpack_int4(m.qweight, m.in_features)
+                m.qweight = unpack_bits(m.qweight, m.storage_bits, m.in_features)
                 m.storage_bits = 8
         return self
 

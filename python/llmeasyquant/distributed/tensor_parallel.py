@@ -42,10 +42,8 @@ TP_LAYOUT = {
 
 
 def _int_weight(ql: QLinear) -> torch.Tensor:
-    """The integer weight values [N, K] as int8 (4-bit storage unpacked)."""
-    if ql.storage_bits == 4:
-        return _reference.unpack_int4(ql.qweight.cpu(), ql.in_features).to(ql.qweight.device)
-    return ql.qweight
+    """The integer weight values [N, K] as int8 (packed storage unpacked)."""
+    return _reference.unpack_bits(ql.qweight, ql.storage_bits, ql.in_features)
 
 
 def _slice(ql: QLinear, rows: slice, cols: slice, keep_bias: bool) -> QLinear:
@@ -146,8 +144,8 @@ class RowParallelQLinear(nn.Module):
                                          out_dtype=x.dtype)
             else:
                 xq = ops.dequantize(qx, scale, zero, 8, -1, ql.in_features, x.dtype)
-                y = ops.weight_only_linear(xq, ql.qweight, ql.w_scale, ql.w_zero, ql.storage_bits,
-                                           ql.w_group_size, None)
+                qw, bits = ql._kernel_weight()
+                y = ops.weight_only_linear(xq, qw, ql.w_scale, ql.w_zero, bits, ql.w_group_size, None)
         else:  # static: one calibrated per-tensor scale, the same on every rank
             y = ql(x2)
         y = self._all_reduce(y.contiguous(), dist.ReduceOp.SUM, "row-parallel all-reduce of partial outputs")

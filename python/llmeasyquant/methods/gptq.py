@@ -49,7 +49,7 @@ class GPTQResult:
     """Output of :func:`gptq_quantize`, in the original column order.
 
     * ``q``: int8 ``[N, K]``, unpacked integers in ``[qmin, qmax]`` (pack 4-bit
-      values with ``_reference.pack_int4`` for storage).
+      values with ``_reference.pack_bits`` for storage).
     * ``scale``: float32 ``[N, G]``; ``G = 1`` for ``group_size=-1``, else ``K // group_size``.
     * ``zero_point``: int8 ``[N, G]`` (all zeros when symmetric).
     * ``loss``: the GPTQ objective summed over all columns, ``sum_i (w_i - dq_i)^2 / d_i^2``.

@@ -74,12 +74,12 @@ class QLinear(nn.Module):
         self.act, self.act_symmetric = act, act_symmetric
         self.ema_alpha, self.ema_eps = float(ema_alpha), float(ema_eps)
         self.ema_update = True
-        # 2- and 3-bit values live in the 4-bit container (two per byte) until
-        # dedicated packed 2/3-bit storage exists; kernels see container bits.
-        self.storage_bits = 4 if w_bits <= 4 else 8
+        # Packed for real (_reference.pack_bits): 8-bit int8, 4-bit two per byte,
+        # 3-bit 8 values in 3 bytes, 2-bit four per byte.
+        self.storage_bits = w_bits
         G = 1 if w_group_size == -1 else K // w_group_size
-        kq = (K + 1) // 2 if self.storage_bits == 4 else K
-        qdtype = torch.uint8 if self.storage_bits == 4 else torch.int8
+        kq = _reference.packed_len(K, w_bits)
+        qdtype = torch.uint8 if w_bits != 8 else torch.int8
         self.register_buffer("qweight", torch.zeros(N, kq, dtype=qdtype, device=device))
         self.register_buffer("w_scale", torch.ones(N, G, dtype=torch.float32, device=device))
         self.register_buffer("w_zero", None if w_symmetric else torch.zeros(N, G, dtype=torch.int8, device=device))
@@ -147,16 +147,14 @@ class QLinear(nn.Module):
         if not torch.isfinite(weight).all():
             raise ValueError("QLinear.set_weight: the weight contains NaN or Inf")
         w = weight.float()
-        if scale is None and self.w_bits < 4:
-            q, s, z = _reference.quantize(w.cpu(), self.w_bits, self.w_symmetric, self.w_group_size)
-            self.set_quantized(q, s, z)
-            return
+        if self.w_bits < 4 and w.device.type != "cpu":  # 2/3-bit quantize kernels: CPU only
+            w = w.cpu()
         if scale is None:
             qw, s, z = ops.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size)
         else:
             z = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
-            qw = ops.quantize_static(w, scale.float().reshape(self.w_scale.shape).contiguous(),
-                                     z.to(torch.int8).reshape(self.w_scale.shape).contiguous(),
+            qw = ops.quantize_static(w, scale.float().reshape(self.w_scale.shape).contiguous().to(w.device),
+                                     z.to(torch.int8).reshape(self.w_scale.shape).contiguous().to(w.device),
                                      self.storage_bits, self.w_group_size)
             s = scale
         self.qweight.copy_(qw)
@@ -180,8 +178,7 @@ class QLinear(nn.Module):
         if scale.numel() != self.w_scale.numel() or not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError(f"QLinear.set_quantized: expected {self.w_scale.numel()} finite positive scales, "
                              f"got shape {tuple(scale.shape)}")
-        q8 = q.to(torch.int8)
-        self.qweight.copy_(_reference.pack_int4(q8) if self.storage_bits == 4 else q8)
+        self.qweight.copy_(_reference.pack_bits(q.to(torch.int8), self.storage_bits))
         self.w_scale.copy_(scale.reshape(self.w_scale.shape))
         if self.w_zero is not None:
             zp = zero_point if zero_point is not None else torch.zeros_like(self.w_zero)
@@ -220,10 +217,18 @@ class QLinear(nn.Module):
         self.act_zero.copy_(z)
 
     # ---------------------------------------------------------------- forward
+    def _kernel_weight(self) -> tuple[torch.Tensor, int]:
+        """(weight, bits) as the kernels take them: 2/3-bit weights have CPU
+        kernels only; elsewhere they are unpacked to int8 per call (the
+        dequantize path: memory stays packed, speed is that of W8)."""
+        if self.storage_bits < 4 and self.qweight.device.type != "cpu":
+            return _reference.unpack_bits(self.qweight, self.storage_bits, self.in_features), 8
+        return self.qweight, self.storage_bits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None:
-            return ops.weight_only_linear(x, self.qweight, self.w_scale, self.w_zero, self.storage_bits,
-                                          self.w_group_size, self.bias)
+            qw, bits = self._kernel_weight()
+            return ops.weight_only_linear(x, qw, self.w_scale, self.w_zero, bits, self.w_group_size, self.bias)
         if self.act == "dynamic" and self.int8_gemm:
             return ops.dynamic_quant_linear(x, self.qweight, self.w_scale.view(-1), self.w_sum, self.bias,
                                             self.act_symmetric)
@@ -238,8 +243,8 @@ class QLinear(nn.Module):
                                                 self.act_symmetric, self.ema_update)
         if not self.int8_gemm:
             xq = ops.dequantize(qx, scale, zero, 8, -1 if self.act == "dynamic" else 0, self.in_features, x.dtype)
-            out = ops.weight_only_linear(xq, self.qweight, self.w_scale, self.w_zero, self.storage_bits,
-                                         self.w_group_size, self.bias)
+            qw, bits = self._kernel_weight()
+            out = ops.weight_only_linear(xq, qw, self.w_scale, self.w_zero, bits, self.w_group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.w_scale.view(-1),
                                    a_zero=None if self.act_symmetric else zero, b_sum=self.w_sum,
@@ -251,8 +256,8 @@ class QLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this layer actually multiplies with."""
         zero = self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale, dtype=torch.int8)
-        return ops.dequantize(self.qweight, self.w_scale, zero, self.storage_bits, self.w_group_size,
-                              self.in_features, dtype)
+        qw, bits = self._kernel_weight()
+        return ops.dequantize(qw, self.w_scale, zero, bits, self.w_group_size, self.in_features, dtype)
 
     def memory_bytes(self) -> int:
         """Bytes held by the saved tensors (packed weights, scales, zero-points, bias, act. state)."""

@@ -1,10 +1,11 @@
-// Weight-only GEMM (fp32 activations x int8 / packed int4 group-wise weights):
+// Weight-only GEMM (fp32 activations x int8 / packed 2-, 3-, 4-bit group-wise weights):
 // public entry point, dispatch and the scalar path.  Baseline x86-64 flags.
 #include <omp.h>
 
 #include <cstdint>
 
 #include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"
 
 namespace llmeq {
 namespace cpu {
@@ -21,16 +22,14 @@ namespace {
 
 inline int32_t weight_at(const void* Wq, int bits, int64_t row_bytes, int64_t n, int64_t k) {
   if (bits == 8) return static_cast<const int8_t*>(Wq)[n * row_bytes + k];
-  const uint8_t byte = static_cast<const uint8_t*>(Wq)[n * row_bytes + (k >> 1)];
-  const int32_t nib = (k & 1) ? (byte >> 4) : (byte & 0xf);
-  return nib >= 8 ? nib - 16 : nib;  // two's-complement nibble
+  return packed_value(static_cast<const uint8_t*>(Wq) + n * row_bytes, k, bits);
 }
 
 void gemm_wo_scalar(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq, int bits,
                     int64_t g, const float* scale, const int8_t* zp, const float* bias,
                     float* out, int nt) {
   const int64_t G = K / g;
-  const int64_t row_bytes = bits == 8 ? K : (K + 1) / 2;
+  const int64_t row_bytes = packed_row_bytes(K, bits);
   const bool par = nt > 1 && M * N * K >= (int64_t{1} << 16);
 #pragma omp parallel for schedule(static) num_threads(nt) if (par)
   for (int64_t n = 0; n < N; ++n) {

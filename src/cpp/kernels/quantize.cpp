@@ -52,12 +52,6 @@ LLMEQ_INLINE void quantize_span(const typename FloatIO<T>::storage* x, int64_t n
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(quantize_value(FloatIO<T>::load(x, i), s, zp, bits));
 }
 
-LLMEQ_INLINE void pack_nibbles(const int8_t* q, int64_t K, uint8_t* out) {
-  for (int64_t i = 0; i < K / 2; ++i)
-    out[i] = static_cast<uint8_t>((q[2 * i] & 0xF) | ((q[2 * i + 1] & 0xF) << 4));
-  if (K % 2) out[K / 2] = static_cast<uint8_t>(q[K - 1] & 0xF);
-}
-
 LLMEQ_INLINE void scale_for(const Range& r, int bits, bool symmetric, float* s, int8_t* zp) {
   if (symmetric) {
     *s = scale_from_absmax(r.absmax, bits);
@@ -77,7 +71,7 @@ LLMEQ_INLINE void quantize_dynamic_rows(const void* xv, int64_t r0, int64_t r1, 
                                         int8_t* zero_point) {
   using S = typename FloatIO<T>::storage;
   const int64_t G = K / g;
-  std::vector<int8_t> tmp(bits == 4 ? K : 0);
+  std::vector<int8_t> tmp(bits != 8 ? K : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const S* x = static_cast<const S*>(xv) + r * ldx;
     int8_t* q = bits == 8 ? static_cast<int8_t*>(qv) + r * K : tmp.data();
@@ -89,7 +83,7 @@ LLMEQ_INLINE void quantize_dynamic_rows(const void* xv, int64_t r0, int64_t r1, 
       zero_point[r * G + j] = zp;
       quantize_span<T>(x + j * g, g, s, zp, bits, q + j * g);
     }
-    if (bits == 4) pack_nibbles(q, K, static_cast<uint8_t*>(qv) + r * ((K + 1) / 2));
+    if (bits != 8) pack_row(q, K, bits, static_cast<uint8_t*>(qv) + r * packed_row_bytes(K, bits));
   }
 }
 
@@ -99,13 +93,13 @@ LLMEQ_INLINE void quantize_static_rows(const void* xv, int64_t r0, int64_t r1, i
                                        int64_t sstride, void* qv) {
   using S = typename FloatIO<T>::storage;
   const int64_t G = K / g;
-  std::vector<int8_t> tmp(bits == 4 ? K : 0);
+  std::vector<int8_t> tmp(bits != 8 ? K : 0);
   for (int64_t r = r0; r < r1; ++r) {
     const S* x = static_cast<const S*>(xv) + r * ldx;
     int8_t* q = bits == 8 ? static_cast<int8_t*>(qv) + r * K : tmp.data();
     for (int64_t j = 0; j < G; ++j)
       quantize_span<T>(x + j * g, g, scale[r * sstride + j], zero_point[r * sstride + j], bits, q + j * g);
-    if (bits == 4) pack_nibbles(q, K, static_cast<uint8_t*>(qv) + r * ((K + 1) / 2));
+    if (bits != 8) pack_row(q, K, bits, static_cast<uint8_t*>(qv) + r * packed_row_bytes(K, bits));
   }
 }
 
@@ -141,12 +135,9 @@ LLMEQ_INLINE void dequantize_rows(const void* qv, int64_t r0, int64_t r1, int64_
         const int8_t* q = static_cast<const int8_t*>(qv) + r * K;
         for (int64_t k = k0; k < k0 + g; ++k) FloatIO<O>::store(out, k, s * (static_cast<float>(q[k]) - z));
       } else {
-        const uint8_t* q = static_cast<const uint8_t*>(qv) + r * ((K + 1) / 2);
-        for (int64_t k = k0; k < k0 + g; ++k) {
-          const int nib = (q[k >> 1] >> ((k & 1) * 4)) & 0xF;
-          const int v = nib >= 8 ? nib - 16 : nib;
-          FloatIO<O>::store(out, k, s * (static_cast<float>(v) - z));
-        }
+        const uint8_t* q = static_cast<const uint8_t*>(qv) + r * packed_row_bytes(K, bits);
+        for (int64_t k = k0; k < k0 + g; ++k)
+          FloatIO<O>::store(out, k, s * (static_cast<float>(packed_value(q, k, bits)) - z));
       }
     }
   }

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"
 
 namespace llmeq {
 
@@ -50,8 +51,16 @@ std::string msg(const Args&... args) {
 
 inline std::string shape_str(const at::Tensor& t) { return to_text(t.sizes()); }
 
-inline void check_bits(const char* op, int64_t bits) {
-  TORCH_CHECK_VALUE(bits == 4 || bits == 8, msg(op, ": unsupported bits=", bits, "; supported: 4, 8"));
+// 2- and 3-bit packed values have CPU kernels only; on CUDA, QLinear unpacks
+// them to int8 and runs the 8-bit kernels.
+inline void check_bits(const char* op, int64_t bits, bool cpu) {
+  if (cpu) {
+    TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+                      msg(op, ": unsupported bits=", bits, "; supported: 2, 3, 4, 8"));
+  } else {
+    TORCH_CHECK_VALUE(bits == 4 || bits == 8, msg(op, ": unsupported bits=", bits, " on this device; supported: 4, 8 "
+                      "(2- and 3-bit values have CPU kernels only)"));
+  }
 }
 
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
@@ -115,11 +124,13 @@ inline void check_scale_values(const char* op, const at::Tensor& scale_cpu, cons
   for (int64_t i = 0; i < s.numel(); ++i)
     TORCH_CHECK_VALUE(std::isfinite(p[i]) && p[i] > 0.0f, msg(op, ": scales must be finite and > 0, got scale[", i,
                       "] = ", p[i]));
-  if (bits == 4) {
+  if (bits < 8) {
+    const int lo = qmin_of(static_cast<int>(bits)), hi = qmax_of(static_cast<int>(bits));
     const at::Tensor z = zp_cpu.contiguous();
     const int8_t* zz = z.data_ptr<int8_t>();
     for (int64_t i = 0; i < z.numel(); ++i)
-      TORCH_CHECK_VALUE(zz[i] >= -8 && zz[i] <= 7, msg(op, ": 4-bit zero-points must lie in [-8, 7], got ", int(zz[i])));
+      TORCH_CHECK_VALUE(zz[i] >= lo && zz[i] <= hi, msg(op, ": ", bits, "-bit zero-points must lie in [", lo, ", ", hi,
+                        "], got ", int(zz[i])));
   }
 }
 
@@ -141,12 +152,12 @@ inline void check_out_dtype(const char* op, at::ScalarType d) {
                    ": out_dtype must be float32, bfloat16 or float16, got ", d));
 }
 
-// Storage for quantized values of shape xs: int8, or uint8 with two 4-bit
-// values per byte along the last dim.
+// Storage for quantized values of shape xs: int8, or uint8 rows packed along
+// the last dim (quant_math.h: packed_row_bytes).
 inline at::Tensor q_storage(at::IntArrayRef xs, int64_t bits, const at::TensorOptions& o) {
   std::vector<int64_t> s(xs.begin(), xs.end());
-  if (bits == 4) {
-    s.back() = (s.back() + 1) / 2;
+  if (bits != 8) {
+    s.back() = packed_row_bytes(s.back(), static_cast<int>(bits));
     return at::empty(s, o.dtype(at::kByte));
   }
   return at::empty(s, o.dtype(at::kChar));

@@ -16,7 +16,7 @@ inline void check_quant_input(const char* op, const at::Tensor& x, int64_t bits,
                               const at::Device& dev) {
   check_device(op, "x", x, dev);
   check_float(op, "x", x);
-  check_bits(op, bits);
+  check_bits(op, bits, dev.is_cpu());
   TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
   check_group_size(op, group_size, x.size(-1));
 }
@@ -26,12 +26,12 @@ inline std::vector<int64_t> check_dequantize_args(const char* op, const at::Tens
                                                   int64_t group_size, int64_t K, at::ScalarType dtype,
                                                   const at::Device& dev) {
   check_device(op, "q", q, dev);
-  check_bits(op, bits);
+  check_bits(op, bits, dev.is_cpu());
   TORCH_CHECK_VALUE(q.dim() >= 1, msg(op, ": expected q with at least 1 dimension"));
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                    msg(op, ": dtype must be float32, bfloat16 or float16, got ", dtype));
-  check_dtype(op, "q", q, bits == 4 ? at::kByte : at::kChar);
-  const int64_t want_last = bits == 4 ? (K + 1) / 2 : K;
+  check_dtype(op, "q", q, bits != 8 ? at::kByte : at::kChar);
+  const int64_t want_last = K >= 0 ? packed_row_bytes(K, static_cast<int>(bits)) : -1;
   TORCH_CHECK_VALUE(K >= 0 && q.size(-1) == want_last, msg(op, ": q of shape ", shape_str(q), " does not hold K=", K,
                                                             " ", bits, "-bit values (last dim should be ", want_last,
                                                             ")"));
@@ -126,12 +126,12 @@ inline void check_weight_only_args(const char* op, const at::Tensor& x, const at
                                    int64_t group_size, const at::Device& dev) {
   check_device(op, "x", x, dev);
   check_float(op, "x", x);
-  check_bits(op, bits);
+  check_bits(op, bits, dev.is_cpu());
   TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
   check_device(op, "qw", qw, dev);
-  check_dtype(op, "qw", qw, bits == 4 ? at::kByte : at::kChar);
+  check_dtype(op, "qw", qw, bits != 8 ? at::kByte : at::kChar);
   const int64_t K = x.size(-1);
-  const int64_t kq = bits == 4 ? (K + 1) / 2 : K;
+  const int64_t kq = packed_row_bytes(K, static_cast<int>(bits));
   TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == kq,
                     msg(op, ": K mismatch: x has K=", K, " (shape ", shape_str(x), ") but the ", bits,
                         "-bit weight has shape ", shape_str(qw), " (expected [N, ", kq, "])"));

@@ -258,7 +258,7 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   } else {
     out = at::empty({M, N}, xf.options());
     const int64_t G = K / g;
-    const int64_t kb = bits == 4 ? (K + 1) / 2 : K;
+    const int64_t kb = packed_row_bytes(K, static_cast<int>(bits));
     at::Tensor wbuf = at::empty({std::min(N, kWeightOnlyBlockN), K}, xf.options());
     for (int64_t n0 = 0; n0 < N; n0 += kWeightOnlyBlockN) {
       const int64_t nb = std::min(kWeightOnlyBlockN, N - n0);

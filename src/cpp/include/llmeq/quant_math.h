@@ -57,6 +57,46 @@ LLMEQ_HD int quantize_value(float x, float s, int zp, int bits) {
   return static_cast<int>(v);
 }
 
+// Packed weight rows (the layouts of _reference.pack_bits):
+//  8 bits: int8 as is;
+//  4 bits: two's-complement nibbles, element 2i in the low nibble of byte i;
+//  2/3 bits: LSB-first bit stream of the offset-binary code q - qmin, value k's
+//    bit j at stream bit k*bits + j; rows padded to a multiple of 8 values
+//    (ceil(K/8) * bits bytes), the padding zero.
+LLMEQ_HD int64_t packed_row_bytes(int64_t K, int bits) {
+  return bits == 8 ? K : (bits == 4 ? (K + 1) / 2 : (K + 7) / 8 * bits);
+}
+
+// Value k of a packed row of bits in {2, 3, 4}.
+LLMEQ_HD int packed_value(const uint8_t* row, int64_t k, int bits) {
+  if (bits == 4) {
+    const int nib = (row[k >> 1] >> ((k & 1) * 4)) & 0xF;
+    return nib >= 8 ? nib - 16 : nib;
+  }
+  const int64_t p = k * bits;
+  const int sh = static_cast<int>(p & 7);
+  uint32_t w = row[p >> 3];
+  if (sh + bits > 8) w |= static_cast<uint32_t>(row[(p >> 3) + 1]) << 8;  // inside the padded row
+  return static_cast<int>((w >> sh) & ((1u << bits) - 1u)) + qmin_of(bits);
+}
+
+// Pack K values (in range for bits in {2, 3, 4}) into one row.
+LLMEQ_HD void pack_row(const int8_t* q, int64_t K, int bits, uint8_t* out) {
+  if (bits == 4) {
+    for (int64_t i = 0; i < K / 2; ++i)
+      out[i] = static_cast<uint8_t>((q[2 * i] & 0xF) | ((q[2 * i + 1] & 0xF) << 4));
+    if (K % 2) out[K / 2] = static_cast<uint8_t>(q[K - 1] & 0xF);
+    return;
+  }
+  const int64_t nb = packed_row_bytes(K, bits);
+  for (int64_t i = 0; i < nb; ++i) out[i] = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const uint32_t u = static_cast<uint32_t>(q[k] - qmin_of(bits)) << ((k * bits) & 7);
+    out[(k * bits) >> 3] |= static_cast<uint8_t>(u & 0xFF);
+    if (u >> 8) out[((k * bits) >> 3) + 1] |= static_cast<uint8_t>(u >> 8);
+  }
+}
+
 // bf16 / fp16 <-> fp32 without torch: bf16 is the top half of an fp32.
 LLMEQ_HD float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
