@@ -76,7 +76,7 @@ def test_bench_command_times_and_checks(capsys):
     assert "positive token counts" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["info", "bench", "compare", "quantize", "eval", "export", "demo"])
+@pytest.mark.parametrize("command", ["info", "bench", "compare", "quantize", "search", "eval", "export", "demo"])
 def test_every_command_has_help(command, capsys):
     from llmeasyquant import cli
 

@@ -21,6 +21,7 @@ _METHOD_MODULES = {
     "gptq": "gptq_method",
     "awq": "awq_method",
     "simquant": "simquant",  # KV cache only; weights stay float
+    "mixed": "mixed",  # per-layer bit widths (llmeasyquant.search)
 }
 _NEEDS_CALIBRATION = {"smoothquant", "gptq", "awq"}
 
@@ -59,7 +60,8 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
     else:
         config = config_for(method_or_config, **options)
     spec = extract(model)
-    needs = config.method in _NEEDS_CALIBRATION or config.act == "static"
+    needs = (config.method in _NEEDS_CALIBRATION or config.act == "static"
+             or getattr(config, "base", None) == "gptq")
     batches = _calibration(config, calib, tokenizer) if needs else []
     shard = shard or Shard()
     if needs:

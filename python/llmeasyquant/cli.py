@@ -165,6 +165,94 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_floats(spec: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {spec!r}") from None
+    if not vals:
+        raise ValueError(f"{what} is empty")
+    return vals
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from .eval.perplexity import perplexity, tokenize_file
+    from .data import DEFAULT_EVAL_FILE
+    from .io import save
+    from .models import load_model
+    from .search import Searcher, write_json
+    from .search.report import pareto, pareto_table, plot_bitmap, plot_pareto
+    from .calibration import calibration_batches
+
+    given = [v is not None for v in (args.budget_bits, args.budget_mib, args.lam)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --budget-bits, --budget-mib and --lam")
+    bits = tuple(int(b) for b in _parse_floats(args.bits, "--bits"))
+    budgets = _parse_floats(args.pareto, "--pareto") if args.pareto else []
+    model, tok = load_model(args.model)
+    t0 = time.perf_counter()
+    batches = calibration_batches(tok, args.calib, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
+    s = Searcher(model, batches, bits=bits, group_size=args.group_size, base=args.base, progress=not args.quiet)
+    budget_bytes = None if args.budget_mib is None else int(args.budget_mib * 2**20)
+    res = s.run(args.strategy, budget_bits=args.budget_bits, budget_bytes=budget_bytes, lam=args.lam,
+                max_evals=args.max_evals)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        layers_path = s.spec.arch.layers_path
+        summary = (f"{args.strategy} search ({args.base}, candidates {', '.join(f'W{b}' for b in res.bits)}, "
+                   f"g{args.group_size}): {res.bits_per_weight:.3f} bits per weight, {res.fp16_reduction:.2f}x "
+                   f"smaller than fp16, calibration loss {res.loss:.4f} (float {res.float_loss:.4f}), "
+                   f"mix {res.counts()}, {res.evals} loss evaluations")
+        write_json(res.to_dict(), os.path.join(tmp, "search.json"))
+        write_json(res.assignment, os.path.join(tmp, "bitmap.json"))
+        figs = []
+        try:
+            figs += plot_bitmap(res.assignment, layers_path, tmp,
+                                f"{args.model}: bits per layer ({args.strategy}, {res.bits_per_weight:.2f} bits/weight)")
+        except ImportError as err:
+            summary += f" (plots not drawn: {err})"
+        md = [f"# Mixed-precision search: {args.model}", "", summary, ""]
+        if budgets:
+            ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
+            fppl = perplexity(model, ids=ids, max_windows=args.max_windows, progress=False).ppl
+
+            def ppl_of(a):
+                with s.probe.swapped(s.layers(a)):
+                    return perplexity(model, ids=ids, max_windows=args.max_windows, progress=False).ppl
+
+            rows = pareto(s, budgets, args.strategy, ppl_of, max_evals=args.max_evals,
+                          progress=(lambda m: None) if args.quiet else print)
+            write_json({"float_ppl": fppl, "rows": rows}, os.path.join(tmp, "pareto.json"))
+            md += [f"Perplexity: WikiText-2 raw test, first {args.max_windows} windows x 2048 tokens; float "
+                   f"{fppl:.3f}.", "", pareto_table(rows, fppl), ""]
+            try:
+                figs += plot_pareto(rows, fppl, tmp, f"{args.model}: perplexity vs size ({args.base} base)")
+            except ImportError:
+                pass
+        md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs if f.endswith(".png")]
+        md += ["", f"Command: `llmeasyquant {' '.join(sys.argv[1:])}`", ""]
+        with open(os.path.join(tmp, "search.md"), "w") as fh:
+            fh.write("\n".join(md))
+        s.apply(res.assignment)
+        if not args.no_save:
+            save(model, os.path.join(tmp, "model"), tokenizer=tok)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print("\n".join(md[2:3] + ([md[6]] if budgets else [])))
+    print(f"written to {out} (search.md, search.json, bitmap.json{', model/' if not args.no_save else ''}) "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def _load_any(path: str):
     """A saved quantized folder (llmeasyquant.save) or anything load_model takes."""
     from .io import is_quantized_folder, load
@@ -310,6 +398,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench.add_arguments(s)
     s.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("search", help="per-layer mixed-precision bit-width search under a size budget",
+                       description="Choose a weight bit width (default candidates 2, 3, 4, 8) for every linear "
+                                   "layer, minimising the calibration loss under a budget (bits per weight or "
+                                   "MiB, scales and zero-points counted) or loss + lam x MiB. Writes the bit map, "
+                                   "a report with plots and the quantized model to --out; --pareto adds the "
+                                   "size/perplexity table across budgets against uniform settings.",
+                       epilog="example: llmeasyquant search smollm2-135m --budget-bits 4 --base gptq "
+                              "--pareto 3.5,4,4.5,5 --out smollm2-mixed")
+    s.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="local HF folder, .gguf file, or the embedded default 'smollm2-135m'")
+    b = s.add_mutually_exclusive_group()
+    b.add_argument("--budget-bits", type=float, default=None, help="average bits per weight (metadata included)")
+    b.add_argument("--budget-mib", type=float, default=None, help="MiB held by the quantized layers")
+    b.add_argument("--lam", type=float, default=None, help="no budget: minimise loss + LAM x MiB")
+    s.add_argument("--strategy", choices=["greedy", "entropy", "grid"], default="greedy",
+                   help="greedy: measured coordinate descent (default); entropy: statistics only; grid: "
+                        "exhaustive per projection type")
+    s.add_argument("--base", choices=["rtn", "gptq"], default="rtn", help="quantizer of every candidate")
+    s.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
+    s.add_argument("--group-size", type=int, default=64, help="group size of the 2/3/4-bit candidates (default 64)")
+    s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
+    s.add_argument("--calib-samples", type=int, default=4, help="calibration sequences (default 4)")
+    s.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    s.add_argument("--max-evals", type=int, default=60, help="greedy: loss evaluations at most (default 60)")
+    s.add_argument("--pareto", default=None, help="also evaluate these budgets (bits per weight, comma-separated)")
+    s.add_argument("--max-windows", type=int, default=16, help="perplexity windows for --pareto (default 16)")
+    s.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    s.add_argument("--no-save", action="store_true", help="do not write the quantized model")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_search)
 
     s = sub.add_parser("eval", help="perplexity, memory and tokens/s of a model or a saved quantized folder",
                        description="Evaluate a model (local HF folder, .gguf, 'smollm2-135m') or a folder written "

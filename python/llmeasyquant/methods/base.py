@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 
@@ -154,9 +154,32 @@ class SimQuantConfig(QuantConfig):
         return s
 
 
+@dataclass
+class MixedConfig(QuantConfig):
+    """Per-layer bit widths (``bitmap``: layer path -> 2, 3, 4 or 8), e.g. from
+    :func:`llmeasyquant.search.search`. 8-bit layers per channel symmetric,
+    lower widths group-wise (``w_group_size``) asymmetric; ``base``: ``rtn`` or
+    ``gptq`` (each layer with its own input Hessian from the float model).
+    Layers not in the map stay float."""
+
+    method: ClassVar[str] = "mixed"
+    bitmap: dict = field(default_factory=dict)
+    base: str = "rtn"
+    w_group_size: int = 64
+    w_symmetric: bool = False
+    n_calib: int = 4
+
+    def describe(self) -> str:
+        counts: dict = {}
+        for b in self.bitmap.values():
+            counts[b] = counts.get(b, 0) + 1
+        mix = ", ".join(f"{n}xW{b}" for b, n in sorted(counts.items()))
+        return f"mixed ({mix}) {self.base} g{self.w_group_size}"
+
+
 _CONFIGS: dict[str, type[QuantConfig]] = {
     c.method: c for c in (AbsMaxConfig, ZeroPointConfig, ZeroQuantConfig, SmoothQuantConfig, GPTQConfig, AWQConfig,
-                          SimQuantConfig)
+                          SimQuantConfig, MixedConfig)
 }
 
 

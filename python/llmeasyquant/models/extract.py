@@ -39,6 +39,8 @@ class ArchSpec:
     groups: tuple[ScaleGroup, ...]
     # groups valid only without grouped-query attention (v_proj -> o_proj)
     mha_only_groups: tuple[ScaleGroup, ...] = ()
+    # modules between the last block and the LM head, in order (absent ones skipped)
+    final: tuple[str, ...] = ()
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -53,6 +55,7 @@ _LLAMA_LIKE = ArchSpec(
         ScaleGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
     ),
     mha_only_groups=(ScaleGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",)),),
+    final=("model.norm",),
 )
 
 _OPT = ArchSpec(
@@ -64,6 +67,7 @@ _OPT = ArchSpec(
         ScaleGroup("final_layer_norm", "norm", ("fc1",)),
     ),
     mha_only_groups=(ScaleGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",)),),
+    final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
 )
 
 _GPT2 = ArchSpec(
@@ -74,6 +78,7 @@ _GPT2 = ArchSpec(
         ScaleGroup("ln_1", "norm", ("attn.c_attn",)),
         ScaleGroup("ln_2", "norm", ("mlp.c_fc",)),
     ),
+    final=("transformer.ln_f",),
 )
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _OPT, _GPT2)

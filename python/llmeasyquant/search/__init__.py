@@ -1,0 +1,230 @@
+"""Per-layer mixed-precision bit-width search (paper Theorem B.19):
+
+    choose b_l in the candidates for every quantizable linear l to minimise
+    L_task(b) + lam * sum_l Phi(b_l)   or   L_task(b) s.t. sum_l bytes_l(b_l) <= budget
+
+``Phi`` and the budget count the bytes each layer really holds (packed weights,
+scales, zero-points, bias). ``L_task`` is the next-token loss on calibration
+text (WikiText-2 validation by default).
+
+Pipeline: candidates (every layer quantized once at every bit width by the
+base quantizer, :mod:`.candidates`) -> cached per-layer sensitivities (loss
+with only that layer quantized, :mod:`.probe`) -> a strategy
+(:mod:`.strategies`: ``entropy``, ``grid``, ``greedy``) -> the assignment,
+applied to the model as QLinear layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import calibration_batches
+from ..methods._common import swap, target_paths
+from ..models.extract import extract
+from .candidates import BASES, Candidates, build_candidates, collect_hessians
+from .probe import LossProbe
+from .strategies import MIB, Objective, allocate, check_budget, default_groups, distortion, entropy, grid, greedy
+
+STRATEGIES = ("entropy", "grid", "greedy")
+
+
+@dataclass
+class SearchResult:
+    strategy: str
+    base: str
+    bits: tuple[int, ...]
+    group_size: int
+    assignment: dict[str, int]
+    bytes: int
+    bits_per_weight: float
+    fp16_reduction: float  # fp16 bytes of the same layers / bytes held
+    float_loss: float
+    loss: float  # measured calibration loss of the assignment
+    objective: float
+    evals: int
+    seconds: float
+    history: list = field(default_factory=list)
+    stopped: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits"] = list(self.bits)
+        return d
+
+    def counts(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for b in self.assignment.values():
+            out[b] = out.get(b, 0) + 1
+        return dict(sorted(out.items()))
+
+
+@torch.no_grad()
+def channel_energy(model: nn.Module, paths: Sequence[str], batches) -> dict[str, torch.Tensor]:
+    """E[x_j^2] of every layer's input channels over the calibration batches."""
+    sums, counts, hooks = {}, {}, []
+    for p in paths:
+        def hook(m, args, p=p):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[p] = sums.get(p, 0) + x.pow(2).sum(0)
+            counts[p] = counts.get(p, 0) + x.shape[0]
+        hooks.append(model.get_submodule(p).register_forward_pre_hook(hook))
+    try:
+        for ids in batches:
+            model(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: sums[p] / counts[p] for p in paths}
+
+
+class Searcher:
+    """Holds what every budget of one model shares: candidates, the loss probe,
+    sensitivities (computed once, on demand), channel energies."""
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor], *, bits=(2, 3, 4, 8), group_size: int = 64,
+                 base: str = "rtn", exclude=("lm_head",), sens_batches: int = 1, sens_tokens: int = 256,
+                 progress: bool = True):
+        if base not in BASES:
+            raise ValueError(f"unknown base quantizer {base!r}; choose from {', '.join(BASES)}")
+        bits = tuple(sorted(set(int(b) for b in bits)))
+        if len(bits) < 2:
+            raise ValueError(f"a search needs at least two candidate bit widths, got {bits}")
+        self.model, self.batches, self.progress = model, batches, progress
+        self.spec = extract(model)
+        self.paths = target_paths(model, self.spec, exclude)
+        if not self.paths:
+            raise ValueError("no quantizable linear layers to search over")
+        self.base, self.group_size = base, group_size
+        t0 = time.perf_counter()
+        self.cands = build_candidates(model, self.paths, bits, group_size, base, batches, progress)
+        self.probe = LossProbe(model, self.spec, batches)
+        self.sens_probe = LossProbe(model, self.spec, [b[:, :sens_tokens] for b in batches[:sens_batches]])
+        self.setup_seconds = time.perf_counter() - t0
+        self._sens: Optional[dict[str, dict[int, float]]] = None
+        self._energy = None
+
+    # ------------------------------------------------------------------ pieces
+    def layers(self, a: dict[str, int]) -> dict[str, nn.Module]:
+        return {p: self.cands.table[p][b].layer for p, b in a.items()}
+
+    def measure(self, a: dict[str, int]) -> float:
+        return self.probe.loss_with(self.layers(a))
+
+    def sensitivities(self) -> dict[str, dict[int, float]]:
+        """Loss increase (short calibration slice) with only one layer quantized,
+        for every layer and candidate; the top candidate is measured too."""
+        if self._sens is None:
+            base = self.sens_probe.float_loss
+            todo = [(p, b) for p in self.paths for b in self.cands.bits]
+            sens: dict[str, dict[int, float]] = {p: {} for p in self.paths}
+            for p, b in tqdm(todo, desc="search: sensitivities", disable=not self.progress):
+                sens[p][b] = self.sens_probe.loss_with({p: self.cands.table[p][b].layer}) - base
+            self._sens = sens
+        return self._sens
+
+    def energy(self):
+        if self._energy is None:
+            self._energy = channel_energy(self.model, self.paths, self.batches)
+        return self._energy
+
+    def objective(self, budget_bits=None, budget_bytes=None, lam=None) -> Objective:
+        if budget_bits is not None:
+            if budget_bytes is not None:
+                raise ValueError("give budget_bits or budget_bytes, not both")
+            if not budget_bits > 0:
+                raise ValueError(f"budget_bits must be > 0, got {budget_bits}")
+            budget_bytes = int(budget_bits * sum(self.cands.numel.values()) / 8)
+        return Objective(budget_bytes=budget_bytes, lam=lam)
+
+    def uniform(self, b: int) -> dict[str, int]:
+        return {p: b for p in self.paths}
+
+    # ------------------------------------------------------------------ search
+    def run(self, strategy: str = "greedy", *, budget_bits=None, budget_bytes=None, lam=None, max_evals: int = 60,
+            groups: Optional[dict[str, list[str]]] = None) -> SearchResult:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+        obj = self.objective(budget_bits, budget_bytes, lam)
+        check_budget(self.cands, obj)
+        t0 = time.perf_counter()
+        evals0 = self.probe.evals
+        history, stopped = [], ""
+        if strategy == "entropy":
+            D = distortion(self.cands, self.model, self.energy())
+            a = entropy(self.cands, D, obj)
+            loss = self.measure(a)
+            val = obj.value(loss, self.cands, a)
+        elif strategy == "grid":
+            groups = groups or default_groups(self.paths, self.spec.arch.layers_path)
+            a, val, history = grid(self.cands, self.sensitivities(), obj, groups, self.measure)
+            if a is None:
+                raise ValueError("grid: no group assignment fits the budget; use finer groups or another strategy")
+            loss = self.measure(a)
+        else:
+            sens = self.sensitivities()
+            start = allocate(self.cands, sens, obj)
+            log = (lambda m: tqdm.write(m)) if self.progress else None
+            a, val, trace = greedy(self.cands, sens, obj, start, self.measure, max_evals=max_evals, progress=log)
+            loss = self.measure(a)
+            history = [{"objective": trace.start_objective, "changes": {}}] + trace.steps
+            stopped = trace.stopped
+        nbytes = self.cands.bytes_of(a)
+        return SearchResult(strategy=strategy, base=self.base, bits=self.cands.bits, group_size=self.group_size,
+                            assignment=a, bytes=nbytes, bits_per_weight=self.cands.bits_per_weight(a),
+                            fp16_reduction=self.cands.fp16_bytes() / nbytes, float_loss=self.probe.float_loss,
+                            loss=loss, objective=val, evals=self.probe.evals - evals0,
+                            seconds=time.perf_counter() - t0, history=history, stopped=stopped)
+
+    def apply(self, a: dict[str, int]) -> nn.Module:
+        """Swap the assignment's QLinear layers into the model (in place)."""
+        from ..methods.base import MixedConfig
+
+        for p, b in a.items():
+            swap(self.model, p, self.cands.table[p][b].layer)
+        self.model.llmeq_config = MixedConfig(bitmap=dict(a), base=self.base, w_group_size=self.group_size)
+        return self.model
+
+
+def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = None,
+           budget_bytes: Optional[int] = None, lam: Optional[float] = None, strategy: str = "greedy",
+           bits=(2, 3, 4, 8), group_size: int = 64, base: str = "rtn", calib=None, n_calib: int = 4,
+           calib_seq_len: int = 512, exclude=("lm_head",), max_evals: int = 60, apply: bool = True,
+           progress: bool = True) -> SearchResult:
+    """Search a bit width per layer and (``apply``) quantize the model with it.
+
+    Give one of ``budget_bits`` (average bits per weight, scales and
+    zero-points included), ``budget_bytes`` or ``lam`` (loss per MiB).
+    ``calib``: text file, list of strings or list of token tensors
+    (default: WikiText-2 validation, needs ``tokenizer``).
+    """
+    if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], torch.Tensor):
+        batches = [c if c.dim() == 2 else c.unsqueeze(0) for c in calib]
+    else:
+        if tokenizer is None:
+            raise ValueError("search needs calibration data: pass tokenizer= (to tokenize text) or calib= as a "
+                             "list of token tensors")
+        batches = calibration_batches(tokenizer, calib, n_samples=n_calib, seq_len=calib_seq_len)
+    s = Searcher(model, batches, bits=bits, group_size=group_size, base=base, exclude=exclude, progress=progress)
+    res = s.run(strategy, budget_bits=budget_bits, budget_bytes=budget_bytes, lam=lam, max_evals=max_evals)
+    if apply:
+        s.apply(res.assignment)
+    return res
+
+
+def write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+__all__ = ["STRATEGIES", "SearchResult", "Searcher", "channel_energy", "collect_hessians", "search", "write_json",
+           "Candidates", "MIB"]
