@@ -103,7 +103,7 @@ def test_mixed_model_saves_and_loads(tmp_path, one_thread):
     assert back.llmeq_config.bitmap == model.llmeq_config.bitmap
 
 
-def test_search_cli_writes_report_bitmap_and_model(tmp_path, one_thread):
+def test_search_cli_writes_report_bitmap_and_model(tmp_path, one_thread, caplog):
     from llmeasyquant import cli
 
     src = tmp_path / "tiny"
@@ -114,8 +114,10 @@ def test_search_cli_writes_report_bitmap_and_model(tmp_path, one_thread):
     out = tmp_path / "out"
     rc = cli.main(["search", str(src), "--budget-bits", "5", "--group-size", "32", "--calib", str(calib),
                    "--calib-samples", "2", "--calib-seq-len", "64", "--pareto", "4.5,5", "--max-windows", "1",
-                   "--max-evals", "8", "--out", str(out), "--quiet"])
+                   "--max-evals", "8", "--out", str(out), "--quiet", "--verbose"])
     assert rc == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "llmeasyquant"]
+    assert any(m.startswith("search: greedy ->") for m in said) and any("calibration:" in m for m in said)
     for f in ("search.md", "search.json", "bitmap.json", "pareto.json", "bitmap.png", "pareto.png", "model"):
         assert (out / f).exists(), f
     rows = json.loads((out / "pareto.json").read_text())["rows"]

@@ -7,7 +7,10 @@ import importlib
 import torch
 from torch import nn
 
+import time
+
 from .calibration import calibration_batches
+from .log import logger
 from .sharding import Shard
 from .methods.base import QuantConfig, config_for
 from .models.extract import extract
@@ -70,7 +73,12 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
     module = importlib.import_module(f".methods.{_METHOD_MODULES[config.method]}", __package__)
     was_training = model.training
     model.eval()
+    logger.info("%s: %s on a %s model (%d decoder blocks), %d calibration batch(es)%s", config.method,
+                config.describe(), spec.model_type, len(spec.blocks), len(batches),
+                "" if shard.world == 1 else f", rank {shard.rank} of {shard.world}")
+    t0 = time.perf_counter()
     module.apply(model, spec, config, batches, progress=progress, shard=shard)
+    logger.info("%s: done in %.1f s", config.method, time.perf_counter() - t0)
     model.train(was_training)
     model.llmeq_config = config
     return model

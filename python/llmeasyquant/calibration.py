@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .data import DEFAULT_CALIB_FILE, read_text
+from .log import logger
 
 
 def calibration_batches(tokenizer, source: str | Sequence[str] | None = None, *, n_samples: int = 32,
@@ -41,6 +42,8 @@ def calibration_batches(tokenizer, source: str | Sequence[str] | None = None, *,
         return [ids.unsqueeze(0)]
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
+    logger.info("calibration: %d windows x %d tokens drawn from %d tokens of %s", n_samples, seq_len, ids.numel(),
+                source if isinstance(source, str) else ("WikiText-2 validation" if source is None else "given text"))
     return [ids[s: s + seq_len].unsqueeze(0) for s in starts.tolist()]
 
 

@@ -312,11 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import DEFAULT_CALIB_FILE
 
     p = argparse.ArgumentParser(prog="llmeasyquant", description="Quantization toolkit for LLMs.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log decisions and timings (calibration, methods, search, ranks) to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("info", help="show how this installation was built",
+    s = sub.add_parser("info", parents=[common], help="show how this installation was built",
                        description="Show version, the torch it was built against, CUDA and CPU kernels.")
     s.set_defaults(fn=_cmd_info)
-    s = sub.add_parser("demo", help="quantize one real layer of a model with QLinear and compare",
+    s = sub.add_parser("demo", parents=[common], help="quantize one real layer of a model with QLinear and compare",
                        description="Swap one MLP projection of a real model for QLinear (W8A8 dynamic, "
                                    "W8A16, W4A16) and report error, next-token agreement, bytes and speed.",
                        epilog="example: llmeasyquant demo --layer 3 --proj down_proj")
@@ -331,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .compare import METHOD_SETS, PRESETS
 
-    s = sub.add_parser("compare", help="compare quantization methods on a model (perplexity, memory, tokens/s)",
+    s = sub.add_parser("compare", parents=[common], help="compare quantization methods on a model (perplexity, memory, tokens/s)",
                        description="Quantize a fresh copy of the model with each method preset, evaluate "
                                    "WikiText-2 perplexity (non-overlapping windows of the raw test file), bytes "
                                    "held by the linear layers and the whole model, and prefill/decode tokens/s; "
@@ -357,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .methods.base import available_methods
 
-    s = sub.add_parser("quantize", help="quantize a model with one method and save it",
+    s = sub.add_parser("quantize", parents=[common], help="quantize a model with one method and save it",
                        description="Quantize a model with a method (calibrated on WikiText-2 validation unless "
                                    "--calib is given) and save it as a self-contained folder (safetensors).",
                        epilog="example: llmeasyquant quantize smollm2-135m --method awq --w-bits 4 "
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--breakdown", default=None, help="write the per-layer time breakdown (Markdown) here")
     s.set_defaults(fn=_cmd_quantize)
 
-    s = sub.add_parser("bench", help="QLinear and op microbenchmarks against fp32, torch.ao and torch._int_mm (CPU)",
+    s = sub.add_parser("bench", parents=[common], help="QLinear and op microbenchmarks against fp32, torch.ao and torch._int_mm (CPU)",
                        description="Time QLinear (W8A8 dynamic, W8A16, W4A16) against fp32 F.linear, torch.ao dynamic "
                                    "quantization and torch._int_mm on layer shapes, each checked for correctness "
                                    "first; --ops adds the ops alone. CPU timing is noisy: ratios come from one run "
@@ -399,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench.add_arguments(s)
     s.set_defaults(fn=_cmd_bench)
 
-    s = sub.add_parser("search", help="per-layer mixed-precision bit-width search under a size budget",
+    s = sub.add_parser("search", parents=[common], help="per-layer mixed-precision bit-width search under a size budget",
                        description="Choose a weight bit width (default candidates 2, 3, 4, 8) for every linear "
                                    "layer, minimising the calibration loss under a budget (bits per weight or "
                                    "MiB, scales and zero-points counted) or loss + lam x MiB. Writes the bit map, "
@@ -430,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_search)
 
-    s = sub.add_parser("eval", help="perplexity, memory and tokens/s of a model or a saved quantized folder",
+    s = sub.add_parser("eval", parents=[common], help="perplexity, memory and tokens/s of a model or a saved quantized folder",
                        description="Evaluate a model (local HF folder, .gguf, 'smollm2-135m') or a folder written "
                                    "by `llmeasyquant quantize`: WikiText-2 perplexity, bytes held, tokens/s "
                                    "(all three unless some are named).",
@@ -444,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_eval)
 
-    s = sub.add_parser("export", help="export a saved quantized model to ONNX",
+    s = sub.add_parser("export", parents=[common], help="export a saved quantized model to ONNX",
                        description="Export a folder written by `llmeasyquant quantize` (or llmeasyquant.save) to "
                                    "ONNX opset 21 (QuantizeLinear/MatMulInteger for W8A8, DequantizeLinear for "
                                    "weight-only, INT4 initializers for 4-bit) and compare ONNX Runtime's logits "
@@ -461,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed.runtime import LaunchError, PeerFailure
 
     args = build_parser().parse_args(argv)
+    from .log import configure
+
+    configure(verbose=args.verbose)
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, ImportError, LaunchError, PeerFailure) as err:

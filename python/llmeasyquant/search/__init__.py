@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import calibration_batches
+from ..log import logger
 from ..methods._common import swap, target_paths
 from ..models.extract import extract
 from .candidates import BASES, Candidates, build_candidates, collect_hessians
@@ -108,6 +109,8 @@ class Searcher:
         self.probe = LossProbe(model, self.spec, batches)
         self.sens_probe = LossProbe(model, self.spec, [b[:, :sens_tokens] for b in batches[:sens_batches]])
         self.setup_seconds = time.perf_counter() - t0
+        logger.info("search: %d layers x %d candidates (%s) built and loss probe ready in %.1f s; float calibration "
+                    "loss %.4f", len(self.paths), len(bits), base, self.setup_seconds, self.probe.float_loss)
         self._sens: Optional[dict[str, dict[int, float]]] = None
         self._energy = None
 
@@ -177,6 +180,8 @@ class Searcher:
             history = [{"objective": trace.start_objective, "changes": {}}] + trace.steps
             stopped = trace.stopped
         nbytes = self.cands.bytes_of(a)
+        logger.info("search: %s -> %.3f bits per weight, loss %.4f, %d evaluations, %.1f s %s", strategy,
+                    self.cands.bits_per_weight(a), loss, self.probe.evals - evals0, time.perf_counter() - t0, stopped)
         return SearchResult(strategy=strategy, base=self.base, bits=self.cands.bits, group_size=self.group_size,
                             assignment=a, bytes=nbytes, bits_per_weight=self.cands.bits_per_weight(a),
                             fp16_reduction=self.cands.fp16_bytes() / nbytes, float_loss=self.probe.float_loss,
