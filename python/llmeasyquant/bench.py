@@ -198,15 +198,20 @@ def bench_ops(N: int, K: int, M: int, reps: int) -> dict:
         "dynamic quant linear": lambda: ops.dynamic_quant_linear(x, qw, ws.view(-1), wsum),
         "weight-only W4": lambda: ops.weight_only_linear(x, q4, s4, z4, 4, g4),
     }.items():
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        res[name] = statistics.median(ts) * 1e3
+        res[name] = median_ms(fn, reps)
     return res
+
+
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
 
 
 def run(args: argparse.Namespace, command: str) -> tuple[str, str]:

@@ -87,22 +87,30 @@ def _in_features(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, paths: Iterable[str], batches: Sequence[torch.Tensor],
-                        progress: bool = True, keep_tokens: int = 0) -> dict[str, ChannelStats]:
-    """Per-channel absmax/min/max of the inputs of the modules at ``paths``
-    (and up to ``keep_tokens`` sample rows of each input, for searches)."""
-    stats: dict[str, ChannelStats] = {}
-    hooks = []
-    for p in paths:
-        mod = model.get_submodule(p)
-        st = stats[p] = ChannelStats.empty(_in_features(mod), keep_tokens=keep_tokens)
-        hooks.append(mod.register_forward_pre_hook(lambda m, args, st=st: st.update(args[0].float())))
+def observe_model(model: nn.Module, paths: Iterable[str], batches: Sequence[torch.Tensor],
+                  on_input: Callable[[str, torch.Tensor], None], desc: str = "calibrating",
+                  progress: bool = True) -> None:
+    """Run the model over ``batches``; ``on_input(path, x)`` sees the input
+    ``x`` of every module at ``paths`` (as the module received it)."""
+    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda m, args, p=p: on_input(p, args[0].detach()))
+             for p in paths]
     try:
-        for ids in tqdm(batches, desc="calibrating (activation statistics)", disable=not progress):
+        for ids in tqdm(batches, desc=desc, disable=not progress):
             model(ids, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, paths: Iterable[str], batches: Sequence[torch.Tensor],
+                        progress: bool = True, keep_tokens: int = 0) -> dict[str, ChannelStats]:
+    """Per-channel absmax/min/max of the inputs of the modules at ``paths``
+    (and up to ``keep_tokens`` sample rows of each input, for searches)."""
+    paths = list(paths)
+    stats = {p: ChannelStats.empty(_in_features(model.get_submodule(p)), keep_tokens=keep_tokens) for p in paths}
+    observe_model(model, paths, batches, lambda p, x: stats[p].update(x.float()),
+                  "calibrating (activation statistics)", progress)
     return stats
 
 

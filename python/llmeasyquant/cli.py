@@ -38,24 +38,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import llmeasyquant as lq
     from llmeasyquant.models import load_model
 
+    from .bench import median_ms
     from .data import read_text
 
     model, tok = load_model(args.model)
@@ -80,14 +69,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     float_bytes = lin.weight.numel() * 2  # fp16 storage as the size baseline
     x2 = x.reshape(-1, lin.in_features)
     with torch.no_grad():
-        t_float = _median_ms(lambda: lin(x2), args.reps)
+        t_float = median_ms(lambda: lin(x2), args.reps)
         for label, cfg in (("W8A8 dynamic", dict(act="dynamic")),
                            ("W8A16", dict(act=None)),
                            ("W4A16 g64", dict(act=None, w_bits=4, w_group_size=64))):
             q = lq.QLinear.from_linear(lin, **cfg)
             out = q(x)
             rel = ((out - y).norm() / y.norm()).item()
-            t = _median_ms(lambda: q(x2), args.reps)
+            t = median_ms(lambda: q(x2), args.reps)
             setattr(mlp, args.proj, q)
             try:
                 logits = model(ids).logits

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import calibration_batches
+from ..calibration import calibration_batches, observe_model
 from ..log import logger
 from ..methods._common import swap, target_paths
 from ..models.extract import extract
@@ -70,19 +70,15 @@ class SearchResult:
 @torch.no_grad()
 def channel_energy(model: nn.Module, paths: Sequence[str], batches) -> dict[str, torch.Tensor]:
     """E[x_j^2] of every layer's input channels over the calibration batches."""
-    sums, counts, hooks = {}, {}, []
-    for p in paths:
-        def hook(m, args, p=p):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[p] = sums.get(p, 0) + x.pow(2).sum(0)
-            counts[p] = counts.get(p, 0) + x.shape[0]
-        hooks.append(model.get_submodule(p).register_forward_pre_hook(hook))
-    try:
-        for ids in batches:
-            model(ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def add(p: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        sums[p] = sums.get(p, 0) + x.pow(2).sum(0)
+        counts[p] = counts.get(p, 0) + x.shape[0]
+
+    observe_model(model, paths, batches, add, "search: channel energies", progress=False)
     return {p: sums[p] / counts[p] for p in paths}
 
 

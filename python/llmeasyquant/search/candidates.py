@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._reference import packed_len
+from ..calibration import observe_model
 from ..methods._common import weight_nk
 from ..nn.qlinear import QLinear
 
@@ -85,23 +86,15 @@ class Candidates:
 def collect_hessians(model: nn.Module, paths: list[str], batches, progress: bool = True) -> dict[str, torch.Tensor]:
     """X^T X (float64) of every layer's input over the calibration batches, float model."""
     H: dict[str, torch.Tensor] = {}
-    hooks = []
     for p in paths:
-        mod = model.get_submodule(p)
-        K = weight_nk(mod).shape[1]
+        K = weight_nk(model.get_submodule(p)).shape[1]
         H[p] = torch.zeros(K, K, dtype=torch.float64)
 
-        def hook(m, args, p=p):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            H[p].add_(x.T @ x)
+    def add(p: str, x: torch.Tensor) -> None:
+        xd = x.reshape(-1, x.shape[-1]).double()
+        H[p].add_(xd.T @ xd)
 
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        for ids in tqdm(batches, desc="search: Hessians", disable=not progress):
-            model(ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_model(model, paths, batches, add, "search: Hessians", progress)
     return H
 
 
