@@ -64,6 +64,15 @@ def render(path: str, note: str = "") -> str:
     onnx_md = Path(path).with_name("onnx.md")
     if onnx_md.exists():
         lines += ["", "## ONNX export of the default model (checked in ONNX Runtime)", "", onnx_md.read_text().strip()]
+    search_md = Path(path).with_name("search") / "search.md"
+    if search_md.exists():
+        body = search_md.read_text().strip().split("\n", 1)[1].strip()  # drop its title
+        body = body.replace("](", "](results/search/")  # images live beside search.md
+        lines += ["", "## Mixed-precision search (per-layer bit widths)", "", body]
+    dist_md = Path(path).with_name("distributed.md")
+    if dist_md.exists():
+        lines += ["", "Distributed quantization of this model (wall time vs ranks, eq. 12 breakdown): "
+                  "[results/distributed.md](results/distributed.md) and docs/benchmarks.md."]
     report = Path(path).with_name("report.md")
     if report.exists():
         lines += ["", "Plots and the full report of this run: [results/report.md](results/report.md)."]

@@ -105,7 +105,9 @@ def quantize_layer(module: nn.Module, layout: Layout, base: str, hessian=None) -
     from ..methods.gptq import gptq_quantize
 
     W = weight_nk(module).float()
-    r = gptq_quantize(W, hessian, bits=layout.bits, group_size=layout.group_size, symmetric=layout.symmetric)
+    # act_order: as GPTQConfig's default (it cut W4 g64's perplexity increase by a third on SmolLM2)
+    r = gptq_quantize(W, hessian, bits=layout.bits, group_size=layout.group_size, symmetric=layout.symmetric,
+                      act_order=True)
     N, K = W.shape
     bias = getattr(module, "bias", None)
     ql = QLinear(K, N, bias is not None, w_bits=layout.bits, w_group_size=layout.group_size,
