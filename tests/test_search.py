@@ -113,7 +113,7 @@ def test_search_cli_writes_report_bitmap_and_model(tmp_path, one_thread, caplog)
     calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "out"
     rc = cli.main(["search", str(src), "--budget-bits", "5", "--group-size", "32", "--calib", str(calib),
-                   "--calib-samples", "2", "--calib-seq-len", "64", "--pareto", "4.5,5", "--max-windows", "1",
+                   "--calib-samples", "2", "--probe-samples", "1", "--calib-seq-len", "64", "--pareto", "4.5,5", "--max-windows", "1",
                    "--max-evals", "8", "--out", str(out), "--quiet", "--verbose"])
     assert rc == 0
     said = [r.getMessage() for r in caplog.records if r.name == "llmeasyquant"]

@@ -172,9 +172,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from .data import DEFAULT_EVAL_FILE
     from .io import save
     from .models import load_model
-    from .search import Searcher, write_json
+    from .search import Searcher, calibration_and_probe, write_json
     from .search.report import pareto, pareto_table, plot_bitmap, plot_pareto
-    from .calibration import calibration_batches
 
     given = [v is not None for v in (args.budget_bits, args.budget_mib, args.lam)]
     if sum(given) != 1:
@@ -183,8 +182,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     budgets = _parse_floats(args.pareto, "--pareto") if args.pareto else []
     model, tok = load_model(args.model)
     t0 = time.perf_counter()
-    batches = calibration_batches(tok, args.calib, n_samples=args.calib_samples, seq_len=args.calib_seq_len)
-    s = Searcher(model, batches, bits=bits, group_size=args.group_size, base=args.base, progress=not args.quiet)
+    batches, probe = calibration_and_probe(tok, args.calib, args.calib_samples, args.probe_samples,
+                                           args.calib_seq_len)
+    s = Searcher(model, batches, bits=bits, group_size=args.group_size, base=args.base, probe_batches=probe,
+                 progress=not args.quiet)
     budget_bytes = None if args.budget_mib is None else int(args.budget_mib * 2**20)
     res = s.run(args.strategy, budget_bits=args.budget_bits, budget_bytes=budget_bytes, lam=args.lam,
                 max_evals=args.max_evals)
@@ -412,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
     s.add_argument("--group-size", type=int, default=64, help="group size of the 2/3/4-bit candidates (default 64)")
     s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
-    s.add_argument("--calib-samples", type=int, default=4, help="calibration sequences (default 4)")
+    s.add_argument("--calib-samples", type=int, default=16,
+                   help="calibration sequences for the candidates (GPTQ Hessians; default 16)")
+    s.add_argument("--probe-samples", type=int, default=4,
+                   help="held-out sequences (another seed) on which assignments are measured (default 4)")
     s.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     s.add_argument("--max-evals", type=int, default=60, help="greedy: loss evaluations at most (default 60)")
     s.add_argument("--pareto", default=None, help="also evaluate these budgets (bits per weight, comma-separated)")

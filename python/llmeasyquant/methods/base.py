@@ -167,7 +167,7 @@ class MixedConfig(QuantConfig):
     base: str = "rtn"
     w_group_size: int = 64
     w_symmetric: bool = False
-    n_calib: int = 4
+    n_calib: int = 16  # as llmeasyquant.search draws the candidates' calibration windows
 
     def describe(self) -> str:
         counts: dict = {}

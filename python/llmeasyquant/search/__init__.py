@@ -87,8 +87,13 @@ class Searcher:
     sensitivities (computed once, on demand), channel energies."""
 
     def __init__(self, model: nn.Module, batches: list[torch.Tensor], *, bits=(2, 3, 4, 8), group_size: int = 64,
-                 base: str = "rtn", exclude=("lm_head",), sens_batches: int = 1, sens_tokens: int = 256,
-                 progress: bool = True):
+                 base: str = "rtn", exclude=("lm_head",), probe_batches: Optional[list[torch.Tensor]] = None,
+                 sens_batches: int = 1, sens_tokens: int = 256, progress: bool = True):
+        """``batches`` calibrate the candidates (GPTQ Hessians); ``probe_batches``
+        (default: ``batches``) measure the loss of assignments. Give held-out
+        probe batches when the base quantizer fits its calibration data (GPTQ):
+        measured on its own calibration tokens a GPTQ layer looks better than it
+        is, most of all at 2-3 bits, and the search would buy that illusion."""
         if base not in BASES:
             raise ValueError(f"unknown base quantizer {base!r}; choose from {', '.join(BASES)}")
         bits = tuple(sorted(set(int(b) for b in bits)))
@@ -102,8 +107,9 @@ class Searcher:
         self.base, self.group_size = base, group_size
         t0 = time.perf_counter()
         self.cands = build_candidates(model, self.paths, bits, group_size, base, batches, progress)
-        self.probe = LossProbe(model, self.spec, batches)
-        self.sens_probe = LossProbe(model, self.spec, [b[:, :sens_tokens] for b in batches[:sens_batches]])
+        probe_batches = probe_batches or batches
+        self.probe = LossProbe(model, self.spec, probe_batches)
+        self.sens_probe = LossProbe(model, self.spec, [b[:, :sens_tokens] for b in probe_batches[:sens_batches]])
         self.setup_seconds = time.perf_counter() - t0
         logger.info("search: %d layers x %d candidates (%s) built and loss probe ready in %.1f s; float calibration "
                     "loss %.4f", len(self.paths), len(bits), base, self.setup_seconds, self.probe.float_loss)
@@ -196,28 +202,38 @@ class Searcher:
 
 def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = None,
            budget_bytes: Optional[int] = None, lam: Optional[float] = None, strategy: str = "greedy",
-           bits=(2, 3, 4, 8), group_size: int = 64, base: str = "rtn", calib=None, n_calib: int = 4,
-           calib_seq_len: int = 512, exclude=("lm_head",), max_evals: int = 60, apply: bool = True,
-           progress: bool = True) -> SearchResult:
+           bits=(2, 3, 4, 8), group_size: int = 64, base: str = "rtn", calib=None, n_calib: int = 16,
+           n_probe: int = 4, calib_seq_len: int = 512, exclude=("lm_head",), max_evals: int = 60,
+           apply: bool = True, progress: bool = True) -> SearchResult:
     """Search a bit width per layer and (``apply``) quantize the model with it.
 
     Give one of ``budget_bits`` (average bits per weight, scales and
     zero-points included), ``budget_bytes`` or ``lam`` (loss per MiB).
     ``calib``: text file, list of strings or list of token tensors
-    (default: WikiText-2 validation, needs ``tokenizer``).
+    (default: WikiText-2 validation, needs ``tokenizer``). From text,
+    ``n_calib`` windows calibrate the candidates and ``n_probe`` other windows
+    (another seed) measure assignments; token tensors serve both.
     """
+    probe = None
     if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], torch.Tensor):
         batches = [c if c.dim() == 2 else c.unsqueeze(0) for c in calib]
     else:
         if tokenizer is None:
             raise ValueError("search needs calibration data: pass tokenizer= (to tokenize text) or calib= as a "
                              "list of token tensors")
-        batches = calibration_batches(tokenizer, calib, n_samples=n_calib, seq_len=calib_seq_len)
-    s = Searcher(model, batches, bits=bits, group_size=group_size, base=base, exclude=exclude, progress=progress)
+        batches, probe = calibration_and_probe(tokenizer, calib, n_calib, n_probe, calib_seq_len)
+    s = Searcher(model, batches, bits=bits, group_size=group_size, base=base, exclude=exclude, probe_batches=probe,
+                 progress=progress)
     res = s.run(strategy, budget_bits=budget_bits, budget_bytes=budget_bytes, lam=lam, max_evals=max_evals)
     if apply:
         s.apply(res.assignment)
     return res
+
+
+def calibration_and_probe(tokenizer, source, n_calib: int, n_probe: int, seq_len: int):
+    """Calibration windows (seed 0, as every method draws them) and held-out probe windows (seed 1)."""
+    return (calibration_batches(tokenizer, source, n_samples=n_calib, seq_len=seq_len),
+            calibration_batches(tokenizer, source, n_samples=n_probe, seq_len=seq_len, seed=1))
 
 
 def write_json(obj, path: str) -> None:
@@ -227,5 +243,6 @@ def write_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["STRATEGIES", "SearchResult", "Searcher", "channel_energy", "collect_hessians", "search", "write_json",
+__all__ = ["STRATEGIES", "SearchResult", "Searcher", "calibration_and_probe", "channel_energy", "collect_hessians",
+           "search", "write_json",
            "Candidates", "MIB"]
