@@ -152,6 +152,25 @@ class Searcher:
     def uniform(self, b: int) -> dict[str, int]:
         return {p: b for p in self.paths}
 
+    def best_start(self, sens: dict[str, dict[int, float]], obj: Objective) -> dict[str, int]:
+        """The measured-best of the sensitivity allocations from every feasible
+        floor (all layers at one candidate width, then upgrades by sensitivity
+        per byte). Per-layer sensitivities add up badly at 2 bits, so an
+        allocation from the lowest width alone can end far worse than a uniform
+        setting; starting from each floor keeps the search at least as good as
+        the best uniform setting that fits."""
+        starts = []
+        for b in self.cands.bits:
+            if obj.feasible(self.cands, self.uniform(b)):
+                a = allocate(self.cands, sens, obj, floor=b)
+                starts.append((obj.value(self.measure(a), self.cands, a), b, a))
+        if not starts:
+            return allocate(self.cands, sens, obj)
+        val, b, a = min(starts, key=lambda t: t[0])
+        logger.info("search: start from floor W%d (objective %.4f; floors tried: %s)", b, val,
+                    ", ".join(f"W{x}: {v:.4f}" for v, x, _ in starts))
+        return a
+
     # ------------------------------------------------------------------ search
     def run(self, strategy: str = "greedy", *, budget_bits=None, budget_bytes=None, lam=None, max_evals: int = 60,
             groups: Optional[dict[str, list[str]]] = None) -> SearchResult:
@@ -175,7 +194,7 @@ class Searcher:
             loss = self.measure(a)
         else:
             sens = self.sensitivities()
-            start = allocate(self.cands, sens, obj)
+            start = self.best_start(sens, obj)
             log = (lambda m: tqdm.write(m)) if self.progress else None
             a, val, trace = greedy(self.cands, sens, obj, start, self.measure, max_evals=max_evals, progress=log)
             loss = self.measure(a)

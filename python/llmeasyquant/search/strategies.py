@@ -64,12 +64,13 @@ def check_budget(c: Candidates, obj: Objective) -> None:
                          f"({c.bits_per_weight(low):.3f} bits per weight)")
 
 
-def allocate(c: Candidates, cost: dict[str, dict[int, float]], obj: Objective) -> dict[str, int]:
-    """Start at the lowest bits; repeatedly buy the upgrade (one layer to a
-    higher candidate) with the largest cost reduction per extra byte that the
-    budget allows (with lam: while the reduction exceeds lam per MiB)."""
+def allocate(c: Candidates, cost: dict[str, dict[int, float]], obj: Objective, floor: int | None = None) -> dict[str, int]:
+    """Start every layer at ``floor`` (default: the lowest candidate); repeatedly
+    buy the upgrade (one layer to a higher candidate) with the largest cost
+    reduction per extra byte that the budget allows (with lam: while the
+    reduction exceeds lam per MiB)."""
     check_budget(c, obj)
-    a = {p: c.bits[0] for p in c.paths}
+    a = {p: c.bits[0] if floor is None else floor for p in c.paths}
     spent = c.bytes_of(a)
     while True:
         best, best_rate = None, 0.0
