@@ -46,6 +46,10 @@ class ProcessShard(Shard):
         if backend == "nccl" and self.comm_device.type != "cuda":
             self.comm_device = torch.device("cuda", torch.cuda.current_device())
 
+    def _object_device(self) -> Optional[torch.device]:
+        """Where pickled objects are staged for a broadcast (NCCL needs the GPU)."""
+        return self.comm_device if self.comm_device.type == "cuda" else None
+
     def _count(self, nbytes: int, sent: bool) -> None:
         if self.timer:
             if sent:
@@ -109,8 +113,7 @@ class ProcessShard(Shard):
         """``value`` as computed by the owner of ``key`` (others pass anything)."""
         with self.phase(key, "comm"), collective(f"share result of {key}"):
             box = [value if self.owns(key) else None]
-            dist.broadcast_object_list(box, src=self.owner[key], group=self.group,
-                                       device=self.comm_device if self.comm_device.type == "cuda" else None)
+            dist.broadcast_object_list(box, src=self.owner[key], group=self.group, device=self._object_device())
             return box[0]
 
     def barrier(self, key: str) -> None:
@@ -135,8 +138,7 @@ class ProcessShard(Shard):
                     box = [header]
                 else:
                     box = [None]
-                dist.broadcast_object_list(box, src=src, group=self.group,
-                                           device=self.comm_device if self.comm_device.type == "cuda" else None)
+                dist.broadcast_object_list(box, src=src, group=self.group, device=self._object_device())
                 header = box[0]
                 nbytes = header["nbytes"]
                 if self.rank == src:

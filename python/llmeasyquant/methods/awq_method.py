@@ -37,8 +37,9 @@ def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = Tru
     def process(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         key = f"{prefix}.{i}"
         names = [n for n in spec.block_linears if f"{key}.{n}" in wanted]
-        per_batch = max(1, _KEEP_TOKENS // max(1, len(inputs.hidden) * shard.world if shard.data_parallel
-                                                  else len(inputs.hidden)))
+        # data-parallel: every rank keeps its share, so the union is ~_KEEP_TOKENS rows
+        batches_in_all = len(inputs.hidden) * (shard.world if shard.data_parallel else 1)
+        per_batch = max(1, _KEEP_TOKENS // max(1, batches_in_all))
         xs = {n: ChannelStats.empty(weight_nk(block.get_submodule(n)).shape[1], keep_tokens=_KEEP_TOKENS)
               for n in names}
 

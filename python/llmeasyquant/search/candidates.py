@@ -102,21 +102,15 @@ def quantize_layer(module: nn.Module, layout: Layout, base: str, hessian=None) -
     if base == "rtn" or layout.bits == 8:  # 8-bit: RTN is already near-lossless
         return QLinear.from_linear(module, w_bits=layout.bits, w_group_size=layout.group_size,
                                    w_symmetric=layout.symmetric, act=None)
+    from ..methods.base import GPTQConfig
     from ..methods.gptq import gptq_quantize
+    from ..methods.gptq_method import quantized_from
 
-    W = weight_nk(module).float()
     # act_order: as GPTQConfig's default (it cut W4 g64's perplexity increase by a third on SmolLM2)
-    r = gptq_quantize(W, hessian, bits=layout.bits, group_size=layout.group_size, symmetric=layout.symmetric,
-                      act_order=True)
-    N, K = W.shape
-    bias = getattr(module, "bias", None)
-    ql = QLinear(K, N, bias is not None, w_bits=layout.bits, w_group_size=layout.group_size,
-                 w_symmetric=layout.symmetric, act=None,
-                 bias_dtype=bias.dtype if bias is not None else torch.float32)
-    ql.set_quantized(r.q, r.scale, None if layout.symmetric else r.zero_point)
-    if bias is not None:
-        ql.bias.copy_(bias.detach())
-    return ql
+    r = gptq_quantize(weight_nk(module).float(), hessian, bits=layout.bits, group_size=layout.group_size,
+                      symmetric=layout.symmetric, act_order=True)
+    cfg = GPTQConfig(w_bits=layout.bits, w_group_size=layout.group_size, w_symmetric=layout.symmetric, act=None)
+    return quantized_from(module, cfg, r.q, r.scale, r.zero_point)
 
 
 @torch.no_grad()
