@@ -24,6 +24,8 @@ CASES = [
     ("llama", "zeroquant", {"w_bits": 4, "w_group_size": 16}),
     ("llama", "smoothquant", {"act": "static"}),
     ("llama", "gptq", {"w_bits": 4, "w_group_size": 16}),
+    ("llama", "gptq", {"w_bits": 3, "w_group_size": 16, "w_scale_dtype": "float16"}),
+    ("llama", "smoothquant", {"w_scale_dtype": "float16"}),
     ("llama", "awq", {"w_bits": 3, "w_group_size": 16}),
     ("llama", "absmax", {"act": "ema"}),
     ("llama", "simquant", {"k_bits": 4, "v_bits": 2, "residual_length": 0}),

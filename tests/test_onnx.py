@@ -19,6 +19,8 @@ CASES = [
     ("llama", "absmax", {"act": "dynamic"}),
     ("qwen2", "absmax", {"act": "dynamic", "act_symmetric": False}),
     ("llama", "zeropoint", {"w_bits": 4, "w_group_size": 16, "act": None}),
+    ("llama", "zeropoint", {"w_bits": 4, "w_group_size": 16, "act": None, "w_scale_dtype": "float16"}),
+    ("llama", "absmax", {"act": "dynamic", "w_scale_dtype": "float16"}),
     ("gpt2", "absmax", {"w_bits": 4, "act": None}),
     ("gpt2", "smoothquant", {}),
 ]

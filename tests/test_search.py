@@ -34,7 +34,8 @@ def test_candidate_bytes_are_the_bytes_held(searcher):
         for b, cand in searcher.cands.table[p].items():
             assert cand.bytes == cand.layer.memory_bytes(), (p, b)
             assert cand.layer.w_bits == b and isinstance(cand.layer, QLinear)
-    assert layer_bytes(10, 67, layout_for(3, 67, -1)) == 10 * 27 + 10 * 4 + 10
+    assert layer_bytes(10, 67, layout_for(3, 67, -1)) == 10 * 27 + 10 * 2 + 10  # float16 scales
+    assert layer_bytes(10, 67, layout_for(3, 67, -1, "float32")) == 10 * 27 + 10 * 4 + 10
 
 
 @pytest.mark.parametrize("strategy", ["entropy", "grid", "greedy"])

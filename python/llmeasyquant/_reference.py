@@ -114,19 +114,53 @@ def _nan_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), a, torch.maximum(a, b))
 
 
-def scale_from_absmax(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+# Weight scales are held in float32 (default) or float16 (half the scale
+# bytes: 0.25 bits per weight less at group size 64). A float16 scale is
+# rounded *before* the integers are computed, so the stored (scale, q) pair is
+# exactly what the quantizer chose.
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_FP16_MIN_NORMAL = 2.0 ** -14
+_FP16_MAX = 65504.0
+
+
+def scale_dtype_of(name) -> torch.dtype:
+    """torch dtype of a scale storage name ("float32" / "float16") or dtype."""
+    if isinstance(name, torch.dtype) and name in SCALE_DTYPES.values():
+        return name
+    if name in SCALE_DTYPES:
+        return SCALE_DTYPES[name]
+    raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {name!r}")
+
+
+def storable_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale`` (float32) as a layer holding ``dtype`` scales will hold it.
+
+    float16: scales below the smallest normal (2^-14: a group whose whole
+    range is under ~1e-3 at 4 bits) are raised to it, which costs those tiny
+    weights at most 2^-15 absolute error; scales above 65504 raise."""
+    if dtype == torch.float32:
+        return scale
+    if dtype != torch.float16:
+        raise ValueError(f"scale dtype must be float32 or float16, got {dtype}")
+    if (scale > _FP16_MAX).any():
+        raise ValueError(f"a scale of {float(scale.max()):g} does not fit float16 (max {_FP16_MAX:g}); "
+                         "use float32 scales for weights this large")
+    return scale.clamp(min=_FP16_MIN_NORMAL).half().float()
+
+
+def scale_from_absmax(absmax: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     _, qmax = qrange(bits)
     scale = absmax.float() / qmax
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    return storable_scale(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
 
 
-def scale_zp_from_minmax(mn: torch.Tensor, mx: torch.Tensor, bits: int):
+def scale_zp_from_minmax(mn: torch.Tensor, mx: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float32):
     qmin, qmax = qrange(bits)
     lo = torch.minimum(mn.float(), torch.zeros_like(mn, dtype=torch.float32))
     hi = torch.maximum(mx.float(), torch.zeros_like(mx, dtype=torch.float32))
     # NaN must survive minimum/maximum (torch.minimum propagates NaN).
     scale = (hi - lo) / float((1 << bits) - 1)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = storable_scale(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
     zp = qmin - torch.round(lo / scale)
     zp = torch.nan_to_num(zp, nan=0.0).clamp(qmin, qmax).to(torch.int8)
     return scale, zp
@@ -165,16 +199,18 @@ def _finish(qg, x_shape, bits):
 # --------------------------------------------------------------------------
 # ops
 # --------------------------------------------------------------------------
-def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int):
-    """Dynamic quantization: returns (q, scale, zero_point)."""
+def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int,
+             scale_dtype: torch.dtype = torch.float32):
+    """Dynamic quantization: returns (q, scale, zero_point); scales float32,
+    rounded to ``scale_dtype`` first (float16 weight scales)."""
     xf = x.float()
     xg, _ = _grouped(xf, group_size)
     if symmetric:
         amax = xg.abs().amax(dim=-1)
-        scale = scale_from_absmax(amax, bits)
+        scale = scale_from_absmax(amax, bits, scale_dtype)
         zp = torch.zeros_like(scale, dtype=torch.int8)
     else:
-        scale, zp = scale_zp_from_minmax(xg.amin(dim=-1), xg.amax(dim=-1), bits)
+        scale, zp = scale_zp_from_minmax(xg.amin(dim=-1), xg.amax(dim=-1), bits, scale_dtype)
     qg = _quantize_values(xg, scale, zp, bits)
     shape = _scale_shape(x.shape, group_size)
     return _finish(qg, x.shape, bits), scale.reshape(shape), zp.reshape(shape)

@@ -59,7 +59,8 @@ def _slice(ql: QLinear, rows: slice, cols: slice, keep_bias: bool) -> QLinear:
     has_bias = keep_bias and ql.bias is not None
     out = QLinear(K, N, has_bias, w_bits=ql.w_bits, w_group_size=ql.w_group_size, w_symmetric=ql.w_symmetric,
                   act=ql.act, act_symmetric=ql.act_symmetric, ema_alpha=ql.ema_alpha, ema_eps=ql.ema_eps,
-                  bias_dtype=ql.bias.dtype if ql.bias is not None else torch.float32, device=ql.qweight.device)
+                  bias_dtype=ql.bias.dtype if ql.bias is not None else torch.float32, w_scale_dtype=ql.w_scale.dtype,
+                  device=ql.qweight.device)
     out.set_quantized(q, ql.w_scale[rows, gcols], None if ql.w_zero is None else ql.w_zero[rows, gcols])
     if has_bias:
         out.bias.copy_(ql.bias[rows])
@@ -139,13 +140,13 @@ class RowParallelQLinear(nn.Module):
         elif ql.act == "dynamic":
             qx, scale, zero = self._token_quant(x2)
             if ql.int8_gemm:
-                y = ops.scaled_int8_gemm(qx, scale, ql.qweight, ql.w_scale.view(-1),
+                y = ops.scaled_int8_gemm(qx, scale, ql.qweight, ql.scales().view(-1),
                                          a_zero=None if ql.act_symmetric else zero, b_sum=ql.w_sum, bias=None,
                                          out_dtype=x.dtype)
             else:
                 xq = ops.dequantize(qx, scale, zero, 8, -1, ql.in_features, x.dtype)
                 qw, bits = ql._kernel_weight()
-                y = ops.weight_only_linear(xq, qw, ql.w_scale, ql.w_zero, bits, ql.w_group_size, None)
+                y = ops.weight_only_linear(xq, qw, ql.scales(), ql.w_zero, bits, ql.w_group_size, None)
         else:  # static: one calibrated per-tensor scale, the same on every rank
             y = ql(x2)
         y = self._all_reduce(y.contiguous(), dist.ReduceOp.SUM, "row-parallel all-reduce of partial outputs")

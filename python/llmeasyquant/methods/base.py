@@ -31,10 +31,17 @@ class QuantConfig:
     exclude: tuple[str, ...] = ("lm_head",)
     n_calib: int = 32  # calibration windows (methods that calibrate)
     calib_seq_len: int = 512
+    # weight scales held as "float32" or "float16" (0.25 bits per weight less
+    # at group 64; GPTQ/AWQ checkpoints elsewhere use float16)
+    w_scale_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.w_scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"{self.method}: w_scale_dtype must be 'float32' or 'float16', got {self.w_scale_dtype!r}")
 
     def qlinear_kwargs(self) -> dict:
         return dict(w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
-                    act=self.act, act_symmetric=self.act_symmetric)
+                    act=self.act, act_symmetric=self.act_symmetric, w_scale_dtype=self.w_scale_dtype)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -47,6 +54,7 @@ class QuantConfig:
     def describe(self) -> str:
         w = f"W{self.w_bits}" + ("" if self.w_group_size == -1 else f" g{self.w_group_size}")
         w += "" if self.w_symmetric else " asym"
+        w += "" if self.w_scale_dtype == "float32" else " fp16-scales"
         a = "A16" if self.act is None else f"A8 {self.act}"
         return f"{self.method} {w} {a}"
 
@@ -168,13 +176,14 @@ class MixedConfig(QuantConfig):
     w_group_size: int = 64
     w_symmetric: bool = False
     n_calib: int = 16  # as llmeasyquant.search draws the candidates' calibration windows
+    w_scale_dtype: str = "float16"  # as the search's candidates (size is what it optimises)
 
     def describe(self) -> str:
         counts: dict = {}
         for b in self.bitmap.values():
             counts[b] = counts.get(b, 0) + 1
         mix = ", ".join(f"{n}xW{b}" for b, n in sorted(counts.items()))
-        return f"mixed ({mix}) {self.base} g{self.w_group_size}"
+        return f"mixed ({mix}) {self.base} g{self.w_group_size} {self.w_scale_dtype} scales"
 
 
 _CONFIGS: dict[str, type[QuantConfig]] = {

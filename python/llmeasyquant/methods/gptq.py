@@ -100,18 +100,18 @@ def _check_common(W: torch.Tensor, bits: int, group_size: int) -> tuple[int, int
     return N, K
 
 
-def _group_params(wg: torch.Tensor, bits: int, symmetric: bool):
+def _group_params(wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype):
     """Scale/zero-point (float32 [N], int8 [N]) for each row of wg [N, g]."""
     if symmetric:
-        s = scale_from_absmax(wg.abs().amax(dim=1), bits)
+        s = scale_from_absmax(wg.abs().amax(dim=1), bits, scale_dtype)
         return s, torch.zeros_like(s, dtype=torch.int8)
-    return scale_zp_from_minmax(wg.amin(dim=1), wg.amax(dim=1), bits)
+    return scale_zp_from_minmax(wg.amin(dim=1), wg.amax(dim=1), bits, scale_dtype)
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = -1,
                   symmetric: bool = False, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False) -> GPTQResult:
+                  act_order: bool = False, scale_dtype: torch.dtype = torch.float32) -> GPTQResult:
     """Quantize a linear layer's weight with GPTQ.
 
     Args:
@@ -130,6 +130,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
             Affects speed only, not the result (beyond float rounding).
         damp: relative dampening; ``damp * mean(diag(H))`` is added to the diagonal.
         act_order: quantize columns in order of decreasing ``diag(H)`` (static groups).
+        scale_dtype: float32, or float16 for layers that hold float16 scales: each
+            scale is rounded to it before its columns are quantized, so the error
+            compensation sees the weights the layer will really hold.
 
     Dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1`` and ``W[:, i] = 0`` as in the
     reference, so their quantized weights are 0 (exact zero-point).
@@ -180,7 +183,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
     static = group_size == -1 or act_order
     if static:
         for gi in range(G):
-            scale[:, gi], zero[:, gi] = _group_params(W[:, gi * g:(gi + 1) * g], bits, symmetric)
+            scale[:, gi], zero[:, gi] = _group_params(W[:, gi * g:(gi + 1) * g], bits, symmetric, scale_dtype)
 
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
@@ -223,7 +226,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
                 if j + g > i2:
                     rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:j, i2:j + g]
                     wg = torch.cat([wg, rest], dim=1)
-                scale[:, gi], zero[:, gi] = _group_params(wg, bits, symmetric)
+                scale[:, gi], zero[:, gi] = _group_params(wg, bits, symmetric, scale_dtype)
             if gi != cur:
                 cur = gi
                 s32 = scale[:, gi]

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._reference import scale_dtype_of
 from ..calibration import BlockInputs, observe_block, run_blockwise
 from ..sharding import Shard
 from ..models.extract import ModelSpec
@@ -29,7 +30,7 @@ def quantized_from(module: nn.Module, config, q, scale, zero_point) -> QLinear:
     bias = getattr(module, "bias", None)
     ql = QLinear(K, N, bias is not None, w_bits=config.w_bits, w_group_size=config.w_group_size,
                  w_symmetric=config.w_symmetric, act=config.act, act_symmetric=config.act_symmetric,
-                 bias_dtype=bias.dtype if bias is not None else torch.float32)
+                 bias_dtype=bias.dtype if bias is not None else torch.float32, w_scale_dtype=config.w_scale_dtype)
     ql.set_quantized(q, scale, zero_point if not config.w_symmetric else None)
     if bias is not None:
         ql.bias.copy_(bias.detach())
@@ -74,7 +75,7 @@ def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = Tru
             with shard.phase(f"{key}.{n}", "quant"):
                 r = gptq_quantize(W, hessians[n], bits=config.w_bits, group_size=config.w_group_size,
                                   symmetric=config.w_symmetric, block_size=config.block_size, damp=config.damp,
-                                  act_order=config.act_order)
+                                  act_order=config.act_order, scale_dtype=scale_dtype_of(config.w_scale_dtype))
                 swap(block, n, quantized_from(mod, config, r.q, r.scale, r.zero_point))
         shard.barrier(key)
         shard.gather_modules(block, names, key)

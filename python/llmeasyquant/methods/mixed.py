@@ -30,5 +30,5 @@ def apply(model: nn.Module, spec: ModelSpec, config, calib, progress: bool = Tru
     H = collect_hessians(model, paths, calib, progress) if config.base == "gptq" else {}
     for p in paths:
         mod = model.get_submodule(p)
-        lay = layout_for(int(config.bitmap[p]), weight_nk(mod).shape[1], config.w_group_size)
+        lay = layout_for(int(config.bitmap[p]), weight_nk(mod).shape[1], config.w_group_size, config.w_scale_dtype)
         swap(model, p, quantize_layer(mod, lay, config.base, H.pop(p, None)))

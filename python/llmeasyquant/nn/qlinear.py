@@ -49,8 +49,9 @@ class QLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
                  w_group_size: int = -1, w_symmetric: bool = True, act: Optional[str] = "dynamic",
                  act_symmetric: bool = True, ema_alpha: float = 0.9, ema_eps: float = 1e-5,
-                 bias_dtype: torch.dtype = torch.float32, device=None):
+                 bias_dtype: torch.dtype = torch.float32, w_scale_dtype="float32", device=None):
         super().__init__()
+        scale_dtype = _reference.scale_dtype_of(w_scale_dtype)
         if w_bits not in (2, 3, 4, 8):
             raise ValueError(f"QLinear: unsupported w_bits={w_bits}; supported: 2, 3, 4, 8")
         if act not in ACT_MODES:
@@ -81,7 +82,9 @@ class QLinear(nn.Module):
         kq = _reference.packed_len(K, w_bits)
         qdtype = torch.uint8 if w_bits != 8 else torch.int8
         self.register_buffer("qweight", torch.zeros(N, kq, dtype=qdtype, device=device))
-        self.register_buffer("w_scale", torch.ones(N, G, dtype=torch.float32, device=device))
+        # float16 scales halve the scale bytes; the kernels take float32, so
+        # forward() widens them per call (N x G values: small next to the weights)
+        self.register_buffer("w_scale", torch.ones(N, G, dtype=scale_dtype, device=device))
         self.register_buffer("w_zero", None if w_symmetric else torch.zeros(N, G, dtype=torch.int8, device=device))
         self.register_buffer("bias", torch.zeros(N, dtype=bias_dtype, device=device) if bias else None)
         # sum_k W[n,k]: derived from qweight, so not saved (recomputed on load).
@@ -101,7 +104,7 @@ class QLinear(nn.Module):
         return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
                     w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
                     act=self.act, act_symmetric=self.act_symmetric, ema_alpha=self.ema_alpha,
-                    ema_eps=self.ema_eps,
+                    ema_eps=self.ema_eps, w_scale_dtype=str(self.w_scale.dtype).replace("torch.", ""),
                     bias_dtype=str(self.bias.dtype).replace("torch.", "") if self.bias is not None else "float32")
 
     @classmethod
@@ -117,7 +120,7 @@ class QLinear(nn.Module):
     @classmethod
     def from_linear(cls, module: nn.Module, *, w_bits: int = 8, w_group_size: int = -1,
                     w_symmetric: bool = True, act: Optional[str] = "dynamic", act_symmetric: bool = True,
-                    ema_alpha: float = 0.9, ema_eps: float = 1e-5) -> "QLinear":
+                    ema_alpha: float = 0.9, ema_eps: float = 1e-5, w_scale_dtype="float32") -> "QLinear":
         """Quantize an ``nn.Linear`` or a transformers ``Conv1D`` (round-to-nearest)."""
         if isinstance(module, nn.Linear):
             weight = module.weight.detach()
@@ -130,7 +133,8 @@ class QLinear(nn.Module):
         bias = getattr(module, "bias", None)
         q = cls(K, N, bias is not None, w_bits=w_bits, w_group_size=w_group_size, w_symmetric=w_symmetric,
                 act=act, act_symmetric=act_symmetric, ema_alpha=ema_alpha, ema_eps=ema_eps,
-                bias_dtype=bias.dtype if bias is not None else torch.float32, device=weight.device)
+                bias_dtype=bias.dtype if bias is not None else torch.float32, w_scale_dtype=w_scale_dtype,
+                device=weight.device)
         q.set_weight(weight)
         if bias is not None:
             q.bias.copy_(bias.detach())
@@ -149,11 +153,15 @@ class QLinear(nn.Module):
         w = weight.float()
         if self.w_bits < 4 and w.device.type != "cpu":  # 2/3-bit quantize kernels: CPU only
             w = w.cpu()
-        if scale is None:
+        sdt = self.w_scale.dtype
+        if scale is None and sdt == torch.float32:
             qw, s, z = ops.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size)
+        elif scale is None:  # scales rounded to float16 before the integers are chosen
+            qw, s, z = _reference.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size, sdt)
         else:
             z = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
-            qw = ops.quantize_static(w, scale.float().reshape(self.w_scale.shape).contiguous().to(w.device),
+            scale = _reference.storable_scale(scale.float(), sdt)
+            qw = ops.quantize_static(w, scale.reshape(self.w_scale.shape).contiguous().to(w.device),
                                      z.to(torch.int8).reshape(self.w_scale.shape).contiguous().to(w.device),
                                      self.storage_bits, self.w_group_size)
             s = scale
@@ -167,7 +175,9 @@ class QLinear(nn.Module):
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor] = None) -> None:
         """Store integer weights a method produced (GPTQ, AWQ, ...): ``q`` int8
         values ``[out, in]`` in ``[-2^(b-1), 2^(b-1)-1]`` for ``b = w_bits``, with
-        ``scale`` / ``zero_point`` in this layer's granularity."""
+        ``scale`` / ``zero_point`` in this layer's granularity. With float16
+        scales, pass scales the method already rounded
+        (``_reference.storable_scale``) so ``q`` was chosen against them."""
         N, K = self.out_features, self.in_features
         if tuple(q.shape) != (N, K):
             raise ValueError(f"QLinear.set_quantized: expected q of shape ({N}, {K}), got {tuple(q.shape)}")
@@ -179,7 +189,7 @@ class QLinear(nn.Module):
             raise ValueError(f"QLinear.set_quantized: expected {self.w_scale.numel()} finite positive scales, "
                              f"got shape {tuple(scale.shape)}")
         self.qweight.copy_(_reference.pack_bits(q.to(torch.int8), self.storage_bits))
-        self.w_scale.copy_(scale.reshape(self.w_scale.shape))
+        self.w_scale.copy_(_reference.storable_scale(scale.float(), self.w_scale.dtype).reshape(self.w_scale.shape))
         if self.w_zero is not None:
             zp = zero_point if zero_point is not None else torch.zeros_like(self.w_zero)
             self.w_zero.copy_(zp.reshape(self.w_zero.shape))
@@ -225,12 +235,16 @@ class QLinear(nn.Module):
             return _reference.unpack_bits(self.qweight, self.storage_bits, self.in_features), 8
         return self.qweight, self.storage_bits
 
+    def scales(self) -> torch.Tensor:
+        """Weight scales as the kernels take them (float32; no copy when held so)."""
+        return self.w_scale.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None:
             qw, bits = self._kernel_weight()
-            return ops.weight_only_linear(x, qw, self.w_scale, self.w_zero, bits, self.w_group_size, self.bias)
+            return ops.weight_only_linear(x, qw, self.scales(), self.w_zero, bits, self.w_group_size, self.bias)
         if self.act == "dynamic" and self.int8_gemm:
-            return ops.dynamic_quant_linear(x, self.qweight, self.w_scale.view(-1), self.w_sum, self.bias,
+            return ops.dynamic_quant_linear(x, self.qweight, self.scales().view(-1), self.w_sum, self.bias,
                                             self.act_symmetric)
         x2 = x.reshape(-1, self.in_features)
         if self.act == "dynamic":
@@ -244,9 +258,9 @@ class QLinear(nn.Module):
         if not self.int8_gemm:
             xq = ops.dequantize(qx, scale, zero, 8, -1 if self.act == "dynamic" else 0, self.in_features, x.dtype)
             qw, bits = self._kernel_weight()
-            out = ops.weight_only_linear(xq, qw, self.w_scale, self.w_zero, bits, self.w_group_size, self.bias)
+            out = ops.weight_only_linear(xq, qw, self.scales(), self.w_zero, bits, self.w_group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
-        out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.w_scale.view(-1),
+        out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.scales().view(-1),
                                    a_zero=None if self.act_symmetric else zero, b_sum=self.w_sum,
                                    bias=self.bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -257,7 +271,7 @@ class QLinear(nn.Module):
         """The float weight ``[out, in]`` this layer actually multiplies with."""
         zero = self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale, dtype=torch.int8)
         qw, bits = self._kernel_weight()
-        return ops.dequantize(qw, self.w_scale, zero, bits, self.w_group_size, self.in_features, dtype)
+        return ops.dequantize(qw, self.scales(), zero, bits, self.w_group_size, self.in_features, dtype)
 
     def memory_bytes(self) -> int:
         """Bytes held by the saved tensors (packed weights, scales, zero-points, bias, act. state)."""
@@ -266,6 +280,8 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         w = (f"w={self.w_bits}-bit {_granularity(self.w_group_size)} "
              f"{'symmetric' if self.w_symmetric else 'asymmetric'}")
+        if self.w_scale.dtype != torch.float32:
+            w += " fp16 scales"
         if self.act is None:
             a = "act=none (weight-only)"
         else:

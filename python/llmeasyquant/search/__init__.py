@@ -43,6 +43,7 @@ class SearchResult:
     base: str
     bits: tuple[int, ...]
     group_size: int
+    scale_dtype: str
     assignment: dict[str, int]
     bytes: int
     bits_per_weight: float
@@ -88,7 +89,7 @@ class Searcher:
 
     def __init__(self, model: nn.Module, batches: list[torch.Tensor], *, bits=(2, 3, 4, 8), group_size: int = 64,
                  base: str = "rtn", exclude=("lm_head",), probe_batches: Optional[list[torch.Tensor]] = None,
-                 sens_batches: int = 1, sens_tokens: int = 256, progress: bool = True):
+                 sens_batches: int = 1, sens_tokens: int = 256, scale_dtype: str = "float16", progress: bool = True):
         """``batches`` calibrate the candidates (GPTQ Hessians); ``probe_batches``
         (default: ``batches``) measure the loss of assignments. Give held-out
         probe batches when the base quantizer fits its calibration data (GPTQ):
@@ -104,9 +105,9 @@ class Searcher:
         self.paths = target_paths(model, self.spec, exclude)
         if not self.paths:
             raise ValueError("no quantizable linear layers to search over")
-        self.base, self.group_size = base, group_size
+        self.base, self.group_size, self.scale_dtype = base, group_size, scale_dtype
         t0 = time.perf_counter()
-        self.cands = build_candidates(model, self.paths, bits, group_size, base, batches, progress)
+        self.cands = build_candidates(model, self.paths, bits, group_size, base, batches, progress, scale_dtype)
         probe_batches = probe_batches or batches
         self.probe = LossProbe(model, self.spec, probe_batches)
         self.sens_probe = LossProbe(model, self.spec, [b[:, :sens_tokens] for b in probe_batches[:sens_batches]])
@@ -204,7 +205,7 @@ class Searcher:
         logger.info("search: %s -> %.3f bits per weight, loss %.4f, %d evaluations, %.1f s %s", strategy,
                     self.cands.bits_per_weight(a), loss, self.probe.evals - evals0, time.perf_counter() - t0, stopped)
         return SearchResult(strategy=strategy, base=self.base, bits=self.cands.bits, group_size=self.group_size,
-                            assignment=a, bytes=nbytes, bits_per_weight=self.cands.bits_per_weight(a),
+                            scale_dtype=self.scale_dtype, assignment=a, bytes=nbytes, bits_per_weight=self.cands.bits_per_weight(a),
                             fp16_reduction=self.cands.fp16_bytes() / nbytes, float_loss=self.probe.float_loss,
                             loss=loss, objective=val, evals=self.probe.evals - evals0,
                             seconds=time.perf_counter() - t0, history=history, stopped=stopped)
@@ -215,7 +216,8 @@ class Searcher:
 
         for p, b in a.items():
             swap(self.model, p, self.cands.table[p][b].layer)
-        self.model.llmeq_config = MixedConfig(bitmap=dict(a), base=self.base, w_group_size=self.group_size)
+        self.model.llmeq_config = MixedConfig(bitmap=dict(a), base=self.base, w_group_size=self.group_size,
+                                              w_scale_dtype=self.scale_dtype)
         return self.model
 
 
@@ -223,7 +225,7 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
            budget_bytes: Optional[int] = None, lam: Optional[float] = None, strategy: str = "greedy",
            bits=(2, 3, 4, 8), group_size: int = 64, base: str = "rtn", calib=None, n_calib: int = 16,
            n_probe: int = 4, calib_seq_len: int = 512, exclude=("lm_head",), max_evals: int = 60,
-           apply: bool = True, progress: bool = True) -> SearchResult:
+           scale_dtype: str = "float16", apply: bool = True, progress: bool = True) -> SearchResult:
     """Search a bit width per layer and (``apply``) quantize the model with it.
 
     Give one of ``budget_bits`` (average bits per weight, scales and
@@ -232,6 +234,8 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
     (default: WikiText-2 validation, needs ``tokenizer``). From text,
     ``n_calib`` windows calibrate the candidates and ``n_probe`` other windows
     (another seed) measure assignments; token tensors serve both.
+    ``scale_dtype``: what the candidates hold their scales in (float16 by
+    default: 0.25 bits per weight less than float32 at group 64).
     """
     probe = None
     if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], torch.Tensor):
@@ -242,7 +246,7 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
                              "list of token tensors")
         batches, probe = calibration_and_probe(tokenizer, calib, n_calib, n_probe, calib_seq_len)
     s = Searcher(model, batches, bits=bits, group_size=group_size, base=base, exclude=exclude, probe_batches=probe,
-                 progress=progress)
+                 scale_dtype=scale_dtype, progress=progress)
     res = s.run(strategy, budget_bits=budget_bits, budget_bytes=budget_bytes, lam=lam, max_evals=max_evals)
     if apply:
         s.apply(res.assignment)

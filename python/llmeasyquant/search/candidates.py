@@ -4,8 +4,9 @@ exact bytes each version holds.
 
 Layouts: 8-bit weights per output channel, symmetric (what the int8 kernels
 take); 2/3/4-bit group-wise (``group_size``) asymmetric, packed
-(:func:`llmeasyquant._reference.pack_bits`). Bytes = packed weights + fp32
-scales + int8 zero-points + bias: what :meth:`QLinear.memory_bytes` reports.
+(:func:`llmeasyquant._reference.pack_bits`). Bytes = packed weights + scales
+(float16 by default: the search optimises size; float32 on request) + int8
+zero-points + bias: what :meth:`QLinear.memory_bytes` reports.
 
 Base quantizers: ``rtn`` (round to nearest), ``gptq`` (Hessians of each
 layer's input collected from the float model in one calibration pass, then
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._reference import packed_len
+from .._reference import packed_len, scale_dtype_of
 from ..calibration import observe_model
 from ..methods._common import weight_nk
 from ..nn.qlinear import QLinear
@@ -34,22 +35,25 @@ class Layout:
     bits: int
     group_size: int  # -1: per output channel
     symmetric: bool
+    scale_dtype: str = "float16"
 
 
-def layout_for(bits: int, K: int, group_size: int) -> Layout:
+def layout_for(bits: int, K: int, group_size: int, scale_dtype: str = "float16") -> Layout:
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"candidate bits must be among 2, 3, 4, 8, got {bits}")
+    scale_dtype_of(scale_dtype)  # a clear error for anything else
     if bits == 8:
-        return Layout(8, -1, True)
+        return Layout(8, -1, True, scale_dtype)
     if group_size > 0 and K % group_size:
         raise ValueError(f"group size {group_size} does not divide K={K}")
-    return Layout(bits, group_size, False)
+    return Layout(bits, group_size, False, scale_dtype)
 
 
 def layer_bytes(N: int, K: int, layout: Layout, bias_bytes: int = 0) -> int:
     """Bytes a QLinear of this layout holds (weights, scales, zero-points, bias)."""
     G = 1 if layout.group_size == -1 else K // layout.group_size
-    return N * packed_len(K, layout.bits) + N * G * 4 + (0 if layout.symmetric else N * G) + bias_bytes
+    scale_bytes = scale_dtype_of(layout.scale_dtype).itemsize
+    return N * packed_len(K, layout.bits) + N * G * scale_bytes + (0 if layout.symmetric else N * G) + bias_bytes
 
 
 def _bias_bytes(module: nn.Module) -> int:
@@ -101,21 +105,22 @@ def collect_hessians(model: nn.Module, paths: list[str], batches, progress: bool
 def quantize_layer(module: nn.Module, layout: Layout, base: str, hessian=None) -> QLinear:
     if base == "rtn" or layout.bits == 8:  # 8-bit: RTN is already near-lossless
         return QLinear.from_linear(module, w_bits=layout.bits, w_group_size=layout.group_size,
-                                   w_symmetric=layout.symmetric, act=None)
+                                   w_symmetric=layout.symmetric, act=None, w_scale_dtype=layout.scale_dtype)
     from ..methods.base import GPTQConfig
     from ..methods.gptq import gptq_quantize
     from ..methods.gptq_method import quantized_from
 
     # act_order: as GPTQConfig's default (it cut W4 g64's perplexity increase by a third on SmolLM2)
     r = gptq_quantize(weight_nk(module).float(), hessian, bits=layout.bits, group_size=layout.group_size,
-                      symmetric=layout.symmetric, act_order=True)
-    cfg = GPTQConfig(w_bits=layout.bits, w_group_size=layout.group_size, w_symmetric=layout.symmetric, act=None)
+                      symmetric=layout.symmetric, act_order=True, scale_dtype=scale_dtype_of(layout.scale_dtype))
+    cfg = GPTQConfig(w_bits=layout.bits, w_group_size=layout.group_size, w_symmetric=layout.symmetric, act=None,
+                     w_scale_dtype=layout.scale_dtype)
     return quantized_from(module, cfg, r.q, r.scale, r.zero_point)
 
 
 @torch.no_grad()
 def build_candidates(model: nn.Module, paths: list[str], bits: tuple[int, ...], group_size: int, base: str,
-                     batches=None, progress: bool = True) -> Candidates:
+                     batches=None, progress: bool = True, scale_dtype: str = "float16") -> Candidates:
     if base not in BASES:
         raise ValueError(f"unknown base quantizer {base!r}; choose from {', '.join(BASES)}")
     if base == "gptq" and not batches:
@@ -127,7 +132,7 @@ def build_candidates(model: nn.Module, paths: list[str], bits: tuple[int, ...], 
         N, K = weight_nk(mod).shape
         c.numel[p] = N * K
         for b in c.bits:
-            lay = layout_for(b, K, group_size)
+            lay = layout_for(b, K, group_size, scale_dtype)
             ql = quantize_layer(mod, lay, base, hessians.get(p))
             c.table[p][b] = Candidate(ql, layer_bytes(N, K, lay, _bias_bytes(mod)))
         hessians.pop(p, None)  # free as we go
