@@ -95,3 +95,22 @@ def test_bad_choice_is_a_one_line_error_with_the_choices(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "invalid choice: 'magic'" in err and "gptq" in err
+
+
+def test_sigterm_runs_the_commands_cleanup(tmp_path):
+    # a killed search/compare/quantize must not leave its temporary output folder behind
+    code = f"""
+import os, shutil, signal, sys, tempfile, time
+from llmeasyquant.cli import _exit_on_sigterm
+_exit_on_sigterm()
+tmp = tempfile.mkdtemp(dir={str(tmp_path)!r})
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+except BaseException:
+    shutil.rmtree(tmp)
+    raise
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + 15, r.stderr
+    assert os.listdir(tmp_path) == []

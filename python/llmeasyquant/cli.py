@@ -458,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (kill, a scheduler's timeout) as SystemExit, so the commands'
+    cleanup runs (temporary output folders removed, nothing half-written)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     from .distributed.runtime import LaunchError, PeerFailure
 
@@ -465,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     from .log import configure
 
     configure(verbose=args.verbose)
+    _exit_on_sigterm()
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, ImportError, LaunchError, PeerFailure) as err:
