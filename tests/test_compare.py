@@ -62,8 +62,11 @@ def test_compare_rows_outputs_and_resume(tmp_path, one_thread):
         calls.append(1)
         return _loader()
 
+    float_hist = saved["rows"][0].pop("weight_hist")  # as a row from before the histograms
+    (tmp_path / "compare.json").write_text(json.dumps(saved))
     again = run_compare(loader, presets, out_dir=str(tmp_path), resume=True, **KW)
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows] and len(calls) == 1
+    assert again[0]["weight_hist"] == float_hist  # the float histogram is drawn again from the float model
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp files
 
 

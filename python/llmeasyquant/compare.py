@@ -185,6 +185,8 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
     float_ppl = None
     for p in tqdm(presets, desc="methods", disable=not progress):
         if p.name in done:
+            if p.method is None and not done[p.name].get("weight_hist"):  # a row from before the histograms
+                done[p.name]["weight_hist"] = plots.weight_histogram(float_w, *hist_range)
             rows.append(done[p.name])
             float_ppl = rows[-1]["ppl"] if p.method is None else float_ppl
             continue
