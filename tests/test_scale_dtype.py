@@ -99,3 +99,18 @@ def test_config_validates_and_round_trips_scale_dtype():
         config_for("absmax", w_scale_dtype="bf16")
     with pytest.raises(ValueError, match="scale dtype must be one of"):
         lq.QLinear(8, 2, w_scale_dtype="int8")
+
+
+@pytest.mark.parametrize("bits,group,act", [(4, 16, None), (3, 16, None), (8, -1, "dynamic")])
+def test_fp16_scales_on_every_device(device, bits, group, act):
+    # the CUDA kernels take float32 scales: the layer widens its float16 ones per call
+    g = torch.Generator().manual_seed(11)
+    lin = torch.nn.Linear(64, 40)
+    q = lq.QLinear.from_linear(lin, w_bits=bits, w_group_size=group, w_symmetric=bits == 8, act=act,
+                               w_scale_dtype="float16").to(device)
+    ref = lq.QLinear.from_linear(lin, w_bits=bits, w_group_size=group, w_symmetric=bits == 8, act=act,
+                                 w_scale_dtype="float16")
+    assert q.w_scale.dtype == torch.float16 and q.w_scale.device.type == device.type
+    x = torch.randn(5, 64, generator=g)
+    out = q(x.to(device)).cpu()
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-4)
