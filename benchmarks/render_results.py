@@ -123,7 +123,14 @@ def render(path: str, note: str = "") -> str:
                   "[results/distributed.md](results/distributed.md) and docs/benchmarks.md."]
     report = Path(path).with_name("report.md")
     if report.exists():
-        lines += ["", "Plots and the full report of this run: [results/report.md](results/report.md)."]
+        figs = [stem for stem in ("ppl_memory", "weights") if Path(path).with_name(f"{stem}.png").exists()]
+        lines += ["", "## Plots of this run", "",
+                  "Perplexity vs memory per method (the paper's Figure 2) and the weights of one layer after each "
+                  "method (its Figure 1: float in grey, the quantization grid and any clipping visible); rows "
+                  "measured before the run recorded histograms have no panel.", "",
+                  *[f"![{stem}](results/{stem}.png)" for stem in figs], "",
+                  "The run's own report (table, plots, environment, command): "
+                  "[results/report.md](results/report.md)."]
     return "\n".join(lines) + "\n"
 
 

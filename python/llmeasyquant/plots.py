@@ -110,18 +110,30 @@ def plot_ppl_memory(rows: list[dict], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in rows:
+    # rows of one memory size (all W8A8 methods; KV rows keep float's weights) share an x:
+    # their labels are stacked upwards in perplexity order so they do not overprint
+    stack: dict[int, int] = {}
+    for r in sorted(rows, key=lambda r: r["ppl"]):
         kv = "KV" in r["bits"]
         ax.scatter(r["linear_MiB"], r["ppl"], marker="s" if kv else "o",
                    color="0.4" if r["method"] == "float" else ("tab:orange" if kv else "tab:blue"))
-        ax.annotate(f"{r['method']}", (r["linear_MiB"], r["ppl"]), fontsize=7, xytext=(4, 3),
+        k = stack.get(round(r["linear_MiB"]), 0)
+        stack[round(r["linear_MiB"])] = k + 1
+        ax.annotate(f"{r['method']}", (r["linear_MiB"], r["ppl"]), fontsize=7, xytext=(5, -3 + 9 * k),
                     textcoords="offset points")
+    ppls = [r["ppl"] for r in rows if r["ppl"] == r["ppl"] and r["ppl"] > 0]
+    if ppls and max(ppls) > 5 * min(ppls):  # W3 / KV2 rows next to near-float ones
+        ax.set_yscale("log")
+        ticks = [v for v in (10, 15, 20, 25, 30, 40, 50, 70, 100, 150, 200, 300, 500, 1e3, 2e3, 5e3, 1e4, 1e5)
+                 if 0.9 * min(ppls) <= v <= 1.1 * max(ppls)]
+        ax.set_yticks(ticks, [f"{v:g}" for v in ticks])
+        ax.minorticks_off()
     f = next((r for r in rows if r["method"] == "float"), None)
     if f is not None:
         ax.axhline(f["ppl"], color="0.6", ls=":", lw=1, label=f"float ({f['ppl']:.2f})")
         ax.legend(fontsize=8)
     ax.set_xlabel("bytes held by the linear layers (MiB; scales and zero-points included)")
-    ax.set_ylabel("WikiText-2 perplexity (lower is better)")
+    ax.set_ylabel("WikiText-2 perplexity (lower is better)" + (", log scale" if ax.get_yscale() == "log" else ""))
     ax.set_title("Perplexity vs memory per method (squares: KV-cache quantization)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
