@@ -127,7 +127,9 @@ def render(path: str, note: str = "") -> str:
         lines += ["", "## Plots of this run", "",
                   "Perplexity vs memory per method (the paper's Figure 2) and the weights of one layer after each "
                   "method (its Figure 1: float in grey, the quantization grid and any clipping visible); rows "
-                  "measured before the run recorded histograms have no panel.", "",
+                  "measured before the run recorded histograms have no panel. SmoothQuant's panel shows the "
+                  "smoothed weights W·diag(s), wider than the float ones by design (its red lines); the bins "
+                  "span the float range, ±1.05 max|w|.", "",
                   *[f"![{stem}](results/{stem}.png)" for stem in figs], "",
                   "The run's own report (table, plots, environment, command): "
                   "[results/report.md](results/report.md)."]
