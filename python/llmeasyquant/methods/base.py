@@ -36,8 +36,11 @@ class QuantConfig:
     w_scale_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.w_scale_dtype not in ("float32", "float16"):
-            raise ValueError(f"{self.method}: w_scale_dtype must be 'float32' or 'float16', got {self.w_scale_dtype!r}")
+        from .._reference import SCALE_DTYPES
+
+        if self.w_scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"{self.method}: w_scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
+                             f"got {self.w_scale_dtype!r}")
 
     def qlinear_kwargs(self) -> dict:
         return dict(w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
