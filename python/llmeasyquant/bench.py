@@ -7,7 +7,8 @@ Compared per (N, K, M), fp32 activations in and out, quantization included:
   int_mm    torch._int_mm on pre-quantized int8 (GEMM only, no quantization)
   W8A8      llmeasyquant QLinear act="dynamic" (per-token act., per-channel weights)
   W8A16     llmeasyquant QLinear act=None, 8-bit per-channel weights
-  W4A16     llmeasyquant QLinear act=None, 4-bit group-wise (g=128) weights
+  W4A16     llmeasyquant QLinear act=None, 4-bit group-wise weights, g = 128 where it
+            divides K, else the largest of 64 / 32 that does (SmolLM2's K = 576: g64)
 
 Each method is checked against fp32 before it is timed. Weight copies are
 rotated so that their total exceeds the last-level cache ("cold" weights),
@@ -57,6 +58,11 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def w4_group(K: int) -> int:
+    """The W4A16 group size for in_features K (the usual 128 where it divides K)."""
+    return next((g for g in (128, 64, 32) if K % g == 0), -1)
+
+
 def _rotating(make, nbytes: int):
     """Enough independent copies of a layer that their weights exceed the LLC."""
     n = max(1, min(8, -(-3 * LLC_BYTES // max(nbytes, 1))))
@@ -97,7 +103,7 @@ def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
             nn.Sequential(base), {nn.Linear}, dtype=torch.qint8), N * K),
         "W8A8": (q(act="dynamic"), N * K),
         "W8A16": (q(act=None), N * K),
-        "W4A16": (q(act=None, w_bits=4, w_group_size=128), N * K // 2),
+        "W4A16": (q(act=None, w_bits=4, w_group_size=w4_group(K)), N * K // 2),
     }
     out = {}
     with torch.inference_mode():
@@ -188,8 +194,8 @@ def bench_ops(N: int, K: int, M: int, reps: int) -> dict:
     w = torch.randn(N, K, generator=g)
     qw, ws, _ = ops.quantize(w, 8, True, -1)
     qa, xs, _ = ops.quantize(x, 8, True, -1)
-    q4, s4, z4 = ops.quantize(w, 4, False, 128 if K % 128 == 0 else -1)
-    g4 = 128 if K % 128 == 0 else -1
+    g4 = w4_group(K)
+    q4, s4, z4 = ops.quantize(w, 4, False, g4)
     wsum = ops.weight_row_sums(qw)
     res = {}
     for name, fn in {

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ops
-from .data import DEFAULT_CALIB_FILE, read_text
+from .data import default_calib_file, read_text
 from .log import logger
 
 
@@ -31,7 +31,7 @@ def calibration_batches(tokenizer, source: str | Sequence[str] | None = None, *,
     if n_samples <= 0 or seq_len <= 1:
         raise ValueError(f"calibration needs n_samples >= 1 and seq_len >= 2, got {n_samples}, {seq_len}")
     if source is None or isinstance(source, str):
-        text = read_text(source or DEFAULT_CALIB_FILE)
+        text = read_text(source or default_calib_file())
     else:
         text = "\n\n".join(source)
     if not text.strip():

@@ -47,8 +47,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .bench import median_ms
     from .data import read_text
 
-    model, tok = load_model(args.model)
-    text = read_text(args.text, max_chars=20000)
+    from .data import default_calib_file
+
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    text = read_text(args.text or default_calib_file(), max_chars=20000)
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     layers = model.model.layers
     if not 0 <= args.layer < len(layers):
@@ -64,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     x, y = seen["x"], seen["y"]
     name = f"model.layers.{args.layer}.mlp.{args.proj}"
     print(f"layer {name}: {lin.in_features} -> {lin.out_features}, real input {tuple(x.shape)} "
-          f"from {ids.shape[1]} tokens of {os.path.basename(args.text)}")
+          f"from {ids.shape[1]} tokens of {os.path.basename(args.text or default_calib_file())}")
     rows = []
     float_bytes = lin.weight.numel() * 2  # fp16 storage as the size baseline
     x2 = x.reshape(-1, lin.in_features)
@@ -115,10 +117,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .models import load_model
 
     presets = resolve_methods(args.methods)
+    if args.out:
+        from .outdir import check_writable_folder
+
+        check_writable_folder(args.out, what="compare --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows = run_compare(lambda: load_model(args.model), presets, out_dir=args.out, seq_len=args.seq_len,
+    rows = run_compare(lambda: load_model(args.model, trust_remote_code=args.trust_remote_code), presets, out_dir=args.out, seq_len=args.seq_len,
                        max_windows=None if args.max_windows == 0 else args.max_windows,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                        speed=not args.no_speed, resume=args.resume, progress=not args.quiet,
@@ -134,6 +140,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import llmeasyquant as lq
     from llmeasyquant.models import load_model
 
+    from .io import check_save_destination
+
     opts = {}
     for key in ("w_bits", "w_group_size", "act", "w_scale_dtype"):
         v = getattr(args, key)
@@ -141,14 +149,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             opts[key] = None if v == "none" else v
     if args.calib_samples is not None:
         opts["n_calib"] = args.calib_samples
+    # the destination is checked before the work, not after an hour of it
+    out = check_save_destination(args.out, args.overwrite)
     if args.distributed:
         from .distributed.command import quantize_distributed
 
         return quantize_distributed(args, opts)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     lq.quantize(model, args.method, calib=args.calib, tokenizer=tok, progress=not args.quiet, **opts)
-    lq.save(model, args.out, tokenizer=tok)
+    lq.save(model, out, tokenizer=tok, overwrite=args.overwrite)
     print(f"{model.llmeq_config.describe()}: quantized in {time.perf_counter() - t0:.1f} s, saved to {args.out} "
           f"(load with llmeasyquant.load({args.out!r}))")
     return 0
@@ -164,13 +174,15 @@ def _parse_floats(spec: str, what: str) -> list[float]:
     return vals
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
+def _is_search_output(folder) -> bool:
+    return os.path.isfile(os.path.join(folder, "search.json"))
 
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .data import default_eval_file
     from .eval.perplexity import perplexity, tokenize_file
-    from .data import DEFAULT_EVAL_FILE
     from .io import save
+    from .outdir import check_destination, replace_atomically
     from .models import load_model
     from .search import Searcher, calibration_and_probe, write_json
     from .search.report import pareto, pareto_table, plot_bitmap, plot_pareto
@@ -180,7 +192,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --budget-bits, --budget-mib and --lam")
     bits = tuple(int(b) for b in _parse_floats(args.bits, "--bits"))
     budgets = _parse_floats(args.pareto, "--pareto") if args.pareto else []
-    model, tok = load_model(args.model)
+    out = check_destination(args.out, overwrite=args.overwrite, is_ours=_is_search_output, what="search --out")
+    model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     batches, probe = calibration_and_probe(tok, args.calib, args.calib_samples, args.probe_samples,
                                            args.calib_seq_len)
@@ -189,10 +202,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     budget_bytes = None if args.budget_mib is None else int(args.budget_mib * 2**20)
     res = s.run(args.strategy, budget_bits=args.budget_bits, budget_bytes=budget_bytes, lam=args.lam,
                 max_evals=args.max_evals)
-    out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-    try:
+    with replace_atomically(out) as tmp_path:
+        tmp = str(tmp_path)
         layers_path = s.spec.arch.layers_path
         summary = (f"{args.strategy} search ({args.base}, candidates {', '.join(f'W{b}' for b in res.bits)}, "
                    f"g{args.group_size}, {args.scale_dtype} scales): {res.bits_per_weight:.3f} bits per weight, {res.fp16_reduction:.2f}x "
@@ -208,7 +219,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             summary += f" (plots not drawn: {err})"
         md = [f"# Mixed-precision search: {args.model}", "", summary, ""]
         if budgets:
-            ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
+            ids = tokenize_file(tok, default_eval_file())
             fppl = perplexity(model, ids=ids, max_windows=args.max_windows, progress=False).ppl
 
             def ppl_of(a):
@@ -231,36 +242,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
         s.apply(res.assignment)
         if not args.no_save:
             save(model, os.path.join(tmp, "model"), tokenizer=tok)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print("\n".join(md[2:3] + ([md[6]] if budgets else [])))
     print(f"written to {out} (search.md, search.json, bitmap.json{', model/' if not args.no_save else ''}) "
           f"in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
-def _load_any(path: str):
+def _load_any(path: str, trust_remote_code: bool = False):
     """A saved quantized folder (llmeasyquant.save) or anything load_model takes."""
     from .io import is_quantized_folder, load
     from .models import load_model
 
     if os.path.isdir(path) and is_quantized_folder(path):
-        return load(path, with_tokenizer=True)
-    return load_model(path)
+        return load(path, with_tokenizer=True, trust_remote_code=trust_remote_code)
+    return load_model(path, trust_remote_code=trust_remote_code)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DEFAULT_EVAL_FILE
+    from .data import default_eval_file
     from .eval import model_memory, throughput
     from .eval.perplexity import model_perplexity, tokenize_file
 
-    model, tok = _load_any(args.model)
+    model, tok = _load_any(args.model, args.trust_remote_code)
     want = {k for k in ("ppl", "memory", "speed") if getattr(args, k)} or {"ppl", "memory", "speed"}
-    ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
+    ids = tokenize_file(tok, default_eval_file())
     cfg = getattr(model, "llmeq_config", None)
     print(f"{args.model}: {cfg.describe() if cfg is not None else 'float model'}")
     if "ppl" in want:
@@ -284,7 +289,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import llmeasyquant as lq
     from llmeasyquant.onnx_export import export_onnx, ort_session
 
-    model, tok = lq.load(args.model_dir, with_tokenizer=True)
+    model, tok = lq.load(args.model_dir, with_tokenizer=True, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     export_onnx(model, args.onnx, seq_len=args.seq_len)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
@@ -298,24 +303,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .data import DEFAULT_CALIB_FILE
+def _int_at_least(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {what} (an integer >= {lo}), got {v}")
+        return v
+    return parse
 
+
+WINDOWS = _int_at_least(0, "a window count, 0 for the whole file")
+SEQ_LEN = _int_at_least(2, "tokens per window")
+COUNT = _int_at_least(1, "a count")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmeasyquant", description="Quantization toolkit for LLMs.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true",
                         help="log decisions and timings (calibration, methods, search, ranks) to stderr")
+    # commands that read a model: Python shipped inside a model folder runs only when asked
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-remote-code", action="store_true",
+                       help="allow a model folder's own Python code (config.json auto_map) to run; off by default")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", parents=[common], help="show how this installation was built",
                        description="Show version, the torch it was built against, CUDA and CPU kernels.")
     s.set_defaults(fn=_cmd_info)
-    s = sub.add_parser("demo", parents=[common], help="quantize one real layer of a model with QLinear and compare",
+    s = sub.add_parser("demo", parents=[common, trust], help="quantize one real layer of a model with QLinear and compare",
                        description="Swap one MLP projection of a real model for QLinear (W8A8 dynamic, "
                                    "W8A16, W4A16) and report error, next-token agreement, bytes and speed.",
                        epilog="example: llmeasyquant demo --layer 3 --proj down_proj")
     s.add_argument("--model", default="smollm2-135m",
                    help="local HF folder, .gguf file, or the embedded default 'smollm2-135m'")
-    s.add_argument("--text", default=DEFAULT_CALIB_FILE, help="text file the layer input comes from")
+    s.add_argument("--text", default=None, help="text file the layer input comes from (default: WikiText-2 validation)")
     s.add_argument("--tokens", type=int, default=512, help="tokens of text to run (default 512)")
     s.add_argument("--layer", type=int, default=3, help="decoder layer index (default 3)")
     s.add_argument("--proj", default="down_proj", choices=["gate_proj", "up_proj", "down_proj"])
@@ -324,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .compare import METHOD_SETS, PRESETS
 
-    s = sub.add_parser("compare", parents=[common], help="compare quantization methods on a model (perplexity, memory, tokens/s)",
+    s = sub.add_parser("compare", parents=[common, trust], help="compare quantization methods on a model (perplexity, memory, tokens/s)",
                        description="Quantize a fresh copy of the model with each method preset, evaluate "
                                    "WikiText-2 perplexity (non-overlapping windows of the raw test file), bytes "
                                    "held by the linear layers and the whole model, and prefill/decode tokens/s; "
@@ -336,11 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default="default",
                    help=f"a set ({', '.join(f'{k}: {len(v)} presets' for k, v in METHOD_SETS.items())}) or "
                         f"comma-separated presets: {', '.join(PRESETS)}")
-    s.add_argument("--max-windows", type=int, default=16,
+    s.add_argument("--max-windows", type=WINDOWS, default=16,
                    help="evaluate the first N windows of the test file (0 = the whole file; default 16)")
-    s.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window (default 2048)")
-    s.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    s.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    s.add_argument("--seq-len", type=SEQ_LEN, default=2048, help="tokens per perplexity window (default 2048)")
+    s.add_argument("--calib-samples", type=COUNT, default=128, help="calibration sequences (default 128)")
+    s.add_argument("--calib-seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence (default 512)")
     s.add_argument("--out", default=None, help="folder for compare.md/.csv/.json (rewritten after each method)")
     s.add_argument("--resume", action="store_true", help="skip presets already in OUT/compare.json (same protocol)")
     s.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurement")
@@ -350,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .methods.base import available_methods
 
-    s = sub.add_parser("quantize", parents=[common], help="quantize a model with one method and save it",
+    s = sub.add_parser("quantize", parents=[common, trust], help="quantize a model with one method and save it",
                        description="Quantize a model with a method (calibrated on WikiText-2 validation unless "
                                    "--calib is given) and save it as a self-contained folder (safetensors).",
                        epilog="example: llmeasyquant quantize smollm2-135m --method awq --w-bits 4 "
@@ -365,8 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w-scale-dtype", choices=["float32", "float16"], default=None,
                    help="dtype of the weight scales held (method default: float32; mixed: float16)")
     s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
-    s.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (method default)")
-    s.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    s.add_argument("--calib-samples", type=COUNT, default=None, help="calibration sequences (method default)")
+    s.add_argument("--out", required=True,
+                   help="output folder (created; an existing llmeasyquant model folder is replaced atomically)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is a folder of other files (never a file or the current folder)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     d = s.add_argument_group("distributed (start the ranks with torchrun --no-python llmeasyquant quantize "
                              "--distributed ..., or torchrun -m llmeasyquant.distributed quantize ...)")
@@ -394,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench.add_arguments(s)
     s.set_defaults(fn=_cmd_bench)
 
-    s = sub.add_parser("search", parents=[common], help="per-layer mixed-precision bit-width search under a size budget",
+    s = sub.add_parser("search", parents=[common, trust], help="per-layer mixed-precision bit-width search under a size budget",
                        description="Choose a weight bit width (default candidates 2, 3, 4, 8) for every linear "
                                    "layer, minimising the calibration loss under a budget (bits per weight or "
                                    "MiB, scales and zero-points counted) or loss + lam x MiB. Writes the bit map, "
@@ -425,13 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     s.add_argument("--max-evals", type=int, default=60, help="greedy: loss evaluations at most (default 60)")
     s.add_argument("--pareto", default=None, help="also evaluate these budgets (bits per weight, comma-separated)")
-    s.add_argument("--max-windows", type=int, default=16, help="perplexity windows for --pareto (default 16)")
-    s.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    s.add_argument("--max-windows", type=COUNT, default=16, help="perplexity windows for --pareto (default 16)")
+    s.add_argument("--out", required=True,
+                   help="output folder (created; an earlier search output is replaced atomically)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is a folder of other files (never a file or the current folder)")
     s.add_argument("--no-save", action="store_true", help="do not write the quantized model")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_search)
 
-    s = sub.add_parser("eval", parents=[common], help="perplexity, memory and tokens/s of a model or a saved quantized folder",
+    s = sub.add_parser("eval", parents=[common, trust], help="perplexity, memory and tokens/s of a model or a saved quantized folder",
                        description="Evaluate a model (local HF folder, .gguf, 'smollm2-135m') or a folder written "
                                    "by `llmeasyquant quantize`: WikiText-2 perplexity, bytes held, tokens/s "
                                    "(all three unless some are named).",
@@ -440,12 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppl", action="store_true", help="perplexity on WikiText-2 raw test")
     s.add_argument("--memory", action="store_true", help="bytes held by the linear layers and the model")
     s.add_argument("--speed", action="store_true", help="prefill / decode tokens per second")
-    s.add_argument("--max-windows", type=int, default=16, help="perplexity windows (0 = whole file; default 16)")
-    s.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+    s.add_argument("--max-windows", type=WINDOWS, default=16, help="perplexity windows (0 = whole file; default 16)")
+    s.add_argument("--seq-len", type=SEQ_LEN, default=2048, help="tokens per window (default 2048)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_eval)
 
-    s = sub.add_parser("export", parents=[common], help="export a saved quantized model to ONNX",
+    s = sub.add_parser("export", parents=[common, trust], help="export a saved quantized model to ONNX",
                        description="Export a folder written by `llmeasyquant quantize` (or llmeasyquant.save) to "
                                    "ONNX opset 21 (QuantizeLinear/MatMulInteger for W8A8, DequantizeLinear for "
                                    "weight-only, INT4 initializers for 4-bit) and compare ONNX Runtime's logits "
@@ -453,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: llmeasyquant export smollm2-awq --onnx smollm2-awq.onnx")
     s.add_argument("model_dir", help="folder written by llmeasyquant quantize / llmeasyquant.save")
     s.add_argument("--onnx", required=True, help="output .onnx file")
-    s.add_argument("--seq-len", type=int, default=None, help="fixed sequence length (default: dynamic)")
+    s.add_argument("--seq-len", type=COUNT, default=None, help="fixed sequence length (default: dynamic)")
     s.set_defaults(fn=_cmd_export)
     return p
 
@@ -478,9 +508,20 @@ def main(argv: list[str] | None = None) -> int:
     _exit_on_sigterm()
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError, ImportError, LaunchError, PeerFailure) as err:
-        print(f"llmeasyquant {args.command}: error: {err}", file=sys.stderr)
+    except (OSError, ValueError, ImportError, LaunchError, PeerFailure) as err:
+        # one line, no traceback (-v keeps the traceback for bug reports)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"llmeasyquant {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -155,18 +155,19 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
     """Quantize + evaluate each preset on a fresh copy of the float model.
     ``model_loader()`` -> (model, tokenizer). Returns the rows (float first)."""
     from .calibration import calibration_batches
-    from .data import DEFAULT_EVAL_FILE
-
     from . import plots
+    from .data import default_eval_file
+
+    eval_file = default_eval_file()
 
     base, tok = model_loader()
     base.eval()
     plot_layer = plots.pick_layer(base)
     float_w = plots.layer_weight(base, plot_layer)
     hist_range = (-1.05 * float(float_w.abs().max()), 1.05 * float(float_w.abs().max()))
-    ids = tokenize_file(tok, DEFAULT_EVAL_FILE)
+    ids = tokenize_file(tok, eval_file)
     windows = (ids.numel() // seq_len) if max_windows is None else min(max_windows, ids.numel() // seq_len)
-    protocol = (f"WikiText-2 raw test ({os.path.basename(DEFAULT_EVAL_FILE)}), {windows} non-overlapping windows "
+    protocol = (f"WikiText-2 raw test ({os.path.basename(eval_file)}), {windows} non-overlapping windows "
                 f"x {seq_len} tokens{' (whole file)' if max_windows is None else ''}, fp32 logits")
     meta = {"model": model_name, "protocol": protocol,
             "calibration": f"{calib_samples} x {calib_seq_len} tokens of WikiText-2 validation (wiki.valid.tokens)",

@@ -8,28 +8,33 @@
 * ``config.json`` (+ generation config) — the base model's transformers config;
 * the tokenizer files, when a tokenizer is given.
 
-Writes go to a temporary folder that is renamed into place, so an interrupted
-save never leaves a half-written model folder.
+Writes go to a staging folder beside the destination that is renamed into
+place (:mod:`llmeasyquant.outdir`): an interrupted save never leaves a
+half-written model folder, and never replaces a folder that is not ours.
+Loads treat the folder as untrusted (:mod:`llmeasyquant.checkpoint_checks`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .checkpoint_checks import (FolderError, check_folder_files, check_layer_count, check_meta,
+                                compare_with_header, read_safetensors_header)
 from .nn.qlinear import QLinear
+from .outdir import check_destination, recover, replace_atomically
 
 FORMAT = "llmeasyquant"
 # 2: 2- and 3-bit weights packed as bit streams (version 1 kept them in the 4-bit container)
 FORMAT_VERSION = 2
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
+_MAX_JSON_BYTES = 64 * 2**20  # quantization.json: a few hundred bytes per layer
 
 
 def _library_version() -> str:
@@ -38,118 +43,179 @@ def _library_version() -> str:
     return build_info()["version"]
 
 
-def save(model: nn.Module, path: str, tokenizer=None) -> str:
+def _is_our_model(folder: Path) -> bool:
+    """An existing folder we may replace without ``overwrite``: a model we wrote."""
+    try:
+        with open(folder / QUANT_FILE) as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_save_destination(path, overwrite: bool = False) -> Path:
+    """Raise (before any work) if ``save(model, path)`` would harm something:
+    see :func:`llmeasyquant.outdir.check_destination`."""
+    return check_destination(path, overwrite=overwrite, is_ours=_is_our_model, what="save")
+
+
+def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False) -> str:
     """Write ``model`` (quantized by :func:`llmeasyquant.quantize`, or any HF
-    causal LM holding QLinear layers) to the folder ``path`` (replaced if it
-    exists). Returns ``path``."""
+    causal LM holding QLinear layers) to the folder ``path``. Returns the
+    absolute path.
+
+    An existing ``path`` is replaced only when it is empty or an llmeasyquant
+    model folder; any other folder needs ``overwrite=True``. A file, a link,
+    the current directory and its parents are never replaced. The folder is
+    written beside ``path`` and swapped in by renames; a save killed midway is
+    rolled back by the next save or load of ``path``."""
     from safetensors.torch import save_model
 
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"save: expected a transformers model (with .config), got {type(model).__name__}")
+    dest = check_save_destination(path, overwrite)
     layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, QLinear)}
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear):
+            m.check_values(f"save: layer {name!r}")
     kv = getattr(model, "llmeq_kv_config", None)
     cfg = getattr(model, "llmeq_config", None)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
             "torch_version": torch.__version__, "method": None if cfg is None else cfg.to_dict(),
             "kv_cache": None if kv is None else kv.to_dict(), "qlinear": layers}
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        save_model(model, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "llmeasyquant": "1"})
+    with replace_atomically(dest) as tmp:
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "llmeasyquant": "1"})
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, QUANT_FILE), "w") as fh:
+        with open(tmp / QUANT_FILE, "w") as fh:  # last: its presence marks a complete folder
             json.dump(meta, fh, indent=1)
-        if os.path.exists(path):
-            old = f"{tmp}-old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+            fh.flush()
+            os.fsync(fh.fileno())
+    return str(dest)
 
 
-def is_quantized_folder(path: str) -> bool:
+def is_quantized_folder(path) -> bool:
     return os.path.isfile(os.path.join(path, QUANT_FILE))
 
 
-def _read_meta(path: str) -> dict:
-    qpath = os.path.join(path, QUANT_FILE)
-    if not os.path.isfile(qpath):
+def _read_meta(path: Path) -> dict:
+    qpath = path / QUANT_FILE
+    if not os.path.lexists(qpath):
         raise FileNotFoundError(f"load: {path} is not a saved llmeasyquant model (no {QUANT_FILE}); "
                                 "write one with llmeasyquant.save(model, path)")
+    check_folder_files(path, [QUANT_FILE, WEIGHTS_FILE, "config.json"])
     try:
-        with open(qpath) as fh:
-            meta = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"load: {qpath} is not valid JSON ({err})") from err
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
-        raise ValueError(f"load: {qpath} is not an llmeasyquant quantization file")
+        with open(qpath, "rb") as fh:
+            raw = fh.read(_MAX_JSON_BYTES + 1)
+        if len(raw) > _MAX_JSON_BYTES:
+            raise FolderError(f"load: {qpath} is larger than {_MAX_JSON_BYTES} bytes")
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        if isinstance(err, FolderError):
+            raise
+        raise FolderError(f"load: {qpath} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FolderError(f"load: {qpath} is not an llmeasyquant quantization file")
+    check_meta(meta, qpath, FORMAT_VERSION)
     if meta["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"load: {path} was written in format version {meta['format_version']} by llmeasyquant "
-                         f"{meta.get('library_version')}; this llmeasyquant ({_library_version()}) reads "
-                         f"versions <= {FORMAT_VERSION}: upgrade llmeasyquant")
-    if meta["format_version"] < 2 and any(spec.get("w_bits") in (2, 3) for spec in meta.get("qlinear", {}).values()):
-        raise ValueError(f"load: {path} holds 2/3-bit layers in format version 1 (4-bit container); this "
-                         "llmeasyquant packs them as bit streams (version 2): re-quantize the model")
+        raise FolderError(f"load: {path} was written in format version {meta['format_version']} by llmeasyquant "
+                          f"{meta.get('library_version')}; this llmeasyquant ({_library_version()}) reads "
+                          f"versions <= {FORMAT_VERSION}: upgrade llmeasyquant")
+    if meta["format_version"] < 2 and any(spec.get("w_bits") in (2, 3) for spec in meta["qlinear"].values()):
+        raise FolderError(f"load: {path} holds 2/3-bit layers in format version 1 (4-bit container); this "
+                          "llmeasyquant packs them as bit streams (version 2): re-quantize the model")
     return meta
 
 
-def load(path: str, *, device: Optional[str] = None, with_tokenizer: bool = False):
+def _build(path: Path, meta: dict, trust_remote_code: bool):
+    """The model described by config.json + quantization.json, checked against
+    the weights file's header on the meta device before it is allocated."""
+    import transformers
+
+    wpath = path / WEIGHTS_FILE
+    if not os.path.lexists(wpath):
+        raise FileNotFoundError(f"load: {wpath} is missing")
+    header = read_safetensors_header(wpath)
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
+    check_layer_count(config, header, path)
+
+    def build():
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        for name, spec in meta["qlinear"].items():
+            try:
+                model.get_submodule(name)
+            except AttributeError as err:
+                raise FolderError(f"load: {QUANT_FILE} names layer {name!r}, which a {config.model_type} model "
+                                  f"with this config.json does not have") from err
+            model.set_submodule(name, QLinear.from_spec(spec))
+        return model
+
+    with torch.device("meta"):
+        shell = build()
+    compare_with_header({k: (v.dtype, tuple(v.shape)) for k, v in shell.state_dict().items()}, header, wpath)
+    del shell
+    return build(), wpath
+
+
+def load(path, *, device: Optional[str] = None, with_tokenizer: bool = False, trust_remote_code: bool = False):
     """Restore a model written by :func:`save`: same modules, same tensors, so
     the same logits bit for bit; no calibration data needed. Returns the model
-    (and the tokenizer, with ``with_tokenizer=True``)."""
+    (and the tokenizer, with ``with_tokenizer=True``).
+
+    The folder is untrusted input: every file is checked before use (see
+    :mod:`llmeasyquant.checkpoint_checks`) and a malformed one raises
+    ``ValueError`` saying what is wrong. Python code shipped in the folder
+    (``auto_map``) never runs unless ``trust_remote_code=True``."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    recover(path)
+    try:
+        return _load(path, device, with_tokenizer, trust_remote_code)
+    except (KeyError, AttributeError, TypeError, IndexError, RecursionError, UnicodeDecodeError) as err:
+        raise FolderError(f"load: {path} is not a valid llmeasyquant folder: {type(err).__name__}: {err}") from err
+
+
+def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
     import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     meta = _read_meta(path)
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    for name, spec in meta["qlinear"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"load: {QUANT_FILE} names layer {name!r}, which a {config.model_type} model with "
-                             f"this config.json does not have") from err
-        model.set_submodule(name, QLinear.from_spec(spec))
-    wpath = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"load: {wpath} is missing")
+    model, wpath = _build(path, meta, trust_remote_code)
     try:
-        missing, unexpected = load_model(model, wpath, strict=False)
+        missing, unexpected = load_model(model, str(wpath), strict=False)
     except SafetensorError as err:
-        raise ValueError(f"load: {wpath} is truncated or corrupt ({err})") from err
+        raise FolderError(f"load: {wpath} is truncated or corrupt ({err})") from err
     except (RuntimeError, ValueError) as err:  # shape mismatches (load_state_dict, QLinear checks)
-        raise ValueError(f"load: {wpath} does not match the model described by {QUANT_FILE} and config.json: "
-                         f"{err}") from err
+        raise FolderError(f"load: {wpath} does not match the model described by {QUANT_FILE} and config.json: "
+                          f"{err}") from err
     if missing or unexpected:
-        raise ValueError(f"load: {wpath} does not match the model: missing tensors {sorted(missing)[:8]}, "
-                         f"unexpected tensors {sorted(unexpected)[:8]}")
+        raise FolderError(f"load: {wpath} does not match the model: missing tensors {sorted(missing)[:8]}, "
+                          f"unexpected tensors {sorted(unexpected)[:8]}")
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FolderError(f"load: {wpath}: tensor {name!r} holds NaN or Inf values")
     model.eval()
-    if meta.get("method"):
-        from .methods.base import config_from_json
+    from .methods.base import config_from_json
 
-        model.llmeq_config = config_from_json(json.dumps(meta["method"]))
-    if meta.get("kv_cache"):
+    try:
+        if meta.get("method"):
+            model.llmeq_config = config_from_json(json.dumps(meta["method"]))
+        kv = config_from_json(json.dumps(meta["kv_cache"])) if meta.get("kv_cache") else None
+    except ValueError as err:
+        raise FolderError(f"load: {path / QUANT_FILE} holds an invalid method config: {err}") from err
+    if kv is not None:
         from .methods import simquant
-        from .methods.base import config_from_json
 
-        simquant.apply(model, None, config_from_json(json.dumps(meta["kv_cache"])), [], progress=False)
+        simquant.apply(model, None, kv, [], progress=False)
     if device is not None:
         model.to(device)
     if with_tokenizer:
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
         return model, tok
     return model
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DEFAULT_EVAL_FILE, read_text
+from ..data import default_eval_file, read_text
 
 
 @dataclass
@@ -44,7 +44,7 @@ def tokenize_file(tokenizer, path: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, path: str = DEFAULT_EVAL_FILE,
+def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, path: Optional[str] = None,
                seq_len: int = 2048, stride: Optional[int] = None, max_windows: Optional[int] = None,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on a text file (default: WikiText-2 raw test).
@@ -54,7 +54,12 @@ def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, pat
     if ids is None:
         if tokenizer is None:
             raise ValueError("perplexity: pass a tokenizer or pre-tokenized ids")
+        path = path or default_eval_file()
         ids = tokenize_file(tokenizer, path)
+    if not (isinstance(seq_len, int) and seq_len >= 2):
+        raise ValueError(f"perplexity: seq_len must be an integer >= 2 (tokens per window), got {seq_len!r}")
+    if max_windows is not None and not (isinstance(max_windows, int) and max_windows >= 1):
+        raise ValueError(f"perplexity: max_windows must be None (all windows) or an integer >= 1, got {max_windows!r}")
     stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")

@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -272,7 +273,13 @@ def _ensure_converted(gguf_path: Path, target: Path) -> Path:
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_INFIX}", dir=target.parent))
         try:
-            _convert_gguf(gguf_path, tmp)
+            try:
+                _convert_gguf(gguf_path, tmp)
+            except (UnicodeDecodeError, ValueError, KeyError, IndexError, EOFError, struct.error) as err:
+                # what gguf's reader raises on a damaged file ("'utf-8' codec can't decode ...")
+                raise ValueError(f"{gguf_path} is not a readable GGUF model file (truncated, corrupt, or an "
+                                 f"architecture transformers cannot read from GGUF): {type(err).__name__}: "
+                                 f"{err}") from err
             _write_marker(tmp, gguf_path)
             _apply_umask(tmp)
             try:
@@ -397,6 +404,7 @@ def load_model(
     name_or_path: PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     cache_dir: PathLike | None = None,
+    trust_remote_code: bool = False,
 ):
     """Load a causal LM and its tokenizer from local files only.
 
@@ -404,6 +412,9 @@ def load_model(
         name_or_path: anything :func:`resolve_model_path` accepts.
         dtype: parameter dtype of the returned model.
         cache_dir: cache root for GGUF conversions.
+        trust_remote_code: run Python code the folder ships (``auto_map`` in
+            its config.json). Off by default: such a folder then fails with
+            transformers' error instead of asking (or running code).
 
     Returns:
         ``(model, tokenizer)``; the model is on CPU and in eval mode.
@@ -411,8 +422,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path, cache_dir=cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
 

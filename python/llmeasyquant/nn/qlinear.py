@@ -27,6 +27,10 @@ from torch import nn
 from .. import _reference, ops
 
 ACT_MODES = (None, "dynamic", "static", "ema")
+# Buffers whose dtype is part of the layer's definition: a module cast
+# (model.half(), model.to(torch.bfloat16)) moves them but never changes their
+# dtype (fp16 would flush small scales to 0; the kernels take fp32 state).
+_FIXED_DTYPE_BUFFERS = ("w_scale", "act_scale", "ema_state")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -94,8 +98,9 @@ class QLinear(nn.Module):
             self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int8, device=device))
         if act == "ema":
             self.register_buffer("ema_state", ops.new_ema_state(device))
+        self._w_sum_of = None  # (data_ptr, _version) of the qweight that w_sum was computed from
         self._register_load_state_dict_pre_hook(self._check_state_dict)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_w_sum())
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
 
     # ------------------------------------------------------------------ build
     def spec(self) -> dict:
@@ -198,6 +203,64 @@ class QLinear(nn.Module):
     def _refresh_w_sum(self) -> None:
         if self.storage_bits == 8:
             self.w_sum.copy_(ops.weight_row_sums(self.qweight))
+        self._w_sum_of = self._qweight_key()
+
+    def _qweight_key(self):
+        # Inference tensors (made under torch.inference_mode) have no version
+        # counter: for them only a new storage is noticed.
+        q = self.qweight
+        return (q.data_ptr(), None if q.is_inference() else q._version)
+
+    def _row_sums(self) -> torch.Tensor:
+        """``w_sum``, recomputed first if ``qweight`` changed since (an in-place
+        edit bumps the tensor's version counter), so it can never go stale.
+        Under torch.compile the check is skipped (the traced graph cannot
+        read version counters); the layer is set up before compiling."""
+        if not torch.compiler.is_compiling() and self._w_sum_of != self._qweight_key():
+            with torch.no_grad():
+                self._refresh_w_sum()
+        return self.w_sum
+
+    def _after_load(self) -> None:
+        self._refresh_w_sum()
+        self.check_values("load_state_dict")
+
+    @torch.no_grad()
+    def check_values(self, where: str = "QLinear") -> None:
+        """Raise ``ValueError`` unless every held value is one the kernels can
+        use: positive finite scales, zero-points in the weight's integer range,
+        a finite bias and activation state (a file from disk is never trusted)."""
+        def bad(msg):
+            raise ValueError(f"{where}: {msg}")
+
+        s = self.w_scale
+        if s.numel() and not (torch.isfinite(s).all() and (s > 0).all()):
+            bad(f"weight scales must be finite and > 0, got min {s.float().min().item():g}, "
+                f"max {s.float().max().item():g}")
+        if self.w_zero is not None and self.w_zero.numel():
+            qmin, qmax = _reference.qrange(self.w_bits)
+            lo, hi = int(self.w_zero.min()), int(self.w_zero.max())
+            if lo < qmin or hi > qmax:
+                bad(f"{self.w_bits}-bit zero-points must lie in [{qmin}, {qmax}], got [{lo}, {hi}]")
+        if self.bias is not None and not torch.isfinite(self.bias).all():
+            bad("the bias holds NaN or Inf")
+        if self.act == "static" and not (torch.isfinite(self.act_scale).all() and (self.act_scale > 0).all()):
+            bad(f"the static activation scale must be finite and > 0, got {self.act_scale.tolist()}")
+        if self.act == "ema":
+            st = self.ema_state
+            if not torch.isfinite(st).all() or st[0] < 0 or st[3] < 0 or st[1] > st[2] and st[3] > 0:
+                bad(f"the EMA state [absmax, min, max, steps] is invalid: {st.tolist()}")
+
+    def _apply(self, fn, recurse=True):
+        # Module casts (half(), to(dtype)) convert every floating buffer; the
+        # scales and activation state keep their dtype and only move device.
+        kept = {k: self._buffers[k] for k in _FIXED_DTYPE_BUFFERS if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for k, t in kept.items():
+            moved = self._buffers[k]
+            if moved.dtype != t.dtype:
+                self._buffers[k] = t.to(moved.device)
+        return self
 
     def _check_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "qweight"
@@ -244,7 +307,7 @@ class QLinear(nn.Module):
             qw, bits = self._kernel_weight()
             return ops.weight_only_linear(x, qw, self.scales(), self.w_zero, bits, self.w_group_size, self.bias)
         if self.act == "dynamic" and self.int8_gemm:
-            return ops.dynamic_quant_linear(x, self.qweight, self.scales().view(-1), self.w_sum, self.bias,
+            return ops.dynamic_quant_linear(x, self.qweight, self.scales().view(-1), self._row_sums(), self.bias,
                                             self.act_symmetric)
         x2 = x.reshape(-1, self.in_features)
         if self.act == "dynamic":
@@ -261,7 +324,7 @@ class QLinear(nn.Module):
             out = ops.weight_only_linear(xq, qw, self.scales(), self.w_zero, bits, self.w_group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.scales().view(-1),
-                                   a_zero=None if self.act_symmetric else zero, b_sum=self.w_sum,
+                                   a_zero=None if self.act_symmetric else zero, b_sum=self._row_sums(),
                                    bias=self.bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
