@@ -143,15 +143,26 @@ def _build(path: Path, meta: dict, trust_remote_code: bool):
                                                      trust_remote_code=trust_remote_code)
     check_layer_count(config, header, path)
 
+    # The float part of the model is built in the dtype the file holds it in
+    # (a model cast to bfloat16 before saving loads as bfloat16).
+    prefixes = tuple(f"{name}." for name in meta["qlinear"])
+    float_dtypes = {dt for k, (dt, _) in header.items() if dt.is_floating_point and not k.startswith(prefixes)}
+    dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32
+
     def build():
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                              dtype=dtype)
         for name, spec in meta["qlinear"].items():
             try:
                 model.get_submodule(name)
             except AttributeError as err:
                 raise FolderError(f"load: {QUANT_FILE} names layer {name!r}, which a {config.model_type} model "
                                   f"with this config.json does not have") from err
-            model.set_submodule(name, QLinear.from_spec(spec))
+            try:
+                layer = QLinear.from_spec(spec)
+            except ValueError as err:
+                raise FolderError(f"load: {QUANT_FILE}, layer {name!r}: {err}") from err
+            model.set_submodule(name, layer)
         return model
 
     with torch.device("meta"):
@@ -183,15 +194,22 @@ def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    from .methods.base import config_from_json
+
     meta = _read_meta(path)
+    try:  # the configs are parsed before anything is built
+        method = config_from_json(json.dumps(meta["method"])) if meta.get("method") else None
+        kv = config_from_json(json.dumps(meta["kv_cache"])) if meta.get("kv_cache") else None
+    except ValueError as err:
+        raise FolderError(f"load: {path / QUANT_FILE} holds an invalid method config: {err}") from err
     model, wpath = _build(path, meta, trust_remote_code)
     try:
         missing, unexpected = load_model(model, str(wpath), strict=False)
     except SafetensorError as err:
         raise FolderError(f"load: {wpath} is truncated or corrupt ({err})") from err
-    except (RuntimeError, ValueError) as err:  # shape mismatches (load_state_dict, QLinear checks)
-        raise FolderError(f"load: {wpath} does not match the model described by {QUANT_FILE} and config.json: "
-                          f"{err}") from err
+    except (RuntimeError, ValueError) as err:  # shape mismatches, QLinear.check_values
+        raise FolderError(f"load: {wpath} does not match the model described by {QUANT_FILE} and config.json, "
+                          f"or holds invalid values: {err}") from err
     if missing or unexpected:
         raise FolderError(f"load: {wpath} does not match the model: missing tensors {sorted(missing)[:8]}, "
                           f"unexpected tensors {sorted(unexpected)[:8]}")
@@ -199,18 +217,15 @@ def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FolderError(f"load: {wpath}: tensor {name!r} holds NaN or Inf values")
     model.eval()
-    from .methods.base import config_from_json
-
-    try:
-        if meta.get("method"):
-            model.llmeq_config = config_from_json(json.dumps(meta["method"]))
-        kv = config_from_json(json.dumps(meta["kv_cache"])) if meta.get("kv_cache") else None
-    except ValueError as err:
-        raise FolderError(f"load: {path / QUANT_FILE} holds an invalid method config: {err}") from err
+    if method is not None:
+        model.llmeq_config = method
     if kv is not None:
         from .methods import simquant
 
-        simquant.apply(model, None, kv, [], progress=False)
+        try:
+            simquant.apply(model, None, kv, [], progress=False)
+        except ValueError as err:
+            raise FolderError(f"load: {path / QUANT_FILE} holds an invalid KV-cache config: {err}") from err
     if device is not None:
         model.to(device)
     if with_tokenizer:

@@ -31,6 +31,7 @@ ACT_MODES = (None, "dynamic", "static", "ema")
 # (model.half(), model.to(torch.bfloat16)) moves them but never changes their
 # dtype (fp16 would flush small scales to 0; the kernels take fp32 state).
 _FIXED_DTYPE_BUFFERS = ("w_scale", "act_scale", "ema_state")
+_BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -117,7 +118,10 @@ class QLinear(nn.Module):
         """An empty layer from :meth:`spec` (load its state_dict next)."""
         kw = dict(spec)
         try:
-            kw["bias_dtype"] = getattr(torch, kw.get("bias_dtype", "float32"))
+            bias_dtype = getattr(torch, kw.get("bias_dtype", "float32"), None)
+            if not (isinstance(bias_dtype, torch.dtype) and bias_dtype.is_floating_point):
+                raise ValueError(f"bias_dtype must name a floating dtype, got {kw.get('bias_dtype')!r}")
+            kw["bias_dtype"] = bias_dtype
             return cls(kw.pop("in_features"), kw.pop("out_features"), device=device, **kw)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"QLinear.from_spec: bad layer spec {spec}: {err}") from err
@@ -254,11 +258,13 @@ class QLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module casts (half(), to(dtype)) convert every floating buffer; the
         # scales and activation state keep their dtype and only move device.
-        kept = {k: self._buffers[k] for k in _FIXED_DTYPE_BUFFERS if self._buffers.get(k) is not None}
+        # The bias follows casts to the dtypes the kernels take (float32,
+        # float16, bfloat16) and keeps its dtype under any other (double()).
+        kept = {k: self._buffers[k] for k in (*_FIXED_DTYPE_BUFFERS, "bias") if self._buffers.get(k) is not None}
         super()._apply(fn, recurse)
         for k, t in kept.items():
             moved = self._buffers[k]
-            if moved.dtype != t.dtype:
+            if moved.dtype != t.dtype and (k != "bias" or moved.dtype not in _BIAS_DTYPES):
                 self._buffers[k] = t.to(moved.device)
         return self
 

@@ -1,0 +1,77 @@
+"""QLinear keeps its invariants whatever is done to the module: casts keep the
+scales' and the activation state's dtype, an in-place edit of the integer
+weights never leaves a stale row sum, and a cast model saves and loads
+(issue 14, section 4)."""
+
+import pytest
+import torch
+
+import tiny_models
+from conftest import lq
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight.mul_(1e-4)  # scales ~1e-6: below float16's smallest normal, where a cast would flush them
+    return lq.QLinear.from_linear(lin, **kw)
+
+
+@pytest.mark.parametrize("cfg", [dict(act="dynamic"), dict(act="static"), dict(act="ema"),
+                                 dict(act=None, w_bits=4, w_group_size=16, w_symmetric=False)])
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()])
+def test_casts_keep_scale_and_state_dtypes(cfg, cast):
+    q = _layer(**cfg)
+    if q.act == "static":
+        q.set_static_range(-3.0, 3.0)
+    before = {k: (v.dtype, v.clone()) for k, v in q.state_dict().items() if k != "bias"}
+    cast(q)
+    for k, (dt, v) in before.items():
+        t = q.state_dict()[k]
+        assert t.dtype == dt and torch.equal(t, v), k
+    if q.bias.dtype == torch.float64:  # no float64 kernels: the bias kept its dtype
+        assert q.bias.dtype == torch.float32
+    out = q(torch.randn(5, 64).to(q.bias.dtype))  # forward runs after the cast
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_half_model_saves_and_loads(tmp_path):
+    for cast in (torch.bfloat16, torch.float16):
+        model = tiny_models.build("llama")
+        lq.quantize(model, "absmax", progress=False)
+        model.to(cast)
+        lq.save(model, tmp_path / str(cast))
+        loaded = lq.load(tmp_path / str(cast))
+        ids = torch.randint(1, tiny_models.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+        sd, sd2 = model.state_dict(), loaded.state_dict()
+        assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)  # every tensor, bit for bit
+        # (the logits differ in the last bit: the cast model's rotary buffer
+        # inv_freq, not saved, was cast too; the loaded one keeps it float32, as
+        # transformers' from_pretrained(dtype=...) does)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=0.02, atol=0.02)
+
+
+def test_in_place_weight_edit_refreshes_row_sums():
+    q = _layer(act="dynamic", act_symmetric=False)
+    x = torch.randn(3, 64)
+    q(x)
+    with torch.no_grad():
+        q.qweight[:, :7] = -q.qweight[:, :7]  # edited in place, no setter called
+    fresh = lq.QLinear(64, 24, act="dynamic", act_symmetric=False)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(q(x), fresh(x))
+    assert torch.equal(q.w_sum, lq.ops.weight_row_sums(q.qweight))
+
+
+def test_static_path_uses_fresh_row_sums():
+    q = _layer(act="static", act_symmetric=False)
+    q.set_static_range(-2.0, 5.0)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        q.qweight.fill_(3)
+    ref = torch.nn.functional.linear(lq.ops.dequantize(lq.ops.quantize_static(x, q.act_scale, q.act_zero, 8, 0),
+                                                       q.act_scale, q.act_zero, 8, 0, 64),
+                                     q.dequantize(), q.bias)
+    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
