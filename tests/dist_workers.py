@@ -4,6 +4,7 @@ import them by name)."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -132,3 +133,22 @@ def dies_midway(rank, world):
     except lqd.PeerFailure as err:
         return {"error": str(err), "seconds": time.perf_counter() - t0}
     return {"error": None, "seconds": time.perf_counter() - t0}
+
+
+def quantize_mismatched(rank, world):
+    """Rank 1 was started with other options: every rank must refuse at once."""
+    model = tiny_models.build("llama")
+    try:
+        lqd.quantize(model, "absmax", progress=False, w_bits=8 if rank == 0 else 4,
+                     w_group_size=-1 if rank == 0 else 16, act=None)
+    except lqd.PeerFailure as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def fails_while_peer_stopped(rank, world):
+    """Rank 0 fails; rank 1 is stopped (SIGSTOP) and would never report."""
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(600)
+    raise ValueError("rank 0 gave up")

@@ -226,3 +226,20 @@ def test_distributed_entry_point_usage():
     r = subprocess.run([sys.executable, "-m", "llmeasyquant.cli", "quantize", "--method", "absmax", "--distributed",
                         "--out", "/nonexistent/x"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "RANK is not set" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ranks_with_different_options_refuse_at_start():
+    out = run_local(W.quantize_mismatched, 2, timeout_s=TIMEOUT).ordered()
+    for o in out:
+        assert o["error"] is not None and "different settings" in o["error"] and "method and options" in o["error"]
+
+
+def test_stopped_rank_is_killed_soon_after_another_fails():
+    import time
+
+    t0 = time.perf_counter()
+    run = run_local(W.fails_while_peer_stopped, 2, timeout_s=300, grace_s=3)
+    elapsed = time.perf_counter() - t0
+    assert "rank 0 gave up" in run.errors[0]
+    assert "killed" in run.errors[1] and "after rank(s) [0] failed" in run.errors[1]
+    assert elapsed < 120, f"the launcher waited {elapsed:.0f} s for a stopped rank"

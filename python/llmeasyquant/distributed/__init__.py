@@ -22,7 +22,17 @@ from .runtime import DEFAULT_TIMEOUT_S, LaunchError, PeerFailure, collective, in
 from ..sharding import Shard, partition
 from .shard import ProcessShard
 from .timing import PHASES, Breakdown, format_table
-from .verify import check_consistent, model_digests
+from .verify import check_consistent, check_same_setup, model_digests
+
+
+def _file_identity(path: str) -> dict:
+    import os
+
+    try:
+        st = os.stat(path)
+        return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    except OSError:
+        return {"path": path}
 
 
 def quantize(model: nn.Module, method_or_config="smoothquant", calib=None, *, tokenizer=None,
@@ -41,7 +51,14 @@ def quantize(model: nn.Module, method_or_config="smoothquant", calib=None, *, to
     tensor across ranks at the end.
     """
     from ..api import quantize as _quantize
+    from ..methods.base import QuantConfig, config_for
 
+    config = method_or_config if isinstance(method_or_config, QuantConfig) else config_for(method_or_config,
+                                                                                           **options)
+    check_same_setup({"method and options": config.to_dict(), "data_parallel": data_parallel,
+                      "calibration data": calib if not isinstance(calib, str) else _file_identity(calib),
+                      "model config": model.config.to_dict() if hasattr(model, "config") else repr(model)},
+                     group)
     device = next(iter(model.parameters())).device
     shard = ProcessShard(data_parallel=data_parallel, timer=timer, device=device, group=group)
     _quantize(model, method_or_config, calib, tokenizer=tokenizer, progress=progress and shard.rank == 0,

@@ -63,7 +63,7 @@ class LocalRun:
 
 
 def run_local(fn: Callable, world: int, *args, timeout_s: float = 300.0, threads: int = 1,
-              backend: str = "gloo", pg_timeout_s: float = 60.0) -> LocalRun:
+              backend: str = "gloo", pg_timeout_s: float = 60.0, grace_s: float = 10.0) -> LocalRun:
     """Run ``fn(rank, world, *args)`` on ``world`` processes joined in one
     process group over loopback (``fn`` must be importable: a module-level function)."""
     ctx = mp.get_context("spawn")
@@ -73,6 +73,7 @@ def run_local(fn: Callable, world: int, *args, timeout_s: float = 300.0, threads
                          daemon=True) for r in range(world)]
     run = LocalRun()
     t0 = time.perf_counter()
+    first_error = None
     try:
         for p in procs:
             p.start()
@@ -91,6 +92,17 @@ def run_local(fn: Callable, world: int, *args, timeout_s: float = 300.0, threads
                         (run.results if ok else run.errors)[rank] = out
                     except queue.Empty:
                         run.errors[r] = f"process exited with code {p.exitcode} without reporting"
+            if run.errors and first_error is None:
+                first_error = time.perf_counter()
+            # once a rank has failed, the others get a short grace to report
+            # (their collectives fail fast on the dead peer's closed sockets);
+            # one that is stopped or stuck is killed then, not at timeout_s
+            if first_error is not None and time.perf_counter() - first_error > grace_s:
+                failed = sorted(run.errors)
+                for r in range(world):
+                    if r not in run.results and r not in run.errors:
+                        run.errors[r] = f"killed: still running {grace_s:.0f} s after rank(s) {failed} failed"
+                break
             if time.perf_counter() - t0 > timeout_s:
                 missing = [r for r in range(world) if r not in run.results and r not in run.errors]
                 for r in missing:
@@ -100,7 +112,7 @@ def run_local(fn: Callable, world: int, *args, timeout_s: float = 300.0, threads
         for p in procs:
             if p.pid is None:  # never started
                 continue
-            p.join(timeout=5.0)
+            p.join(timeout=0 if first_error is not None else 5.0)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5.0)

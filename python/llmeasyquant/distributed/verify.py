@@ -36,3 +36,34 @@ def check_consistent(model: nn.Module, group=None) -> dict[str, str]:
     if bad:
         raise PeerFailure(f"ranks disagree on {len(bad)} tensor(s) of the quantized model, e.g. {bad[:5]}")
     return mine
+
+
+def setup_digest(parts: dict) -> dict[str, str]:
+    """key -> short digest of each part of a run's setup (JSON-able values,
+    tensors and lists of tensors hashed by content)."""
+    import json
+
+    def digest(v) -> str:
+        if isinstance(v, torch.Tensor):
+            return tensor_digest(v)
+        if isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+            return hashlib.sha256("".join(tensor_digest(t) for t in v).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(v, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+    return {k: digest(v) for k, v in parts.items()}
+
+
+def check_same_setup(parts: dict, group=None) -> None:
+    """Before any work: every rank was started with the same method, options,
+    calibration data and model config, or :class:`PeerFailure` names what
+    differs (otherwise the ranks would silently build one mixed model)."""
+    mine = setup_digest(parts)
+    world = dist.get_world_size(group)
+    with collective("all-gather the run setup"):
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine, group=group)
+    bad = sorted({k for d in everyone for k in mine if d.get(k) != mine[k]})
+    if bad:
+        ranks = [r for r, d in enumerate(everyone) if d != everyone[0]]
+        raise PeerFailure(f"the ranks were started with different settings ({', '.join(bad)} differ; ranks "
+                          f"{ranks} disagree with rank 0): start every rank with the same command")
