@@ -290,3 +290,15 @@ def test_concurrent_conversions_run_once(tmp_path, monkeypatch):
 
 def test_loader_sets_offline_env():
     assert os.environ.get("HF_HUB_OFFLINE")  # set (or left as the user chose) on import
+
+
+def test_truncated_gguf_gives_clear_error(tmp_path):
+    from llmeasyquant.models.loader import _bundled_gguf
+
+    src, _ = _bundled_gguf()
+    bad = tmp_path / "cut.gguf"
+    with open(src, "rb") as fh:
+        bad.write_bytes(fh.read(200_000))  # the header and part of the tensor table
+    with pytest.raises(ValueError, match="not a readable GGUF model file"):
+        resolve_model_path(bad, cache_dir=tmp_path / "cache")
+    assert not any(p.name.startswith(".") for p in (tmp_path / "cache").iterdir())  # nothing half-written

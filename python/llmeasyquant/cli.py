@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow a model folder's own Python code (config.json auto_map) to run; off by default")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", parents=[common], help="show how this installation was built",
-                       description="Show version, the torch it was built against, CUDA and CPU kernels.")
+                       description="Show version, the torch it was built against, CUDA and CPU kernels.",
+                       epilog="example: llmeasyquant info")
     s.set_defaults(fn=_cmd_info)
     s = sub.add_parser("demo", parents=[common, trust], help="quantize one real layer of a model with QLinear and compare",
                        description="Swap one MLP projection of a real model for QLinear (W8A8 dynamic, "
