@@ -223,6 +223,8 @@ def test_bad_call_fails_the_same_eagerly_on_meta_under_fake_and_in_the_reference
         fargs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         fake = _raised(lambda: op(*fargs))
     assert type(fake) is type(eager) and str(fake).splitlines()[0] == msg, f"fake: {fake!r}"
+    if re.search(r"unsupported bits=[5-7];", msg):
+        return  # the reference also defines 5-7 bits (AWQ fake quantization, the KV cache): a documented superset
     ref = _raised(lambda: getattr(R, name)(*args))
     assert type(ref) is type(eager) and str(ref).splitlines()[0] == msg, f"reference: {ref!r}"
 

@@ -69,10 +69,16 @@ def check_device(op, name, t, dev):
     torch._check(t.device == dev, lambda: f"{op}: expected {name} on {dev} (where the input is), got {t.device}")
 
 
-def check_bits(op, bits, dev):
+ORACLE_BITS = range(2, 9)  # the reference also defines 5-7 bits (AWQ fake quantization, the KV cache)
+
+
+def check_bits(op, bits, dev, oracle=False):
     # 2- and 3-bit values have CPU kernels only (meta / fake tensors on the
-    # CPU follow the CPU rules).
-    if not _is_cuda(dev):
+    # CPU follow the CPU rules). The reference (oracle=True) takes 2..8 bits
+    # on any device: a superset of every kernel, by design.
+    if oracle:
+        torch._check_value(bits in ORACLE_BITS, lambda: f"{op}: unsupported bits={bits}; supported: 2 to 8")
+    elif not _is_cuda(dev):
         torch._check_value(bits in (2, 3, 4, 8), lambda: f"{op}: unsupported bits={bits}; supported: 2, 3, 4, 8")
     else:
         torch._check_value(bits in (4, 8), lambda: (
@@ -155,10 +161,10 @@ def check_out_dtype(op, d):
 # --------------------------------------------------------------------------
 # op_checks.h: one checker per op
 # --------------------------------------------------------------------------
-def _quant_input(op, x, bits, group_size, dev):
+def _quant_input(op, x, bits, group_size, dev, oracle=False):
     check_device(op, "x", x, dev)
     check_float(op, "x", x)
-    check_bits(op, bits, dev)
+    check_bits(op, bits, dev, oracle)
     torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension, got a scalar")
     check_group_size(op, group_size, x.shape[-1])
 
@@ -179,24 +185,24 @@ def _bias(op, bias, N, dev):
     check_numel(op, "bias", bias, N, "one per output channel")
 
 
-def quantize(x, bits, symmetric, group_size):
+def quantize(x, bits, symmetric, group_size, oracle=False):
     op = "llmeasyquant.quantize"
-    _quant_input(op, x, bits, group_size, x.device)
+    _quant_input(op, x, bits, group_size, x.device, oracle)
     if group_size == 0:
         torch._check_value(x.numel() > 0, lambda: f"{op}: per-tensor quantization of an empty tensor {shape_str(x)}")
 
 
-def quantize_static(x, scale, zero_point, bits, group_size, values=True):
+def quantize_static(x, scale, zero_point, bits, group_size, values=True, oracle=False):
     op = "llmeasyquant.quantize_static"
-    _quant_input(op, x, bits, group_size, x.device)
+    _quant_input(op, x, bits, group_size, x.device, oracle)
     _scales(op, list(x.shape), scale, zero_point, bits, group_size, x.device, values)
 
 
-def dequantize(q, scale, zero_point, bits, group_size, K, dtype):
+def dequantize(q, scale, zero_point, bits, group_size, K, dtype, oracle=False):
     op = "llmeasyquant.dequantize"
     dev = q.device
     check_device(op, "q", q, dev)
-    check_bits(op, bits, dev)
+    check_bits(op, bits, dev, oracle)
     torch._check_value(q.dim() >= 1, lambda: f"{op}: expected q with at least 1 dimension")
     torch._check_type(dtype in _FLOATS, lambda: f"{op}: dtype must be float32, bfloat16 or float16, got "
                                                 f"{dtype_name(dtype)}")
@@ -224,10 +230,10 @@ def channel_stats_(x, absmax, mn, mx):
         torch._check_value(t.is_contiguous(), lambda: f"{op}: running statistics must be contiguous")
 
 
-def ema_quantize_(x, state, alpha, eps, bits):
+def ema_quantize_(x, state, alpha, eps, bits, oracle=False):
     op = "llmeasyquant.ema_quantize_"
     dev = x.device
-    _quant_input(op, x, bits, 0, dev)
+    _quant_input(op, x, bits, 0, dev, oracle)
     check_device(op, "state", state, dev)
     check_dtype(op, "state", state, torch.float32)
     torch._check_value(state.dim() == 1 and state.shape[0] == 4 and state.is_contiguous(), lambda: (
@@ -298,12 +304,12 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
     _bias(op, bias, N, dev)
 
 
-def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias):
+def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, oracle=False):
     op = "llmeasyquant.weight_only_linear"
     dev = x.device
     check_device(op, "x", x, dev)
     check_float(op, "x", x)
-    check_bits(op, bits, dev)
+    check_bits(op, bits, dev, oracle)
     torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
     check_device(op, "qw", qw, dev)
     check_dtype(op, "qw", qw, torch.int8 if bits == 8 else torch.uint8)

@@ -239,7 +239,7 @@ def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int,
              scale_dtype: torch.dtype = torch.float32):
     """Dynamic quantization: returns (q, scale, zero_point); scales float32,
     rounded to ``scale_dtype`` first (float16 weight scales)."""
-    _checks.quantize(x, bits, symmetric, group_size)
+    _checks.quantize(x, bits, symmetric, group_size, oracle=True)
     return _quantize(x, bits, symmetric, group_size, scale_dtype)
 
 
@@ -253,7 +253,7 @@ def _quantize_static(x, scale, zero_point, bits, group_size):
 
 def quantize_static(x, scale, zero_point, bits: int, group_size: int):
     """Quantize with given scales/zero-points (same granularity rules)."""
-    _checks.quantize_static(x, scale, zero_point, bits, group_size)
+    _checks.quantize_static(x, scale, zero_point, bits, group_size, oracle=True)
     return _quantize_static(x, scale, zero_point, bits, group_size)
 
 
@@ -266,9 +266,10 @@ def _dequantize(q, scale, zero_point, bits, group_size, K, dtype):
 
 
 def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
-    """The op's semantics; as an oracle extension the reference also returns
-    float64 (for fp64 comparisons), which the kernels do not."""
-    _checks.dequantize(q, scale, zero_point, bits, group_size, K, torch.float32 if dtype == torch.float64 else dtype)
+    """The op's semantics; as oracle extensions the reference also returns
+    float64 (for fp64 comparisons) and takes 5-7 bits, which the kernels do not."""
+    _checks.dequantize(q, scale, zero_point, bits, group_size, K, torch.float32 if dtype == torch.float64 else dtype,
+                       oracle=True)
     return _dequantize(q, scale, zero_point, bits, group_size, K, dtype)
 
 
@@ -309,7 +310,7 @@ def ema_quantize_(x, state, alpha: float, eps: float, bits: int, symmetric: bool
     is re-initialised by the next finite observation.
     Returns (q, scale [1], zero_point [1]) computed with the *updated* state.
     """
-    _checks.ema_quantize_(x, state, alpha, eps, bits)
+    _checks.ema_quantize_(x, state, alpha, eps, bits, oracle=True)
     xf = x.float()
     src = state
     if update:
@@ -407,7 +408,7 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric: bool):
 
 def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bias):
     """Weight-only quantized linear (W8A16 / W4A16): fp32 math, x.dtype out."""
-    _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)
+    _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, oracle=True)
     K = x.shape[-1]
     N = qw.shape[0]
     zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
