@@ -130,3 +130,35 @@ def test_weight_only_linear_large_m_uses_blas_path(bits):
     ref = R.weight_only_linear(x, qw, s, z, bits, 16, bias)
     ref64 = x.double() @ R.dequantize(qw, s, z, bits, 16, 64, torch.float64).T + bias.double()
     assert_close_to_reference(out, ref, ref64)
+
+
+# ---- b_sum: a cache of sum_k b[n, k], never a free parameter (issue #14) ----
+@pytest.mark.parametrize("with_zero", [False, True])
+def test_b_sum_is_only_a_cache_of_the_row_sums(cpu_isa, with_zero):
+    g = _gen("bsum", with_zero)
+    M, K, N = 5, 37, 9
+    a, b = rand_int8(M, K, gen=g), rand_int8(N, K, gen=g)
+    a_s, b_s = torch.rand(M, generator=g) + 0.01, torch.rand(N, generator=g) + 0.01
+    zero = rand_int8(M, gen=g) if with_zero else None
+    plain = lq.ops.scaled_int8_gemm(a, a_s, b, b_s, a_zero=zero)
+    cached = lq.ops.scaled_int8_gemm(a, a_s, b, b_s, a_zero=zero, b_sum=lq.ops.weight_row_sums(b))
+    ref = R.scaled_int8_gemm(a, a_s, zero, b, b_s, lq.ops.weight_row_sums(b), None, torch.float32)
+    assert torch.equal(plain, cached) and torch.equal(cached, ref)
+    assert torch.equal(ref, R.scaled_int8_gemm(a, a_s, zero, b, b_s, None, None, torch.float32))
+    # a b_sum that is not the row sums is a caller bug the oracle names
+    wrong = lq.ops.weight_row_sums(b)
+    wrong[3] += 1
+    with pytest.raises(ValueError, match=r"expected b_sum\[n\] = sum_k b\[n, k\] \(ops.weight_row_sums\(b\)\), "
+                                         r"got b_sum\[3\] = -?\d+ for a row summing to -?\d+"):
+        R.scaled_int8_gemm(a, a_s, zero, b, b_s, wrong, None, torch.float32)
+
+
+@pytest.mark.parametrize("act_symmetric", [True, False])
+def test_w_sum_must_be_the_row_sums(act_symmetric):
+    g = _gen("wsum", act_symmetric)
+    x, w = torch.randn(3, 20, generator=g), rand_int8(4, 20, lo=-127, gen=g)
+    w_s, w_sum = torch.rand(4, generator=g) / 50, lq.ops.weight_row_sums(w)
+    assert torch.equal(lq.ops.dynamic_quant_linear(x, w, w_s, w_sum, None, act_symmetric),
+                       R.dynamic_quant_linear(x, w, w_s, w_sum, None, act_symmetric))
+    with pytest.raises(ValueError, match=r"expected w_sum\[n\] = sum_k w\[n, k\]"):
+        R.dynamic_quant_linear(x, w, w_s, w_sum + 1, None, act_symmetric)

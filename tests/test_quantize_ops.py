@@ -160,3 +160,109 @@ def test_ema_follows_paper_equation():
     delta = 0.9 * 4.0 + 0.1 * 2.0
     assert abs(state[0].item() - delta) < 1e-6
     assert abs(s.item() - delta / 127) < 1e-7
+
+
+# ---- hostile inputs (issue #14) --------------------------------------------
+BAD = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bad", BAD)
+def test_ema_non_finite_batch_does_not_poison_the_state(device, symmetric, bad):
+    state = lq.ops.new_ema_state(device)
+    ref = lq.ops.new_ema_state()
+    x = _x((5, 24), torch.float32, device, seed=40)
+    lq.ops.ema_quantize_(x, state, 0.8, 1e-5, 8, symmetric, True)
+    R.ema_quantize_(x.cpu(), ref, 0.8, 1e-5, 8, symmetric, True)
+    before = state.clone()
+    _, s_before, z_before = lq.ops.ema_quantize_(x, state.clone(), 0.8, 1e-5, 8, symmetric, False)
+    xb = x.clone()
+    xb[2, 7] = bad
+    q, s, z = lq.ops.ema_quantize_(xb, state, 0.8, 1e-5, 8, symmetric, True)
+    rq, rs, rz = R.ema_quantize_(xb.cpu(), ref, 0.8, 1e-5, 8, symmetric, True)
+    # the observation is skipped (steps unchanged), the batch quantized with the existing state
+    assert torch.equal(state, before) and torch.equal(ref, before.cpu())
+    assert torch.equal(s, s_before) and torch.equal(z, z_before)
+    assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz) and torch.equal(q.cpu(), rq)
+    # later finite batches are unaffected
+    for t in range(3):
+        x2 = _x((5, 24), torch.float32, device, seed=41 + t)
+        q, s, z = lq.ops.ema_quantize_(x2, state, 0.8, 1e-5, 8, symmetric, True)
+        rq, rs, rz = R.ema_quantize_(x2.cpu(), ref, 0.8, 1e-5, 8, symmetric, True)
+        assert torch.isfinite(state).all() and torch.isfinite(s).all()
+        assert torch.equal(state.cpu(), ref) and torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+    assert state[3].item() == 4  # 1 + 3 updates, the bad batch not counted
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bad", BAD)
+def test_ema_non_finite_first_batch_leaves_state_uninitialised(device, symmetric, bad):
+    state = lq.ops.new_ema_state(device)
+    ref = lq.ops.new_ema_state()
+    x = _x((3, 16), torch.float32, device, seed=50)
+    x[1, 1] = bad
+    q, s, z = lq.ops.ema_quantize_(x, state, 0.9, 1e-5, 8, symmetric, True)
+    rq, rs, rz = R.ema_quantize_(x.cpu(), ref, 0.9, 1e-5, 8, symmetric, True)
+    assert (state == 0).all() and (ref == 0).all()
+    # no state to fall back on: the batch's own (non-finite) scale, so the output is visibly not finite
+    assert not torch.isfinite(s).all()
+    torch.testing.assert_close(s.cpu(), rs, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(z.cpu(), rz) and torch.equal(q.cpu(), rq)
+    assert not torch.isfinite(lq.ops.dequantize(q, s, z, 8, 0, 16)).all()
+    x2 = _x((3, 16), torch.float32, device, seed=51)
+    lq.ops.ema_quantize_(x2, state, 0.9, 1e-5, 8, symmetric, True)
+    R.ema_quantize_(x2.cpu(), ref, 0.9, 1e-5, 8, symmetric, True)
+    assert state[3].item() == 1 and torch.equal(state.cpu(), ref)  # the first finite batch initialises
+
+
+HUGE = 3.0e38  # hi - lo overflows float32 (max 3.4028e38)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_huge_finite_range_gives_finite_scales(device, dtype, bits, symmetric):
+    if device.type == "cuda" and bits < 4:
+        pytest.skip("2/3-bit: CPU kernels only")
+    x = torch.tensor([[HUGE, -HUGE, 1.0, 0.0], [HUGE, HUGE / 2, -1.0, 2.0], [-HUGE, -1.0, 0.5, 0.0]]).to(dtype)
+    x = x.to(device)
+    for g in (0, -1, 2):
+        q, s, z = lq.ops.quantize(x, bits, symmetric, g)
+        rq, rs, rz = R.quantize(x.cpu(), bits, symmetric, g)
+        assert torch.isfinite(rs).all() and (rs > 0).all(), f"group_size={g}: {rs}"
+        assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz) and torch.equal(q.cpu(), rq)
+        d = lq.ops.dequantize(q, s, z, bits, g, 4)
+        # (at 2/3 bits -3e38 sits half-way and rounds to a grid point beyond
+        # FLT_MAX: the scale is finite, that one dequantized value is not)
+        assert bits < 4 or torch.isfinite(d).all()
+        if bits == 8:  # the extremes come back within one step
+            step = s.cpu().double().repeat_interleave(4 if g != 2 else 2, dim=-1) if g != 0 else s.cpu().double()
+            assert ((d.cpu().double() - x.cpu().double()).abs() <= step * 0.5 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_huge_finite_range_ema_and_per_token_linear(device, symmetric):
+    x = torch.tensor([[HUGE, -HUGE, 1.0], [2.0, -3.0, 0.0]], device=device)
+    state = lq.ops.new_ema_state(device)
+    ref = lq.ops.new_ema_state()
+    for _ in range(2):
+        q, s, z = lq.ops.ema_quantize_(x, state, 0.9, 1e-5, 8, symmetric, True)
+        rq, rs, rz = R.ema_quantize_(x.cpu(), ref, 0.9, 1e-5, 8, symmetric, True)
+        assert torch.isfinite(rs).all() and torch.equal(state.cpu(), ref)
+        assert torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz) and torch.equal(q.cpu(), rq)
+    w = torch.tensor([[1, -1, 0], [0, 0, 1]], dtype=torch.int8, device=device)
+    w_s = torch.full((2,), 1e-37, device=device)
+    out = lq.ops.dynamic_quant_linear(x, w, w_s, lq.ops.weight_row_sums(w), None, symmetric)
+    ref = R.dynamic_quant_linear(x.cpu(), w.cpu(), w_s.cpu(), lq.ops.weight_row_sums(w.cpu()), None, symmetric)
+    assert torch.isfinite(ref).all() and torch.equal(out.cpu(), ref)
+
+
+def test_ordinary_asymmetric_scales_unchanged():
+    # the overflow-safe range keeps today's rounding, (hi - lo) / (2^b - 1), wherever hi - lo is finite
+    g = torch.Generator().manual_seed(3)
+    mn = -torch.rand(1000, generator=g) * torch.logspace(-30, 30, 1000)
+    mx = torch.rand(1000, generator=g) * torch.logspace(30, -30, 1000)
+    for bits in (2, 3, 4, 8):
+        s, _ = R.scale_zp_from_minmax(mn, mx, bits)
+        want = (mx - mn) / float((1 << bits) - 1)
+        assert torch.equal(s, torch.where(want == 0, torch.ones_like(want), want))

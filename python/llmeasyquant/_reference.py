@@ -10,7 +10,9 @@ It is also readable documentation of the quantization conventions:
   ``x = scale * (q - zero_point)``.
 * Symmetric (AbsMax): ``scale = absmax / qmax``, ``zero_point = 0``.
 * Asymmetric (ZeroPoint, min/max): the range is widened to contain 0 so that
-  zero is exact, ``scale = (hi - lo) / (2**bits - 1)``,
+  zero is exact, ``scale = (hi - lo) / (2**bits - 1)`` (``hi/(2**bits - 1) -
+  lo/(2**bits - 1)`` where ``hi - lo`` overflows float32, so finite inputs
+  always get a finite scale),
   ``zero_point = clamp(qmin - round(lo / scale), qmin, qmax)``.
 * A zero range gives ``scale = 1`` (all values quantize to the zero-point).
   NaN inputs give a NaN scale, so outputs are NaN rather than silently finite.
@@ -30,8 +32,12 @@ It is also readable documentation of the quantization conventions:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from . import _checks
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # 2 and 3: CPU kernels only (QLinear unpacks on CUDA)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -159,7 +165,13 @@ def scale_zp_from_minmax(mn: torch.Tensor, mx: torch.Tensor, bits: int, scale_dt
     lo = torch.minimum(mn.float(), torch.zeros_like(mn, dtype=torch.float32))
     hi = torch.maximum(mx.float(), torch.zeros_like(mx, dtype=torch.float32))
     # NaN must survive minimum/maximum (torch.minimum propagates NaN).
-    scale = (hi - lo) / float((1 << bits) - 1)
+    d = float((1 << bits) - 1)
+    span = hi - lo
+    # A finite range wider than float32's max (e.g. [-3e38, 3e38]) overflows
+    # hi - lo; only then is the range divided first (hi/d - lo/d < 2/3 max:
+    # finite). Everywhere else the rounding is (hi - lo) / d, as always.
+    overflow = torch.isfinite(hi) & torch.isfinite(lo) & ~torch.isfinite(span)
+    scale = torch.where(overflow, hi / d - lo / d, span / d)
     scale = storable_scale(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
     zp = qmin - torch.round(lo / scale)
     zp = torch.nan_to_num(zp, nan=0.0).clamp(qmin, qmax).to(torch.int8)
@@ -197,27 +209,41 @@ def _finish(qg, x_shape, bits):
 
 
 # --------------------------------------------------------------------------
-# ops
+# ops. Each public op first runs its argument checker (_checks.py: the same
+# checks and messages as the C++ kernels and the fakes), then the math.
 # --------------------------------------------------------------------------
-def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int,
-             scale_dtype: torch.dtype = torch.float32):
-    """Dynamic quantization: returns (q, scale, zero_point); scales float32,
-    rounded to ``scale_dtype`` first (float16 weight scales)."""
+def _reduce(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """amax / amin over the last dim; an empty dim (K = 0) gives the
+    kernels' starting values: absmax 0, min +inf, max -inf."""
+    if t.shape[-1] == 0:
+        fill = {"absmax": 0.0, "min": float("inf"), "max": float("-inf")}[kind]
+        return torch.full(t.shape[:-1], fill, dtype=t.dtype, device=t.device)
+    return t.amin(dim=-1) if kind == "min" else t.amax(dim=-1)
+
+
+def _quantize(x, bits, symmetric, group_size, scale_dtype=torch.float32):
     xf = x.float()
     xg, _ = _grouped(xf, group_size)
     if symmetric:
-        amax = xg.abs().amax(dim=-1)
+        amax = _reduce(xg.abs(), "absmax")
         scale = scale_from_absmax(amax, bits, scale_dtype)
         zp = torch.zeros_like(scale, dtype=torch.int8)
     else:
-        scale, zp = scale_zp_from_minmax(xg.amin(dim=-1), xg.amax(dim=-1), bits, scale_dtype)
+        scale, zp = scale_zp_from_minmax(_reduce(xg, "min"), _reduce(xg, "max"), bits, scale_dtype)
     qg = _quantize_values(xg, scale, zp, bits)
     shape = _scale_shape(x.shape, group_size)
     return _finish(qg, x.shape, bits), scale.reshape(shape), zp.reshape(shape)
 
 
-def quantize_static(x, scale, zero_point, bits: int, group_size: int):
-    """Quantize with given scales/zero-points (same granularity rules)."""
+def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int,
+             scale_dtype: torch.dtype = torch.float32):
+    """Dynamic quantization: returns (q, scale, zero_point); scales float32,
+    rounded to ``scale_dtype`` first (float16 weight scales)."""
+    _checks.quantize(x, bits, symmetric, group_size, oracle=True)
+    return _quantize(x, bits, symmetric, group_size, scale_dtype)
+
+
+def _quantize_static(x, scale, zero_point, bits, group_size):
     xf = x.float()
     xg, G = _grouped(xf, group_size)
     s = scale.float().reshape(xg.shape[:-1])
@@ -225,7 +251,13 @@ def quantize_static(x, scale, zero_point, bits: int, group_size: int):
     return _finish(_quantize_values(xg, s, z, bits), x.shape, bits)
 
 
-def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
+def quantize_static(x, scale, zero_point, bits: int, group_size: int):
+    """Quantize with given scales/zero-points (same granularity rules)."""
+    _checks.quantize_static(x, scale, zero_point, bits, group_size, oracle=True)
+    return _quantize_static(x, scale, zero_point, bits, group_size)
+
+
+def _dequantize(q, scale, zero_point, bits, group_size, K, dtype):
     qi = unpack_bits(q, bits, K)
     qg, _ = _grouped(qi.float(), group_size)
     s = scale.float().reshape(qg.shape[:-1]).unsqueeze(-1)
@@ -233,14 +265,27 @@ def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
     return (s * (qg - z)).reshape(qi.shape).to(dtype)
 
 
+def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
+    """The op's semantics; as oracle extensions the reference also returns
+    float64 (for fp64 comparisons) and takes 5-7 bits, which the kernels do not."""
+    _checks.dequantize(q, scale, zero_point, bits, group_size, K, torch.float32 if dtype == torch.float64 else dtype,
+                       oracle=True)
+    return _dequantize(q, scale, zero_point, bits, group_size, K, dtype)
+
+
 def channel_stats_(x, absmax, mn, mx) -> None:
     """Fold per-channel (last dim) statistics of x into running stats, in place."""
-    xf = x.float().reshape(-1, x.shape[-1])
+    _checks.channel_stats_(x, absmax, mn, mx)
+    xf = x.float().reshape(-1, x.shape[-1]) if x.shape[-1] else x.float().reshape(0, 0)
     if xf.shape[0] == 0:
         return
     absmax.copy_(_nan_max(xf.abs().amax(0), absmax))
     mx.copy_(_nan_max(xf.amax(0), mx))
     mn.copy_(-_nan_max(-xf.amin(0), -mn))
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
 
 
 def ema_quantize_(x, state, alpha: float, eps: float, bits: int, symmetric: bool, update: bool):
@@ -253,45 +298,76 @@ def ema_quantize_(x, state, alpha: float, eps: float, bits: int, symmetric: bool
     eps applied to the range) and derives the zero-point from them; this
     replaces the paper's -round(mu/delta), which is not a valid zero-point
     for an absmax-sized range.
+
+    Non-finite observations are skipped: a batch whose min or max is not
+    finite (NaN / +-Inf anywhere), or whose update would make the state
+    non-finite, leaves ``state`` untouched (``steps`` not incremented: a
+    caller sees a skipped observation as ``steps`` unchanged after an update
+    call). The batch is still quantized with the existing state; with no
+    state yet (steps == 0) it gets the scale of its own observation, which is
+    NaN / Inf, so the output is visibly not finite and the state stays
+    uninitialised. A state that is already non-finite (saved before this rule)
+    is re-initialised by the next finite observation.
     Returns (q, scale [1], zero_point [1]) computed with the *updated* state.
     """
+    _checks.ema_quantize_(x, state, alpha, eps, bits, oracle=True)
     xf = x.float()
+    src = state
     if update:
         a = torch.tensor(alpha, dtype=torch.float32)
         b = torch.tensor(1.0 - alpha, dtype=torch.float32)
         e = torch.tensor(eps, dtype=torch.float32)
-        r = _nan_max(xf.abs().amax(), e) if xf.numel() else e
-        lo = torch.minimum(xf.amin(), torch.zeros(())) if xf.numel() else torch.zeros(())
-        hi = torch.maximum(xf.amax(), torch.zeros(())) if xf.numel() else torch.zeros(())
-        first = state[3] == 0
+        if xf.numel():
+            mn_x, mx_x = xf.amin().cpu(), xf.amax().cpu()
+            r = _nan_max(xf.abs().amax().cpu(), e)
+        else:
+            mn_x = mx_x = torch.zeros(())
+            r = e
+        lo = torch.minimum(mn_x, torch.zeros(()))
+        hi = torch.maximum(mx_x, torch.zeros(()))
+        st = state.detach().cpu()
+        first = bool(st[3] == 0) or not _finite(st[:3])
         obs = torch.stack([r, lo, hi])
-        new = torch.where(first, obs, a * state[:3] + b * obs)
-        state[:3] = new
-        state[3] = state[3] + 1
+        new = obs if first else a * st[:3] + b * obs
+        if _finite(mn_x) and _finite(mx_x) and _finite(new):
+            state[:3] = new.to(state.device)
+            state[3] = state[3] + 1
+        elif bool(st[3] == 0):
+            src = obs.to(state.device)  # nothing to fall back on: this batch's own (non-finite) range
     if symmetric:
-        scale = scale_from_absmax(state[0:1], bits)
-        zp = torch.zeros(1, dtype=torch.int8)
+        scale = scale_from_absmax(src[0:1], bits)
+        zp = torch.zeros(1, dtype=torch.int8, device=state.device)
     else:
-        e = torch.tensor(eps, dtype=torch.float32)
-        lo, hi = state[1:2], state[2:3]
+        e = torch.tensor(eps, dtype=torch.float32, device=state.device)
+        lo, hi = src[1:2], src[2:3]
         # the range gets the same eps floor as the symmetric absmax
         hi = torch.maximum(hi, lo + e)
         scale, zp = scale_zp_from_minmax(lo, hi, bits)
-    q = quantize_static(x, scale, zp, bits, 0)
+    q = _quantize_static(x, scale.to(x.device), zp.to(x.device), bits, 0)
     return q, scale, zp
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 [M,K] x int8 [N,K] -> exact int32 [M,N]."""
+    _checks.int8_gemm(a, b)
     return (a.long() @ b.long().T).to(torch.int32)
 
 
-def scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, b_sum, bias, out_dtype):
-    """(a_scale[m] * b_scale[n]) * (acc[m,n] - a_zero[m] * b_sum[n]) + bias[n]."""
+def _check_row_sums(op: str, name: str, wname: str, w: torch.Tensor, sums: torch.Tensor) -> None:
+    """The row-sum cache must be exactly sum_k w[n, k] (value check: the
+    kernels trust it, so only the oracle verifies it)."""
+    true = w.long().sum(1)
+    bad = (sums.reshape(-1).long() != true).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"{op}: expected {name}[n] = sum_k {wname}[n, k] (ops.weight_row_sums({wname})), got "
+                         f"{name}[{i}] = {int(sums.reshape(-1)[i])} for a row summing to {int(true[i])}")
+
+
+def _scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, bias, out_dtype):
     acc = a.long() @ b.long().T
     if a_zero is not None:
-        bs = b.long().sum(1) if b_sum is None else b_sum.long()
-        acc = acc - a_zero.reshape(-1, 1).long() * bs.reshape(1, -1)
+        acc = acc - a_zero.reshape(-1, 1).long() * b.long().sum(1).reshape(1, -1)
     acc = acc.to(torch.int32)
     s = a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
     out = s * acc.float()
@@ -300,20 +376,42 @@ def scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, b_sum, bias, out_dtype):
     return out.to(out_dtype)
 
 
+def scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, b_sum, bias, out_dtype):
+    """(a_scale[m] * b_scale[n]) * (acc[m,n] - a_zero[m] * sum_k b[n,k]) + bias[n].
+
+    ``b_sum`` is never a parameter of the math: it is the cache of
+    ``sum_k b[n, k]`` (``ops.weight_row_sums(b)``, kept once per weight as
+    ``QLinear.w_sum``) that saves the kernels a pass over ``b``. The kernels
+    trust it wherever the row sums enter: the zero-point correction, and on
+    x86 also the internal +128 activation offset, with or without a
+    zero-point. So it must be exact; giving it never changes the result.
+    The reference verifies it (ValueError), the kernels do not (checking
+    would cost the pass it saves).
+    """
+    _checks.scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, b_sum, bias, out_dtype)
+    if b_sum is not None:
+        _check_row_sums("llmeasyquant.scaled_int8_gemm", "b_sum", "b", b, b_sum)
+    return _scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, bias, out_dtype)
+
+
 def dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric: bool):
-    """Paper Algorithm 2: per-token dynamic quantize + int8 GEMM, float in/out."""
+    """Paper Algorithm 2: per-token dynamic quantize + int8 GEMM, float in/out.
+    ``w_sum`` is the exact row-sum cache of ``w`` (see :func:`scaled_int8_gemm`)."""
+    _checks.dynamic_quant_linear(x, w, w_scale, w_sum, bias)
+    _check_row_sums("llmeasyquant.dynamic_quant_linear", "w_sum", "w", w, w_sum)
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    q, s, z = quantize(x2, 8, act_symmetric, -1)
-    out = scaled_int8_gemm(q, s, None if act_symmetric else z, w, w_scale, w_sum, bias, x.dtype)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)  # explicit rows: K = 0 cannot infer -1
+    q, s, z = _quantize(x2, 8, act_symmetric, -1)
+    out = _scaled_int8_gemm(q, s, None if act_symmetric else z, w, w_scale, bias, x.dtype)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bias):
     """Weight-only quantized linear (W8A16 / W4A16): fp32 math, x.dtype out."""
+    _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, oracle=True)
     K = x.shape[-1]
     N = qw.shape[0]
     zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
-    w = dequantize(qw, scale, zp, bits, group_size, K, torch.float32)
+    w = _dequantize(qw, scale, zp, bits, group_size, K, torch.float32)
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype).reshape(*x.shape[:-1], N)

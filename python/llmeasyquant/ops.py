@@ -98,9 +98,19 @@ def ema_quantize_(x, state, alpha: float = 0.9, eps: float = 1e-5, bits: int = 8
 
     Updates ``state`` in place (no host synchronisation on devices) and returns
     ``(q, scale [1], zero_point [1])`` computed with the updated state.
+    A batch with NaN / Inf values is not observed: ``state`` (``steps``
+    included) stays as it was and the batch is quantized with it, so a skipped
+    observation shows as ``state[3]`` not advancing (see :func:`ema_skipped`).
     """
     _check_device("ema_quantize_", x, state)
     return _ops.ema_quantize_(x, state, alpha, eps, bits, symmetric, update)
+
+
+def ema_skipped(steps_before: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Whether the :func:`ema_quantize_` call (``update=True``) between
+    ``steps_before = state[3].clone()`` and now skipped its observation (a
+    non-finite batch): a bool tensor on the state's device, no host sync."""
+    return state[3] == steps_before
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -111,13 +121,18 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def scaled_int8_gemm(a, a_scale, b, b_scale, *, a_zero=None, b_sum=None, bias=None,
                      out_dtype=torch.float32) -> torch.Tensor:
-    """``(a_scale[m] * b_scale[n]) * (a@b.T - a_zero[m] * sum_k b[n,k]) + bias[n]``."""
+    """``(a_scale[m] * b_scale[n]) * (a@b.T - a_zero[m] * sum_k b[n,k]) + bias[n]``.
+
+    ``b_sum``, if given, must be exactly :func:`weight_row_sums` ``(b)``: a
+    cache the kernels trust (on x86 also without ``a_zero``) to skip a pass
+    over ``b``; it never changes the result."""
     _check_device("scaled_int8_gemm", a, a_scale, a_zero, b, b_scale, b_sum, bias)
     return _ops.scaled_int8_gemm(a, a_scale, a_zero, b, b_scale, b_sum, bias, out_dtype)
 
 
 def dynamic_quant_linear(x, w, w_scale, w_sum, bias=None, act_symmetric: bool = True) -> torch.Tensor:
-    """Fused per-token dynamic quantization + int8 GEMM (paper Algorithm 2)."""
+    """Fused per-token dynamic quantization + int8 GEMM (paper Algorithm 2).
+    ``w_sum`` must be exactly :func:`weight_row_sums` ``(w)`` (a trusted cache)."""
     _check_device("dynamic_quant_linear", x, w, w_scale, w_sum, bias)
     return _ops.dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric)
 

@@ -208,25 +208,25 @@ __global__ void finalize_tensor_scale_kernel(const float* partial, int blocks, i
   zp[0] = z;
 }
 
-// fp32 ops spelled out (__fmul_rn/__fadd_rn) so nvcc cannot contract them into
-// an FMA: the state must evolve exactly as in the reference.
+// The EMA step is quant_math.h ema_step, the code the CPU runs (plain fp32
+// ops: this library is built with -fmad=false, so nothing is contracted into
+// an FMA and the state evolves exactly as in the reference). Non-finite
+// observations are skipped there.
 __global__ void ema_update_kernel(const float* partial, int blocks, float* state, float a, float b, float e, int bits,
                                   bool symmetric, bool update, float* scale, int8_t* zp) {
+  float src[3] = {state[0], state[1], state[2]};
   if (update) {
     float r[3] = {0.0f, 0.0f, 0.0f};
     if (partial) combine_partials(partial, blocks, r);
-    const float obs[3] = {nan_max(r[0], e), nan_min(r[1], 0.0f), nan_max(r[2], 0.0f)};
-    const bool first = state[3] == 0.0f;
-    for (int i = 0; i < 3; ++i) state[i] = first ? obs[i] : __fadd_rn(__fmul_rn(a, state[i]), __fmul_rn(b, obs[i]));
-    state[3] = state[3] + 1.0f;
+    ema_step(state, r, a, b, e, src);
   }
   float s;
   int8_t z = 0;
   if (symmetric) {
-    s = scale_from_absmax(state[0], bits);
+    s = scale_from_absmax(src[0], bits);
   } else {
-    const float hi = nan_max(state[2], __fadd_rn(state[1], e));
-    scale_zp_from_minmax(state[1], hi, bits, &s, &z);
+    const float hi = nan_max(src[2], __fadd_rn(src[1], e));
+    scale_zp_from_minmax(src[1], hi, bits, &s, &z);
   }
   scale[0] = s;
   zp[0] = z;

@@ -22,9 +22,11 @@ void check_cuda_ok(const char* op, cudaError_t e) {
 }
 
 // The CUDA kernels run where the first tensor argument lives; every other
-// tensor must be there too (op_checks.h).
-at::Device cuda_device(const char* op, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), msg(op, ": the CUDA kernel got a tensor on ", t.device()));
+// tensor must be there too (op_checks.h). The dispatcher picks CUDA when any
+// argument is on CUDA, so a CPU first argument means mixed devices.
+at::Device cuda_device(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), msg(op, ": expected every tensor on one device: ", name, " is on ", t.device(),
+                               ", another argument on CUDA"));
   return t.device();
 }
 
@@ -50,7 +52,7 @@ void tensor_scale(const char* op, const at::Tensor& xv, int64_t bits, bool symme
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bits, bool symmetric,
                                                              int64_t group_size) {
   const char* op = "llmeasyquant.quantize";
-  check_quant_input(op, x, bits, group_size, cuda_device(op, x));
+  check_quant_input(op, x, bits, group_size, cuda_device(op, x, "x"));
   if (group_size == 0)
     TORCH_CHECK_VALUE(x.numel() > 0, msg(op, ": per-tensor quantization of an empty tensor ", shape_str(x)));
   const c10::cuda::CUDAGuard guard(x.device());
@@ -62,6 +64,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
   at::Tensor scale = at::empty(scale_shape(x.sizes(), group_size), x.options().dtype(at::kFloat));
   at::Tensor zp = at::empty(scale.sizes(), x.options().dtype(at::kChar));
   const int b = static_cast<int>(bits);
+  if (K == 0) {  // no values: per row the empty-range scale (as on the CPU), group-wise no groups
+    float s;
+    int8_t z;
+    empty_range_scale(b, symmetric, &s, &z);
+    scale.fill_(s);
+    zp.fill_(z);
+    return {q, scale, zp};
+  }
   if (group_size == 0) {
     tensor_scale(op, xv, bits, symmetric, scale, zp);
     check_cuda_ok(op, cuda::quantize_with_scale(xv.data_ptr(), t, rows, K, xv.stride(0), b, K,
@@ -99,7 +109,7 @@ int64_t check_scales(const char* op, const at::Device& dev, at::IntArrayRef xs, 
 at::Tensor quantize_static_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                                 int64_t group_size) {
   const char* op = "llmeasyquant.quantize_static";
-  check_quant_input(op, x, bits, group_size, cuda_device(op, x));
+  check_quant_input(op, x, bits, group_size, cuda_device(op, x, "x"));
   const int64_t sstride = check_scales(op, x.device(), x.sizes(), scale, zp, bits, group_size, true);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
@@ -115,7 +125,7 @@ at::Tensor quantize_static_cuda(const at::Tensor& x, const at::Tensor& scale, co
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zp, int64_t bits,
                            int64_t group_size, int64_t K, at::ScalarType dtype) {
   const char* op = "llmeasyquant.dequantize";
-  const std::vector<int64_t> xs = check_dequantize_args(op, q, bits, group_size, K, dtype, cuda_device(op, q));
+  const std::vector<int64_t> xs = check_dequantize_args(op, q, bits, group_size, K, dtype, cuda_device(op, q, "q"));
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t sstride = check_scales(op, q.device(), xs, scale, zp, bits, group_size, false);
   const at::Tensor qc = q.contiguous(), s = scale.contiguous(), z = zp.contiguous();
@@ -129,7 +139,7 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const a
 
 void channel_stats_cuda(const at::Tensor& x, at::Tensor& absmax, at::Tensor& mn, at::Tensor& mx) {
   const char* op = "llmeasyquant.channel_stats_";
-  check_channel_stats_args(op, x, absmax, mn, mx, cuda_device(op, x));
+  check_channel_stats_args(op, x, absmax, mn, mx, cuda_device(op, x, "x"));
   const int64_t K = x.size(-1);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xv = rows_view(x);
@@ -144,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cuda(const at::Tenso
                                                                  double eps, int64_t bits, bool symmetric,
                                                                  bool update) {
   const char* op = "llmeasyquant.ema_quantize_";
-  check_ema_args(op, x, state, alpha, eps, bits, cuda_device(op, x));
+  check_ema_args(op, x, state, alpha, eps, bits, cuda_device(op, x, "x"));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
@@ -222,7 +232,7 @@ void run_gemm(const char* op, const at::Tensor& a, const at::Tensor& b, cuda::Ep
 
 at::Tensor int8_gemm_cuda(const at::Tensor& a, const at::Tensor& b) {
   const char* op = "llmeasyquant.int8_gemm";
-  check_gemm_operands(op, a, b, cuda_device(op, a));
+  check_gemm_operands(op, a, b, cuda_device(op, a, "a"));
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor c = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kInt));
   if (a.size(1) == 0) return c.zero_();
@@ -248,7 +258,7 @@ at::Tensor scaled_int8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale,
                                  const at::Tensor& b_scale, const c10::optional<at::Tensor>& b_sum,
                                  const c10::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
   const char* op = "llmeasyquant.scaled_int8_gemm";
-  const at::Device dev = cuda_device(op, a);
+  const at::Device dev = cuda_device(op, a, "a");
   check_gemm_operands(op, a, b, dev);
   const int64_t M = a.size(0), N = b.size(0);
   check_scaled_gemm_args(op, M, N, a_scale, a_zero, b_scale, b_sum, out_dtype, dev);
@@ -283,7 +293,7 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
                                      const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
                                      bool act_symmetric) {
   const char* op = "llmeasyquant.dynamic_quant_linear";
-  const at::Device dev = cuda_device(op, x);
+  const at::Device dev = cuda_device(op, x, "x");
   check_dynamic_linear_args(op, x, w, w_scale, w_sum, dev);
   const int64_t N = w.size(0), K = w.size(1);
   const c10::cuda::CUDAGuard guard(dev);
@@ -323,7 +333,7 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                    const c10::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                                    const c10::optional<at::Tensor>& bias) {
   const char* op = "llmeasyquant.weight_only_linear";
-  const at::Device dev = cuda_device(op, x);
+  const at::Device dev = cuda_device(op, x, "x");
   check_weight_only_args(op, x, qw, bits, group_size, dev);
   const int64_t K = x.size(-1);
   const c10::cuda::CUDAGuard guard(dev);
@@ -337,7 +347,10 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
   out_shape.back() = N;
   const at::Tensor sc = scale.contiguous(), zc = zp.contiguous(), qc = qw.contiguous();
   const auto t = float_type(x.scalar_type());
-  const int64_t M = K ? x.numel() / K : 0;
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
+  if (K == 0 || M == 0 || N == 0)  // no products: the bias (or 0), as on the CPU
+    return empty_k_output(bias32, M, N, x.options(), x.scalar_type()).reshape(out_shape);
   const cuda::WoPath path = cuda::weight_only_path(M, wo_path());
   const bool kernel_ok = cuda::weight_only_supported(K, static_cast<int>(bits), g, t);
   if (kernel_ok && path != cuda::WoPath::Dequant) {

@@ -171,10 +171,13 @@ inline cpu::FloatType float_type(at::ScalarType d) {
 }
 
 // [rows, K] view with unit stride along K (copies only if the last dim is strided
-// or the leading dims cannot be flattened).
+// or the leading dims cannot be flattened). rows is the product of the leading
+// dims, given explicitly: reshape({-1, 0}) cannot infer it when K = 0.
 inline at::Tensor rows_view(const at::Tensor& x) {
   const int64_t K = x.dim() ? x.size(-1) : 1;
-  at::Tensor v = x.reshape({-1, K});
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  at::Tensor v = x.reshape({rows, K});
   if (v.stride(1) != 1 || (v.size(0) > 1 && v.stride(0) < K)) v = v.contiguous();
   return v;
 }

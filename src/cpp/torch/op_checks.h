@@ -1,6 +1,8 @@
 // Argument checks of each op, shared by the CPU and CUDA implementations:
 // every tensor on the expected device, dtypes, shapes, ranges. Each message
 // says which op, what was expected and what came (checks.h builds them).
+// python/llmeasyquant/_checks.py mirrors every check here, in the same order
+// with the same messages (the fakes and the reference run it): change both.
 #pragma once
 
 #include "checks.h"
@@ -135,7 +137,8 @@ inline void check_weight_only_args(const char* op, const at::Tensor& x, const at
   TORCH_CHECK_VALUE(qw.dim() == 2 && qw.size(1) == kq,
                     msg(op, ": K mismatch: x has K=", K, " (shape ", shape_str(x), ") but the ", bits,
                         "-bit weight has shape ", shape_str(qw), " (expected [N, ", kq, "])"));
-  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": weight-only linear takes per-channel (-1) or group-wise scales, got 0"));
+  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": expected per-channel (-1) or group-wise (g > 0) weight scales, got ",
+                                         "group_size=0 (per tensor)"));
   check_group_size(op, group_size, K);
 }
 

@@ -29,6 +29,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
   at::Tensor q = q_storage(x.sizes(), bits, x.options());
   at::Tensor scale = at::empty(scale_shape(x.sizes(), group_size), x.options().dtype(at::kFloat));
   at::Tensor zp = at::empty(scale.sizes(), x.options().dtype(at::kChar));
+  if (K == 0) {  // no values: per row the empty-range scale, group-wise no groups
+    float s;
+    int8_t z;
+    empty_range_scale(static_cast<int>(bits), symmetric, &s, &z);
+    scale.fill_(s);
+    zp.fill_(z);
+    return {q, scale, zp};
+  }
   if (group_size == 0) {
     float r[3];
     cpu::tensor_minmax(xv.data_ptr(), float_type(x.scalar_type()), rows, K, xv.stride(0), r, nthreads());
@@ -69,6 +77,7 @@ at::Tensor quantize_static_cpu(const at::Tensor& x, const at::Tensor& scale, con
   const int64_t K = x.size(-1);
   const at::Tensor xv = rows_view(x);
   at::Tensor q = q_storage(x.sizes(), bits, x.options());
+  if (q.numel() == 0) return q;
   const at::Tensor s = scale.contiguous(), z = zp.contiguous();
   cpu::quantize_with_scale(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), bits,
                            group_len(group_size, K), s.data_ptr<float>(), z.data_ptr<int8_t>(), sstride,
@@ -83,7 +92,8 @@ at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at
   const int64_t sstride = check_scales(op, xs, scale, zp, bits, group_size, false);
   const at::Tensor qc = q.contiguous(), s = scale.contiguous(), z = zp.contiguous();
   at::Tensor out = at::empty(xs, q.options().dtype(dtype));
-  const int64_t rows = K ? out.numel() / K : 0;
+  if (out.numel() == 0) return out;
+  const int64_t rows = out.numel() / K;
   cpu::dequantize(qc.data_ptr(), rows, K, bits, group_len(group_size, K), s.data_ptr<float>(), z.data_ptr<int8_t>(),
                   sstride, out.data_ptr(), float_type(dtype), nthreads());
   return out;
@@ -107,29 +117,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ema_quantize_cpu(const at::Tensor
   const at::Tensor xv = rows_view(x);
   float* st = state.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  if (update) {
+  float src[3] = {st[0], st[1], st[2]};
+  if (update) {  // quant_math.h ema_step: non-finite observations are skipped
     float r[3] = {0.0f, 0.0f, 0.0f};
     if (x.numel()) cpu::tensor_minmax(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), r,
                                       nthreads());
-    const float obs[3] = {nan_max(r[0], e), nan_min(r[1], 0.0f), nan_max(r[2], 0.0f)};
-    const float a = static_cast<float>(alpha), b = static_cast<float>(1.0 - alpha);
-    const bool first = st[3] == 0.0f;
-    for (int i = 0; i < 3; ++i) st[i] = first ? obs[i] : a * st[i] + b * obs[i];
-    st[3] += 1.0f;
+    ema_step(st, r, static_cast<float>(alpha), static_cast<float>(1.0 - alpha), e, src);
   }
   float s;
   int8_t z = 0;
   if (symmetric) {
-    s = scale_from_absmax(st[0], static_cast<int>(bits));
+    s = scale_from_absmax(src[0], static_cast<int>(bits));
   } else {
-    const float hi = nan_max(st[2], st[1] + e);
-    scale_zp_from_minmax(st[1], hi, static_cast<int>(bits), &s, &z);
+    const float hi = nan_max(src[2], src[1] + e);
+    scale_zp_from_minmax(src[1], hi, static_cast<int>(bits), &s, &z);
   }
   at::Tensor scale = at::full({1}, s, x.options().dtype(at::kFloat));
   at::Tensor zp = at::full({1}, z, x.options().dtype(at::kChar));
   at::Tensor q = q_storage(x.sizes(), bits, x.options());
-  cpu::quantize_with_scale(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), bits, K, &s, &z,
-                           0, q.data_ptr(), nthreads());
+  if (x.numel())
+    cpu::quantize_with_scale(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), K, xv.stride(0), bits, K, &s, &z,
+                             0, q.data_ptr(), nthreads());
   return {q, scale, zp};
 }
 
@@ -176,6 +184,10 @@ at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, 
   check_scaled_gemm_args(op, M, N, a_scale, a_zero, b_scale, b_sum, out_dtype, kCpu);
   const at::Tensor corr = a_zero.has_value() ? a_zero->to(at::kInt).add_(128).contiguous()
                                              : at::full({1}, 128, a.options().dtype(at::kInt));
+  // b_sum is the caller's cache of sum_k b[n, k] (QLinear.w_sum), trusted
+  // here for the +128 offset as well as the zero-point correction: it must
+  // be exact (the reference verifies it; checking it here would cost the very
+  // pass over b it saves). Conventions in docs/architecture.md.
   const at::Tensor bsum = b_sum.has_value() ? b_sum->contiguous() : row_sums(b);
   const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor au = to_u8(a), bc = b.contiguous(), as = a_scale.contiguous(), bs = b_scale.contiguous();
@@ -250,7 +262,10 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   const int64_t M = xf.size(0);
   const at::Tensor qc = qw.contiguous(), sc = scale.contiguous(), zc = zp.contiguous();
   at::Tensor out;
-  if (M <= weight_only_direct_max_m(bits)) {
+  if (K == 0 || M == 0 || N == 0) {  // no products: the bias (or 0), as the fp32 epilogue would give
+    out = at::zeros({M, N}, xf.options());
+    if (bias32.defined()) out.add_(bias32.unsqueeze(0));
+  } else if (M <= weight_only_direct_max_m(bits)) {
     out = at::empty({M, N}, xf.options());
     cpu::gemm_weight_only(M, N, K, xf.data_ptr<float>(), qc.data_ptr(), bits, g, sc.data_ptr<float>(),
                           zero_point.has_value() ? zc.data_ptr<int8_t>() : nullptr,

@@ -27,6 +27,10 @@ LLMEQ_HD int qmax_of(int bits) { return (1 << (bits - 1)) - 1; }
 LLMEQ_HD float nan_max(float a, float b) { return (a != a || a > b) ? a : (b != b ? b : (a > b ? a : b)); }
 LLMEQ_HD float nan_min(float a, float b) { return (a != a || a < b) ? a : (b != b ? b : (a < b ? a : b)); }
 
+// Finite (neither NaN nor +-Inf), without library calls: Inf - Inf and NaN
+// are NaN, which compares unequal to 0.
+LLMEQ_HD bool is_finite(float v) { return (v - v) == 0.0f; }
+
 // scale = absmax / qmax; a zero range gives 1 (all values -> 0).
 LLMEQ_HD float scale_from_absmax(float absmax, int bits) {
   float s = absmax / static_cast<float>(qmax_of(bits));
@@ -37,13 +41,57 @@ LLMEQ_HD float scale_from_absmax(float absmax, int bits) {
 LLMEQ_HD void scale_zp_from_minmax(float mn, float mx, int bits, float* scale, int8_t* zp) {
   const float lo = nan_min(mn, 0.0f);
   const float hi = nan_max(mx, 0.0f);
-  float s = (hi - lo) / static_cast<float>((1 << bits) - 1);
+  const float d = static_cast<float>((1 << bits) - 1);
+  const float span = hi - lo;
+  // A finite range wider than FLT_MAX (e.g. [-3e38, 3e38]) overflows hi - lo;
+  // only then divide first (hi/d - lo/d <= 2/3 FLT_MAX). Every other range
+  // keeps the rounding of (hi - lo) / d (the reference does the same).
+  const bool overflow = is_finite(hi) && is_finite(lo) && !is_finite(span);
+  float s = overflow ? hi / d - lo / d : span / d;
   if (s == 0.0f) s = 1.0f;
   float z = static_cast<float>(qmin_of(bits)) - std::nearbyint(lo / s);
   if (z != z) z = 0.0f;
   z = z < qmin_of(bits) ? qmin_of(bits) : (z > qmax_of(bits) ? qmax_of(bits) : z);
   *scale = s;
   *zp = static_cast<int8_t>(z);
+}
+
+// Scale / zero-point of an empty range (K = 0): what the reductions start
+// from (absmax 0, min +inf, max -inf) gives scale 1, zero-point 0 / qmin.
+LLMEQ_HD void empty_range_scale(int bits, bool symmetric, float* scale, int8_t* zp) {
+  if (symmetric) {
+    *scale = scale_from_absmax(0.0f, bits);
+    *zp = 0;
+  } else {
+    scale_zp_from_minmax(INFINITY, -INFINITY, bits, scale, zp);
+  }
+}
+
+// One EMA step of paper Algorithm 1 on state [absmax, min, max, steps] with
+// the batch's raw (absmax, min, max) r; a, b = alpha, 1 - alpha. A
+// non-finite observation (NaN / Inf in the batch), or an update that would
+// make the state non-finite, is skipped: the state is left untouched (steps
+// not incremented). A non-finite state is re-initialised by the next finite
+// observation. Writes the triple the scale is derived from to src: the
+// state, or, when skipping with no state yet (steps == 0), the observation
+// itself (non-finite, so the output is visibly not finite). fp32 ops are
+// spelled out for the CUDA build (no contraction: -fmad=false there,
+// -ffp-contract=off here).
+LLMEQ_HD void ema_step(float* st, const float r[3], float a, float b, float e, float src[3]) {
+  const float obs[3] = {nan_max(r[0], e), nan_min(r[1], 0.0f), nan_max(r[2], 0.0f)};
+  const bool first = st[3] == 0.0f || !(is_finite(st[0]) && is_finite(st[1]) && is_finite(st[2]));
+  float nw[3];
+  bool ok = is_finite(r[1]) && is_finite(r[2]);
+  for (int i = 0; i < 3; ++i) {
+    nw[i] = first ? obs[i] : a * st[i] + b * obs[i];
+    ok = ok && is_finite(nw[i]);
+  }
+  const bool fallback = !ok && st[3] == 0.0f;
+  if (ok) {
+    for (int i = 0; i < 3; ++i) st[i] = nw[i];
+    st[3] = st[3] + 1.0f;
+  }
+  for (int i = 0; i < 3; ++i) src[i] = fallback ? obs[i] : st[i];
 }
 
 // q = clamp(round_half_even(x / s) + zp, qmin, qmax); NaN quotient -> 0.

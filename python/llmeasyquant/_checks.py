@@ -1,0 +1,331 @@
+"""Argument checks of every op, in Python: one checker per op.
+
+They mirror the C++ checks (src/cpp/torch/checks.h, op_checks.h) check for
+check, in the same order, with the same messages and exception types
+(``TORCH_CHECK`` -> RuntimeError, ``TORCH_CHECK_VALUE`` -> ValueError,
+``TORCH_CHECK_TYPE`` -> TypeError), so a bad call fails the same way eagerly
+(C++), under the fake kernels (torch.compile, meta tensors: ``_fake.py``) and
+in the reference (``_reference.py``).
+
+Shapes, dtypes and devices are checked everywhere. Values (static scales
+finite and > 0, sub-8-bit zero-points in range) only where the data exists:
+``values=True`` (the reference, the eager kernels), never under a fake.
+Conditions go through ``torch._check*`` so symbolic shapes trace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+# c10::toString(ScalarType): the names the C++ messages print.
+_C10_NAMES = {
+    torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+    torch.float16: "Half", torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+    torch.complex32: "ComplexHalf",
+}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+MAX_K = 65536  # checks.h kMaxK: |acc| <= 255 * 128 * K must fit int32
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return _C10_NAMES.get(d, str(d).removeprefix("torch."))
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(int(v)) if not isinstance(v, torch.SymInt) else str(v) for v in t.shape) + "]"
+
+
+def packed_row_bytes(K, bits: int):
+    """quant_math.h packed_row_bytes (= _reference.packed_len)."""
+    if bits == 8:
+        return K
+    if bits == 4:
+        return (K + 1) // 2
+    return (K + 7) // 8 * bits
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.9g}"
+    return str(v)
+
+
+# --------------------------------------------------------------------------
+# checks.h
+# --------------------------------------------------------------------------
+def _is_cuda(dev: torch.device) -> bool:
+    return dev.type == "cuda"
+
+
+def check_device(op, name, t, dev):
+    torch._check(t.device == dev, lambda: f"{op}: expected {name} on {dev} (where the input is), got {t.device}")
+
+
+ORACLE_BITS = range(2, 9)  # the reference also defines 5-7 bits (AWQ fake quantization, the KV cache)
+
+
+def check_bits(op, bits, dev, oracle=False):
+    # 2- and 3-bit values have CPU kernels only (meta / fake tensors on the
+    # CPU follow the CPU rules). The reference (oracle=True) takes 2..8 bits
+    # on any device: a superset of every kernel, by design.
+    if oracle:
+        torch._check_value(bits in ORACLE_BITS, lambda: f"{op}: unsupported bits={bits}; supported: 2 to 8")
+    elif not _is_cuda(dev):
+        torch._check_value(bits in (2, 3, 4, 8), lambda: f"{op}: unsupported bits={bits}; supported: 2, 3, 4, 8")
+    else:
+        torch._check_value(bits in (4, 8), lambda: (
+            f"{op}: unsupported bits={bits} on this device; supported: 4, 8 "
+            "(2- and 3-bit values have CPU kernels only)"))
+
+
+def check_float(op, name, t):
+    torch._check_type(t.dtype in _FLOATS, lambda: (
+        f"{op}: expected {name} of dtype float32, bfloat16 or float16, got {dtype_name(t.dtype)}"))
+
+
+def check_dtype(op, name, t, want):
+    torch._check_type(t.dtype == want, lambda: (
+        f"{op}: expected {name} of dtype {dtype_name(want)}, got {dtype_name(t.dtype)}"))
+
+
+def check_numel(op, name, t, want, what):
+    torch._check_value(t.numel() == want, lambda: (
+        f"{op}: expected {name} with {want} elements ({what}), got shape {shape_str(t)}"))
+
+
+def _divisors(K) -> str:
+    K = int(K)
+    return ", ".join(str(d) for d in range(1, K + 1) if K % d == 0)
+
+
+def check_group_size(op, group_size, K):
+    if group_size in (0, -1):
+        return
+    torch._check_value(group_size > 0, lambda: (
+        f"{op}: group_size must be 0 (per tensor), -1 (per row) or a positive divisor of K, got {group_size}"))
+    torch._check_value(K % group_size == 0, lambda: (
+        f"{op}: group_size={group_size} does not divide K={K}; group sizes that divide K: {_divisors(K)}"))
+
+
+def scale_shape(xs, group_size) -> list:
+    if group_size == 0:
+        return [1]
+    return [*xs[:-1], 1 if group_size == -1 else xs[-1] // group_size]
+
+
+def check_scale_shapes(op, xs, scale, zp, group_size):
+    check_dtype(op, "scale", scale, torch.float32)
+    check_dtype(op, "zero_point", zp, torch.int8)
+    n = math.prod(scale_shape(xs, group_size))
+    what = "one per tensor" if group_size == 0 else "one per row" if group_size == -1 else "one per group"
+    check_numel(op, "scale", scale, n, what)
+    check_numel(op, "zero_point", zp, n, what)
+
+
+def check_scale_values(op, scale, zp, bits):
+    s = scale.detach().reshape(-1).cpu()
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{op}: scales must be finite and > 0, got scale[{i}] = {float(s[i]):.9g}")
+    if bits < 8:
+        lo, hi = qrange(bits)
+        z = zp.detach().reshape(-1).cpu()
+        out = (z < lo) | (z > hi)
+        if out.any():
+            raise ValueError(f"{op}: {bits}-bit zero-points must lie in [{lo}, {hi}], got {int(z[out][0])}")
+
+
+def check_gemm_shapes(op, a, b):
+    check_dtype(op, "a", a, torch.int8)
+    check_dtype(op, "b (weights)", b, torch.int8)
+    torch._check_value(a.dim() == 2 and b.dim() == 2, lambda: (
+        f"{op}: expected 2-D a [M, K] and b [N, K], got a {shape_str(a)} and b {shape_str(b)}"))
+    torch._check_value(a.shape[1] == b.shape[1], lambda: (
+        f"{op}: K mismatch: a is [M={a.shape[0]}, K={a.shape[1]}] but b is [N={b.shape[0]}, K={b.shape[1]}]"))
+    torch._check_value(a.shape[1] <= MAX_K, lambda: f"{op}: K={a.shape[1]} exceeds the int32-exact limit {MAX_K}")
+
+
+def check_out_dtype(op, d):
+    torch._check_type(d in _FLOATS, lambda: f"{op}: out_dtype must be float32, bfloat16 or float16, got {dtype_name(d)}")
+
+
+# --------------------------------------------------------------------------
+# op_checks.h: one checker per op
+# --------------------------------------------------------------------------
+def _quant_input(op, x, bits, group_size, dev, oracle=False):
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    check_bits(op, bits, dev, oracle)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension, got a scalar")
+    check_group_size(op, group_size, x.shape[-1])
+
+
+def _scales(op, xs, scale, zp, bits, group_size, dev, values):
+    check_device(op, "scale", scale, dev)
+    check_device(op, "zero_point", zp, dev)
+    check_scale_shapes(op, xs, scale, zp, group_size)
+    if values:
+        check_scale_values(op, scale, zp, bits)
+
+
+def _bias(op, bias, N, dev):
+    if bias is None:
+        return
+    check_device(op, "bias", bias, dev)
+    check_float(op, "bias", bias)
+    check_numel(op, "bias", bias, N, "one per output channel")
+
+
+def quantize(x, bits, symmetric, group_size, oracle=False):
+    op = "llmeasyquant.quantize"
+    _quant_input(op, x, bits, group_size, x.device, oracle)
+    if group_size == 0:
+        torch._check_value(x.numel() > 0, lambda: f"{op}: per-tensor quantization of an empty tensor {shape_str(x)}")
+
+
+def quantize_static(x, scale, zero_point, bits, group_size, values=True, oracle=False):
+    op = "llmeasyquant.quantize_static"
+    _quant_input(op, x, bits, group_size, x.device, oracle)
+    _scales(op, list(x.shape), scale, zero_point, bits, group_size, x.device, values)
+
+
+def dequantize(q, scale, zero_point, bits, group_size, K, dtype, oracle=False):
+    op = "llmeasyquant.dequantize"
+    dev = q.device
+    check_device(op, "q", q, dev)
+    check_bits(op, bits, dev, oracle)
+    torch._check_value(q.dim() >= 1, lambda: f"{op}: expected q with at least 1 dimension")
+    torch._check_type(dtype in _FLOATS, lambda: f"{op}: dtype must be float32, bfloat16 or float16, got "
+                                                f"{dtype_name(dtype)}")
+    check_dtype(op, "q", q, torch.int8 if bits == 8 else torch.uint8)
+    want = packed_row_bytes(K, bits) if K >= 0 else -1
+    torch._check_value(K >= 0 and q.shape[-1] == want, lambda: (
+        f"{op}: q of shape {shape_str(q)} does not hold K={K} {bits}-bit values (last dim should be {want})"))
+    check_group_size(op, group_size, K)
+    _scales(op, [*q.shape[:-1], K], scale, zero_point, bits, group_size, dev, False)
+
+
+def channel_stats_(x, absmax, mn, mx):
+    op = "llmeasyquant.channel_stats_"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    K = x.shape[-1]
+    for t in (absmax, mn, mx):
+        check_device(op, "running statistics", t, dev)
+        check_dtype(op, "running statistics", t, torch.float32)
+        torch._check_value(t.dim() == 1 and t.shape[0] == K, lambda: (
+            f"{op}: running statistics must have shape [{K}] (one per channel of x {shape_str(x)}), got "
+            f"{shape_str(t)}"))
+        torch._check_value(t.is_contiguous(), lambda: f"{op}: running statistics must be contiguous")
+
+
+def ema_quantize_(x, state, alpha, eps, bits, oracle=False):
+    op = "llmeasyquant.ema_quantize_"
+    dev = x.device
+    _quant_input(op, x, bits, 0, dev, oracle)
+    check_device(op, "state", state, dev)
+    check_dtype(op, "state", state, torch.float32)
+    torch._check_value(state.dim() == 1 and state.shape[0] == 4 and state.is_contiguous(), lambda: (
+        f"{op}: state must be a contiguous float32 tensor of shape [4] (absmax, min, max, steps), got "
+        f"{shape_str(state)}"))
+    torch._check_value(0.0 <= alpha < 1.0, lambda: f"{op}: alpha must be in [0, 1), got {_fmt(float(alpha))}")
+    torch._check_value(eps > 0.0 and math.isfinite(eps), lambda: f"{op}: eps must be finite and > 0, got "
+                                                                 f"{_fmt(float(eps))}")
+
+
+def _gemm_operands(op, a, b):
+    dev = a.device
+    check_device(op, "a", a, dev)
+    check_device(op, "b (weights)", b, dev)
+    check_gemm_shapes(op, a, b)
+
+
+def int8_gemm(a, b):
+    _gemm_operands("llmeasyquant.int8_gemm", a, b)
+
+
+def scaled_int8_gemm(a, a_scale, a_zero: Optional[torch.Tensor], b, b_scale, b_sum: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], out_dtype):
+    op = "llmeasyquant.scaled_int8_gemm"
+    dev = a.device
+    _gemm_operands(op, a, b)
+    M, N = a.shape[0], b.shape[0]
+    check_out_dtype(op, out_dtype)
+    check_device(op, "a_scale", a_scale, dev)
+    check_device(op, "b_scale", b_scale, dev)
+    check_dtype(op, "a_scale", a_scale, torch.float32)
+    check_dtype(op, "b_scale", b_scale, torch.float32)
+    torch._check_value(a_scale.numel() == M or a_scale.numel() == 1, lambda: (
+        f"{op}: a_scale must have M={M} elements (per token) or 1 (per tensor), got {shape_str(a_scale)}"))
+    check_numel(op, "b_scale", b_scale, N, "one per output channel")
+    if a_zero is not None:
+        check_device(op, "a_zero", a_zero, dev)
+        check_dtype(op, "a_zero", a_zero, torch.int8)
+        torch._check_value(a_zero.numel() == M or a_zero.numel() == 1, lambda: (
+            f"{op}: a_zero must have M={M} elements or 1, got {shape_str(a_zero)}"))
+    if b_sum is not None:
+        check_device(op, "b_sum", b_sum, dev)
+        check_dtype(op, "b_sum", b_sum, torch.int32)
+        check_numel(op, "b_sum", b_sum, N, "sum_k b[n, k] per output channel")
+    _bias(op, bias, N, dev)
+
+
+def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
+    op = "llmeasyquant.dynamic_quant_linear"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    check_device(op, "w", w, dev)
+    check_dtype(op, "w", w, torch.int8)
+    torch._check_value(w.dim() == 2, lambda: f"{op}: expected a 2-D weight, got {shape_str(w)}")
+    torch._check_value(x.shape[-1] == w.shape[1], lambda: (
+        f"{op}: K mismatch: x has K={x.shape[-1]} (shape {shape_str(x)}) but the weight has K={w.shape[1]} "
+        f"(shape {shape_str(w)})"))
+    N, K = w.shape
+    torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
+    check_device(op, "w_scale", w_scale, dev)
+    check_device(op, "w_sum", w_sum, dev)
+    check_dtype(op, "w_scale", w_scale, torch.float32)
+    check_dtype(op, "w_sum", w_sum, torch.int32)
+    check_numel(op, "w_scale", w_scale, N, "one per output channel")
+    check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel")
+    _bias(op, bias, N, dev)
+
+
+def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, oracle=False):
+    op = "llmeasyquant.weight_only_linear"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    check_bits(op, bits, dev, oracle)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    check_device(op, "qw", qw, dev)
+    check_dtype(op, "qw", qw, torch.int8 if bits == 8 else torch.uint8)
+    K = x.shape[-1]
+    kq = packed_row_bytes(K, bits)
+    torch._check_value(qw.dim() == 2 and qw.shape[1] == kq, lambda: (
+        f"{op}: K mismatch: x has K={K} (shape {shape_str(x)}) but the {bits}-bit weight has shape "
+        f"{shape_str(qw)} (expected [N, {kq}])"))
+    torch._check_value(group_size != 0, lambda: (
+        f"{op}: expected per-channel (-1) or group-wise (g > 0) weight scales, got group_size=0 (per tensor)"))
+    check_group_size(op, group_size, K)
+    N = qw.shape[0]
+    check_device(op, "scale", scale, dev)
+    if zero_point is not None:
+        check_device(op, "zero_point", zero_point, dev)
+        check_scale_shapes(op, [N, K], scale, zero_point, group_size)
+    else:  # the C++ side checks a zero tensor shaped like scale
+        check_scale_shapes(op, [N, K], scale, torch.empty(scale.shape, dtype=torch.int8, device="meta"), group_size)
+    _bias(op, bias, N, dev)
