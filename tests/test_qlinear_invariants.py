@@ -75,3 +75,20 @@ def test_static_path_uses_fresh_row_sums():
                                                        q.act_scale, q.act_zero, 8, 0, 64),
                                      q.dequantize(), q.bias)
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_layer_survives_a_nan_batch():
+    q = _layer(act="ema")
+    x = torch.randn(6, 64)
+    q(x)
+    q(2 * x)
+    state = q.ema_state.clone()
+    good = q(x)
+    q.ema_state.copy_(state)
+    bad = x.clone()
+    bad[2, 5] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or Inf.*not observed"):
+        q(bad)
+    assert torch.equal(q.ema_state, state) and int(q.ema_skipped) == 1
+    assert torch.equal(q(x), good)  # later outputs are not poisoned
+    assert torch.isfinite(q.ema_state).all()

@@ -121,18 +121,15 @@ def _run(cmd: str, tiny_folder: str, cwd) -> None:
     assert r.returncode == 0, f"`{cmd}` failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
-def test_shell_examples(tiny_folder, tmp_path):
-    # in README order: the quantize example writes the folder the export example reads
-    for cmd in _shell_examples():
-        _run(cmd, tiny_folder, tmp_path)
+def test_shell_and_help_examples(tiny_folder, tmp_path):
+    """The README's commands in its order, then each --help example not
+    already among them (the same command is run once)."""
+    import time
 
-
-def test_help_examples(tiny_folder, tmp_path):
-    for cmd in _help_examples():
-        if cmd.startswith("llmeasyquant export"):  # reads the folder the quantize example writes
-            _run("llmeasyquant quantize smollm2-135m --method awq --w-bits 4 --w-group-size 64 --out smollm2-awq",
-                 tiny_folder, tmp_path)
-        if cmd.startswith("llmeasyquant eval smollm2-awq") and not os.path.isdir(tmp_path / "smollm2-awq"):
-            _run("llmeasyquant quantize smollm2-135m --method awq --w-bits 4 --w-group-size 64 --out smollm2-awq",
-                 tiny_folder, tmp_path)
+    awq = "llmeasyquant quantize smollm2-135m --method awq --w-bits 4 --w-group-size 64 --out smollm2-awq"
+    cmds = list(dict.fromkeys(_shell_examples() + _help_examples()))
+    assert awq in cmds and cmds.index(awq) < min(i for i, c in enumerate(cmds) if "smollm2-awq --" in c)
+    for cmd in cmds:
+        t0 = time.perf_counter()
         _run(cmd, tiny_folder, tmp_path)
+        print(f"{time.perf_counter() - t0:6.1f} s  {cmd}")

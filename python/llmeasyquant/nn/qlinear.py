@@ -99,6 +99,10 @@ class QLinear(nn.Module):
             self.register_buffer("act_zero", torch.zeros(1, dtype=torch.int8, device=device))
         if act == "ema":
             self.register_buffer("ema_state", ops.new_ema_state(device))
+            # batches whose range was NaN/Inf: quantized with the state as it
+            # was, not observed (one bad batch must not poison the state)
+            self.register_buffer("ema_skipped", torch.zeros((), dtype=torch.int64, device=device),
+                                 persistent=False)
         self._w_sum_of = None  # (data_ptr, _version) of the qweight that w_sum was computed from
         self._register_load_state_dict_pre_hook(self._check_state_dict)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
@@ -322,8 +326,11 @@ class QLinear(nn.Module):
             qx = ops.quantize_static(x2, self.act_scale, self.act_zero, 8, 0)
             scale, zero = self.act_scale, self.act_zero
         else:
+            before = self.ema_state[3].clone() if self.ema_update else None
             qx, scale, zero = ops.ema_quantize_(x2, self.ema_state, self.ema_alpha, self.ema_eps, 8,
                                                 self.act_symmetric, self.ema_update)
+            if before is not None:
+                self._count_ema_skip(ops.ema_skipped(before, self.ema_state))
         if not self.int8_gemm:
             xq = ops.dequantize(qx, scale, zero, 8, -1 if self.act == "dynamic" else 0, self.in_features, x.dtype)
             qw, bits = self._kernel_weight()
@@ -333,6 +340,17 @@ class QLinear(nn.Module):
                                    a_zero=None if self.act_symmetric else zero, b_sum=self._row_sums(),
                                    bias=self.bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _count_ema_skip(self, skipped: torch.Tensor) -> None:
+        self.ema_skipped += skipped.to(torch.int64)
+        # On the CPU the flag is already on the host: warn now. On a GPU that
+        # would synchronise every call; read ema_skipped instead.
+        if skipped.device.type == "cpu" and not torch.compiler.is_compiling() and bool(skipped):
+            import warnings
+
+            warnings.warn(f"QLinear(act='ema'): an activation batch held NaN or Inf; it was quantized with the "
+                          f"current EMA state and not observed ({int(self.ema_skipped)} batch(es) skipped so far)",
+                          RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ misc
     @torch.no_grad()
