@@ -35,7 +35,7 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED) build/kernels/bench_kernels
 	build/kernels/bench_kernels --check-only --threads 2
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 # Torch-free kernels + C++ microbenchmark (self-check first, then timings).
 build/kernels/bench_kernels: $(DEPS) $(SOURCES) benchmarks/cpp/bench_kernels.cpp

@@ -100,12 +100,14 @@ def test_huge_declared_shapes_refused_before_allocating(saved):
                                          w_symmetric=True)
     _edit_meta(saved, claim)
     script = textwrap.dedent(f"""
-        import resource, llmeasyquant as lq
+        import llmeasyquant as lq
         try:
             lq.load({str(saved)!r})
         except ValueError as e:
             print("ERR", e)
-        print("RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        # VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print("RSS_MB", int(hwm.split()[1]) // 1024)
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     out = r.stdout

@@ -36,7 +36,7 @@ def quantize_distributed(args, opts: dict) -> int:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         t_load = time.perf_counter()
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
         model.to(device)
         t_load = time.perf_counter() - t_load
         timer = Breakdown(device)
@@ -49,7 +49,7 @@ def quantize_distributed(args, opts: dict) -> int:
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:
-            lq.save(model.cpu(), args.out, tokenizer=tok)
+            lq.save(model.cpu(), args.out, tokenizer=tok, overwrite=args.overwrite)
             head = (f"{model.llmeq_config.describe()} on {world} rank(s) ({backend}, {device.type}, "
                     f"{'data-parallel' if args.data_parallel else 'replicated'} calibration): "
                     f"{wall:.1f} s, identical on every rank (checksums), saved to {args.out}")
