@@ -1,0 +1,415 @@
+// AVX2 weight-only GEMM: fp32 x int8 / packed 4-, 3-, 2-bit group-wise weights.
+//
+// Build: -mavx2 -mfma -mf16c -ffp-contract=off
+//
+// out[m, n] = sum_k x[m, k] * s[n, k/g] * (q[n, k] - z[n, k/g])  (+ bias[n])
+//
+// Dot-product schedule (vectors run along K): a tile of MR activation rows x
+// NR weight rows keeps one 8-lane fp32 accumulator per output and reduces it
+// horizontally once per K block.  Each weight chunk (8 values; 16 for 4-bit)
+// is decoded once per tile in registers and used by the MR rows; weights are
+// never written back as fp32.  The decode produces exactly the reference's
+// fp32 weight, s * float(q - z): q - z is formed in int32 (exact), converted,
+// then multiplied by the group's scale, so every product x * w is the one the
+// PyTorch reference forms and only the summation order differs.
+//
+// Why this decode, on 256-bit registers (Zen 3 port model; FMA/FMUL on 2 of
+// the 4 FP pipes, int ALU / shuffles / cvt on the others):
+//  * int8: vpmovsxbd from memory, vpsubd, vcvtdq2ps, vmulps.  Only the vmulps
+//    competes with the FMAs; it costs 1/MR of them.
+//  * int4: the nibbles of 8 bytes are zero-extended to 8 int32 lanes after an
+//    xor 0x88 (two's complement nibble v -> offset code v ^ 8, so q = u - 8 and
+//    q - z = u - (z + 8) is again one vpsubd); low nibbles = vpand, high =
+//    vpsrld.  The low / high nibbles of a byte are elements 2i / 2i+1, so x
+//    is copied once per call with each 16-element chunk stored as its 8 even
+//    then its 8 odd elements.  The alternative of the AVX-512 file, a
+//    16-entry table lookup, needs two vpermps + a blend per 8 weights on AVX2
+//    (vpermps indexes 8 entries) and is more uops than and/shift + cvt + mul.
+//  * 3- / 2-bit: the 24 / 16 bits of 8 codes are broadcast to 8 lanes and
+//    shifted into place per lane (vpsrlvd by 3i / 2i) and masked.  Rows are
+//    padded to 8 values, so a chunk never leaves its row.
+//  Folding the scale per group instead (accumulate x * q, then s * acc at the
+//  group end, as the AVX-512 int8 path does) saves the vmulps but needs a
+//  second accumulator per output: with 16 ymm registers that halves the tile
+//  (or spills), and the fold with zero-points cancels (sum x*q - z*sum x)
+//  where the reference does not.
+//
+// Register budget (16 ymm): MR*NR accumulators + NR decoded weight vectors in
+// flight + 1-2 temporaries; x is read from L1 by the FMAs.  Tiles: M = 1:
+// 1x4 (four weight-row streams, bound by memory), M = 2, 3: MRx4, M >= 4:
+// 4x2 / 6x2 (12 accumulators; per 8-bit chunk 12 FMAs + 2 vmulps on the FMA
+// pipes = 86 % of FMA peak, decode and loads on the others).
+//
+// K blocking: above one row tile, K is cut into blocks so that the MR x rows
+// of a block stay in L1 (MR * KC * 4 bytes <= 12 KB) while the weight rows
+// stream from L2/L3 at 1 (or 1/2) byte per value; partial sums of each block
+// are added into out.  Loop order per thread: K block, row tile, weight-row
+// tile (the weight-row tiles of a thread's N range form the inner loop, so x
+// stays in L1 and only the 1-byte weights move).
+//
+// Any group size that divides K is handled: chunks sit on a fixed grid of
+// multiples of 8 (16), and a chunk that straddles a group boundary (or the
+// end of K) is processed once per group with the x lanes outside the group
+// masked to zero (the decoded weights there are finite, so they add 0).
+// Nothing is declined to the scalar path.
+//
+// Internal linkage only and no std:: templates (see gemm_s8_avx512.cpp): an
+// inline function instantiated here with AVX2 code must never be picked by the
+// linker for a baseline translation unit.  For that reason quant_math.h is not
+// included either.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "llmeq/cpu_kernels.h"
+
+namespace llmeq {
+namespace cpu {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+struct WoArgs {
+  int64_t M, N, K;
+  const uint8_t* W;  // row n at W + n * rb
+  int64_t rb;        // packed row bytes
+  int64_t g, G;      // group size, groups per row
+  const float* scale;
+  const int8_t* zp;
+  const float* bias;
+  float* out;
+};
+
+// Values per chunk (one 8-byte load of 4-bit codes holds 16).
+template <int BITS> constexpr int kChunk = BITS == 4 ? 16 : 8;
+// Offset added to the zero-point: the decoded integer is q itself for 8- and
+// 4-bit and the offset code u = q - qmin for 2-, 3-bit, so q - z = u - (z - qmin).
+template <int BITS> constexpr int kQOff = BITS >= 4 ? 0 : (1 << (BITS - 1));
+// The offset is subtracted when there is a zero-point, and always for 2/3-bit.
+template <int BITS, bool ZP> constexpr bool kSub = ZP || BITS < 4;
+
+// Per-thread buffer, grown on demand and kept for later calls.
+struct ThreadBuffer {
+  float* p = nullptr;
+  size_t size = 0;
+  ~ThreadBuffer() { std::free(p); }
+  float* get(size_t floats) {
+    if (floats > size) {
+      std::free(p);
+      size = (floats + 1023) & ~size_t(1023);
+      p = static_cast<float*>(std::aligned_alloc(64, size * sizeof(float)));
+    }
+    return p;
+  }
+};
+thread_local ThreadBuffer tl_x;  // x padded to whole chunks (4-bit: even / odd split)
+
+// n < 8 bytes, rest zero: the chunk that runs past the end of a row (8- and
+// 4-bit rows are not padded, and the last row may end the allocation).
+inline __m128i load_partial8(const uint8_t* p, int64_t n) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, static_cast<size_t>(n));
+  return _mm_cvtsi64_si128(static_cast<long long>(v));
+}
+
+// Integer codes of the chunk of row `row` starting at value k (k on the chunk
+// grid), in int32 lanes.  8-bit: c[0] = q[k + l].  4-bit: c[0] = q[k + 2l],
+// c[1] = 16 * q[k + 2l + 1].  3-, 2-bit: c[0] = u[k + l] = q - qmin.
+// tail: the chunk's bytes run past the row's rb bytes (8- and 4-bit only).
+template <int BITS>
+inline void codes(const uint8_t* row, int64_t k, int64_t rb, bool tail, __m256i* c) {
+  if constexpr (BITS == 8) {
+    const __m128i b = tail ? load_partial8(row + k, rb - k)
+                           : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+    c[0] = _mm256_cvtepi8_epi32(b);
+  } else if constexpr (BITS == 4) {
+    // Sign-extended byte v = 16 * q_hi + (q_lo & 15): q_lo = v << 28 >> 28
+    // (arithmetic), and v & ~15 = 16 * q_hi, used against x_odd / 16.
+    const int64_t o = k >> 1;
+    const __m128i b = tail ? load_partial8(row + o, rb - o)
+                           : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + o));
+    const __m256i v = _mm256_cvtepi8_epi32(b);
+    c[0] = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28);
+    c[1] = _mm256_and_si256(v, _mm256_set1_epi32(~0xF));
+  } else if constexpr (BITS == 2) {
+    uint16_t s;
+    std::memcpy(&s, row + (k >> 2), 2);
+    const __m256i v = _mm256_set1_epi32(s);
+    c[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
+                            _mm256_set1_epi32(3));
+  } else {
+    static_assert(BITS == 3, "bits");
+    const uint8_t* p = row + (k >> 3) * 3;
+    const uint32_t s = p[0] | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16);
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(s));
+    c[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
+                            _mm256_set1_epi32(7));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MR x NR tile over values [kb, ke) (kb on the chunk grid).  xs: x rows at
+// stride ldx in chunk layout.  first: the first K block writes out (+ bias),
+// later ones add.  Past-the-end weight rows repeat the last row; their
+// results are dropped.  ZP: there are zero-points.
+//
+// MR = 1 (decode, bound by memory and by decode uops): the scale is folded
+// per group, acc = sum x * (q - z) over the group, tot += s * acc, which
+// saves one vmulps per weight vector; 2 x NR accumulators fit.  MR >= 2: the
+// decoded vector is multiplied by s once and used by MR FMAs (the fold would
+// need 2 x MR x NR accumulators, more than the 16 registers).
+//
+// The "#pragma GCC unroll" on the fixed-trip register-tile loops are needed
+// (as in gemm_wo_avx512.cpp): without them GCC 12 keeps the accumulator
+// arrays in memory.
+template <int BITS, int MR, int NR, bool ZP>
+void tile(const WoArgs& a, const float* xs, int64_t ldx, int64_t m0, int64_t n0, int64_t kb,
+          int64_t ke, bool first) {
+  constexpr int C = kChunk<BITS>, V = C / 8;
+  constexpr bool FOLD = MR == 1;
+  const int64_t nvalid = a.N - n0;
+  const uint8_t* w[NR];
+  int64_t rows[NR];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) {
+    rows[j] = n0 + (j < nvalid ? j : nvalid - 1);
+    w[j] = a.W + rows[j] * a.rb;
+  }
+  const float* xr[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) xr[i] = xs + (m0 + i) * ldx;
+  __m256 acc[MR][NR], tot[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = tot[i][j] = _mm256_setzero_ps();
+
+  for (int64_t gi = kb / a.g; gi * a.g < ke; ++gi) {
+    const int64_t gs = imax(gi * a.g, kb), ge = imin((gi + 1) * a.g, ke);
+    __m256 sv[NR];
+    __m256i ov[NR][V];
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const int64_t idx = rows[j] * a.G + gi;
+      sv[j] = _mm256_set1_ps(a.scale[idx]);
+      const int o = (ZP ? a.zp[idx] : 0) + kQOff<BITS>;
+      ov[j][0] = _mm256_set1_epi32(o);
+      if constexpr (V == 2) ov[j][1] = _mm256_set1_epi32(16 * o);  // against 16 * q_hi
+    }
+    // One chunk: x of row i at xp[i] + xo (+ 8 for the odd half of 4-bit).
+    auto chunk = [&](const float* const* xp, int64_t xo, int64_t k, bool tail) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) {
+        __m256i c[V];
+        codes<BITS>(w[j], k, a.rb, tail, c);
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) {
+          __m256 wv = _mm256_cvtepi32_ps(kSub<BITS, ZP> ? _mm256_sub_epi32(c[v], ov[j][v]) : c[v]);
+          if constexpr (!FOLD) wv = _mm256_mul_ps(wv, sv[j]);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i)
+            acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xp[i] + xo + 8 * v), wv, acc[i][j]);
+        }
+      }
+    };
+    // The chunk at k restricted to values [lo, hi): x lanes outside are zeroed
+    // in a stack copy.  Rare: only at group boundaries off the chunk grid and
+    // at the end of K.
+    auto partial = [&](int64_t k, int64_t lo, int64_t hi) {
+      alignas(32) float xm[MR][C];
+      const float* xp[MR];
+      const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo - k - 1));
+      const __m256i vhi = _mm256_set1_epi32(static_cast<int>(hi - k));
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        // value index of each lane within the chunk
+        const __m256i lane = BITS == 4 ? _mm256_add_epi32(_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+                                                          _mm256_set1_epi32(v))
+                                       : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 keep = _mm256_castsi256_ps(
+            _mm256_and_si256(_mm256_cmpgt_epi32(lane, vlo), _mm256_cmpgt_epi32(vhi, lane)));
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i)
+          _mm256_store_ps(xm[i] + 8 * v, _mm256_and_ps(_mm256_loadu_ps(xr[i] + k + 8 * v), keep));
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) xp[i] = xm[i];
+      const bool tail = BITS == 8 ? k + 8 > a.rb : BITS == 4 ? (k >> 1) + 8 > a.rb : false;
+      chunk(xp, 0, k, tail);
+    };
+    int64_t k = gs - gs % C;
+    if (k < gs) {
+      partial(k, gs, imin(ge, k + C));
+      k += C;
+    }
+    for (; k + C <= ge; k += C) chunk(xr, k, k, false);
+    if (k < ge) partial(k, k, ge);
+    if constexpr (FOLD) {
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) {
+          tot[i][j] = _mm256_fmadd_ps(sv[j], acc[i][j], tot[i][j]);
+          acc[i][j] = _mm256_setzero_ps();
+        }
+    }
+  }
+
+  float r[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) r[i][j] = hsum(FOLD ? tot[i][j] : acc[i][j]);
+  const int64_t nn = imin(nvalid, NR);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    float* o = a.out + (m0 + i) * a.N + n0;
+    for (int64_t j = 0; j < nn; ++j) {
+      if (first)
+        o[j] = a.bias != nullptr ? r[i][j] + a.bias[n0 + j] : r[i][j];
+      else
+        o[j] += r[i][j];
+    }
+  }
+}
+
+// Row tiles of fewer than MR rows (the M remainder), same NR.
+template <int BITS, int MR, int NR, bool ZP>
+void tile_rem(int64_t r, const WoArgs& a, const float* xs, int64_t ldx, int64_t m0, int64_t n0,
+              int64_t kb, int64_t ke, bool first) {
+  switch (r) {
+    case 1: tile<BITS, 1, NR, ZP>(a, xs, ldx, m0, n0, kb, ke, first); break;
+    case 2: if constexpr (MR > 2) tile<BITS, 2, NR, ZP>(a, xs, ldx, m0, n0, kb, ke, first); break;
+    case 3: if constexpr (MR > 3) tile<BITS, 3, NR, ZP>(a, xs, ldx, m0, n0, kb, ke, first); break;
+    case 4: if constexpr (MR > 4) tile<BITS, 4, NR, ZP>(a, xs, ldx, m0, n0, kb, ke, first); break;
+    case 5: if constexpr (MR > 5) tile<BITS, 5, NR, ZP>(a, xs, ldx, m0, n0, kb, ke, first); break;
+    default: break;
+  }
+}
+
+// Weight-row tiles [t0, t1) (NR rows each) of one thread, all M rows.
+template <int BITS, int MR, int NR, bool ZP>
+void run_tiles(const WoArgs& a, const float* xs, int64_t ldx, int64_t KC, int64_t t0,
+               int64_t t1) {
+  for (int64_t kb = 0; kb < a.K; kb += KC) {
+    const int64_t ke = imin(a.K, kb + KC);
+    for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
+      const int64_t r = a.M - m0;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (r >= MR)
+          tile<BITS, MR, NR, ZP>(a, xs, ldx, m0, t * NR, kb, ke, kb == 0);
+        else
+          tile_rem<BITS, MR, NR, ZP>(r, a, xs, ldx, m0, t * NR, kb, ke, kb == 0);
+      }
+    }
+  }
+}
+
+template <int BITS, int MR, int NR, bool ZP>
+void run(const WoArgs& a, const float* xs, int64_t ldx, int nt) {
+  constexpr int C = kChunk<BITS>;
+  // One row tile: x is at most MR rows, read straight through K.  Otherwise K
+  // blocks of MR * KC * 4 <= 12 KB of x (L1 is 32 KB).
+  int64_t KC = a.K;
+  if (a.M > MR) {
+    const int64_t kc = imax(C, (12 * 1024 / (MR * 4)) / C * C);
+    if (kc < a.K) KC = kc;
+  }
+  const int64_t tiles = (a.N + NR - 1) / NR;
+  if (nt > tiles) nt = static_cast<int>(tiles);
+  if (nt <= 1) {
+    run_tiles<BITS, MR, NR, ZP>(a, xs, ldx, KC, 0, tiles);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t t0 = tiles * t / T, t1 = tiles * (t + 1) / T;
+    if (t0 < t1) run_tiles<BITS, MR, NR, ZP>(a, xs, ldx, KC, t0, t1);
+  }
+}
+
+template <int BITS, bool ZP>
+void dispatch(const WoArgs& a, const float* xs, int64_t ldx, int nt) {
+  if (a.M == 1) run<BITS, 1, 4, ZP>(a, xs, ldx, nt);
+  else if (a.M == 2) run<BITS, 2, 4, ZP>(a, xs, ldx, nt);
+  else if (a.M == 3) run<BITS, 3, 4, ZP>(a, xs, ldx, nt);
+  else if (a.M == 4) run<BITS, 4, 2, ZP>(a, xs, ldx, nt);
+  else run<BITS, 6, 2, ZP>(a, xs, ldx, nt);
+}
+
+template <int BITS>
+void dispatch(const WoArgs& a, const float* xs, int64_t ldx, int nt) {
+  if (a.zp != nullptr) dispatch<BITS, true>(a, xs, ldx, nt);
+  else dispatch<BITS, false>(a, xs, ldx, nt);
+}
+
+}  // namespace
+
+namespace detail {
+
+bool gemm_weight_only_avx2(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq,
+                           int bits, int64_t group_size, const float* scale,
+                           const int8_t* zero_point, const float* bias, float* out,
+                           int num_threads) {
+  if (bits != 8 && bits != 4 && bits != 3 && bits != 2) return false;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias != nullptr ? bias[n] : 0.0f;
+    return true;
+  }
+  const int64_t rb = bits == 8 ? K : bits == 4 ? (K + 1) / 2 : (K + 7) / 8 * bits;
+  const WoArgs a{M, N, K, static_cast<const uint8_t*>(Wq), rb, group_size, K / group_size,
+                 scale, zero_point, bias, out};
+  const int64_t C = bits == 4 ? 16 : 8;
+  // x is read in whole chunks: copied (zero padded) when K is off the chunk
+  // grid, and always for 4-bit (even / odd split).  M * K floats, small next
+  // to the M * N * K multiply.
+  const float* xs = x;
+  int64_t ldx = K;
+  if (bits == 4 || K % C != 0) {
+    ldx = (K + C - 1) / C * C;
+    float* p = tl_x.get(static_cast<size_t>(M * ldx));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float* pr = p + m * ldx;
+      if (bits == 4) {
+        for (int64_t c = 0; c < ldx; c += 16)
+          for (int e = 0; e < 8; ++e) {
+            const int64_t k0 = c + 2 * e, k1 = k0 + 1;
+            pr[c + e] = k0 < K ? xr[k0] : 0.0f;
+            // odd elements meet 16 * q (see codes<4>): x / 16 is exact (a
+            // power of two) and (x / 16) * (16 q) == x * q in fp32.
+            pr[c + 8 + e] = k1 < K ? xr[k1] * 0.0625f : 0.0f;
+          }
+      } else {
+        std::memcpy(pr, xr, static_cast<size_t>(K) * sizeof(float));
+        for (int64_t k = K; k < ldx; ++k) pr[k] = 0.0f;
+      }
+    }
+    xs = p;
+  }
+  int nt = num_threads;
+  if (M * N * K < (int64_t{1} << 16)) nt = 1;
+  switch (bits) {
+    case 8: dispatch<8>(a, xs, ldx, nt); break;
+    case 4: dispatch<4>(a, xs, ldx, nt); break;
+    case 3: dispatch<3>(a, xs, ldx, nt); break;
+    default: dispatch<2>(a, xs, ldx, nt); break;
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace llmeq
