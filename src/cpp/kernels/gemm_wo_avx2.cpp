@@ -4,54 +4,67 @@
 //
 // out[m, n] = sum_k x[m, k] * s[n, k/g] * (q[n, k] - z[n, k/g])  (+ bias[n])
 //
-// Dot-product schedule (vectors run along K): a tile of MR activation rows x
-// NR weight rows keeps one 8-lane fp32 accumulator per output and reduces it
-// horizontally once per K block.  Each weight chunk (8 values; 16 for 4-bit)
-// is decoded once per tile in registers and used by the MR rows; weights are
-// never written back as fp32.  The decode produces exactly the reference's
-// fp32 weight, s * float(q - z): q - z is formed in int32 (exact), converted,
-// then multiplied by the group's scale, so every product x * w is the one the
-// PyTorch reference forms and only the summation order differs.
+// Two schedules, chosen by M (numbers: one Zen 3 core, hot weights, 1536x576
+// and 576x1536, 2026-12-01; fp32 F.linear (MKL) reaches 57-93 GFLOP/s there):
 //
-// Why this decode, on 256-bit registers (Zen 3 port model; FMA/FMUL on 2 of
-// the 4 FP pipes, int ALU / shuffles / cvt on the others):
-//  * int8: vpmovsxbd from memory, vpsubd, vcvtdq2ps, vmulps.  Only the vmulps
-//    competes with the FMAs; it costs 1/MR of them.
-//  * int4: the nibbles of 8 bytes are zero-extended to 8 int32 lanes after an
-//    xor 0x88 (two's complement nibble v -> offset code v ^ 8, so q = u - 8 and
-//    q - z = u - (z + 8) is again one vpsubd); low nibbles = vpand, high =
-//    vpsrld.  The low / high nibbles of a byte are elements 2i / 2i+1, so x
-//    is copied once per call with each 16-element chunk stored as its 8 even
-//    then its 8 odd elements.  The alternative of the AVX-512 file, a
-//    16-entry table lookup, needs two vpermps + a blend per 8 weights on AVX2
-//    (vpermps indexes 8 entries) and is more uops than and/shift + cvt + mul.
-//  * 3- / 2-bit: the 24 / 16 bits of 8 codes are broadcast to 8 lanes and
+// 1. M < 14, register tiles (vectors run along K).  A tile of MR activation
+//    rows x NR weight rows keeps one 8-lane fp32 accumulator per output,
+//    reduced horizontally once per K block.  Each weight chunk (8 values; 16
+//    for 4-bit) is decoded once per tile in registers and used by the MR rows;
+//    weights are never written back as fp32.  Tiles: M = 1: 1x4 (four
+//    weight-row streams; bound by memory cold, by decode uops hot); M = 2, 3:
+//    MRx4; M >= 4: 4x2 / 6x2 (12 accumulators + 2 weight vectors + 1 x
+//    temporary of the 16 ymm; x is read from L1 as an FMA memory operand).
+//    M = 1 folds the scale per group (acc = sum x * (q - z), tot += s * acc:
+//    one vmulps less per weight vector, 2 x 4 accumulators fit): 31-35
+//    GFLOP/s int8, 25 int4.  MR >= 2 multiplies each decoded vector by s once
+//    for MR FMAs (the fold would need 2 x MR x NR accumulators): 59-71
+//    GFLOP/s at M = 4..6.  Above one row tile, K is cut into blocks with
+//    MR * KC * 4 <= 12 KB so the x rows stay in L1 while the 1-byte weights
+//    stream (loop order per thread: K block, row tile, weight-row tile).
+//
+// 2. M >= 14, panels: a panel of 48 weight rows x 256 values is dequantized
+//    once into a per-thread fp32 buffer (48 KB, L2), then multiplied with
+//    every block of 16 (or a last 8) x rows by a broadcast micro-kernel: x is
+//    packed transposed once per call, each weight broadcast from the buffer,
+//    12 accumulators = 16 x 6 (8 x 12) outputs, 12 FMAs per 2 x loads + 6
+//    broadcasts, as in an sgemm micro-kernel; the decode is spread over all M
+//    rows instead of MR.  Measured 60-70 GFLOP/s at M = 14..24 (register
+//    tiles: 50-60) and 82-86 at M = 128 (register tiles: 52-64, the
+//    vmulps / loads cap them near 60 % of the FMA peak).  The x block of a K
+//    step (256 x 16 floats = 16 KB) stays in L1 across the panel's tiles.
+//
+// Both produce exactly the reference's fp32 weight, s * float(q - z): q - z
+// is formed in int32 (exact), converted, then multiplied by the group's
+// scale (or, at M = 1, the scale multiplies the group's partial sum), so only
+// the summation order differs from the PyTorch reference.
+//
+// Decode on 256-bit registers (Zen 3: FMA / FMUL on 2 of the 4 FP pipes,
+// int ALU, shuffles and cvt on the others):
+//  * int8: vpmovsxbd from memory, [vpsubd z], vcvtdq2ps.
+//  * int4: the 8 bytes of 16 values are sign-extended to int32 lanes
+//    (vpmovsxbd): v = 16 * q_hi + (q_lo & 15), so q_lo = v << 28 >> 28
+//    (arithmetic) and v & ~15 = 16 * q_hi.  The high nibble is used as is
+//    against x / 16 (a power of two: (x / 16) * (16 q) == x * q exactly), which
+//    saves a shift; the low / high nibbles of a byte are elements 2i / 2i+1,
+//    so x is copied once per call with each 16-element chunk stored as its 8
+//    even, then its 8 odd (/ 16) elements.  The AVX-512 file's 16-entry table
+//    lookup would need two vpermps + a blend per 8 weights here (vpermps
+//    indexes 8 entries): more uops than and/shift + cvt.  The first version
+//    (zero-extend, xor 0x88, and, shift, vmulps per vector, no fold) ran at
+//    16 GFLOP/s at M = 1 against 25 now.
+//  * 3- / 2-bit: the 24 / 16 bits of 8 codes are broadcast to 8 lanes,
 //    shifted into place per lane (vpsrlvd by 3i / 2i) and masked.  Rows are
 //    padded to 8 values, so a chunk never leaves its row.
-//  Folding the scale per group instead (accumulate x * q, then s * acc at the
-//  group end, as the AVX-512 int8 path does) saves the vmulps but needs a
-//  second accumulator per output: with 16 ymm registers that halves the tile
-//  (or spills), and the fold with zero-points cancels (sum x*q - z*sum x)
-//  where the reference does not.
+//  Folding the zero-point too (sum x * q - z * sum x) would save the vpsubd
+//  but cancels where the reference does not; it is not done.
 //
-// Register budget (16 ymm): MR*NR accumulators + NR decoded weight vectors in
-// flight + 1-2 temporaries; x is read from L1 by the FMAs.  Tiles: M = 1:
-// 1x4 (four weight-row streams, bound by memory), M = 2, 3: MRx4, M >= 4:
-// 4x2 / 6x2 (12 accumulators; per 8-bit chunk 12 FMAs + 2 vmulps on the FMA
-// pipes = 86 % of FMA peak, decode and loads on the others).
-//
-// K blocking: above one row tile, K is cut into blocks so that the MR x rows
-// of a block stay in L1 (MR * KC * 4 bytes <= 12 KB) while the weight rows
-// stream from L2/L3 at 1 (or 1/2) byte per value; partial sums of each block
-// are added into out.  Loop order per thread: K block, row tile, weight-row
-// tile (the weight-row tiles of a thread's N range form the inner loop, so x
-// stays in L1 and only the 1-byte weights move).
-//
-// Any group size that divides K is handled: chunks sit on a fixed grid of
-// multiples of 8 (16), and a chunk that straddles a group boundary (or the
-// end of K) is processed once per group with the x lanes outside the group
-// masked to zero (the decoded weights there are finite, so they add 0).
-// Nothing is declined to the scalar path.
+// Any group size that divides K is handled, odd ones included: chunks sit on
+// a fixed grid of multiples of 8 (16), and a chunk that straddles a group
+// boundary (or the end of K) is processed once per group with the x lanes
+// outside the group masked to zero (register tiles) or dequantized one value
+// at a time (panels).  Nothing is declined to the scalar path; the cost of
+// off-grid groups is the extra masked chunk per group.
 //
 // Internal linkage only and no std:: templates (see gemm_s8_avx512.cpp): an
 // inline function instantiated here with AVX2 code must never be picked by the
