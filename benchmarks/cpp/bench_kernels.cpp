@@ -13,7 +13,8 @@
 //    gemm_u8s8_scaled GOP/s (2*M*N*K / t) per ISA; at M <= 16 also GB/s on
 //    weight bytes, "hot" (one weight copy, LLC resident when it fits) and
 //    "cold" (rotating copies whose total exceeds the 32 MiB L3);
-//    gemm_weight_only GB/s on weight bytes at M = 1, 16; quantize_dynamic GB/s
+//    gemm_weight_only GB/s on weight bytes at M = 1, 16, 128 (scalar: 1, 16
+//    only) and GFLOP/s; quantize_dynamic GB/s
 //    on input bytes (per-row symmetric 8-bit, fp32 [M, K]).
 //
 // Build without src/cpp/kernels/quantize.cpp: -DLLMEQ_BENCH_NO_QUANTIZE.
@@ -272,6 +273,26 @@ struct WoCase {
   std::vector<int8_t> zp;
 };
 
+int64_t wo_row_bytes(int64_t K, int bits) {
+  return bits == 8 ? K : bits == 4 ? (K + 1) / 2 : (K + 7) / 8 * bits;
+}
+
+// Value k of a packed row, written out independently of quant_math.h: 4-bit
+// two's-complement nibbles (element 2i low), 2/3-bit LSB-first stream of q - qmin.
+int wo_value(const uint8_t* row, int64_t k, int bits) {
+  if (bits == 8) return static_cast<int8_t>(row[k]);
+  if (bits == 4) {
+    const int nib = (k & 1) ? (row[k / 2] >> 4) : (row[k / 2] & 0xf);
+    return nib >= 8 ? nib - 16 : nib;
+  }
+  int u = 0;
+  for (int j = 0; j < bits; ++j) {
+    const int64_t p = k * bits + j;
+    u |= ((row[p / 8] >> (p % 8)) & 1) << j;
+  }
+  return u - (1 << (bits - 1));
+}
+
 WoCase make_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp) {
   WoCase c{M, N, K, g, bits, {}, {}, {}, {}, {}};
   const int64_t G = K / g;
@@ -281,17 +302,27 @@ WoCase make_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp) {
   fill_float(c.scale, 1e-3f, 2e-2f);
   c.bias.resize(N);
   fill_float(c.bias, -0.5f, 0.5f);
-  const int64_t rb = bits == 8 ? K : (K + 1) / 2;
+  const int64_t rb = wo_row_bytes(K, bits);
   c.W.resize(N * rb);
   if (bits == 8) {
     fill_int(c.W, 0, 255);
   } else {
+    const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
     std::vector<int8_t> q(K);
     for (int64_t n = 0; n < N; ++n) {
-      fill_int(q, -8, 7);
-      for (int64_t k = 0; k < rb; ++k) {
-        const int lo = q[2 * k] & 0xf, hi = 2 * k + 1 < K ? (q[2 * k + 1] & 0xf) : 0;
-        c.W[n * rb + k] = static_cast<uint8_t>(lo | (hi << 4));
+      fill_int(q, qmin, qmax);
+      uint8_t* row = c.W.data() + n * rb;
+      std::memset(row, 0, rb);
+      for (int64_t k = 0; k < K; ++k) {
+        if (bits == 4) {
+          row[k / 2] |= static_cast<uint8_t>((q[k] & 0xf) << ((k & 1) * 4));
+        } else {
+          const int u = q[k] - qmin;
+          for (int j = 0; j < bits; ++j) {
+            const int64_t p = k * bits + j;
+            row[p / 8] |= static_cast<uint8_t>(((u >> j) & 1) << (p % 8));
+          }
+        }
       }
     }
   }
@@ -304,19 +335,13 @@ WoCase make_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp) {
 
 void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, bool bias) {
   WoCase c = make_wo(M, N, K, bits, g, zp);
-  const int64_t G = K / g, rb = bits == 8 ? K : (K + 1) / 2;
+  const int64_t G = K / g, rb = wo_row_bytes(K, bits);
   std::vector<double> ref(M * N), mag(M * N);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       double s = 0, a = 0;
       for (int64_t k = 0; k < K; ++k) {
-        int q;
-        if (bits == 8) {
-          q = static_cast<int8_t>(c.W[n * rb + k]);
-        } else {
-          const int nib = (k & 1) ? (c.W[n * rb + k / 2] >> 4) : (c.W[n * rb + k / 2] & 0xf);
-          q = nib >= 8 ? nib - 16 : nib;
-        }
+        const int q = wo_value(c.W.data() + n * rb, k, bits);
         const int64_t gi = n * G + k / g;
         const double w = double(c.scale[gi]) * (q - (zp ? c.zp[gi] : 0));
         s += c.x[m * K + k] * w;
@@ -382,7 +407,7 @@ void self_check() {
   for (int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 17, 33})
     for (int64_t NK : {0, 1, 2}) {
       const int64_t N = NK == 0 ? 1 : NK == 1 ? 7 : 53;
-      for (int bits : {8, 4}) {
+      for (int bits : {8, 4, 3, 2}) {
         check_wo(M, N, 1, bits, 1, true, true);
         check_wo(M, N, 17, bits, 17, NK != 1, NK != 2);
         check_wo(M, N, 100, bits, 100, true, false);
@@ -393,13 +418,28 @@ void self_check() {
     }
   // K spanning several K blocks of the buffered (M >= 4) schedule.
   for (int64_t M : {1, 3, 4, 7, 13})
-    for (int bits : {8, 4}) {
+    for (int bits : {8, 4, 3, 2}) {
       check_wo(M, 11, 1101, bits, 1101, true, true);
       check_wo(M, 9, 1536, bits, 128, true, false);
       check_wo(M, 6, 2080, bits, 32, false, true);
     }
+  // AVX2 tier: group sizes off the 8 / 16-value chunk grid (odd ones too),
+  // straddling chunks, several K blocks and row tiles with remainders.
+  for (int bits : {8, 4, 3, 2}) {
+    for (int64_t M : {1, 2, 5, 6, 16, 33}) {
+      check_wo(M, 13, 105, bits, 7, true, true);     // odd group size
+      check_wo(M, 7, 130, bits, 10, bits != 3, true);
+      check_wo(M, 5, 100, bits, 20, true, false);
+      check_wo(M, 9, 1000, bits, 40, false, true);   // 40: multiple of 8, not of 16
+      check_wo(M, 19, 1536, bits, 64, true, true);
+      check_wo(M, 3, 999, bits, 333, true, true);    // odd K, odd group
+    }
+    check_wo(300, 37, 640, bits, 64, true, true);
+    check_wo(130, 21, 4096, bits, 128, bits % 2 == 0, true);
+  }
   check_wo(3, 5, 0, 8, 1, false, true);
   check_wo(6, 5, 0, 4, 1, true, true);
+  check_wo(2, 5, 0, 3, 1, true, true);
   std::printf("   %s (%d failures)\n", g_failures ? "FAILED" : "ok", g_failures);
 }
 
@@ -529,11 +569,11 @@ void bench_weight_only() {
       fill_float(scale, 1e-3f, 1e-2f);
       fill_int(zp, -3, 3);
       fill_float(bias, -1.f, 1.f);
-      for (int64_t M : {1, 16}) {
+      for (int64_t M : {1, 16, 128}) {
         avec<float> x(M * K), out(M * N);
         fill_float(x, -1.f, 1.f);
         for (Isa isa : timed_isas()) {
-          if (isa == Isa::Avx2) continue;  // no AVX2 weight-only path (falls back to scalar)
+          if (isa == Isa::Scalar && M > 16) continue;
           set_isa(isa);
           auto call = [&](int i) {
             gemm_weight_only(M, N, K, x.data(), Ws[i % copies].data(), bits, g, scale.data(),

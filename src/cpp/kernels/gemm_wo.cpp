@@ -16,6 +16,11 @@ bool gemm_weight_only_avx512(int64_t M, int64_t N, int64_t K, const float* x, co
                              int bits, int64_t group_size, const float* scale,
                              const int8_t* zero_point, const float* bias, float* out,
                              int num_threads);
+// AVX2 + FMA: every bit width (8, 4, 3, 2) and every group size dividing K.
+bool gemm_weight_only_avx2(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq,
+                           int bits, int64_t group_size, const float* scale,
+                           const int8_t* zero_point, const float* bias, float* out,
+                           int num_threads);
 }  // namespace detail
 
 namespace {
@@ -55,9 +60,16 @@ void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const voi
   if (K < 0) K = 0;
   if (group_size <= 0 || group_size > K) group_size = K > 0 ? K : 1;
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-  if (active_isa() == Isa::Avx512Vnni &&
+  const Isa isa = active_isa();
+  if (isa == Isa::Avx512Vnni &&
       detail::gemm_weight_only_avx512(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
                                       out, nt))
+    return;
+  // The AVX2 path also takes what the AVX-512 one declines (2/3-bit weights,
+  // groups off its 16/32-value chunk grid): AVX-512 CPUs have AVX2 + FMA.
+  if (isa >= Isa::Avx2 &&
+      detail::gemm_weight_only_avx2(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
+                                    out, nt))
     return;
   gemm_wo_scalar(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias, out, nt);
 }
