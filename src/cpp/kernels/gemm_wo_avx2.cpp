@@ -571,12 +571,8 @@ void run_panels(const WoArgs& a, const float* xs, int64_t ldx, int nt) {
 
 template <int BITS>
 void dispatch_bits(const WoArgs& a, const float* xs, int64_t ldx, int nt) {
-  static const int64_t min_m = [] {
-    const char* e = std::getenv("LLMEQ_WO_PANEL_MIN_M");  // tuning knob (not documented API)
-    return e != nullptr ? static_cast<int64_t>(std::atoll(e)) : kPanelMinM;
-  }();
   const bool zp = a.zp != nullptr;
-  if (a.M >= min_m) {
+  if (a.M >= kPanelMinM) {
     if (zp) run_panels<BITS, true>(a, xs, ldx, nt);
     else run_panels<BITS, false>(a, xs, ldx, nt);
   } else {
