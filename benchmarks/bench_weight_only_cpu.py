@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import llmeasyquant as lq
-from llmeasyquant.bench import LLC_BYTES, _cpu_name
+from llmeasyquant.bench import LLC_BYTES, _cpu_name, _time
 
 
 def _copies(nbytes: int) -> int:
@@ -59,20 +58,9 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int, max_m8: in
                 rel = ((y - check).norm() / check.norm()).item()
                 assert rel < 1e-5, f"{name} wrong at {N}x{K} M={M}: {rel:.3g}"
         times = {k: [] for k in layers}
-        i = 0
         for _ in range(rounds):
             for name, fns in layers.items():
-                for _ in range(3):
-                    fns[i % len(fns)](x)
-                    i += 1
-                ts = []
-                for _ in range(reps):
-                    f = fns[i % len(fns)]
-                    i += 1
-                    t0 = time.perf_counter()
-                    f(x)
-                    ts.append(time.perf_counter() - t0)
-                times[name].append(statistics.median(ts))
+                times[name].append(_time(fns, x, reps, warmup=3))
     # ratio per round (methods interleaved inside a round, so drift cancels)
     return {k: (statistics.median(v), [f / t for f, t in zip(times["fp32"], v)]) for k, v in times.items()}
 

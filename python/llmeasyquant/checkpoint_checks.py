@@ -69,7 +69,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_meta(meta, qpath, current_version: int) -> None:
+def check_meta(meta, qpath) -> None:
     """Types and ranges of every field of quantization.json that load uses."""
     def bad(msg):
         raise FolderError(f"load: {qpath} is not a valid llmeasyquant quantization file: {msg}")

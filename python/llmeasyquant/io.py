@@ -73,10 +73,11 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False) -> 
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"save: expected a transformers model (with .config), got {type(model).__name__}")
     dest = check_save_destination(path, overwrite)
-    layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, QLinear)}
+    layers = {}
     for name, m in model.named_modules():
         if isinstance(m, QLinear):
             m.check_values(f"save: layer {name!r}")
+            layers[name] = m.spec()
     kv = getattr(model, "llmeq_kv_config", None)
     cfg = getattr(model, "llmeq_config", None)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
@@ -107,19 +108,17 @@ def _read_meta(path: Path) -> dict:
         raise FileNotFoundError(f"load: {path} is not a saved llmeasyquant model (no {QUANT_FILE}); "
                                 "write one with llmeasyquant.save(model, path)")
     check_folder_files(path, [QUANT_FILE, WEIGHTS_FILE, "config.json"])
+    with open(qpath, "rb") as fh:
+        raw = fh.read(_MAX_JSON_BYTES + 1)
+    if len(raw) > _MAX_JSON_BYTES:
+        raise FolderError(f"load: {qpath} is larger than {_MAX_JSON_BYTES} bytes")
     try:
-        with open(qpath, "rb") as fh:
-            raw = fh.read(_MAX_JSON_BYTES + 1)
-        if len(raw) > _MAX_JSON_BYTES:
-            raise FolderError(f"load: {qpath} is larger than {_MAX_JSON_BYTES} bytes")
         meta = json.loads(raw)
     except (ValueError, RecursionError) as err:
-        if isinstance(err, FolderError):
-            raise
         raise FolderError(f"load: {qpath} is not valid JSON ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FolderError(f"load: {qpath} is not an llmeasyquant quantization file")
-    check_meta(meta, qpath, FORMAT_VERSION)
+    check_meta(meta, qpath)
     if meta["format_version"] > FORMAT_VERSION:
         raise FolderError(f"load: {path} was written in format version {meta['format_version']} by llmeasyquant "
                           f"{meta.get('library_version')}; this llmeasyquant ({_library_version()}) reads "

@@ -82,16 +82,21 @@ def check_destination(path, *, overwrite: bool = False, is_ours: Optional[Callab
                                    "its files (pass overwrite=True, or --overwrite on the command line, to replace "
                                    "it anyway)")
     else:
-        anc = dest.parent
-        while not anc.exists():
-            if anc.is_symlink():  # a dangling link
-                raise DestinationError(f"{what}: {anc} is a broken symbolic link")
-            anc = anc.parent
-        if not anc.is_dir():
-            raise DestinationError(f"{what}: cannot create {dest}: {anc} is a file, not a folder")
-        if not os.access(anc, os.W_OK | os.X_OK):
-            raise DestinationError(f"{what}: cannot create {dest}: {anc} is not writable")
+        _check_creatable(dest, what)
     return dest
+
+
+def _check_creatable(dest: Path, what: str) -> None:
+    """``dest`` does not exist: its nearest existing ancestor is a writable folder."""
+    anc = dest.parent
+    while not anc.exists():
+        if anc.is_symlink():  # a dangling link
+            raise DestinationError(f"{what}: {anc} is a broken symbolic link")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DestinationError(f"{what}: cannot create {dest}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise DestinationError(f"{what}: cannot create {dest}: {anc} is not writable")
 
 
 def check_writable_folder(path, *, what: str) -> Path:
@@ -105,13 +110,7 @@ def check_writable_folder(path, *, what: str) -> Path:
         if not os.access(dest, os.W_OK | os.X_OK):
             raise DestinationError(f"{what}: {dest} is not writable")
         return dest
-    anc = dest.parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise DestinationError(f"{what}: cannot create {dest}: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise DestinationError(f"{what}: cannot create {dest}: {anc} is not writable")
+    _check_creatable(dest, what)
     return dest
 
 

@@ -32,6 +32,7 @@
 #include <cstring>
 
 #include "llmeq/cpu_kernels.h"
+#include "thread_buffer.h"
 
 namespace llmeq {
 namespace cpu {
@@ -296,21 +297,6 @@ void dot_range(int64_t M, int64_t K, const uint8_t* A, int64_t lda, const int8_t
   }
 }
 
-// Per-thread buffer for a packed panel, grown on demand and kept for later
-// calls (avoids a page-faulting allocation per call).
-struct ThreadBuffer {
-  uint8_t* p = nullptr;
-  size_t size = 0;
-  ~ThreadBuffer() { std::free(p); }
-  uint8_t* get(size_t bytes) {
-    if (bytes > size) {
-      std::free(p);
-      size = (bytes + 4095) & ~size_t(4095);
-      p = static_cast<uint8_t*>(std::aligned_alloc(64, size));
-    }
-    return p;
-  }
-};
 
 // ---------------------------------------------------------------------------
 // Large-M "packed" kernel
@@ -448,7 +434,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
     // Contiguous unit range in panel-major order: each thread packs a panel
     // once and then sweeps its row blocks.
     const int64_t u0 = units * t / T, u1 = units * (t + 1) / T;
-    uint8_t* buf = tl_panel.get(panel_bytes);
+    uint8_t* buf = tl_panel.get<uint8_t>(panel_bytes);
     int64_t packed = -1;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t p = u / mblocks, mb = u % mblocks;

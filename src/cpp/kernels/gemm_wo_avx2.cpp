@@ -78,6 +78,7 @@
 #include <cstring>
 
 #include "llmeq/cpu_kernels.h"
+#include "thread_buffer.h"
 
 namespace llmeq {
 namespace cpu {
@@ -105,20 +106,6 @@ template <int BITS> constexpr int kQOff = BITS >= 4 ? 0 : (1 << (BITS - 1));
 // The offset is subtracted when there is a zero-point, and always for 2/3-bit.
 template <int BITS, bool ZP> constexpr bool kSub = ZP || BITS < 4;
 
-// Per-thread buffer, grown on demand and kept for later calls.
-struct ThreadBuffer {
-  float* p = nullptr;
-  size_t size = 0;
-  ~ThreadBuffer() { std::free(p); }
-  float* get(size_t floats) {
-    if (floats > size) {
-      std::free(p);
-      size = (floats + 1023) & ~size_t(1023);
-      p = static_cast<float*>(std::aligned_alloc(64, size * sizeof(float)));
-    }
-    return p;
-  }
-};
 thread_local ThreadBuffer tl_x;  // x padded to whole chunks (4-bit: even / odd split)
 
 // n < 8 bytes, rest zero: the chunk that runs past the end of a row (8- and
@@ -518,7 +505,7 @@ struct XBlocks {
 template <int BITS, bool ZP>
 void panel_range(const WoArgs& a, const float* xpk, int64_t Kp, const XBlocks& xb, int64_t p0,
                  int64_t p1) {
-  float* wp = tl_wpanel.get(static_cast<size_t>(kPanelN * kPanelK));
+  float* wp = tl_wpanel.get<float>(static_cast<size_t>(kPanelN * kPanelK));
   for (int64_t kb = 0; kb < a.K; kb += kPanelK) {
     const int64_t ke = imin(a.K, kb + kPanelK);
     const int64_t kc = imin(Kp, kb + kPanelK) - kb;  // chunk-padded length of this block
@@ -541,7 +528,7 @@ void run_panels(const WoArgs& a, const float* xs, int64_t ldx, int nt) {
   const int64_t Kp = ldx;  // already a whole number of chunks
   const XBlocks xb{a.M / 16, a.M % 16, a.M % 16 != 0 && a.M % 16 <= 8};
   const int64_t nblk = xb.full16 + (xb.rest ? 1 : 0);
-  float* xpk = tl_xpack.get(static_cast<size_t>(nblk * Kp * 16));
+  float* xpk = tl_xpack.get<float>(static_cast<size_t>(nblk * Kp * 16));
   for (int64_t b = 0; b < nblk; ++b) {
     const int64_t MB = b == xb.full16 && xb.rest8 ? 8 : 16;
     float* dst = xpk + b * Kp * 16;
@@ -606,7 +593,7 @@ bool gemm_weight_only_avx2(int64_t M, int64_t N, int64_t K, const float* x, cons
   int64_t ldx = K;
   if (bits == 4 || K % C != 0) {
     ldx = (K + C - 1) / C * C;
-    float* p = tl_x.get(static_cast<size_t>(M * ldx));
+    float* p = tl_x.get<float>(static_cast<size_t>(M * ldx));
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * K;
       float* pr = p + m * ldx;

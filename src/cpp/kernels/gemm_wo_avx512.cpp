@@ -34,6 +34,7 @@
 #include <cstdlib>
 
 #include "llmeq/cpu_kernels.h"
+#include "thread_buffer.h"
 
 namespace llmeq {
 namespace cpu {
@@ -59,20 +60,6 @@ struct WoArgs {
   float* out;
 };
 
-// Per-thread buffer, grown on demand and kept for later calls.
-struct ThreadBuffer {
-  float* p = nullptr;
-  size_t size = 0;
-  ~ThreadBuffer() { std::free(p); }
-  float* get(size_t floats) {
-    if (floats > size) {
-      std::free(p);
-      size = (floats + 1023) & ~size_t(1023);
-      p = static_cast<float*>(std::aligned_alloc(64, size * sizeof(float)));
-    }
-    return p;
-  }
-};
 thread_local ThreadBuffer tl_xsplit;  // int4: x with even / odd k split
 
 // Nibble value v (0..15) encodes q = v < 8 ? v : v - 16.
@@ -270,7 +257,7 @@ bool gemm_weight_only_avx512(int64_t M, int64_t N, int64_t K, const float* x, co
   int64_t ldxs = 0;
   if (bits == 4) {
     ldxs = (K + 31) / 32 * 32;
-    float* p = tl_xsplit.get(static_cast<size_t>(M * ldxs));
+    float* p = tl_xsplit.get<float>(static_cast<size_t>(M * ldxs));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < ldxs; ++k) {
         const int64_t c = k & ~int64_t(31), e = k & 31;  // destination lane e of chunk c
