@@ -50,7 +50,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .data import default_calib_file
 
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    text = read_text(args.text or default_calib_file(), max_chars=20000)
+    text_path = args.text or default_calib_file()
+    text = read_text(text_path, max_chars=20000)
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     layers = model.model.layers
     if not 0 <= args.layer < len(layers):
@@ -66,7 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     x, y = seen["x"], seen["y"]
     name = f"model.layers.{args.layer}.mlp.{args.proj}"
     print(f"layer {name}: {lin.in_features} -> {lin.out_features}, real input {tuple(x.shape)} "
-          f"from {ids.shape[1]} tokens of {os.path.basename(args.text or default_calib_file())}")
+          f"from {ids.shape[1]} tokens of {os.path.basename(text_path)}")
     rows = []
     float_bytes = lin.weight.numel() * 2  # fp16 storage as the size baseline
     x2 = x.reshape(-1, lin.in_features)
@@ -124,7 +125,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows = run_compare(lambda: load_model(args.model, trust_remote_code=args.trust_remote_code), presets, out_dir=args.out, seq_len=args.seq_len,
+    rows = run_compare(lambda: load_model(args.model, trust_remote_code=args.trust_remote_code), presets,
+                       out_dir=args.out, seq_len=args.seq_len,
                        max_windows=None if args.max_windows == 0 else args.max_windows,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                        speed=not args.no_speed, resume=args.resume, progress=not args.quiet,

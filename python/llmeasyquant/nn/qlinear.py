@@ -256,7 +256,7 @@ class QLinear(nn.Module):
             bad(f"the static activation scale must be finite and > 0, got {self.act_scale.tolist()}")
         if self.act == "ema":
             st = self.ema_state
-            if not torch.isfinite(st).all() or st[0] < 0 or st[3] < 0 or st[1] > st[2] and st[3] > 0:
+            if not torch.isfinite(st).all() or st[0] < 0 or st[3] < 0 or (st[3] > 0 and st[1] > st[2]):
                 bad(f"the EMA state [absmax, min, max, steps] is invalid: {st.tolist()}")
 
     def _apply(self, fn, recurse=True):
