@@ -9,7 +9,7 @@ from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import data, ops
 from .nn import QLinear, replace_linear
 from .api import quantize
-from .methods.base import available_methods, config_for
+from .methods import available_methods, config_for
 from .io import load, save
 
 

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
+import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-import time
-
 from .calibration import calibration_batches
 from .log import logger
-from .sharding import Shard
-from .methods.base import QuantConfig, config_for
+from .methods import QuantConfig, config_for, method_for
 from .models.extract import extract
-
-# method name -> module in llmeasyquant.methods with apply(model, spec, config, calib, progress)
-_METHOD_MODULES = {
-    "absmax": "rtn",
-    "zeropoint": "rtn",
-    "zeroquant": "rtn",
-    "smoothquant": "smoothquant",
-    "gptq": "gptq_method",
-    "awq": "awq_method",
-    "simquant": "simquant",  # KV cache only; weights stay float
-    "mixed": "mixed",  # per-layer bit widths (llmeasyquant.search)
-}
-_NEEDS_CALIBRATION = {"smoothquant", "gptq", "awq"}
+from .peak_memory import PeakMemory, measure_peak
+from .pipeline import PipelineReport
+from .sharding import Shard
 
 
 def _calibration(config: QuantConfig, calib, tokenizer) -> list[torch.Tensor]:
@@ -42,19 +31,41 @@ def _calibration(config: QuantConfig, calib, tokenizer) -> list[torch.Tensor]:
     return calibration_batches(tokenizer, calib, n_samples=config.n_calib, seq_len=config.calib_seq_len)
 
 
+@dataclass
+class QuantizeReport:
+    """What one ``quantize`` call did and held (``model.llmeq_report``; not saved)."""
+
+    method: str
+    description: str
+    seconds: float
+    calibration_batches: int
+    memory: PeakMemory
+    pipeline: Optional[PipelineReport] = None  # blockwise methods: activations held, time per stage
+
+    def summary(self) -> str:
+        s = f"{self.description}: {self.seconds:.1f} s, {self.memory.summary()}"
+        return s + (f"; {self.pipeline.summary()}" if self.pipeline is not None else "")
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquant", calib=None, *,
-             tokenizer=None, progress: bool = True, shard=None, **options) -> nn.Module:
+             tokenizer=None, progress: bool = True, shard=None, device=None, **options) -> nn.Module:
     """Quantize a Hugging Face causal LM in place and return it.
 
-    ``method_or_config``: a method name (``absmax``, ``zeropoint``, ``zeroquant``,
-    ``smoothquant``, ``gptq``, ``awq``) with ``options`` overriding its config
-    fields, or a config object. ``calib``: a text file, a list of strings, or a
-    list of token-id tensors; default WikiText-2 validation (needs
-    ``tokenizer``). Linears named in ``exclude`` (default ``lm_head``) stay float.
-    ``shard``: a :class:`llmeasyquant.distributed.ProcessShard` to split the
-    work over torch.distributed ranks (see :func:`llmeasyquant.distributed.quantize`);
-    every rank ends with the same quantized model.
+    ``method_or_config``: a method name (``llmeasyquant.available_methods()``:
+    ``absmax``, ``zeropoint``, ``zeroquant``, ``smoothquant``, ``gptq``,
+    ``awq``, ``simquant``, ``mixed``, and any registered with
+    ``llmeasyquant.methods.register_method``) with ``options`` overriding its
+    config fields, or a config object. ``calib``: a text file, a list of
+    strings, or a list of token-id tensors; default WikiText-2 validation
+    (needs ``tokenizer``). Linears named in ``exclude`` (default ``lm_head``)
+    stay float. ``shard``: a :class:`llmeasyquant.distributed.ProcessShard` to
+    split the work over torch.distributed ranks (see
+    :func:`llmeasyquant.distributed.quantize`); every rank ends with the same
+    quantized model. ``device``: where blockwise methods (GPTQ, AWQ,
+    SmoothQuant) run each decoder block, one at a time, while the model stays
+    where it is (e.g. a model on the CPU quantized on ``"cuda"``); default:
+    where the model is. ``model.llmeq_report`` tells the time and peak memory.
     """
     if isinstance(method_or_config, QuantConfig):
         if options:
@@ -62,23 +73,28 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
         config = method_or_config
     else:
         config = config_for(method_or_config, **options)
+    method = method_for(config.method)
     spec = extract(model)
-    needs = (config.method in _NEEDS_CALIBRATION or config.act == "static"
-             or getattr(config, "base", None) == "gptq")
+    needs = method.needs_calibration(config)
     batches = _calibration(config, calib, tokenizer) if needs else []
     shard = shard or Shard()
     if needs:
         # every rank tokenizes the same windows (seeded); data-parallel keeps its share
         batches = shard.local_batches(batches)
-    module = importlib.import_module(f".methods.{_METHOD_MODULES[config.method]}", __package__)
     was_training = model.training
     model.eval()
     logger.info("%s: %s on a %s model (%d decoder blocks), %d calibration batch(es)%s", config.method,
                 config.describe(), spec.model_type, len(spec.blocks), len(batches),
                 "" if shard.world == 1 else f", rank {shard.rank} of {shard.world}")
+    on_cuda = device is not None and torch.device(device).type == "cuda" or any(
+        p.is_cuda for p in model.parameters())
     t0 = time.perf_counter()
-    module.apply(model, spec, config, batches, progress=progress, shard=shard)
-    logger.info("%s: done in %.1f s", config.method, time.perf_counter() - t0)
+    with measure_peak(cuda=on_cuda) as peak:
+        result = method.apply(model, spec, config, batches, progress=progress, shard=shard, device=device)
+    report = QuantizeReport(config.method, config.describe(), time.perf_counter() - t0, len(batches), peak,
+                            result if isinstance(result, PipelineReport) else None)
+    logger.info("%s: done; %s", config.method, report.summary())
     model.train(was_training)
     model.llmeq_config = config
+    model.llmeq_report = report
     return model

@@ -1,6 +1,6 @@
-"""Calibration: turning text into token batches, and running a model over them
-to collect what methods need (per-channel activation statistics, per-block
-inputs for layer-by-layer methods such as GPTQ and AWQ).
+"""Calibration: turning text into token batches, per-channel activation
+statistics, and whole-model passes with observers. The block-by-block driver
+that calibration-based methods run through is :mod:`llmeasyquant.pipeline`.
 
 Text defaults to WikiText-2 *validation* (``wiki.valid.tokens``); evaluation
 uses the test split, so calibration never sees evaluation text.
@@ -8,9 +8,8 @@ uses the test split, so calibration never sees evaluation text.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -112,80 +111,3 @@ def collect_input_stats(model: nn.Module, paths: Iterable[str], batches: Sequenc
     observe_model(model, paths, batches, lambda p, x: stats[p].update(x.float()),
                   "calibrating (activation statistics)", progress)
     return stats
-
-
-class _StopForward(Exception):
-    pass
-
-
-@dataclass
-class BlockInputs:
-    """What the first decoder block received for each calibration batch."""
-
-    hidden: list[torch.Tensor]
-    args: list[tuple]
-    kwargs: list[dict]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[torch.Tensor]) -> BlockInputs:
-    """Run the model up to its first decoder block and keep the block's inputs
-    (hidden states and the extra arguments: masks, rotary embeddings, ...).
-    The same extra arguments serve every block, which is how the blocks are
-    called by the model itself."""
-    seen = BlockInputs([], [], [])
-
-    def grab(module, args, kwargs):
-        seen.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        seen.args.append(tuple(args[1:]))
-        seen.kwargs.append(dict(kwargs))
-        raise _StopForward
-
-    h = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in batches:
-            try:
-                model(ids, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        h.remove()
-    return seen
-
-
-def block_forward(block: nn.Module, inputs: BlockInputs, i: int) -> torch.Tensor:
-    out = block(inputs.hidden[i], *inputs.args[i], **inputs.kwargs[i])
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def observe_block(block: nn.Module, inputs: BlockInputs, names: Iterable[str],
-                  on_input: Callable[[str, torch.Tensor], None]) -> None:
-    """Run ``block`` over every calibration input; ``on_input(name, x)`` sees
-    the input rows ``x [tokens, K]`` of each linear named in ``names``."""
-    hooks = [block.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: on_input(n, args[0].detach().reshape(-1, args[0].shape[-1]))) for n in names]
-    try:
-        for j in range(len(inputs.hidden)):
-            block_forward(block, inputs, j)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-@torch.no_grad()
-def run_blockwise(model: nn.Module, blocks: Sequence[nn.Module], batches: Sequence[torch.Tensor],
-                  process_block: Callable[[int, nn.Module, BlockInputs], None], desc: str = "quantizing",
-                  progress: bool = True,
-                  forward_context: Optional[Callable[[int, nn.Module], ContextManager]] = None) -> None:
-    """Layer-by-layer processing: ``process_block(i, block, inputs)`` sees the
-    inputs block ``i`` receives *from the already-processed blocks before it*
-    (so errors of earlier quantized blocks are accounted for, as in GPTQ);
-    afterwards the block's outputs become the next block's inputs. Only one
-    block's activations are held at a time. ``forward_context(i, block)``
-    wraps that forward (timing the quantized layers)."""
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-        process_block(i, block, inputs)
-        with forward_context(i, block) if forward_context else contextlib.nullcontext():
-            inputs.hidden = [block_forward(block, inputs, j) for j in range(len(inputs.hidden))]

@@ -224,10 +224,34 @@ _CONFIG_FIELDS = ("k_bits", "v_bits", "k_symmetric", "v_symmetric", "chunk_size"
                   "outlier_fraction", "residual_length", "sink_tokens", "pre_rope")
 
 
-def default_kv_config():
-    from .methods.simquant import SimQuantConfig
+@dataclass
+class KVCacheConfig:
+    """How the cache quantizes (the fields of ``SimQuantConfig``, which extends this).
 
-    return SimQuantConfig()
+    Keys are quantized per channel over chunks of ``chunk_size`` tokens (before
+    RoPE when ``pre_rope`` and the model has an invertible rotary embedding),
+    values per token over head_dim (or groups of ``v_group_size`` channels), both
+    asymmetric unless ``*_symmetric``; ``outlier_fraction`` of each (batch, head)
+    chunk slice, the largest magnitudes, is kept exactly (dense-and-sparse). The
+    most recent ``residual_length`` tokens and the first ``sink_tokens`` stay in
+    full precision. ``residual_length=0`` (and ``sink_tokens=0``): attention sees
+    every K/V quantized, the setting for perplexity measurements.
+    """
+
+    k_bits: int = 4
+    v_bits: int = 4
+    k_symmetric: bool = False
+    v_symmetric: bool = False
+    chunk_size: int = 64
+    v_group_size: int = -1
+    outlier_fraction: float = 0.0
+    residual_length: int = 32
+    sink_tokens: int = 0
+    pre_rope: bool = True
+
+
+def default_kv_config() -> KVCacheConfig:
+    return KVCacheConfig()
 
 
 def check_kv_config(cfg) -> None:

@@ -151,7 +151,7 @@ def plot_breakdown(bars: dict[str, dict[str, float]], out_dir: str, stem: str, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .distributed.timing import PHASES
+    from .sharding import PHASES
 
     labels = list(bars)
     fig, ax = plt.subplots(figsize=(max(6.4, 0.28 * len(labels) + 2), 4.2))

@@ -19,6 +19,10 @@ from torch import nn
 from .nn.qlinear import QLinear
 
 
+# what a method's time is spent on (Shard.phase names; paper eq. 12 plus calibration)
+PHASES = ("load", "calib", "quant", "gemm", "comm", "sync")
+
+
 def partition(keys: Sequence[str], costs: Sequence[float], world: int) -> dict[str, int]:
     """Longest-processing-time-first: each unit (in order of decreasing cost,
     ties by position) goes to the rank with the least work so far (ties: lowest rank)."""

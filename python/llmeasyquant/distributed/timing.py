@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-PHASES = ("load", "calib", "quant", "gemm", "comm", "sync")
+from ..sharding import PHASES  # noqa: F401  (re-exported)
 
 
 class Breakdown:

@@ -6,6 +6,10 @@ dropped, as in the GPTQ/AWQ/SmoothQuant evaluations). Perplexity is
 exp(mean NLL) over every predicted token: ``seq_len - 1`` per window, or with
 a ``stride`` < seq_len, only the tokens not already scored by the previous
 window (each with the full left context of its window).
+
+The same function measures a model with a quantized KV cache (SimQuant): each
+window is one prefill forward with a fresh quantized cache, so attention sees
+the quantized K/V (all of them when ``residual_length == 0``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import default_eval_file, read_text
+from ..methods.simquant import make_cache
 
 
 @dataclass
@@ -46,10 +51,14 @@ def tokenize_file(tokenizer, path: str) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, path: Optional[str] = None,
                seq_len: int = 2048, stride: Optional[int] = None, max_windows: Optional[int] = None,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, kv=None) -> PerplexityResult:
     """Perplexity of ``model`` on a text file (default: WikiText-2 raw test).
 
     Pass ``ids`` (already tokenized, 1-D) to reuse one tokenization across models.
+    ``kv``: None - through the model's SimQuant KV cache when it has one
+    (``quantize(model, "simquant")`` attached it), else without a cache;
+    a SimQuant/KV config - through a cache with that config; ``False`` - no
+    quantized cache (the float baseline of the same model).
     """
     if ids is None:
         if tokenizer is None:
@@ -60,9 +69,13 @@ def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, pat
         raise ValueError(f"perplexity: seq_len must be an integer >= 2 (tokens per window), got {seq_len!r}")
     if max_windows is not None and not (isinstance(max_windows, int) and max_windows >= 1):
         raise ValueError(f"perplexity: max_windows must be None (all windows) or an integer >= 1, got {max_windows!r}")
+    kv = getattr(model, "llmeq_kv_config", None) if kv is None else (kv or None)
     stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
+    if kv is not None and stride != seq_len:
+        raise ValueError(f"perplexity with a quantized KV cache uses non-overlapping windows (stride = seq_len = "
+                         f"{seq_len}), got stride {stride}")
     starts = list(range(0, ids.numel() - seq_len + 1, stride))
     if max_windows is not None:
         starts = starts[:max_windows]
@@ -70,9 +83,12 @@ def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, pat
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     total_nll, count = 0.0, 0
     prev_end = 0
-    for s in tqdm(starts, desc="perplexity", disable=not progress):
+    for s in tqdm(starts, desc="perplexity" if kv is None else "kv perplexity", disable=not progress):
         window = ids[s: s + seq_len].unsqueeze(0)
-        logits = model(window, use_cache=False).logits.float()
+        if kv is None:
+            logits = model(window, use_cache=False).logits.float()
+        else:  # one prefill through a fresh quantized cache
+            logits = model(window, cache=make_cache(model, kv), use_cache=True).logits.float()
         # predictions for tokens s+1 .. s+seq_len-1; score only those not scored before
         first_new = max(prev_end, s + 1) - s
         logp = torch.log_softmax(logits[0, first_new - 1: -1], dim=-1)
@@ -83,16 +99,9 @@ def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, pat
     nll = total_nll / count
     dtype = str(next(model.parameters()).dtype).replace("torch.", "") if any(True for _ in model.parameters()) else "?"
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(starts), seq_len=seq_len,
-                            stride=stride, dtype=dtype, source=str(path))
+                            stride=stride, dtype=dtype, source=str(path) if path is not None else "ids")
 
 
-def model_perplexity(model, ids: torch.Tensor, *, seq_len: int = 2048, max_windows: Optional[int] = None,
-                     progress: bool = True) -> PerplexityResult:
-    """:func:`perplexity`, or, for a model with a SimQuant KV cache
-    (``model.llmeq_kv_config``), the same protocol through the quantized cache."""
-    kv = getattr(model, "llmeq_kv_config", None)
-    if kv is None:
-        return perplexity(model, ids=ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    from ..methods.simquant import kv_perplexity
-
-    return kv_perplexity(model, ids, kv, seq_len=seq_len, max_windows=max_windows, progress=progress)
+def model_perplexity(model, ids: torch.Tensor, **kwargs) -> PerplexityResult:
+    """:func:`perplexity` on pre-tokenized ``ids`` (the model's KV cache honoured)."""
+    return perplexity(model, ids=ids, **kwargs)

@@ -68,6 +68,21 @@ def to_qlinear(module: nn.Module, config, **overrides) -> QLinear:
     return QLinear.from_linear(module, **kw)
 
 
+def quantized_from(module: nn.Module, config, q, scale, zero_point) -> QLinear:
+    """A QLinear holding integer weights a method computed (bias copied)."""
+    W = weight_nk(module)
+    N, K = W.shape
+    bias = getattr(module, "bias", None)
+    ql = QLinear(K, N, bias is not None, w_bits=config.w_bits, w_group_size=config.w_group_size,
+                 w_symmetric=config.w_symmetric, act=config.act, act_symmetric=config.act_symmetric,
+                 bias_dtype=bias.dtype if bias is not None else torch.float32, w_scale_dtype=config.w_scale_dtype,
+                 device=W.device)
+    ql.set_quantized(q, scale, zero_point if not config.w_symmetric else None)
+    if bias is not None:
+        ql.bias.copy_(bias.detach())
+    return ql
+
+
 def weight_cost(module: nn.Module) -> float:
     """Work of quantizing a layer, for partitioning layers over ranks."""
     return float(weight_nk(module).numel())

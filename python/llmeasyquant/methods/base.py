@@ -1,8 +1,18 @@
-"""Method configs and the registry that maps a method name to its code.
+"""The method registry, and the config base class every method extends.
 
-Every method is one module with one function ``apply(model, spec, config,
-calib) -> None`` that replaces the model's linears (in place) by QLinear.
-Configs are small dataclasses that round-trip through JSON.
+A method is one module (or one folder, when it has more than one file) under
+``llmeasyquant.methods`` that declares, next to its own code:
+
+* a config dataclass (a :class:`QuantConfig` subclass with a ``method`` name;
+  configs round-trip through JSON), and
+* ``@register_method(ConfigClass, calibrates=...)`` on its
+  ``apply(model, spec, config, calib, *, progress, shard, device)`` function,
+  which replaces the model's linears (in place) by QLinear.
+
+``calibrates`` says whether the method needs calibration batches (a bool, or
+a function of the config). Nothing else in the package lists methods: the
+API, the CLI and the save format look them up here. A method defined outside
+the package (a user's module, a test) registers the same way.
 """
 
 from __future__ import annotations
@@ -10,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Union
+
+from .._reference import SCALE_DTYPES
 
 
 @dataclass
@@ -36,8 +48,6 @@ class QuantConfig:
     w_scale_dtype: str = "float32"
 
     def __post_init__(self):
-        from .._reference import SCALE_DTYPES
-
         if self.w_scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"{self.method}: w_scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
                              f"got {self.w_scale_dtype!r}")
@@ -62,152 +72,69 @@ class QuantConfig:
         return f"{self.method} {w} {a}"
 
 
-@dataclass
-class AbsMaxConfig(QuantConfig):
-    method: ClassVar[str] = "absmax"
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its config class, its code, what it needs."""
+
+    name: str
+    config: type[QuantConfig]
+    apply: Callable
+    calibrates: Union[bool, Callable[[QuantConfig], bool]]
+    module: str  # where it is defined (for messages)
+
+    def needs_calibration(self, config: QuantConfig) -> bool:
+        return bool(self.calibrates(config) if callable(self.calibrates) else self.calibrates)
 
 
-@dataclass
-class ZeroPointConfig(QuantConfig):
-    method: ClassVar[str] = "zeropoint"
-    w_symmetric: bool = False
-    act_symmetric: bool = False
+_REGISTRY: dict[str, Method] = {}
 
 
-@dataclass
-class ZeroQuantConfig(QuantConfig):
-    """Group-wise weights + per-token dynamic activations (W8A8 / W4A8)."""
+def register_method(config: type[QuantConfig], *, calibrates: Union[bool, Callable[[QuantConfig], bool]] = False,
+                    replace: bool = False):
+    """Decorator: register ``apply`` as the code of ``config.method``.
 
-    method: ClassVar[str] = "zeroquant"
-    w_group_size: int = 64
-    act: Optional[str] = "dynamic"
+    A second registration of a name raises unless ``replace=True`` (a
+    re-imported module, or a test overriding a method on purpose)."""
+    if not (isinstance(config, type) and issubclass(config, QuantConfig)):
+        raise TypeError(f"register_method: expected a QuantConfig subclass, got {config!r}")
+    name = config.method
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"register_method: {config.__name__}.method must be an identifier, got {name!r}")
 
+    def decorate(apply: Callable) -> Callable:
+        old = _REGISTRY.get(name)
+        if old is not None and not replace and (old.module, old.apply.__qualname__) != (
+                apply.__module__, apply.__qualname__):
+            raise ValueError(f"method {name!r} is already registered by {old.module}; pass replace=True to override")
+        _REGISTRY[name] = Method(name, config, apply, calibrates, apply.__module__)
+        return apply
 
-@dataclass
-class SmoothQuantConfig(QuantConfig):
-    """Migrate activation outliers into the weights with per-channel scales
-    s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the previous op."""
-
-    method: ClassVar[str] = "smoothquant"
-    act: Optional[str] = "dynamic"
-    # asymmetric per-token activations cost nothing extra in the int8 GEMM
-    # (its epilogue always applies a zero-point correction) and halved the
-    # W8A8 perplexity increase on SmolLM2-135M (docs/results.md)
-    act_symmetric: bool = False
-    alpha: float = 0.5
-    # alpha searched per scale group on calibration tokens (output error of the
-    # quantized group); empty: use `alpha` everywhere
-    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    return decorate
 
 
-@dataclass
-class GPTQConfig(QuantConfig):
-    method: ClassVar[str] = "gptq"
-    w_bits: int = 4
-    w_group_size: int = 64
-    w_symmetric: bool = False
-    block_size: int = 128
-    damp: float = 0.01
-    # columns in order of decreasing Hessian diagonal (static groups: no run-time
-    # cost); on SmolLM2-135M W4 g64 it cut GPTQ's perplexity increase from +26 %
-    # to +17 % (RTN: +34 %), 4 windows x 1024 tokens
-    act_order: bool = True
-    n_calib: int = 32
+def unregister_method(name: str) -> None:
+    """Remove a method (tests that register their own)."""
+    _REGISTRY.pop(name, None)
 
 
-@dataclass
-class AWQConfig(QuantConfig):
-    method: ClassVar[str] = "awq"
-    w_bits: int = 4
-    w_group_size: int = 64
-    w_symmetric: bool = False
-    grid: int = 20
-    clip: bool = True
-    n_calib: int = 32
-
-
-@dataclass
-class SimQuantConfig(QuantConfig):
-    """KV-cache quantization; the weights stay float (the inherited ``w_*``/``act``
-    fields are unused).
-
-    Keys are quantized per channel over chunks of ``chunk_size`` tokens (before
-    RoPE when ``pre_rope`` and the model has an invertible rotary embedding),
-    values per token over head_dim (or groups of ``v_group_size`` channels), both
-    asymmetric unless ``*_symmetric``; ``outlier_fraction`` of each (batch, head)
-    chunk slice, the largest magnitudes, is kept exactly (dense-and-sparse). The
-    most recent ``residual_length`` tokens and the first ``sink_tokens`` stay in
-    full precision. ``residual_length=0`` (and ``sink_tokens=0``): attention sees
-    every K/V quantized, the setting for perplexity measurements.
-    """
-
-    method: ClassVar[str] = "simquant"
-    k_bits: int = 4
-    v_bits: int = 4
-    k_symmetric: bool = False
-    v_symmetric: bool = False
-    chunk_size: int = 64
-    v_group_size: int = -1
-    outlier_fraction: float = 0.0
-    residual_length: int = 32
-    sink_tokens: int = 0
-    pre_rope: bool = True
-
-    def describe(self) -> str:
-        s = f"simquant KV K{self.k_bits} V{self.v_bits} chunk{self.chunk_size} res{self.residual_length}"
-        if self.v_group_size != -1:
-            s += f" vg{self.v_group_size}"
-        if self.outlier_fraction:
-            s += f" outliers {100 * self.outlier_fraction:g}%"
-        if self.sink_tokens:
-            s += f" sink{self.sink_tokens}"
-        s += "" if self.pre_rope else " post-rope"
-        return s
-
-
-@dataclass
-class MixedConfig(QuantConfig):
-    """Per-layer bit widths (``bitmap``: layer path -> 2, 3, 4 or 8), e.g. from
-    :func:`llmeasyquant.search.search`. 8-bit layers per channel symmetric,
-    lower widths group-wise (``w_group_size``) asymmetric; ``base``: ``rtn`` or
-    ``gptq`` (each layer with its own input Hessian from the float model).
-    Layers not in the map stay float."""
-
-    method: ClassVar[str] = "mixed"
-    bitmap: dict = field(default_factory=dict)
-    base: str = "rtn"
-    w_group_size: int = 64
-    w_symmetric: bool = False
-    n_calib: int = 16  # as llmeasyquant.search draws the candidates' calibration windows
-    w_scale_dtype: str = "float16"  # as the search's candidates (size is what it optimises)
-
-    def describe(self) -> str:
-        counts: dict = {}
-        for b in self.bitmap.values():
-            counts[b] = counts.get(b, 0) + 1
-        mix = ", ".join(f"{n}xW{b}" for b, n in sorted(counts.items()))
-        return f"mixed ({mix}) {self.base} g{self.w_group_size} {self.w_scale_dtype} scales"
-
-
-_CONFIGS: dict[str, type[QuantConfig]] = {
-    c.method: c for c in (AbsMaxConfig, ZeroPointConfig, ZeroQuantConfig, SmoothQuantConfig, GPTQConfig, AWQConfig,
-                          SimQuantConfig, MixedConfig)
-}
+def method_for(name: str) -> Method:
+    m = _REGISTRY.get(name)
+    if m is None:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return m
 
 
 def config_for(method: str, **overrides) -> QuantConfig:
     """The config dataclass of ``method`` with ``overrides`` applied."""
-    cls = _CONFIGS.get(method)
-    if cls is None:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(_CONFIGS))}")
+    cls = method_for(method).config
     names = {f.name for f in dataclasses.fields(cls)}
     bad = set(overrides) - names
     if bad:
         raise ValueError(f"{method}: unknown option(s) {sorted(bad)}; options: {sorted(names)}")
-    if "exclude" in overrides:
-        overrides["exclude"] = tuple(overrides["exclude"])
-    if "alpha_grid" in overrides:
-        overrides["alpha_grid"] = tuple(overrides["alpha_grid"])
+    # JSON gives lists where the configs hold tuples (hashable, immutable)
+    for f in dataclasses.fields(cls):
+        if f.name in overrides and isinstance(overrides[f.name], list) and "tuple" in str(f.type):
+            overrides[f.name] = tuple(overrides[f.name])
     return cls(**overrides)
 
 
@@ -220,5 +147,4 @@ def config_from_json(text: str) -> QuantConfig:
 
 
 def available_methods() -> list[str]:
-    return sorted(_CONFIGS)
-
+    return sorted(_REGISTRY)

@@ -8,21 +8,41 @@ cache passed explicitly (``generate(..., cache=...)``) is used as is.
 
 ``make_cache(model)`` gives a cache for explicit use, e.g. a perplexity window:
 ``model(window, cache=make_cache(model), use_cache=True)`` (``past_key_values=``
-is the deprecated name of the same argument). ``kv_perplexity`` does exactly that
+is the deprecated name of the same argument). ``llmeasyquant.eval.perplexity`` does exactly that
 over WikiText-2 windows. See ``llmeasyquant.kvcache`` for what attention sees.
 """
 
 from __future__ import annotations
 
-import math
 import types
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..kvcache import SimQuantCache, check_kv_config
-from .base import QuantConfig, SimQuantConfig  # noqa: F401  (re-exported)
+from ..kvcache import KVCacheConfig, SimQuantCache, check_kv_config
+from .base import QuantConfig, register_method
+
+
+@dataclass
+class SimQuantConfig(QuantConfig, KVCacheConfig):
+    """KV-cache quantization (:class:`llmeasyquant.kvcache.KVCacheConfig` says
+    how); the weights stay float (the inherited ``w_*``/``act`` fields are unused)."""
+
+    method: ClassVar[str] = "simquant"
+
+    def describe(self) -> str:
+        s = f"simquant KV K{self.k_bits} V{self.v_bits} chunk{self.chunk_size} res{self.residual_length}"
+        if self.v_group_size != -1:
+            s += f" vg{self.v_group_size}"
+        if self.outlier_fraction:
+            s += f" outliers {100 * self.outlier_fraction:g}%"
+        if self.sink_tokens:
+            s += f" sink{self.sink_tokens}"
+        s += "" if self.pre_rope else " post-rope"
+        return s
+
 
 # decoder-only models whose attention stores K/V through `Cache.update(k, v, layer_idx)`
 # with K/V shaped [batch, kv_heads, tokens, head_dim] in this transformers version
@@ -93,41 +113,13 @@ def install_generate_hook(model: nn.Module) -> None:
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_with_simquant, model)
 
 
+@register_method(SimQuantConfig, calibrates=False)
 @torch.no_grad()
-def apply(model: nn.Module, spec, config, calib, progress: bool = True, shard=None) -> None:
+def apply(model: nn.Module, spec, config, calib, *, progress: bool = True, shard=None, device=None) -> None:
     """Attach the KV-cache config and make ``generate`` use a SimQuant cache by
-    default. No weights change; ``spec``, ``calib`` and ``shard`` are unused
-    (every rank does the same, cheap, setup)."""
+    default. No weights change; ``spec``, ``calib``, ``shard`` and ``device``
+    are unused (every rank does the same, cheap, setup)."""
     check_supported(model)
     check_kv_config(config)
     model.llmeq_kv_config = config
     install_generate_hook(model)
-
-
-@torch.no_grad()
-def kv_perplexity(model: nn.Module, ids: torch.Tensor, config=None, *, seq_len: int = 2048,
-                  max_windows: Optional[int] = None, progress: bool = False):
-    """WikiText-2-style perplexity (``eval.perplexity`` protocol: non-overlapping
-    windows, stride = seq_len) with a fresh SimQuant cache per window: one prefill
-    forward with ``use_cache=True``, so attention sees the quantized KV (all of it
-    when ``residual_length == 0``). ``config=False``: float baseline through the
-    same code path (default DynamicCache)."""
-    from tqdm.auto import tqdm
-
-    from ..eval.perplexity import PerplexityResult
-
-    starts = list(range(0, ids.numel() - seq_len + 1, seq_len))[:max_windows]
-    if not starts:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    total, count = 0.0, 0
-    for s in tqdm(starts, desc="kv perplexity", disable=not progress):
-        window = ids[s: s + seq_len].unsqueeze(0)
-        cache = None if config is False else make_cache(model, config)
-        logits = model(window, cache=cache, use_cache=True).logits.float()
-        logp = torch.log_softmax(logits[0, :-1], dim=-1)
-        total -= logp.gather(1, window[0, 1:].unsqueeze(1)).sum().item()
-        count += seq_len - 1
-    nll = total / count
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(starts), seq_len=seq_len,
-                            stride=seq_len, dtype=dtype, source="ids")

@@ -107,7 +107,7 @@ class Searcher:
             raise ValueError("no quantizable linear layers to search over")
         self.base, self.group_size, self.scale_dtype = base, group_size, scale_dtype
         t0 = time.perf_counter()
-        self.cands = build_candidates(model, self.paths, bits, group_size, base, batches, progress, scale_dtype)
+        self.cands = build_candidates(model, self.spec, self.paths, bits, group_size, base, batches, progress, scale_dtype)
         probe_batches = probe_batches or batches
         self.probe = LossProbe(model, self.spec, probe_batches)
         self.sens_probe = LossProbe(model, self.spec, [b[:, :sens_tokens] for b in probe_batches[:sens_batches]])
@@ -212,7 +212,7 @@ class Searcher:
 
     def apply(self, a: dict[str, int]) -> nn.Module:
         """Swap the assignment's QLinear layers into the model (in place)."""
-        from ..methods.base import MixedConfig
+        from ..methods.mixed import MixedConfig
 
         for p, b in a.items():
             swap(self.model, p, self.cands.table[p][b].layer)

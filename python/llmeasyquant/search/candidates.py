@@ -23,31 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._reference import packed_len, scale_dtype_of
-from ..calibration import observe_model
 from ..methods._common import weight_nk
+from ..methods.mixed import BASES, Layout, collect_hessians, layout_for, quantize_layer  # noqa: F401
+from ..models.extract import ModelSpec
 from ..nn.qlinear import QLinear
-
-BASES = ("rtn", "gptq")
-
-
-@dataclass(frozen=True)
-class Layout:
-    bits: int
-    group_size: int  # -1: per output channel
-    symmetric: bool
-    scale_dtype: str = "float16"
-
-
-def layout_for(bits: int, K: int, group_size: int, scale_dtype: str = "float16") -> Layout:
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"candidate bits must be among 2, 3, 4, 8, got {bits}")
-    scale_dtype_of(scale_dtype)  # a clear error for anything else
-    if bits == 8:
-        return Layout(8, -1, True, scale_dtype)
-    if group_size > 0 and K % group_size:
-        raise ValueError(f"group size {group_size} does not divide K={K}")
-    return Layout(bits, group_size, False, scale_dtype)
-
 
 def layer_bytes(N: int, K: int, layout: Layout, bias_bytes: int = 0) -> int:
     """Bytes a QLinear of this layout holds (weights, scales, zero-points, bias)."""
@@ -87,45 +66,13 @@ class Candidates:
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, paths: list[str], batches, progress: bool = True) -> dict[str, torch.Tensor]:
-    """X^T X (float64) of every layer's input over the calibration batches, float model."""
-    H: dict[str, torch.Tensor] = {}
-    for p in paths:
-        K = weight_nk(model.get_submodule(p)).shape[1]
-        H[p] = torch.zeros(K, K, dtype=torch.float64)
-
-    def add(p: str, x: torch.Tensor) -> None:
-        xd = x.reshape(-1, x.shape[-1]).double()
-        H[p].add_(xd.T @ xd)
-
-    observe_model(model, paths, batches, add, "search: Hessians", progress)
-    return H
-
-
-def quantize_layer(module: nn.Module, layout: Layout, base: str, hessian=None) -> QLinear:
-    if base == "rtn" or layout.bits == 8:  # 8-bit: RTN is already near-lossless
-        return QLinear.from_linear(module, w_bits=layout.bits, w_group_size=layout.group_size,
-                                   w_symmetric=layout.symmetric, act=None, w_scale_dtype=layout.scale_dtype)
-    from ..methods.base import GPTQConfig
-    from ..methods.gptq import gptq_quantize
-    from ..methods.gptq_method import quantized_from
-
-    # act_order: as GPTQConfig's default (it cut W4 g64's perplexity increase by a third on SmolLM2)
-    r = gptq_quantize(weight_nk(module).float(), hessian, bits=layout.bits, group_size=layout.group_size,
-                      symmetric=layout.symmetric, act_order=True, scale_dtype=scale_dtype_of(layout.scale_dtype))
-    cfg = GPTQConfig(w_bits=layout.bits, w_group_size=layout.group_size, w_symmetric=layout.symmetric, act=None,
-                     w_scale_dtype=layout.scale_dtype)
-    return quantized_from(module, cfg, r.q, r.scale, r.zero_point)
-
-
-@torch.no_grad()
-def build_candidates(model: nn.Module, paths: list[str], bits: tuple[int, ...], group_size: int, base: str,
-                     batches=None, progress: bool = True, scale_dtype: str = "float16") -> Candidates:
+def build_candidates(model: nn.Module, spec: ModelSpec, paths: list[str], bits: tuple[int, ...], group_size: int,
+                     base: str, batches=None, progress: bool = True, scale_dtype: str = "float16") -> Candidates:
     if base not in BASES:
         raise ValueError(f"unknown base quantizer {base!r}; choose from {', '.join(BASES)}")
     if base == "gptq" and not batches:
         raise ValueError("base quantizer 'gptq' needs calibration batches")
-    hessians = collect_hessians(model, paths, batches, progress) if base == "gptq" else {}
+    hessians = collect_hessians(model, spec, paths, batches, progress) if base == "gptq" else {}
     c = Candidates(paths, bits)
     for p in tqdm(paths, desc=f"search: {base} candidates", disable=not progress):
         mod = model.get_submodule(p)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import capture_block_inputs
+from ..pipeline import capture_block_inputs
 from ..methods._common import swap
 from ..models.extract import ModelSpec
 
