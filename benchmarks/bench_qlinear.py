@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from llmeasyquant import bench
+from llmeasyquant.cli import add_bench_arguments, bench_options
 
 
 def write_docs(table: str, header: str, path: Path) -> None:
@@ -30,12 +31,12 @@ def write_docs(table: str, header: str, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(p)
+    add_bench_arguments(p)
     p.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = p.parse_args(argv)
     cmd = "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)") + " python " + " ".join(
         ["benchmarks/bench_qlinear.py"] + (argv if argv is not None else sys.argv[1:]))
-    header, table = bench.run(args, cmd)
+    header, table = bench.run(**bench_options(args), command=cmd)
     print()
     print(header)
     print()

@@ -152,3 +152,11 @@ def fails_while_peer_stopped(rank, world):
         os.kill(os.getpid(), signal.SIGSTOP)
         time.sleep(600)
     raise ValueError("rank 0 gave up")
+
+
+def quantize_command(rank, world, src, out, breakdown):
+    """The torchrun entry's library function, called with typed arguments on every rank."""
+    from llmeasyquant.distributed.command import quantize_distributed
+
+    return quantize_distributed(model=src, method="absmax", out=out, calib=None, backend="gloo", device="cpu",
+                                timeout_s=60, breakdown=breakdown, quiet=True, options={"act": "dynamic"})

@@ -57,7 +57,9 @@ def test_cli_demo_on_default_model():
 
 
 def test_bench_qlinear_runs(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks"))
+    # the caller's PYTHONPATH kept: the script must import the llmeasyquant under test, not an installed one
+    paths = [str(ROOT / "benchmarks")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_qlinear.py"), "--shapes", "quick",
                         "--tokens", "1,16", "--reps", "2", "--rounds", "1"],
                        capture_output=True, text=True, timeout=300, env=env)
@@ -74,6 +76,27 @@ def test_bench_command_times_and_checks(capsys):
     assert "| 256x384 | 3 |" in out and "Ops alone" in out and "int8 GEMM (int32 out)" in out
     assert cli.main(["bench", "--shapes", "quick", "--tokens", "0"]) == 2
     assert "positive token counts" in capsys.readouterr().err
+
+
+def test_bench_run_takes_typed_arguments(capsys):
+    from llmeasyquant import bench
+
+    n = torch.get_num_threads()
+    try:
+        header, table = bench.run(threads=1, reps=1, rounds=1, shapes=[(64, 128)], tokens=[2], ops=True,
+                                  command="typed")
+        assert "| 64x128 | 2 |" in table and "Ops alone" in table
+        assert "1 threads" in header and "command: `typed`" in header and "median of 1 runs" in header
+        assert "N=64 K=128 M=2:" in capsys.readouterr().out  # progress, one line per point
+        for kw, msg in ((dict(tokens="1,x"), "tokens: expected comma-separated integers, got '1,x'"),
+                        (dict(tokens=[0]), r"tokens: expected positive token counts, got \[0\]"),
+                        (dict(shapes="nope"), "shapes: expected one of all, gpt2, llama, quick, smollm2"),
+                        (dict(shapes=[(64,)]), r"shapes: expected \(N, K\) pairs"),
+                        (dict(reps=0), "reps: expected an integer >= 1, got 0")):
+            with pytest.raises(ValueError, match=msg):
+                bench.run(**{"shapes": "quick", "tokens": [1], **kw})
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("command", ["info", "bench", "compare", "quantize", "search", "eval", "export", "demo"])

@@ -216,6 +216,21 @@ def test_torchrun_cli_quantize_matches_one_process(tmp_path):
     assert lqd.model_digests(saved) == lqd.model_digests(model)
 
 
+def test_quantize_distributed_typed_returns_the_report_on_rank_0(tmp_path):
+    import llmeasyquant as lq
+    import tiny_models
+
+    src = tmp_path / "tiny"
+    tiny_models.build("llama").save_pretrained(src)
+    tiny_models.byte_tokenizer().save_pretrained(src)
+    out, bd = tmp_path / "q", tmp_path / "bd.md"
+    reports = run_local(W.quantize_command, 2, str(src), str(out), str(bd), timeout_s=TIMEOUT).ordered()
+    assert reports[1] is None  # only rank 0 saves and reports
+    assert reports[0].startswith("absmax W8 A8 dynamic on 2 rank(s) (gloo, cpu, replicated calibration): ")
+    assert reports[0].endswith(bd.read_text().rstrip("\n")) and f"saved to {out}" in reports[0]
+    assert lq.load(str(out)).llmeq_config.method == "absmax"
+
+
 def test_distributed_entry_point_usage():
     import subprocess
 

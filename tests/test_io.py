@@ -119,3 +119,19 @@ def test_newer_format_and_missing_files(saved, tmp_path):
         lq.load(tmp_path)
     with pytest.raises(TypeError, match="expected a transformers model"):
         lq.save(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_load_any_takes_a_saved_folder_or_a_model(tmp_path, one_thread):
+    from llmeasyquant.io import load_any
+
+    model, tok = tiny_models.build("llama"), tiny_models.byte_tokenizer()
+    model.save_pretrained(tmp_path / "float")
+    tok.save_pretrained(tmp_path / "float")
+    m, t = load_any(str(tmp_path / "float"))
+    assert getattr(m, "llmeq_config", None) is None and t is not None
+    lq.quantize(m, "absmax", act="dynamic", progress=False)
+    lq.save(m, str(tmp_path / "q"), tokenizer=t)
+    q, t2 = load_any(str(tmp_path / "q"))
+    assert q.llmeq_config.method == "absmax" and t2 is not None
+    with pytest.raises(FileNotFoundError):
+        load_any(str(tmp_path / "nothing"))

@@ -105,3 +105,15 @@ def test_cli_quantize_then_export(tmp_path, capsys, one_thread):
     assert diff < 1e-4, out
     assert cli.main(["export", str(tmp_path / "m"), "--onnx", str(tmp_path / "x.onnx")]) == 2  # not quantized
     assert "not a saved llmeasyquant model" in capsys.readouterr().err
+
+
+def test_check_against_torch(tmp_path, one_thread):
+    from llmeasyquant.onnx_export import check_against_torch
+
+    model, tok = tiny_models.build("llama"), tiny_models.byte_tokenizer()
+    lq.quantize(model, "absmax", act="dynamic", progress=False)
+    path = export_onnx(model, str(tmp_path / "m.onnx"), seq_len=12)
+    check = check_against_torch(model, tok, path, seq_len=12)
+    assert check.tokens == 12 and 0 <= check.max_abs_diff < 1e-4
+    with pytest.raises(ValueError, match="expected text of at least seq_len=12 tokens, got 3"):
+        check_against_torch(model, tok, path, seq_len=12, text="abc")

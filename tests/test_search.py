@@ -129,3 +129,36 @@ def test_search_cli_writes_report_bitmap_and_model(tmp_path, one_thread, caplog)
     assert lq.load(str(out / "model")).llmeq_config.method == "mixed"
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no half-written folders left
     assert cli.main(["search", str(src), "--out", str(out)]) == 2  # no budget given: one-line error
+
+
+def test_write_search_output_direct(tmp_path, one_thread):
+    from llmeasyquant.outdir import DestinationError
+    from llmeasyquant.search.report import is_search_output, search_summary, write_search_output
+
+    model = tiny_models.build("llama")
+    s = Searcher(model, _batches(), group_size=32, progress=False)
+    res = s.run("greedy", budget_bits=5.0, max_evals=4)
+    out = tmp_path / "out"
+    shown = write_search_output(s, res, out, tokenizer=tiny_models.byte_tokenizer(), model_name="tiny",
+                                command="llmeasyquant search tiny", progress=None)
+    assert shown == [search_summary(res)]
+    assert shown[0].startswith("greedy search (rtn, candidates W2, W3, W4, W8, g32, float16 scales): ")
+    assert is_search_output(out) and not (out / "pareto.json").exists()
+    assert json.loads((out / "bitmap.json").read_text()) == res.assignment
+    assert json.loads((out / "search.json").read_text())["assignment"] == res.assignment
+    md = (out / "search.md").read_text()
+    assert md.startswith("# Mixed-precision search: tiny\n\n" + shown[0]) and "![bitmap.png](bitmap.png)" in md
+    assert md.endswith("Command: `llmeasyquant search tiny`\n")
+    assert model.llmeq_config.bitmap == res.assignment  # applied in place
+    assert lq.load(str(out / "model")).llmeq_config.bitmap == res.assignment
+    # its own output is replaced; a folder of other files, or a Pareto table without a tokenizer, is refused
+    write_search_output(s, res, out, model_name="tiny", save_model=False, progress=None)
+    assert not (out / "model").exists() and "Command" not in (out / "search.md").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="not an llmeasyquant output"):
+        write_search_output(s, res, other, model_name="tiny", save_model=False)
+    with pytest.raises(ValueError, match="needs a tokenizer, got None"):
+        write_search_output(s, res, tmp_path / "p", model_name="tiny", budgets=[4.0], save_model=False)
+    assert sorted(os.listdir(tmp_path)) == ["other", "out"]  # nothing half-written left

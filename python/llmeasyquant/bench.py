@@ -20,11 +20,11 @@ Run:  OMP_WAIT_POLICY=ACTIVE llmeasyquant bench [--shapes smollm2] [--tokens 1,1
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import statistics
 import time
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,24 +165,31 @@ def fmt_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--reps", type=int, default=50, help="timed runs per round (median; default 50)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; the spread across rounds is reported (default 3)")
-    p.add_argument("--shapes", default="llama", choices=sorted(CPU_SHAPES),
-                   help="layer shapes N x K (default llama: LLaMA-7B's)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens M per call, comma-separated")
-    p.add_argument("--ops", action="store_true", help="also time the ops alone (quantize, int8 GEMM, weight-only)")
-
-
-def _parse_tokens(spec: str) -> list[int]:
+def parse_tokens(spec: str) -> list[int]:
+    """Token counts M from a comma-separated string (the CLI's ``--tokens 1,16``)."""
     try:
         tokens = [int(t) for t in spec.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--tokens must be comma-separated integers, got {spec!r}") from None
+        raise ValueError(f"tokens: expected comma-separated integers, got {spec!r}") from None
+    return _check_tokens(tokens, spec)
+
+
+def _check_tokens(tokens: list[int], given) -> list[int]:
     if not tokens or min(tokens) < 1:
-        raise ValueError(f"--tokens needs positive token counts, got {spec!r}")
+        raise ValueError(f"tokens: expected positive token counts, got {given!r}")
     return tokens
+
+
+def _resolve_shapes(shapes) -> list[tuple[int, int]]:
+    if isinstance(shapes, str):
+        if shapes not in CPU_SHAPES:
+            raise ValueError(f"shapes: expected one of {', '.join(sorted(CPU_SHAPES))} or a list of (N, K), "
+                             f"got {shapes!r}")
+        return CPU_SHAPES[shapes]
+    out = [tuple(s) for s in shapes]
+    if not out or any(len(s) != 2 or min(s) < 1 for s in out):
+        raise ValueError(f"shapes: expected (N, K) pairs of positive integers, got {shapes!r}")
+    return out
 
 
 def bench_ops(N: int, K: int, M: int, reps: int) -> dict:
@@ -220,34 +227,53 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(ts) * 1e3
 
 
-def run(args: argparse.Namespace, command: str) -> tuple[str, str]:
-    """Benchmark; returns (header, Markdown table) and prints progress."""
-    torch.set_num_threads(args.threads)
-    shapes = CPU_SHAPES[args.shapes]
-    tokens = _parse_tokens(args.tokens)
+def run(*, threads: int = 2, reps: int = 50, rounds: int = 3,
+        shapes: str | Sequence[tuple[int, int]] = "llama", tokens: str | Sequence[int] = TOKENS,
+        ops: bool = False, command: str = "") -> tuple[str, str]:
+    """Benchmark every layer shape (N, K) x token count M; returns (header,
+    Markdown table) and prints one line per point as it goes.
+
+    ``shapes``: a name in :data:`CPU_SHAPES` or a list of (N, K); ``tokens``: M
+    values, or a comma-separated string of them; ``reps`` timed runs per
+    round, ``rounds`` rounds; ``ops`` adds the ops alone; ``command`` is
+    recorded in the header. Sets torch's thread count to ``threads``."""
+    for name, v in (("threads", threads), ("reps", reps), ("rounds", rounds)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    shape_list = _resolve_shapes(shapes)
+    tokens = parse_tokens(tokens) if isinstance(tokens, str) else _check_tokens(list(tokens), tokens)
+    torch.set_num_threads(threads)
     results, op_rows = [], []
-    for (N, K) in shapes:
+    for (N, K) in shape_list:
         for M in tokens:
-            reps = args.reps if M * N * K < 2048 * 4096 * 4096 // 2 else max(10, args.reps // 5)
-            stats = bench_shape(N, K, M, reps, args.rounds)
+            # the largest products get fewer runs: each run takes seconds there
+            n_reps = reps if M * N * K < 2048 * 4096 * 4096 // 2 else max(10, reps // 5)
+            stats = bench_shape(N, K, M, n_reps, rounds)
             results.append(dict(N=N, K=K, M=M, stats=stats))
             print(f"N={N} K={K} M={M}: " + ", ".join(
                 f"{k}={v * 1e3:.3f}ms" for k, v in stats.items() if not k.endswith(("_err", "_spread", "_error"))),
                 flush=True)
-            if args.ops:
-                op_rows.append((N, K, M, bench_ops(N, K, M, reps)))
+            if ops:
+                op_rows.append((N, K, M, bench_ops(N, K, M, n_reps)))
     table = fmt_table(results)
     if op_rows:
-        names = list(op_rows[0][3])
-        table += "\n\nOps alone (median ms):\n\n| N x K | M | " + " | ".join(names) + " |\n|---|---|" + \
-            "---|" * len(names) + "\n" + "\n".join(
-                f"| {N}x{K} | {M} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |" for N, K, M, r in op_rows)
-    header = (f"### QLinear W8A8 dynamic vs peers (CPU)\n\n"
-              f"- date: {datetime.date.today().isoformat()}; CPU: {_cpu_name()}, {args.threads} threads; "
-              f"torch {torch.__version__}; llmeasyquant {lq.__version__} (ISA {lq.build_info()['cpu_isa_active']})\n"
-              f"- command: `{command}`\n"
-              f"- fp32 activations in/out, quantization of activations included in W8A8 and ao-dyn; "
-              f"weights cold (copies rotated past the {LLC_BYTES >> 20} MiB L3); median of {args.reps} runs "
-              f"per round (fewer at the largest M), median over {args.rounds} rounds; ratio ranges in "
-              f"parentheses are the worst/best pairing of per-round medians.")
-    return header, table
+        table += "\n\n" + _ops_table(op_rows)
+    return _header(threads, reps, rounds, command), table
+
+
+def _ops_table(op_rows: list[tuple[int, int, int, dict]]) -> str:
+    names = list(op_rows[0][3])
+    return ("Ops alone (median ms):\n\n| N x K | M | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names)
+            + "\n" + "\n".join(f"| {N}x{K} | {M} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |"
+                                for N, K, M, r in op_rows))
+
+
+def _header(threads: int, reps: int, rounds: int, command: str) -> str:
+    return (f"### QLinear W8A8 dynamic vs peers (CPU)\n\n"
+            f"- date: {datetime.date.today().isoformat()}; CPU: {_cpu_name()}, {threads} threads; "
+            f"torch {torch.__version__}; llmeasyquant {lq.__version__} (ISA {lq.build_info()['cpu_isa_active']})\n"
+            f"- command: `{command}`\n"
+            f"- fp32 activations in/out, quantization of activations included in W8A8 and ao-dyn; "
+            f"weights cold (copies rotated past the {LLC_BYTES >> 20} MiB L3); median of {reps} runs "
+            f"per round (fewer at the largest M), median over {rounds} rounds; ratio ranges in "
+            f"parentheses are the worst/best pairing of per-round medians.")

@@ -2,11 +2,17 @@
 
 Commands:
   info      what this installation was built with
+  bench     QLinear and op microbenchmarks (llmeasyquant.bench)
   compare   quantize a model with several methods; perplexity, memory, tokens/s table
   quantize  quantize a model with one method and save it (safetensors folder)
+  search    per-layer mixed-precision bit widths under a size budget (llmeasyquant.search)
   eval      perplexity / memory / tokens/s of a model or a saved quantized folder
   export    export a saved quantized model to ONNX (checked in ONNX Runtime)
-  demo      quantize one real layer of the default model with QLinear and compare
+  demo      quantize one real layer of the default model with QLinear and compare (llmeasyquant.demo)
+
+This module only parses arguments and prints: every command calls library
+functions with typed arguments (never the argparse namespace), so what the
+CLI does can be done, and tested, from Python.
 """
 
 from __future__ import annotations
@@ -39,64 +45,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    import llmeasyquant as lq
-    from llmeasyquant.models import load_model
-
-    from .bench import median_ms
-    from .data import read_text
-
-    from .data import default_calib_file
+    from .demo import format_demo, run_demo
+    from .models import load_model
 
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    text_path = args.text or default_calib_file()
-    text = read_text(text_path, max_chars=20000)
-    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
-    layers = model.model.layers
-    if not 0 <= args.layer < len(layers):
-        print(f"error: --layer must be in [0, {len(layers) - 1}], got {args.layer}", file=sys.stderr)
-        return 2
-    mlp = layers[args.layer].mlp
-    lin = getattr(mlp, args.proj)
-    seen = {}
-    hook = lin.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), y=o.detach()))
-    with torch.no_grad():
-        base_logits = model(ids).logits
-    hook.remove()
-    x, y = seen["x"], seen["y"]
-    name = f"model.layers.{args.layer}.mlp.{args.proj}"
-    print(f"layer {name}: {lin.in_features} -> {lin.out_features}, real input {tuple(x.shape)} "
-          f"from {ids.shape[1]} tokens of {os.path.basename(text_path)}")
-    rows = []
-    float_bytes = lin.weight.numel() * 2  # fp16 storage as the size baseline
-    x2 = x.reshape(-1, lin.in_features)
-    with torch.no_grad():
-        t_float = median_ms(lambda: lin(x2), args.reps)
-        for label, cfg in (("W8A8 dynamic", dict(act="dynamic")),
-                           ("W8A16", dict(act=None)),
-                           ("W4A16 g64", dict(act=None, w_bits=4, w_group_size=64))):
-            q = lq.QLinear.from_linear(lin, **cfg)
-            out = q(x)
-            rel = ((out - y).norm() / y.norm()).item()
-            t = median_ms(lambda: q(x2), args.reps)
-            setattr(mlp, args.proj, q)
-            try:
-                logits = model(ids).logits
-            finally:
-                setattr(mlp, args.proj, lin)
-            agree = (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()
-            rows.append((label, rel, agree, q.memory_bytes(), t))
-    print(f"\n{'QLinear':<14} {'rel. error':>10} {'top-1 agree':>11} {'bytes':>10} {'vs fp16':>8} "
-          f"{'ms':>7} {'speed-up':>8}")
-    print(f"{'fp32 Linear':<14} {0:>10.4f} {1:>11.3f} {lin.weight.numel() * 4:>10,} {'2.00x':>8} "
-          f"{t_float:>7.3f} {'1.00x':>8}")
-    for label, rel, agree, nbytes, t in rows:
-        print(f"{label:<14} {rel:>10.4f} {agree:>11.3f} {nbytes:>10,} {nbytes / float_bytes:>7.2f}x "
-              f"{t:>7.3f} {t_float / t:>7.2f}x")
-    print(f"\n(rel. error: ||QLinear(x) - Linear(x)|| / ||Linear(x)|| on the real input; top-1 agree: "
-          f"next-token argmax of the whole model with this one layer swapped; ms: median of {args.reps} "
-          f"runs on {torch.get_num_threads()} threads)")
+    res = run_demo(model, tok, text_path=args.text, tokens=args.tokens, layer=args.layer, proj=args.proj,
+                   reps=args.reps)
+    print(format_demo(res))
     return 0
 
 
@@ -104,9 +59,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     cmd = "llmeasyquant bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "llmeasyquant bench"
-    header, table = bench.run(args, cmd)
+    header, table = bench.run(**bench_options(args), command=cmd)
     print(f"\n{header}\n\n{table}")
     return 0
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``llmeasyquant bench`` (also benchmarks/bench_qlinear.py's)."""
+    from .bench import CPU_SHAPES, TOKENS
+
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--reps", type=int, default=50, help="timed runs per round (median; default 50)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the spread across rounds is reported (default 3)")
+    p.add_argument("--shapes", default="llama", choices=sorted(CPU_SHAPES),
+                   help="layer shapes N x K (default llama: LLaMA-7B's)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens M per call, comma-separated")
+    p.add_argument("--ops", action="store_true", help="also time the ops alone (quantize, int8 GEMM, weight-only)")
+
+
+def bench_options(args: argparse.Namespace) -> dict:
+    """:func:`llmeasyquant.bench.run`'s keyword arguments from the options of :func:`add_bench_arguments`."""
+    from .bench import parse_tokens
+
+    # parsed here, not by argparse: a bad --tokens is then main's one-line error (exit 2), not a usage dump
+    return dict(threads=args.threads, reps=args.reps, rounds=args.rounds, shapes=args.shapes,
+                tokens=parse_tokens(args.tokens), ops=args.ops)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -156,7 +133,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.distributed:
         from .distributed.command import quantize_distributed
 
-        return quantize_distributed(args, opts)
+        report = quantize_distributed(model=args.model, method=args.method, out=args.out, calib=args.calib,
+                                      data_parallel=args.data_parallel, backend=args.backend, device=args.device,
+                                      timeout_s=args.timeout, breakdown=args.breakdown, overwrite=args.overwrite,
+                                      quiet=args.quiet, trust_remote_code=args.trust_remote_code, options=opts)
+        if report is not None:  # rank 0
+            print(report)
+        return 0
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     lq.quantize(model, args.method, calib=args.calib, tokenizer=tok, progress=not args.quiet, **opts)
@@ -176,25 +159,18 @@ def _parse_floats(spec: str, what: str) -> list[float]:
     return vals
 
 
-def _is_search_output(folder) -> bool:
-    return os.path.isfile(os.path.join(folder, "search.json"))
-
-
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .data import default_eval_file
-    from .eval.perplexity import perplexity, tokenize_file
-    from .io import save
-    from .outdir import check_destination, replace_atomically
     from .models import load_model
-    from .search import Searcher, calibration_and_probe, write_json
-    from .search.report import pareto, pareto_table, plot_bitmap, plot_pareto
+    from .search import Searcher, calibration_and_probe
+    from .search.report import check_search_destination, write_search_output
 
     given = [v is not None for v in (args.budget_bits, args.budget_mib, args.lam)]
     if sum(given) != 1:
         raise ValueError("give exactly one of --budget-bits, --budget-mib and --lam")
     bits = tuple(int(b) for b in _parse_floats(args.bits, "--bits"))
     budgets = _parse_floats(args.pareto, "--pareto") if args.pareto else []
-    out = check_destination(args.out, overwrite=args.overwrite, is_ours=_is_search_output, what="search --out")
+    # the destination is checked before the work, not after it
+    out = check_search_destination(args.out, overwrite=args.overwrite)
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     batches, probe = calibration_and_probe(tok, args.calib, args.calib_samples, args.probe_samples,
@@ -204,68 +180,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
     budget_bytes = None if args.budget_mib is None else int(args.budget_mib * 2**20)
     res = s.run(args.strategy, budget_bits=args.budget_bits, budget_bytes=budget_bytes, lam=args.lam,
                 max_evals=args.max_evals)
-    with replace_atomically(out) as tmp_path:
-        tmp = str(tmp_path)
-        layers_path = s.spec.arch.layers_path
-        summary = (f"{args.strategy} search ({args.base}, candidates {', '.join(f'W{b}' for b in res.bits)}, "
-                   f"g{args.group_size}, {args.scale_dtype} scales): {res.bits_per_weight:.3f} bits per weight, {res.fp16_reduction:.2f}x "
-                   f"smaller than fp16, calibration loss {res.loss:.4f} (float {res.float_loss:.4f}), "
-                   f"mix {res.counts()}, {res.evals} loss evaluations")
-        write_json(res.to_dict(), os.path.join(tmp, "search.json"))
-        write_json(res.assignment, os.path.join(tmp, "bitmap.json"))
-        figs = []
-        try:
-            figs += plot_bitmap(res.assignment, layers_path, tmp,
-                                f"{args.model}: bits per layer ({args.strategy}, {res.bits_per_weight:.2f} bits/weight)")
-        except ImportError as err:
-            summary += f" (plots not drawn: {err})"
-        md = [f"# Mixed-precision search: {args.model}", "", summary, ""]
-        if budgets:
-            ids = tokenize_file(tok, default_eval_file())
-            fppl = perplexity(model, ids=ids, max_windows=args.max_windows, progress=False).ppl
-
-            def ppl_of(a):
-                with s.probe.swapped(s.layers(a)):
-                    return perplexity(model, ids=ids, max_windows=args.max_windows, progress=False).ppl
-
-            rows = pareto(s, budgets, args.strategy, ppl_of, max_evals=args.max_evals,
-                          progress=(lambda m: None) if args.quiet else print)
-            write_json({"float_ppl": fppl, "rows": rows}, os.path.join(tmp, "pareto.json"))
-            md += [f"Perplexity: WikiText-2 raw test, first {args.max_windows} windows x 2048 tokens; float "
-                   f"{fppl:.3f}.", "", pareto_table(rows, fppl), ""]
-            try:
-                figs += plot_pareto(rows, fppl, tmp, f"{args.model}: perplexity vs size ({args.base} base)")
-            except ImportError:
-                pass
-        md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs if f.endswith(".png")]
-        md += ["", f"Command: `llmeasyquant {' '.join(sys.argv[1:])}`", ""]
-        with open(os.path.join(tmp, "search.md"), "w") as fh:
-            fh.write("\n".join(md))
-        s.apply(res.assignment)
-        if not args.no_save:
-            save(model, os.path.join(tmp, "model"), tokenizer=tok)
-    print("\n".join(md[2:3] + ([md[6]] if budgets else [])))
+    shown = write_search_output(s, res, out, tokenizer=tok, model_name=args.model, budgets=budgets,
+                                max_windows=args.max_windows, max_evals=args.max_evals, save_model=not args.no_save,
+                                command=f"llmeasyquant {' '.join(sys.argv[1:])}", overwrite=args.overwrite,
+                                progress=None if args.quiet else print)
+    print("\n".join(shown))
     print(f"written to {out} (search.md, search.json, bitmap.json{', model/' if not args.no_save else ''}) "
           f"in {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def _load_any(path: str, trust_remote_code: bool = False):
-    """A saved quantized folder (llmeasyquant.save) or anything load_model takes."""
-    from .io import is_quantized_folder, load
-    from .models import load_model
-
-    if os.path.isdir(path) and is_quantized_folder(path):
-        return load(path, with_tokenizer=True, trust_remote_code=trust_remote_code)
-    return load_model(path, trust_remote_code=trust_remote_code)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import default_eval_file
     from .eval import model_memory, throughput
     from .eval.perplexity import model_perplexity, tokenize_file
+    from .io import load_any
 
-    model, tok = _load_any(args.model, args.trust_remote_code)
+    model, tok = load_any(args.model, trust_remote_code=args.trust_remote_code)
     want = {k for k in ("ppl", "memory", "speed") if getattr(args, k)} or {"ppl", "memory", "speed"}
     ids = tokenize_file(tok, default_eval_file())
     cfg = getattr(model, "llmeq_config", None)
@@ -285,23 +216,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     import llmeasyquant as lq
-    from llmeasyquant.onnx_export import export_onnx, ort_session
+    from llmeasyquant.onnx_export import check_against_torch, export_onnx
 
     model, tok = lq.load(args.model_dir, with_tokenizer=True, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     export_onnx(model, args.onnx, seq_len=args.seq_len)
-    ids = tok("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids
-    ids = ids[:, : args.seq_len] if args.seq_len else ids
-    out = ort_session(args.onnx).run(None, {"input_ids": ids.numpy()})[0]
-    with torch.no_grad():
-        ref = model(ids).logits.numpy()
-    err = float(np.abs(out - ref).max())
+    check = check_against_torch(model, tok, args.onnx, seq_len=args.seq_len)
     print(f"exported {args.onnx} ({os.path.getsize(args.onnx) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
-          f"ONNX Runtime vs PyTorch on {ids.shape[1]} tokens: max |logit diff| = {err:.2e}")
+          f"ONNX Runtime vs PyTorch on {check.tokens} tokens: max |logit diff| = {check.max_abs_diff:.2e}")
     return 0
 
 
@@ -419,9 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "first; --ops adds the ops alone. CPU timing is noisy: ratios come from one run "
                                    "with interleaved rounds, the spread is shown.",
                        epilog="example: llmeasyquant bench --shapes smollm2 --tokens 1,16 --ops")
-    from . import bench as _bench
-
-    _bench.add_arguments(s)
+    add_bench_arguments(s)
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("search", parents=[common, trust], help="per-layer mixed-precision bit-width search under a size budget",

@@ -102,6 +102,17 @@ def is_quantized_folder(path) -> bool:
     return os.path.isfile(os.path.join(path, QUANT_FILE))
 
 
+def load_any(path, *, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a folder written by :func:`save` or from
+    anything :func:`llmeasyquant.models.load_model` takes (HF folder, .gguf,
+    the default model's name)."""
+    from .models import load_model
+
+    if os.path.isdir(path) and is_quantized_folder(path):
+        return load(path, with_tokenizer=True, trust_remote_code=trust_remote_code)
+    return load_model(path, trust_remote_code=trust_remote_code)
+
+
 def _read_meta(path: Path) -> dict:
     qpath = path / QUANT_FILE
     if not os.path.lexists(qpath):

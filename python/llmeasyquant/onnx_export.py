@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -173,6 +174,36 @@ def ort_session(path: str):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+# the text check_against_torch runs through both models (about 40 tokens, every
+# tokenizer has them): the check is about the graph, not about the data
+CHECK_TEXT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+@dataclass(frozen=True)
+class TorchCheck:
+    max_abs_diff: float  # largest |ONNX Runtime logit - PyTorch logit|
+    tokens: int  # sequence length the models ran
+
+
+def check_against_torch(model: nn.Module, tokenizer, onnx_path: str, *, seq_len: Optional[int] = None,
+                        text: str = CHECK_TEXT) -> TorchCheck:
+    """Run ``text`` through the exported ``onnx_path`` in ONNX Runtime and
+    through ``model`` in PyTorch; the largest logit difference. ``seq_len``:
+    the fixed length the model was exported with (None: dynamic; the whole
+    text runs)."""
+    import numpy as np
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    ids = ids[:, :seq_len] if seq_len else ids
+    if seq_len and ids.shape[1] != seq_len:
+        raise ValueError(f"check_against_torch: expected text of at least seq_len={seq_len} tokens, "
+                         f"got {ids.shape[1]}")
+    out = ort_session(onnx_path).run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    return TorchCheck(max_abs_diff=float(np.abs(out - ref).max()), tokens=ids.shape[1])
 
 
 class _onnx_int4_weights:

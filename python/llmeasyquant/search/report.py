@@ -1,15 +1,21 @@
-"""Pareto table (size vs perplexity across budgets, searched vs uniform) and
-the plots of a search: ``pareto`` (perplexity against bits per weight) and
-``bitmap`` (the chosen bit width of every layer, blocks x projections)."""
+"""What a search leaves behind: the Pareto table (size vs perplexity across
+budgets, searched vs uniform), the plots (``pareto``: perplexity against bits
+per weight; ``bitmap``: the chosen bit width of every layer, blocks x
+projections) and the output folder of ``llmeasyquant search``
+(:func:`write_search_output`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import Searcher
+from . import Searcher, SearchResult, write_json
 from .strategies import MIB
+
+SEARCH_FILE = "search.json"  # its presence marks a folder written by write_search_output
 
 
 def pareto(s: Searcher, budgets: list[float], strategy: str, ppl_of: Callable[[dict[str, int]], float],
@@ -121,3 +127,106 @@ def plot_bitmap(assignment: dict[str, int], layers_path: str, out_dir: str, titl
     paths = _save(fig, out_dir, stem)
     plt.close(fig)
     return paths
+
+
+def is_search_output(folder) -> bool:
+    """A folder :func:`write_search_output` wrote (it may be replaced without ``overwrite``)."""
+    return os.path.isfile(os.path.join(folder, SEARCH_FILE))
+
+
+def check_search_destination(path, *, overwrite: bool = False) -> Path:
+    """Raise (before any work) if writing a search output to ``path`` would
+    harm something: see :func:`llmeasyquant.outdir.check_destination`."""
+    from ..outdir import check_destination
+
+    return check_destination(path, overwrite=overwrite, is_ours=is_search_output, what="search --out")
+
+
+def search_summary(result: SearchResult) -> str:
+    """One line: the settings searched and what the assignment costs and loses."""
+    return (f"{result.strategy} search ({result.base}, candidates {', '.join(f'W{b}' for b in result.bits)}, "
+            f"g{result.group_size}, {result.scale_dtype} scales): {result.bits_per_weight:.3f} bits per weight, "
+            f"{result.fp16_reduction:.2f}x smaller than fp16, calibration loss {result.loss:.4f} (float "
+            f"{result.float_loss:.4f}), mix {result.counts()}, {result.evals} loss evaluations")
+
+
+def _pareto_section(searcher: Searcher, tokenizer, budgets: Sequence[float], strategy: str, out_dir: str, *,
+                    model_name: str, max_windows: int, max_evals: int,
+                    progress: Callable[[str], None]) -> tuple[list[str], str, list[str]]:
+    """pareto.json and the plot in ``out_dir``; returns (Markdown lines, the
+    table among them, figure paths)."""
+    from ..data import default_eval_file
+    from ..eval.perplexity import perplexity, tokenize_file
+
+    model = searcher.model
+    ids = tokenize_file(tokenizer, default_eval_file())
+    fppl = perplexity(model, ids=ids, max_windows=max_windows, progress=False).ppl
+
+    def ppl_of(a):
+        with searcher.probe.swapped(searcher.layers(a)):
+            return perplexity(model, ids=ids, max_windows=max_windows, progress=False).ppl
+
+    rows = pareto(searcher, list(budgets), strategy, ppl_of, max_evals=max_evals, progress=progress)
+    write_json({"float_ppl": fppl, "rows": rows}, os.path.join(out_dir, "pareto.json"))
+    table = pareto_table(rows, fppl)
+    md = [f"Perplexity: WikiText-2 raw test, first {max_windows} windows x 2048 tokens; float {fppl:.3f}.", "",
+          table, ""]
+    try:
+        figs = plot_pareto(rows, fppl, out_dir, f"{model_name}: perplexity vs size ({searcher.base} base)")
+    except ImportError:  # matplotlib is optional here; the table holds the same numbers
+        figs = []
+    return md, table, figs
+
+
+def write_search_output(searcher: Searcher, result: SearchResult, path, *, tokenizer=None, model_name: str,
+                        budgets: Sequence[float] = (), max_windows: int = 16, max_evals: int = 60,
+                        save_model: bool = True, command: str = "", overwrite: bool = False,
+                        progress: Optional[Callable[[str], None]] = print) -> list[str]:
+    """Write the folder ``path`` of a finished search: search.json (the
+    result), bitmap.json, bitmap.png/.svg, search.md and, with ``save_model``,
+    the quantized model in ``model/``. ``budgets`` (bits per weight) add the
+    Pareto evaluation over ``max_windows`` perplexity windows (pareto.json,
+    pareto.png, a table in search.md; needs ``tokenizer``); ``progress`` gets
+    one line per Pareto point (None: quiet). ``command`` is recorded in
+    search.md.
+
+    Applies ``result.assignment`` to ``searcher.model`` (in place). The folder
+    is replaced atomically (see :func:`check_search_destination`): a failure or
+    kill midway leaves ``path`` as it was. Returns the lines worth showing: the
+    summary and, with budgets, the Pareto table."""
+    from ..io import save
+    from ..outdir import replace_atomically
+
+    if budgets and tokenizer is None:
+        raise ValueError("write_search_output: the Pareto evaluation (budgets) needs a tokenizer, got None")
+    dest = check_search_destination(path, overwrite=overwrite)
+    progress = progress or (lambda m: None)
+    with replace_atomically(dest) as tmp_path:
+        tmp = str(tmp_path)
+        summary = search_summary(result)
+        write_json(result.to_dict(), os.path.join(tmp, SEARCH_FILE))
+        write_json(result.assignment, os.path.join(tmp, "bitmap.json"))
+        figs = []
+        try:
+            figs += plot_bitmap(result.assignment, searcher.spec.arch.layers_path, tmp,
+                                f"{model_name}: bits per layer ({result.strategy}, "
+                                f"{result.bits_per_weight:.2f} bits/weight)")
+        except ImportError as err:
+            summary += f" (plots not drawn: {err})"
+        md = [f"# Mixed-precision search: {model_name}", "", summary, ""]
+        shown = [summary]
+        if budgets:
+            section, table, pfigs = _pareto_section(searcher, tokenizer, budgets, result.strategy, tmp,
+                                                    model_name=model_name, max_windows=max_windows,
+                                                    max_evals=max_evals, progress=progress)
+            md += section
+            figs += pfigs
+            shown.append(table)
+        md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs if f.endswith(".png")]
+        md += ["", f"Command: `{command}`", ""] if command else [""]
+        with open(os.path.join(tmp, "search.md"), "w") as fh:
+            fh.write("\n".join(md))
+        searcher.apply(result.assignment)
+        if save_model:
+            save(searcher.model, os.path.join(tmp, "model"), tokenizer=tokenizer)
+    return shown
