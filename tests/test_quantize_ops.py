@@ -27,10 +27,9 @@ def _x(shape, dtype, device, seed):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_quantize_matches_reference(device, dtype, shape, bits, symmetric):
     x = _x(shape, dtype, device, seed=hash((shape, bits)) % 1000)
-    if device.type == "cuda" and bits < 4:
+    if device.type == "cuda" and bits < 4:  # the CUDA kernels take 4 and 8 bits; ops.py runs 2/3 in PyTorch
         with pytest.raises(ValueError, match="CPU kernels only"):
-            lq.ops.quantize(x, bits, symmetric, -1)
-        return
+            torch.ops.llmeasyquant.quantize(x, bits, symmetric, -1)
     for g in _groups(shape[-1]):
         q, s, z = lq.ops.quantize(x, bits, symmetric, g)
         rq, rs, rz = R.quantize(x.cpu(), bits, symmetric, g)
@@ -222,8 +221,6 @@ HUGE = 3.0e38  # hi - lo overflows float32 (max 3.4028e38)
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_huge_finite_range_gives_finite_scales(device, dtype, bits, symmetric):
-    if device.type == "cuda" and bits < 4:
-        pytest.skip("2/3-bit: CPU kernels only")
     x = torch.tensor([[HUGE, -HUGE, 1.0, 0.0], [HUGE, HUGE / 2, -1.0, 2.0], [-HUGE, -1.0, 0.5, 0.0]]).to(dtype)
     x = x.to(device)
     for g in (0, -1, 2):

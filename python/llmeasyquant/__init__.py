@@ -6,6 +6,7 @@ under ``torch.ops.llmeasyquant``; :mod:`llmeasyquant.ops` wraps them.
 
 from ._native import build_info
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from . import _fallback  # noqa: F401  (PyTorch kernels for devices without compiled ones)
 from . import data, ops
 from .nn import QLinear, replace_linear
 from .api import quantize

@@ -4,12 +4,12 @@ They mirror the C++ checks (src/cpp/torch/checks.h, op_checks.h) check for
 check, in the same order, with the same messages and exception types
 (``TORCH_CHECK`` -> RuntimeError, ``TORCH_CHECK_VALUE`` -> ValueError,
 ``TORCH_CHECK_TYPE`` -> TypeError), so a bad call fails the same way eagerly
-(C++), under the fake kernels (torch.compile, meta tensors: ``_fake.py``) and
-in the reference (``_reference.py``).
+(C++), under the fake kernels (torch.compile, meta tensors: ``_fake.py``), in
+the PyTorch fallback (``_fallback.py``) and in the reference (``_reference.py``).
 
 Shapes, dtypes and devices are checked everywhere. Values (static scales
 finite and > 0, sub-8-bit zero-points in range) only where the data exists:
-``values=True`` (the reference, the eager kernels), never under a fake.
+``values=True`` (the reference, the eager kernels and fallback), never under a fake.
 Conditions go through ``torch._check*`` so symbolic shapes trace.
 """
 
@@ -19,6 +19,8 @@ import math
 from typing import Optional
 
 import torch
+
+from .quant_format import SUPPORTED_BITS, packed_len, qrange
 
 # c10::toString(ScalarType): the names the C++ messages print.
 _C10_NAMES = {
@@ -39,19 +41,6 @@ def shape_str(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(int(v)) if not isinstance(v, torch.SymInt) else str(v) for v in t.shape) + "]"
 
 
-def packed_row_bytes(K, bits: int):
-    """quant_math.h packed_row_bytes (= _reference.packed_len)."""
-    if bits == 8:
-        return K
-    if bits == 4:
-        return (K + 1) // 2
-    return (K + 7) // 8 * bits
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.9g}"
@@ -69,19 +58,28 @@ def check_device(op, name, t, dev):
     torch._check(t.device == dev, lambda: f"{op}: expected {name} on {dev} (where the input is), got {t.device}")
 
 
-ORACLE_BITS = range(2, 9)  # the reference also defines 5-7 bits (AWQ fake quantization, the KV cache)
+# Which bit widths a check accepts (the ``rule`` argument of the checkers):
+KERNEL = "kernel"          # the op's kernels on the tensor's device (C++ check_bits); the fakes and the
+                           # PyTorch fallback kernels follow it too, so eager, meta and compiled agree
+ANY_DEVICE = "any_device"  # llmeasyquant.ops: 2, 3, 4, 8 everywhere (2/3 bits on CUDA run in PyTorch)
+ORACLE = "oracle"          # the reference: 2 to 8 on any device (AWQ fake quantization and the KV cache use 5-7)
+ORACLE_BITS = range(2, 9)
+CUDA_KERNEL_BITS = (4, 8)
 
 
-def check_bits(op, bits, dev, oracle=False):
-    # 2- and 3-bit values have CPU kernels only (meta / fake tensors on the
-    # CPU follow the CPU rules). The reference (oracle=True) takes 2..8 bits
-    # on any device: a superset of every kernel, by design.
-    if oracle:
+def kernel_bits(dev: torch.device) -> tuple[int, ...]:
+    """Bit widths the compiled kernels take on ``dev``: 2- and 3-bit values
+    have CPU kernels only (meta / fake tensors follow the CPU rules)."""
+    return CUDA_KERNEL_BITS if _is_cuda(dev) else SUPPORTED_BITS
+
+
+def check_bits(op, bits, dev, rule=KERNEL):
+    if rule == ORACLE:
         torch._check_value(bits in ORACLE_BITS, lambda: f"{op}: unsupported bits={bits}; supported: 2 to 8")
-    elif not _is_cuda(dev):
-        torch._check_value(bits in (2, 3, 4, 8), lambda: f"{op}: unsupported bits={bits}; supported: 2, 3, 4, 8")
+    elif rule == ANY_DEVICE or not _is_cuda(dev):
+        torch._check_value(bits in SUPPORTED_BITS, lambda: f"{op}: unsupported bits={bits}; supported: 2, 3, 4, 8")
     else:
-        torch._check_value(bits in (4, 8), lambda: (
+        torch._check_value(bits in CUDA_KERNEL_BITS, lambda: (
             f"{op}: unsupported bits={bits} on this device; supported: 4, 8 "
             "(2- and 3-bit values have CPU kernels only)"))
 
@@ -161,10 +159,10 @@ def check_out_dtype(op, d):
 # --------------------------------------------------------------------------
 # op_checks.h: one checker per op
 # --------------------------------------------------------------------------
-def _quant_input(op, x, bits, group_size, dev, oracle=False):
+def _quant_input(op, x, bits, group_size, dev, rule=KERNEL):
     check_device(op, "x", x, dev)
     check_float(op, "x", x)
-    check_bits(op, bits, dev, oracle)
+    check_bits(op, bits, dev, rule)
     torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension, got a scalar")
     check_group_size(op, group_size, x.shape[-1])
 
@@ -185,29 +183,29 @@ def _bias(op, bias, N, dev):
     check_numel(op, "bias", bias, N, "one per output channel")
 
 
-def quantize(x, bits, symmetric, group_size, oracle=False):
+def quantize(x, bits, symmetric, group_size, rule=KERNEL):
     op = "llmeasyquant.quantize"
-    _quant_input(op, x, bits, group_size, x.device, oracle)
+    _quant_input(op, x, bits, group_size, x.device, rule)
     if group_size == 0:
         torch._check_value(x.numel() > 0, lambda: f"{op}: per-tensor quantization of an empty tensor {shape_str(x)}")
 
 
-def quantize_static(x, scale, zero_point, bits, group_size, values=True, oracle=False):
+def quantize_static(x, scale, zero_point, bits, group_size, values=True, rule=KERNEL):
     op = "llmeasyquant.quantize_static"
-    _quant_input(op, x, bits, group_size, x.device, oracle)
+    _quant_input(op, x, bits, group_size, x.device, rule)
     _scales(op, list(x.shape), scale, zero_point, bits, group_size, x.device, values)
 
 
-def dequantize(q, scale, zero_point, bits, group_size, K, dtype, oracle=False):
+def dequantize(q, scale, zero_point, bits, group_size, K, dtype, rule=KERNEL):
     op = "llmeasyquant.dequantize"
     dev = q.device
     check_device(op, "q", q, dev)
-    check_bits(op, bits, dev, oracle)
+    check_bits(op, bits, dev, rule)
     torch._check_value(q.dim() >= 1, lambda: f"{op}: expected q with at least 1 dimension")
     torch._check_type(dtype in _FLOATS, lambda: f"{op}: dtype must be float32, bfloat16 or float16, got "
                                                 f"{dtype_name(dtype)}")
     check_dtype(op, "q", q, torch.int8 if bits == 8 else torch.uint8)
-    want = packed_row_bytes(K, bits) if K >= 0 else -1
+    want = packed_len(K, bits) if K >= 0 else -1
     torch._check_value(K >= 0 and q.shape[-1] == want, lambda: (
         f"{op}: q of shape {shape_str(q)} does not hold K={K} {bits}-bit values (last dim should be {want})"))
     check_group_size(op, group_size, K)
@@ -230,10 +228,10 @@ def channel_stats_(x, absmax, mn, mx):
         torch._check_value(t.is_contiguous(), lambda: f"{op}: running statistics must be contiguous")
 
 
-def ema_quantize_(x, state, alpha, eps, bits, oracle=False):
+def ema_quantize_(x, state, alpha, eps, bits, rule=KERNEL):
     op = "llmeasyquant.ema_quantize_"
     dev = x.device
-    _quant_input(op, x, bits, 0, dev, oracle)
+    _quant_input(op, x, bits, 0, dev, rule)
     check_device(op, "state", state, dev)
     check_dtype(op, "state", state, torch.float32)
     torch._check_value(state.dim() == 1 and state.shape[0] == 4 and state.is_contiguous(), lambda: (
@@ -304,17 +302,17 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
     _bias(op, bias, N, dev)
 
 
-def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, oracle=False):
+def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=KERNEL):
     op = "llmeasyquant.weight_only_linear"
     dev = x.device
     check_device(op, "x", x, dev)
     check_float(op, "x", x)
-    check_bits(op, bits, dev, oracle)
+    check_bits(op, bits, dev, rule)
     torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
     check_device(op, "qw", qw, dev)
     check_dtype(op, "qw", qw, torch.int8 if bits == 8 else torch.uint8)
     K = x.shape[-1]
-    kq = packed_row_bytes(K, bits)
+    kq = packed_len(K, bits)
     torch._check_value(qw.dim() == 2 and qw.shape[1] == kq, lambda: (
         f"{op}: K mismatch: x has K={K} (shape {shape_str(x)}) but the {bits}-bit weight has shape "
         f"{shape_str(qw)} (expected [N, {kq}])"))

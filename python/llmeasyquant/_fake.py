@@ -10,12 +10,13 @@ import torch
 
 from . import _checks
 from . import _native  # noqa: F401  (the schemas must exist before register_fake)
-from ._checks import packed_row_bytes, scale_shape
+from ._checks import scale_shape
+from .quant_format import packed_len
 
 
 def _q_shape(shape, bits):
     s = list(shape)
-    s[-1] = packed_row_bytes(s[-1], bits)
+    s[-1] = packed_len(s[-1], bits)
     return s
 
 

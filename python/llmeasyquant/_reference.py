@@ -1,33 +1,13 @@
-"""Pure-PyTorch reference for every op of LLMEasyQuant.
+"""Pure-PyTorch reference for every op of LLMEasyQuant: the test oracle.
 
-This file *defines* the semantics. The C++ (and CUDA) kernels are tested
-against it, bit-for-bit where the math is integer or the same IEEE float
-operations happen in the same order, and within tolerances otherwise.
-It is also readable documentation of the quantization conventions:
-
-* Quantized values are signed integers ``q`` in ``[qmin, qmax] =
-  [-2**(bits-1), 2**(bits-1) - 1]``; dequantization is
-  ``x = scale * (q - zero_point)``.
-* Symmetric (AbsMax): ``scale = absmax / qmax``, ``zero_point = 0``.
-* Asymmetric (ZeroPoint, min/max): the range is widened to contain 0 so that
-  zero is exact, ``scale = (hi - lo) / (2**bits - 1)`` (``hi/(2**bits - 1) -
-  lo/(2**bits - 1)`` where ``hi - lo`` overflows float32, so finite inputs
-  always get a finite scale),
-  ``zero_point = clamp(qmin - round(lo / scale), qmin, qmax)``.
-* A zero range gives ``scale = 1`` (all values quantize to the zero-point).
-  NaN inputs give a NaN scale, so outputs are NaN rather than silently finite.
-* ``q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax)``, with a
-  NaN quotient mapped to 0. Division (not multiplication by a reciprocal) is
-  used everywhere so kernels can reproduce it exactly.
-* Granularity ``group_size``: ``0`` per tensor (scale shape ``[1]``),
-  ``-1`` per row (per output channel for weights, per token for activations;
-  scale shape ``[..., 1]``), ``g > 0`` group-wise along the last dim
-  (scale shape ``[..., K // g]``; ``g`` must divide ``K``).
-* 4-bit values are packed two per byte along the last dim: element ``2i`` in
-  the low nibble, ``2i + 1`` in the high nibble, as two's-complement nibbles;
-  odd ``K`` leaves the final high nibble 0. Packed shape ``[..., ceil(K/2)]``,
-  dtype uint8. 8-bit values are int8.
-* Scales are float32, zero-points int8.
+This file *defines* the ops' semantics. The C++ (and CUDA) kernels and the
+PyTorch fallback (``_fallback.py``) are tested against it, bit-for-bit where
+the math is integer or the same IEEE float operations happen in the same
+order, and within tolerances otherwise. The integer format it is built from
+(ranges, scale rules, rounding, packed layouts) is :mod:`llmeasyquant.quant_format`,
+which production code uses directly. Production code does not import this
+module; the methods and the search still reach the format's names through
+the re-exports below until they import ``quant_format`` themselves.
 """
 
 from __future__ import annotations
@@ -38,154 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from .quant_format import (SCALE_DTYPES, SUPPORTED_BITS, group_view, pack_bits, pack_int4,  # noqa: F401
+                           packed_len, qrange, quantize_values, scale_dtype_of, scale_from_absmax,
+                           scale_zp_from_minmax, storable_scale, unpack_bits, unpack_int4)
 
-SUPPORTED_BITS = (2, 3, 4, 8)  # 2 and 3: CPU kernels only (QLinear unpacks on CUDA)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def qrange(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-# --------------------------------------------------------------------------
-# packing
-# --------------------------------------------------------------------------
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int values in [-8, 7], shape [..., K] -> uint8 [..., ceil(K/2)]."""
-    K = q.shape[-1]
-    if K % 2:
-        q = F.pad(q, (0, 1))
-    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return nib[..., 0::2] | (nib[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """uint8 [..., ceil(K/2)] -> int8 [..., K] with values in [-8, 7]."""
-    lo = (packed & 0xF).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    both = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :K]
-    return torch.where(both >= 8, both - 16, both).to(torch.int8)
-
-
-def packed_len(n: int, bits: int) -> int:
-    """Bytes one row of ``n`` ``bits``-bit values takes once packed."""
-    if bits == 8:
-        return n
-    if bits == 4:
-        return (n + 1) // 2
-    return (n + 7) // 8 * bits
-
-
-def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed ints in ``qrange(bits)``, shape [..., L] -> packed [..., packed_len(L, bits)].
-
-    8 bits: int8 as is. 4 bits: :func:`pack_int4` (two's-complement nibbles).
-    Other widths: uint8 bit stream of the offset-binary code ``q - qmin``, value
-    ``i``'s bit ``j`` at stream bit ``i * bits + j``, LSB first; rows padded with
-    zeros to a multiple of 8 values. (Weights use 2 and 3 bits, the KV cache 2-7.)
-    """
-    if bits == 8:
-        return q.to(torch.int8).contiguous()
-    if bits == 4:
-        return pack_int4(q)
-    qmin, _ = qrange(bits)
-    L = q.shape[-1]
-    u = q.to(torch.int32) - qmin
-    if L % 8:
-        u = F.pad(u, (0, 8 - L % 8))
-    shifts = torch.arange(bits, device=q.device, dtype=torch.int32)
-    stream = ((u.unsqueeze(-1) >> shifts) & 1).reshape(*u.shape[:-1], -1, 8)  # [..., bytes, 8]
-    weights = torch.tensor([1 << i for i in range(8)], device=q.device, dtype=torch.int32)
-    return (stream * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, L: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: -> int8 [..., L]."""
-    if bits == 8:
-        return packed
-    if bits == 4:
-        return unpack_int4(packed, L)
-    qmin, _ = qrange(bits)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], -1, bits)
-    weights = torch.tensor([1 << j for j in range(bits)], device=packed.device, dtype=torch.int32)
-    u = (stream * weights).sum(-1)[..., :L]
-    return (u + qmin).to(torch.int8)
-
-
-# --------------------------------------------------------------------------
-# scales
-# --------------------------------------------------------------------------
 def _nan_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), a, torch.maximum(a, b))
-
-
-# Weight scales are held in float32 (default) or float16 (half the scale
-# bytes: 0.25 bits per weight less at group size 64). A float16 scale is
-# rounded *before* the integers are computed, so the stored (scale, q) pair is
-# exactly what the quantizer chose.
-SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_FP16_MIN_NORMAL = 2.0 ** -14
-_FP16_MAX = 65504.0
-
-
-def scale_dtype_of(name) -> torch.dtype:
-    """torch dtype of a scale storage name ("float32" / "float16") or dtype."""
-    if isinstance(name, torch.dtype) and name in SCALE_DTYPES.values():
-        return name
-    if name in SCALE_DTYPES:
-        return SCALE_DTYPES[name]
-    raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {name!r}")
-
-
-def storable_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``scale`` (float32) as a layer holding ``dtype`` scales will hold it.
-
-    float16: scales below the smallest normal (2^-14: a group whose whole
-    range is under ~1e-3 at 4 bits) are raised to it, which costs those tiny
-    weights at most 2^-15 absolute error; scales above 65504 raise."""
-    if dtype == torch.float32:
-        return scale
-    if dtype != torch.float16:
-        raise ValueError(f"scale dtype must be float32 or float16, got {dtype}")
-    if (scale > _FP16_MAX).any():
-        raise ValueError(f"a scale of {float(scale.max()):g} does not fit float16 (max {_FP16_MAX:g}); "
-                         "use float32 scales for weights this large")
-    return scale.clamp(min=_FP16_MIN_NORMAL).half().float()
-
-
-def scale_from_absmax(absmax: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    _, qmax = qrange(bits)
-    scale = absmax.float() / qmax
-    return storable_scale(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
-
-
-def scale_zp_from_minmax(mn: torch.Tensor, mx: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float32):
-    qmin, qmax = qrange(bits)
-    lo = torch.minimum(mn.float(), torch.zeros_like(mn, dtype=torch.float32))
-    hi = torch.maximum(mx.float(), torch.zeros_like(mx, dtype=torch.float32))
-    # NaN must survive minimum/maximum (torch.minimum propagates NaN).
-    d = float((1 << bits) - 1)
-    span = hi - lo
-    # A finite range wider than float32's max (e.g. [-3e38, 3e38]) overflows
-    # hi - lo; only then is the range divided first (hi/d - lo/d < 2/3 max:
-    # finite). Everywhere else the rounding is (hi - lo) / d, as always.
-    overflow = torch.isfinite(hi) & torch.isfinite(lo) & ~torch.isfinite(span)
-    scale = torch.where(overflow, hi / d - lo / d, span / d)
-    scale = storable_scale(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
-    zp = qmin - torch.round(lo / scale)
-    zp = torch.nan_to_num(zp, nan=0.0).clamp(qmin, qmax).to(torch.int8)
-    return scale, zp
-
-
-def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
-    """View x [..., K] as [..., G, g] for the granularity; returns (view, G)."""
-    K = x.shape[-1]
-    if group_size == 0:
-        return x.reshape(1, -1), 1
-    if group_size == -1:
-        return x.unsqueeze(-2), 1
-    return x.reshape(*x.shape[:-1], K // group_size, group_size), K // group_size
 
 
 def _scale_shape(x_shape: torch.Size, group_size: int) -> tuple[int, ...]:
@@ -194,14 +35,6 @@ def _scale_shape(x_shape: torch.Size, group_size: int) -> tuple[int, ...]:
     if group_size == -1:
         return (*x_shape[:-1], 1)
     return (*x_shape[:-1], x_shape[-1] // group_size)
-
-
-def _quantize_values(xg, scale, zp, bits):
-    qmin, qmax = qrange(bits)
-    v = torch.round(xg / scale.unsqueeze(-1))
-    v = torch.where(torch.isnan(v), torch.zeros_like(v), v)
-    v = v + zp.unsqueeze(-1).float()
-    return v.clamp(qmin, qmax).to(torch.int8)
 
 
 def _finish(qg, x_shape, bits):
@@ -223,14 +56,14 @@ def _reduce(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _quantize(x, bits, symmetric, group_size, scale_dtype=torch.float32):
     xf = x.float()
-    xg, _ = _grouped(xf, group_size)
+    xg = group_view(xf, group_size)
     if symmetric:
         amax = _reduce(xg.abs(), "absmax")
         scale = scale_from_absmax(amax, bits, scale_dtype)
         zp = torch.zeros_like(scale, dtype=torch.int8)
     else:
         scale, zp = scale_zp_from_minmax(_reduce(xg, "min"), _reduce(xg, "max"), bits, scale_dtype)
-    qg = _quantize_values(xg, scale, zp, bits)
+    qg = quantize_values(xg, scale, zp, bits)
     shape = _scale_shape(x.shape, group_size)
     return _finish(qg, x.shape, bits), scale.reshape(shape), zp.reshape(shape)
 
@@ -239,27 +72,27 @@ def quantize(x: torch.Tensor, bits: int, symmetric: bool, group_size: int,
              scale_dtype: torch.dtype = torch.float32):
     """Dynamic quantization: returns (q, scale, zero_point); scales float32,
     rounded to ``scale_dtype`` first (float16 weight scales)."""
-    _checks.quantize(x, bits, symmetric, group_size, oracle=True)
+    _checks.quantize(x, bits, symmetric, group_size, rule=_checks.ORACLE)
     return _quantize(x, bits, symmetric, group_size, scale_dtype)
 
 
 def _quantize_static(x, scale, zero_point, bits, group_size):
     xf = x.float()
-    xg, G = _grouped(xf, group_size)
+    xg = group_view(xf, group_size)
     s = scale.float().reshape(xg.shape[:-1])
     z = zero_point.reshape(xg.shape[:-1])
-    return _finish(_quantize_values(xg, s, z, bits), x.shape, bits)
+    return _finish(quantize_values(xg, s, z, bits), x.shape, bits)
 
 
 def quantize_static(x, scale, zero_point, bits: int, group_size: int):
     """Quantize with given scales/zero-points (same granularity rules)."""
-    _checks.quantize_static(x, scale, zero_point, bits, group_size, oracle=True)
+    _checks.quantize_static(x, scale, zero_point, bits, group_size, rule=_checks.ORACLE)
     return _quantize_static(x, scale, zero_point, bits, group_size)
 
 
 def _dequantize(q, scale, zero_point, bits, group_size, K, dtype):
     qi = unpack_bits(q, bits, K)
-    qg, _ = _grouped(qi.float(), group_size)
+    qg = group_view(qi.float(), group_size)
     s = scale.float().reshape(qg.shape[:-1]).unsqueeze(-1)
     z = zero_point.float().reshape(qg.shape[:-1]).unsqueeze(-1)
     return (s * (qg - z)).reshape(qi.shape).to(dtype)
@@ -269,7 +102,7 @@ def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype):
     """The op's semantics; as oracle extensions the reference also returns
     float64 (for fp64 comparisons) and takes 5-7 bits, which the kernels do not."""
     _checks.dequantize(q, scale, zero_point, bits, group_size, K, torch.float32 if dtype == torch.float64 else dtype,
-                       oracle=True)
+                       rule=_checks.ORACLE)
     return _dequantize(q, scale, zero_point, bits, group_size, K, dtype)
 
 
@@ -310,7 +143,7 @@ def ema_quantize_(x, state, alpha: float, eps: float, bits: int, symmetric: bool
     is re-initialised by the next finite observation.
     Returns (q, scale [1], zero_point [1]) computed with the *updated* state.
     """
-    _checks.ema_quantize_(x, state, alpha, eps, bits, oracle=True)
+    _checks.ema_quantize_(x, state, alpha, eps, bits, rule=_checks.ORACLE)
     xf = x.float()
     src = state
     if update:
@@ -408,7 +241,7 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric: bool):
 
 def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bias):
     """Weight-only quantized linear (W8A16 / W4A16): fp32 math, x.dtype out."""
-    _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, oracle=True)
+    _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=_checks.ORACLE)
     K = x.shape[-1]
     N = qw.shape[0]
     zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)

@@ -2,7 +2,7 @@
 for keys and values, a transformers ``Cache`` that holds the KV in that form, and
 an honest memory report.
 
-Quantizers (conventions of ``_reference``: ``x = scale * (q - zero_point)``, signed
+Quantizers (conventions of ``quant_format``: ``x = scale * (q - zero_point)``, signed
 ``q`` in ``[-2**(b-1), 2**(b-1) - 1]``, round-half-even, true division, float32
 scales, int8 zero-points, asymmetric ranges widened to contain 0; any ``bits`` in
 2..8):
@@ -18,7 +18,7 @@ scales, int8 zero-points, asymmetric ranges widened to contain 0; any ``bits`` i
   part are computed without them.
 
 Storage is packed for real: 8-bit values as int8; 4-bit two per byte
-(``_reference.pack_int4``, two's-complement nibbles); 2, 3, 5, 6 and 7 bits as an
+(``quant_format.pack_int4``, two's-complement nibbles); 2, 3, 5, 6 and 7 bits as an
 LSB-first bit stream of the offset-binary code ``q - qmin`` (``ceil(L / 8) * bits``
 bytes for a row of ``L`` values). Keys are packed along tokens, values along
 ``head_dim``.
@@ -61,7 +61,7 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import Cache
 
-from . import _reference as R
+from . import quant_format as qf
 
 try:  # transformers >= 5: base of the layers that store KV in a quantized form
     from transformers.cache_utils import BaseQuantizedLayer as _LayerBase
@@ -88,16 +88,16 @@ def check_bits(bits, what: str = "bits") -> int:
 # --------------------------------------------------------------------------
 def packed_len(n: int, bits: int) -> int:
     """Bytes one row of ``n`` ``bits``-bit values takes once packed."""
-    return R.packed_len(n, check_bits(bits))
+    return qf.packed_len(n, check_bits(bits))
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`llmeasyquant._reference.pack_bits` (the one packed layout of the project)."""
-    return R.pack_bits(q, check_bits(bits))
+    """:func:`llmeasyquant.quant_format.pack_bits` (the one packed layout of the project)."""
+    return qf.pack_bits(q, check_bits(bits))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, L: int) -> torch.Tensor:
-    return R.unpack_bits(packed, check_bits(bits), L)
+    return qf.unpack_bits(packed, check_bits(bits), L)
 
 
 # --------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool = False, group_siz
         idx = idx.to(torch.int32)
     if symmetric:
         a = xg.abs() if mask is None else xg.abs().masked_fill(mask, 0.0)
-        scale = R.scale_from_absmax(a.amax(-1), bits)
+        scale = qf.scale_from_absmax(a.amax(-1), bits)
         zp = None
         zq = torch.zeros_like(scale, dtype=torch.int8)
     else:
@@ -192,10 +192,10 @@ def quantize_rows(x: torch.Tensor, bits: int, symmetric: bool = False, group_siz
             empty = mask.all(-1)
             mn = torch.where(empty, torch.zeros_like(mn), mn)
             mx = torch.where(empty, torch.zeros_like(mx), mx)
-        scale, zp = R.scale_zp_from_minmax(mn, mx, bits)
+        scale, zp = qf.scale_zp_from_minmax(mn, mx, bits)
         zq = zp
     dense = xg if mask is None else xg.masked_fill(mask, 0.0)
-    q = R._quantize_values(dense, scale, zq, bits).reshape(xf.shape)
+    q = qf.quantize_values(dense, scale, zq, bits).reshape(xf.shape)
     return QTensor(pack_bits(q, bits), scale, zp, bits, L, group_size, idx, val)
 
 

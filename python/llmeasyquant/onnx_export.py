@@ -216,7 +216,7 @@ class _onnx_int4_weights:
         self.saved = []
 
     def __enter__(self):
-        from ._reference import unpack_bits
+        from .quant_format import unpack_bits
 
         for m in self.model.modules():
             if isinstance(m, QLinear) and m.storage_bits < 8:

@@ -1,8 +1,14 @@
 """Typed Python wrappers of the LLMEasyQuant ops (``torch.ops.llmeasyquant``).
 
 Conventions (scales fp32, zero-points int8, ``x = scale * (q - zero_point)``,
-4-bit packing order, ``group_size`` 0 / -1 / g) are documented in
-:mod:`llmeasyquant._reference`, which is also the test oracle.
+packing order, ``group_size`` 0 / -1 / g) are :mod:`llmeasyquant.quant_format`.
+
+The wrappers own every "this device has no kernel for this case" decision, so
+no caller branches on devices: 2- and 3-bit values on CUDA (whose kernels take
+4 and 8 bits) and float16-scale quantization go to the PyTorch fallback
+(:mod:`llmeasyquant._fallback`), which is also the weight-path ops' kernel on
+devices this build has none for. The int8-GEMM ops and the activation
+statistics have compiled kernels only.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from . import _native
-from ._reference import pack_int4, unpack_int4  # noqa: F401  (re-exported)
+from . import _checks, _fallback, _native
+from .quant_format import SUPPORTED_BITS, pack_int4, scale_dtype_of, unpack_int4  # noqa: F401  (re-exported)
 
 _ops = torch.ops.llmeasyquant
 
@@ -20,7 +26,14 @@ PER_TENSOR = 0
 PER_ROW = -1
 
 
+def _kernels_lack(bits: int, device: torch.device) -> bool:
+    """Whether ``device``'s kernels lack ``bits``-bit values that the ops take on
+    every device (2/3 bits on CUDA): those calls go to ``_fallback``."""
+    return bits in SUPPORTED_BITS and bits not in _checks.kernel_bits(device)
+
+
 def _check_device(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    # the ops without a PyTorch fallback kernel: say which build is missing
     for t in tensors:
         if t is not None and t.is_cuda and not _native.has_cuda_kernels():
             raise RuntimeError(
@@ -30,13 +43,22 @@ def _check_device(op: str, *tensors: Optional[torch.Tensor]) -> None:
             )
 
 
-def quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True, group_size: int = PER_ROW):
+def quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True, group_size: int = PER_ROW, *,
+             scale_dtype=torch.float32):
     """Dynamic quantization. Returns ``(q, scale, zero_point)``.
 
     ``group_size``: 0 per tensor, -1 per row (channel/token), g>0 group-wise.
-    ``q`` is int8 ``[..., K]`` (8-bit) or packed uint8 ``[..., ceil(K/2)]`` (4-bit).
+    ``q`` is int8 ``[..., K]`` (8-bit) or packed uint8 (``quant_format.pack_bits``).
+    ``scale_dtype=torch.float16`` (or ``"float16"``): each scale is rounded to
+    float16 (``quant_format.storable_scale``) *before* the integers are chosen,
+    so a layer holding float16 scales holds exactly the pair the quantizer
+    picked; the scales come back float32 (the values are float16's). The
+    kernels compute float32 scales only, so this mode runs in PyTorch.
     """
-    _check_device("quantize", x)
+    scale_dtype = scale_dtype_of(scale_dtype)
+    if scale_dtype != torch.float32 or _kernels_lack(bits, x.device):
+        _checks.quantize(x, bits, symmetric, group_size, rule=_checks.ANY_DEVICE)
+        return _fallback.quantize(x, bits, symmetric, group_size, scale_dtype)
     return _ops.quantize(x, bits, symmetric, group_size)
 
 
@@ -63,12 +85,18 @@ def quantize_groupwise(x: torch.Tensor, group_size: int, bits: int = 4, symmetri
 
 def quantize_static(x, scale, zero_point, bits: int = 8, group_size: int = PER_TENSOR) -> torch.Tensor:
     """Quantize with given (calibrated) scales; scales must be finite and > 0."""
-    _check_device("quantize_static", x, scale, zero_point)
+    if _kernels_lack(bits, x.device):
+        # the values are checked where they exist (eagerly), as the kernels do
+        _checks.quantize_static(x, scale, zero_point, bits, group_size, values=not torch.compiler.is_compiling(),
+                                rule=_checks.ANY_DEVICE)
+        return _fallback.quantize_static(x, scale, zero_point, bits, group_size)
     return _ops.quantize_static(x, scale, zero_point, bits, group_size)
 
 
 def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype=torch.float32) -> torch.Tensor:
-    _check_device("dequantize", q, scale, zero_point)
+    if _kernels_lack(bits, q.device):
+        _checks.dequantize(q, scale, zero_point, bits, group_size, K, dtype, rule=_checks.ANY_DEVICE)
+        return _fallback.dequantize_as_int8(q, scale, zero_point, bits, group_size, K, dtype)
     return _ops.dequantize(q, scale, zero_point, bits, group_size, K, dtype)
 
 
@@ -139,8 +167,10 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias=None, act_symmetric: bool = 
 
 def weight_only_linear(x, qw, scale, zero_point=None, bits: int = 8, group_size: int = PER_ROW,
                        bias=None) -> torch.Tensor:
-    """W8A16 / W4A16 linear: float activations, int8 or packed int4 weights."""
-    _check_device("weight_only_linear", x, qw, scale, zero_point, bias)
+    """Weight-only linear (W8A16 ... W2A16): float activations, int8 or packed weights."""
+    if _kernels_lack(bits, x.device):
+        _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=_checks.ANY_DEVICE)
+        return _fallback.weight_only_linear_as_int8(x, qw, scale, zero_point, bits, group_size, bias)
     return _ops.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import _reference, ops
+from .. import ops, quant_format
 from ..nn.qlinear import QLinear
 from .runtime import collective
 
@@ -43,7 +43,7 @@ TP_LAYOUT = {
 
 def _int_weight(ql: QLinear) -> torch.Tensor:
     """The integer weight values [N, K] as int8 (packed storage unpacked)."""
-    return _reference.unpack_bits(ql.qweight, ql.storage_bits, ql.in_features)
+    return quant_format.unpack_bits(ql.qweight, ql.storage_bits, ql.in_features)
 
 
 def _slice(ql: QLinear, rows: slice, cols: slice, keep_bias: bool) -> QLinear:
@@ -123,12 +123,12 @@ class RowParallelQLinear(nn.Module):
         """Per-token 8-bit quantization with ranges over the full K (all ranks)."""
         if self.local.act_symmetric:
             amax = self._all_reduce(x2.abs().amax(dim=1).float(), dist.ReduceOp.MAX, "row-parallel token absmax")
-            scale = _reference.scale_from_absmax(amax, 8)
+            scale = quant_format.scale_from_absmax(amax, 8)
             zero = torch.zeros_like(scale, dtype=torch.int8)
         else:
             both = torch.stack([-x2.amin(dim=1).float(), x2.amax(dim=1).float()])
             both = self._all_reduce(both, dist.ReduceOp.MAX, "row-parallel token min/max")
-            scale, zero = _reference.scale_zp_from_minmax(-both[0], both[1], 8)
+            scale, zero = quant_format.scale_zp_from_minmax(-both[0], both[1], 8)
         scale, zero = scale.reshape(-1, 1).contiguous(), zero.reshape(-1, 1).contiguous()
         return ops.quantize_static(x2, scale, zero, 8, -1), scale, zero
 
@@ -145,8 +145,8 @@ class RowParallelQLinear(nn.Module):
                                          out_dtype=x.dtype)
             else:
                 xq = ops.dequantize(qx, scale, zero, 8, -1, ql.in_features, x.dtype)
-                qw, bits = ql._kernel_weight()
-                y = ops.weight_only_linear(xq, qw, ql.scales(), ql.w_zero, bits, ql.w_group_size, None)
+                y = ops.weight_only_linear(xq, ql.qweight, ql.scales(), ql.w_zero, ql.storage_bits, ql.w_group_size,
+                                           None)
         else:  # static: one calibrated per-tensor scale, the same on every rank
             y = ql(x2)
         y = self._all_reduce(y.contiguous(), dist.ReduceOp.SUM, "row-parallel all-reduce of partial outputs")

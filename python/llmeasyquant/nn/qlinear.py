@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import _reference, ops
+from .. import ops, quant_format
 
 ACT_MODES = (None, "dynamic", "static", "ema")
 # Buffers whose dtype is part of the layer's definition: a module cast
@@ -56,8 +56,8 @@ class QLinear(nn.Module):
                  act_symmetric: bool = True, ema_alpha: float = 0.9, ema_eps: float = 1e-5,
                  bias_dtype: torch.dtype = torch.float32, w_scale_dtype="float32", device=None):
         super().__init__()
-        scale_dtype = _reference.scale_dtype_of(w_scale_dtype)
-        if w_bits not in (2, 3, 4, 8):
+        scale_dtype = quant_format.scale_dtype_of(w_scale_dtype)
+        if w_bits not in quant_format.SUPPORTED_BITS:
             raise ValueError(f"QLinear: unsupported w_bits={w_bits}; supported: 2, 3, 4, 8")
         if act not in ACT_MODES:
             raise ValueError(f"QLinear: act must be one of {ACT_MODES}, got {act!r}")
@@ -80,11 +80,12 @@ class QLinear(nn.Module):
         self.act, self.act_symmetric = act, act_symmetric
         self.ema_alpha, self.ema_eps = float(ema_alpha), float(ema_eps)
         self.ema_update = True
-        # Packed for real (_reference.pack_bits): 8-bit int8, 4-bit two per byte,
-        # 3-bit 8 values in 3 bytes, 2-bit four per byte.
+        # Packed for real (quant_format.pack_bits): 8-bit int8, 4-bit two per byte,
+        # 3-bit 8 values in 3 bytes, 2-bit four per byte, on every device (the ops
+        # run what a device's kernels lack in PyTorch: ops.py).
         self.storage_bits = w_bits
         G = 1 if w_group_size == -1 else K // w_group_size
-        kq = _reference.packed_len(K, w_bits)
+        kq = quant_format.packed_len(K, w_bits)
         qdtype = torch.uint8 if w_bits != 8 else torch.int8
         self.register_buffer("qweight", torch.zeros(N, kq, dtype=qdtype, device=device))
         # float16 scales halve the scale bytes; the kernels take float32, so
@@ -161,19 +162,16 @@ class QLinear(nn.Module):
         N, K = self.out_features, self.in_features
         if tuple(weight.shape) != (N, K):
             raise ValueError(f"QLinear.set_weight: expected a weight of shape ({N}, {K}), got {tuple(weight.shape)}")
-        if not torch.isfinite(weight).all():
+        # (a meta weight has no values to check: the layer's shapes still build)
+        if not weight.is_meta and not torch.isfinite(weight).all():
             raise ValueError("QLinear.set_weight: the weight contains NaN or Inf")
         w = weight.float()
-        if self.w_bits < 4 and w.device.type != "cpu":  # 2/3-bit quantize kernels: CPU only
-            w = w.cpu()
         sdt = self.w_scale.dtype
-        if scale is None and sdt == torch.float32:
-            qw, s, z = ops.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size)
-        elif scale is None:  # scales rounded to float16 before the integers are chosen
-            qw, s, z = _reference.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size, sdt)
+        if scale is None:  # float16 scales are rounded before the integers are chosen
+            qw, s, z = ops.quantize(w, self.w_bits, self.w_symmetric, self.w_group_size, scale_dtype=sdt)
         else:
             z = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
-            scale = _reference.storable_scale(scale.float(), sdt)
+            scale = quant_format.storable_scale(scale.float(), sdt)
             qw = ops.quantize_static(w, scale.reshape(self.w_scale.shape).contiguous().to(w.device),
                                      z.to(torch.int8).reshape(self.w_scale.shape).contiguous().to(w.device),
                                      self.storage_bits, self.w_group_size)
@@ -190,19 +188,19 @@ class QLinear(nn.Module):
         values ``[out, in]`` in ``[-2^(b-1), 2^(b-1)-1]`` for ``b = w_bits``, with
         ``scale`` / ``zero_point`` in this layer's granularity. With float16
         scales, pass scales the method already rounded
-        (``_reference.storable_scale``) so ``q`` was chosen against them."""
+        (``quant_format.storable_scale``) so ``q`` was chosen against them."""
         N, K = self.out_features, self.in_features
         if tuple(q.shape) != (N, K):
             raise ValueError(f"QLinear.set_quantized: expected q of shape ({N}, {K}), got {tuple(q.shape)}")
-        qmin, qmax = _reference.qrange(self.w_bits)
+        qmin, qmax = quant_format.qrange(self.w_bits)
         if q.numel() and (q.min() < qmin or q.max() > qmax):
             raise ValueError(f"QLinear.set_quantized: {self.w_bits}-bit values must lie in [{qmin}, {qmax}], "
                              f"got [{int(q.min())}, {int(q.max())}]")
         if scale.numel() != self.w_scale.numel() or not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError(f"QLinear.set_quantized: expected {self.w_scale.numel()} finite positive scales, "
                              f"got shape {tuple(scale.shape)}")
-        self.qweight.copy_(_reference.pack_bits(q.to(torch.int8), self.storage_bits))
-        self.w_scale.copy_(_reference.storable_scale(scale.float(), self.w_scale.dtype).reshape(self.w_scale.shape))
+        self.qweight.copy_(quant_format.pack_bits(q.to(torch.int8), self.storage_bits))
+        self.w_scale.copy_(quant_format.storable_scale(scale.float(), self.w_scale.dtype).reshape(self.w_scale.shape))
         if self.w_zero is not None:
             zp = zero_point if zero_point is not None else torch.zeros_like(self.w_zero)
             self.w_zero.copy_(zp.reshape(self.w_zero.shape))
@@ -246,7 +244,7 @@ class QLinear(nn.Module):
             bad(f"weight scales must be finite and > 0, got min {s.float().min().item():g}, "
                 f"max {s.float().max().item():g}")
         if self.w_zero is not None and self.w_zero.numel():
-            qmin, qmax = _reference.qrange(self.w_bits)
+            qmin, qmax = quant_format.qrange(self.w_bits)
             lo, hi = int(self.w_zero.min()), int(self.w_zero.max())
             if lo < qmin or hi > qmax:
                 bad(f"{self.w_bits}-bit zero-points must lie in [{qmin}, {qmax}], got [{lo}, {hi}]")
@@ -290,32 +288,23 @@ class QLinear(nn.Module):
             raise ValueError(f"QLinear.set_static_range: the calibrated range must be finite, got lo={lo}, hi={hi}")
         if (lo_t > hi_t).any():
             raise ValueError(f"QLinear.set_static_range: lo={lo} > hi={hi}")
-        from .._reference import scale_from_absmax, scale_zp_from_minmax
         if self.act_symmetric:
-            s = scale_from_absmax(torch.maximum(lo_t.abs(), hi_t.abs()).reshape(1), 8)
+            s = quant_format.scale_from_absmax(torch.maximum(lo_t.abs(), hi_t.abs()).reshape(1), 8)
             z = torch.zeros(1, dtype=torch.int8)
         else:
-            s, z = scale_zp_from_minmax(lo_t.reshape(1), hi_t.reshape(1), 8)
+            s, z = quant_format.scale_zp_from_minmax(lo_t.reshape(1), hi_t.reshape(1), 8)
         self.act_scale.copy_(s)
         self.act_zero.copy_(z)
 
     # ---------------------------------------------------------------- forward
-    def _kernel_weight(self) -> tuple[torch.Tensor, int]:
-        """(weight, bits) as the kernels take them: 2/3-bit weights have CPU
-        kernels only; elsewhere they are unpacked to int8 per call (the
-        dequantize path: memory stays packed, speed is that of W8)."""
-        if self.storage_bits < 4 and self.qweight.device.type != "cpu":
-            return _reference.unpack_bits(self.qweight, self.storage_bits, self.in_features), 8
-        return self.qweight, self.storage_bits
-
     def scales(self) -> torch.Tensor:
         """Weight scales as the kernels take them (float32; no copy when held so)."""
         return self.w_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is None:
-            qw, bits = self._kernel_weight()
-            return ops.weight_only_linear(x, qw, self.scales(), self.w_zero, bits, self.w_group_size, self.bias)
+            return ops.weight_only_linear(x, self.qweight, self.scales(), self.w_zero, self.storage_bits,
+                                          self.w_group_size, self.bias)
         if self.act == "dynamic" and self.int8_gemm:
             return ops.dynamic_quant_linear(x, self.qweight, self.scales().view(-1), self._row_sums(), self.bias,
                                             self.act_symmetric)
@@ -333,8 +322,8 @@ class QLinear(nn.Module):
                 self._count_ema_skip(ops.ema_skipped(before, self.ema_state))
         if not self.int8_gemm:
             xq = ops.dequantize(qx, scale, zero, 8, -1 if self.act == "dynamic" else 0, self.in_features, x.dtype)
-            qw, bits = self._kernel_weight()
-            out = ops.weight_only_linear(xq, qw, self.scales(), self.w_zero, bits, self.w_group_size, self.bias)
+            out = ops.weight_only_linear(xq, self.qweight, self.scales(), self.w_zero, self.storage_bits,
+                                         self.w_group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.scales().view(-1),
                                    a_zero=None if self.act_symmetric else zero, b_sum=self._row_sums(),
@@ -357,8 +346,8 @@ class QLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this layer actually multiplies with."""
         zero = self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale, dtype=torch.int8)
-        qw, bits = self._kernel_weight()
-        return ops.dequantize(qw, self.scales(), zero, bits, self.w_group_size, self.in_features, dtype)
+        return ops.dequantize(self.qweight, self.scales(), zero, self.storage_bits, self.w_group_size,
+                              self.in_features, dtype)
 
     def memory_bytes(self) -> int:
         """Bytes held by the saved tensors (packed weights, scales, zero-points, bias, act. state)."""

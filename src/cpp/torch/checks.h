@@ -51,8 +51,8 @@ std::string msg(const Args&... args) {
 
 inline std::string shape_str(const at::Tensor& t) { return to_text(t.sizes()); }
 
-// 2- and 3-bit packed values have CPU kernels only; on CUDA, QLinear unpacks
-// them to int8 and runs the 8-bit kernels.
+// 2- and 3-bit packed values have CPU kernels only; on CUDA, the Python ops
+// (llmeasyquant/ops.py) run them in PyTorch or unpack them for the 8-bit kernels.
 inline void check_bits(const char* op, int64_t bits, bool cpu) {
   if (cpu) {
     TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8,

@@ -1,6 +1,7 @@
 // The one place that defines every op schema of LLMEasyQuant.
 // CPU implementations: register_cpu.cpp; CUDA: src/cuda/register_cuda.cu;
 // fake (meta) implementations for torch.compile: python/llmeasyquant/_fake.py;
+// PyTorch kernels for devices without compiled ones: python/llmeasyquant/_fallback.py;
 // pure-PyTorch reference semantics: python/llmeasyquant/_reference.py.
 //
 // group_size everywhere: 0 = per tensor, -1 = per row (channel / token),
