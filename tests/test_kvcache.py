@@ -403,3 +403,32 @@ def test_quantize_entry_point_sets_up_kv_cache_for_generate():
     assert not any(isinstance(m, lq.QLinear) for m in model.modules())  # weights stay float
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, ref)
+
+
+def test_perplexity_is_the_one_entry_point_for_the_quantized_cache():
+    """eval.perplexity measures through the model's SimQuant cache when it has
+    one (or a config passed as kv=), float with kv=False; one prefill per window."""
+    import math
+
+    from llmeasyquant.eval.perplexity import perplexity
+
+    model = tiny_models.build("llama", seed=3)
+    ids = torch.randint(0, tiny_models.VOCAB, (200,), generator=torch.Generator().manual_seed(0))
+    cfg = SimQuantConfig(k_bits=2, v_bits=2, chunk_size=8, residual_length=0)
+    float_ppl = perplexity(model, ids=ids, seq_len=64, progress=False)
+    with_kv = perplexity(model, ids=ids, seq_len=64, progress=False, kv=cfg)
+    # by hand: a fresh quantized cache per non-overlapping window
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, 200 - 64 + 1, 64):
+            w = ids[s: s + 64].unsqueeze(0)
+            logp = torch.log_softmax(model(w, cache=make_cache(model, cfg), use_cache=True).logits.float()[0, :-1], -1)
+            nll -= logp.gather(1, w[0, 1:].unsqueeze(1)).sum().item()
+            n += 63
+    assert math.isclose(with_kv.ppl, math.exp(nll / n), rel_tol=1e-9)
+    assert with_kv.ppl != float_ppl.ppl
+    simquant.apply(model, None, cfg, [])
+    assert perplexity(model, ids=ids, seq_len=64, progress=False).ppl == with_kv.ppl  # the attached cache
+    assert perplexity(model, ids=ids, seq_len=64, progress=False, kv=False).ppl == float_ppl.ppl
+    with pytest.raises(ValueError, match="non-overlapping windows"):
+        perplexity(model, ids=ids, seq_len=64, stride=32, progress=False)

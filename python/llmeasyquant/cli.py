@@ -141,11 +141,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             print(report)
         return 0
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    t0 = time.perf_counter()
-    lq.quantize(model, args.method, calib=args.calib, tokenizer=tok, progress=not args.quiet, **opts)
+    lq.quantize(model, args.method, calib=args.calib, tokenizer=tok, progress=not args.quiet, device=args.device,
+                **opts)
     lq.save(model, out, tokenizer=tok, overwrite=args.overwrite)
-    print(f"{model.llmeq_config.describe()}: quantized in {time.perf_counter() - t0:.1f} s, saved to {args.out} "
+    rep = model.llmeq_report
+    print(f"{rep.description}: quantized in {rep.seconds:.1f} s ({rep.memory.summary()}), saved to {args.out} "
           f"(load with llmeasyquant.load({args.out!r}))")
+    if rep.pipeline is not None:
+        print(f"  blockwise: {rep.pipeline.summary()}")
     return 0
 
 
@@ -193,7 +196,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import default_eval_file
     from .eval import model_memory, throughput
-    from .eval.perplexity import model_perplexity, tokenize_file
+    from .eval.perplexity import perplexity, tokenize_file
     from .io import load_any
 
     model, tok = load_any(args.model, trust_remote_code=args.trust_remote_code)
@@ -202,7 +205,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = getattr(model, "llmeq_config", None)
     print(f"{args.model}: {cfg.describe() if cfg is not None else 'float model'}")
     if "ppl" in want:
-        r = model_perplexity(model, ids, seq_len=args.seq_len,
+        r = perplexity(model, ids=ids, seq_len=args.seq_len,
                              max_windows=None if args.max_windows == 0 else args.max_windows, progress=not args.quiet)
         print(f"  perplexity {r.ppl:.3f}  ({r.protocol()})")
     if "memory" in want:
@@ -330,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs all calibration data, bit-identical to one process)")
     d.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="auto: nccl on CUDA, gloo (TCP) on CPU")
-    d.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    d.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="distributed: where the ranks run (default: cuda when present); one process: where each "
+                        "decoder block is calibrated and quantized, one block at a time, while the model stays on "
+                        "the CPU (default: cpu)")
     d.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a collective waits for a stuck rank before failing (default 300)")
     d.add_argument("--breakdown", default=None, help="write the per-layer time breakdown (Markdown) here")

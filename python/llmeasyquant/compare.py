@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .api import quantize
 from .eval import model_memory, throughput
-from .eval.perplexity import model_perplexity, tokenize_file
+from .eval.perplexity import perplexity, tokenize_file
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
             quantize(model, p.method, calib=calib if calib is not None else None, tokenizer=tok,
                      progress=progress, **p.options)
             quant_s = time.perf_counter() - t0
-        res = model_perplexity(model, ids, seq_len=seq_len, max_windows=windows, progress=progress)
+        res = perplexity(model, ids=ids, seq_len=seq_len, max_windows=windows, progress=progress)
         mem = model_memory(model)
         hist = plots.weight_histogram(plots.layer_weight(model, plot_layer), *hist_range)
         row = {"method": p.name, "bits": p.bits, "ppl": res.ppl, "tokens": res.tokens,

@@ -48,7 +48,7 @@ def quantize_distributed(*, model: str, method: str, out: str, calib=None, data_
     :func:`llmeasyquant.distributed.runtime.init`.
 
     Returns the timing report on rank 0, None on the other ranks."""
-    import llmeasyquant as lq
+    from ..io import save
 
     from ..models import load_model
     from ..models.extract import extract
@@ -73,7 +73,7 @@ def quantize_distributed(*, model: str, method: str, out: str, calib=None, data_
         everyone = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:
-            lq.save(net.cpu(), out, tokenizer=tok, overwrite=overwrite)
+            save(net.cpu(), out, tokenizer=tok, overwrite=overwrite)
             head = (f"{net.llmeq_config.describe()} on {world} rank(s) ({backend}, {dev.type}, "
                     f"{'data-parallel' if data_parallel else 'replicated'} calibration): "
                     f"{wall:.1f} s, identical on every rank (checksums), saved to {out}")

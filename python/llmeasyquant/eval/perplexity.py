@@ -100,8 +100,3 @@ def perplexity(model, tokenizer=None, *, ids: Optional[torch.Tensor] = None, pat
     dtype = str(next(model.parameters()).dtype).replace("torch.", "") if any(True for _ in model.parameters()) else "?"
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(starts), seq_len=seq_len,
                             stride=stride, dtype=dtype, source=str(path) if path is not None else "ids")
-
-
-def model_perplexity(model, ids: torch.Tensor, **kwargs) -> PerplexityResult:
-    """:func:`perplexity` on pre-tokenized ``ids`` (the model's KV cache honoured)."""
-    return perplexity(model, ids=ids, **kwargs)

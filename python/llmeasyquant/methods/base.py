@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional, Union
 
-from .._reference import SCALE_DTYPES
+from ..quant_format import SCALE_DTYPES
 
 
 @dataclass

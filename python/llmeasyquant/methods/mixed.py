@@ -17,7 +17,7 @@ from typing import ClassVar, Optional, Sequence
 import torch
 from torch import nn
 
-from .._reference import scale_dtype_of
+from ..quant_format import scale_dtype_of
 from ..models.extract import ModelSpec
 from ..nn.qlinear import QLinear
 from ..pipeline import observe_linears

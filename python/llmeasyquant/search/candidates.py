@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._reference import packed_len, scale_dtype_of
+from ..quant_format import packed_len, scale_dtype_of
 from ..methods._common import weight_nk
 from ..methods.mixed import BASES, Layout, collect_hessians, layout_for, quantize_layer  # noqa: F401
 from ..models.extract import ModelSpec

@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..._reference import qrange, scale_from_absmax, scale_zp_from_minmax
+from ...quant_format import qrange, scale_from_absmax, scale_zp_from_minmax
 
 __all__ = ["AWQScaleResult", "awq_search_scale", "awq_search_clip", "apply_clip",
            "apply_scale_to_linear_weight", "fake_quantize_rtn"]

@@ -16,7 +16,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
-from ..._reference import scale_dtype_of
+from ...quant_format import scale_dtype_of
 from ...models.extract import ModelSpec
 from ...pipeline import BlockContext, BlockHooks, run_blocks
 from ...sharding import Shard

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..._reference import qrange, scale_from_absmax, scale_zp_from_minmax
+from ...quant_format import qrange, scale_from_absmax, scale_zp_from_minmax
 
 __all__ = ["GPTQResult", "gptq_quantize"]
 
