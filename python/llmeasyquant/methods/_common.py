@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..models.extract import ModelSpec, ScaleGroup
+from ..pipeline import BlockHooks, PipelineReport, run_blocks
+from ..sharding import Shard
 from ..nn.qlinear import QLinear, _is_conv1d
 
 
@@ -107,3 +109,17 @@ def quantize_owned(root: nn.Module, names: list[str], config, shard, stats: dict
             swap(root, n, q)
     shard.barrier(prefix or "model")
     shard.gather_modules(root, names, prefix)
+
+
+def quantize_blockwise(model: nn.Module, spec: ModelSpec, config, calib, hooks: BlockHooks, *, progress: bool,
+                       shard: Shard | None, device) -> PipelineReport:
+    """A layer-wise weight method on a whole model (GPTQ, AWQ): ``hooks`` over
+    the decoder blocks (weight-only or dynamic activations), then
+    round-to-nearest for the target linears outside the blocks."""
+    if config.act not in (None, "dynamic"):
+        raise ValueError(f"{config.method}: act={config.act!r} is not supported (weight-only or dynamic activations)")
+    shard = shard or Shard()
+    wanted = set(target_paths(model, spec, config.exclude))
+    report = run_blocks(model, spec, calib, hooks, targets=wanted, shard=shard, progress=progress, device=device)
+    quantize_owned(model, [p for p in spec.extra_linears if p in wanted], config, shard)
+    return report

@@ -19,9 +19,9 @@ from torch import nn
 
 from ...calibration import ChannelStats
 from ...models.extract import ModelSpec
-from ...pipeline import BlockContext, BlockHooks, run_blocks
+from ...pipeline import BlockContext, BlockHooks
 from ...sharding import Shard
-from .._common import fold_scales, quantize_owned, swap, target_paths, to_qlinear, weight_nk
+from .._common import fold_scales, quantize_blockwise, swap, to_qlinear, weight_nk
 from ..base import QuantConfig, register_method
 from .search import (AWQScaleResult, apply_clip, apply_scale_to_linear_weight, awq_search_clip,  # noqa: F401
                      awq_search_scale, fake_quantize_rtn)
@@ -99,11 +99,5 @@ class _AWQHooks(BlockHooks):
 @torch.no_grad()
 def apply(model: nn.Module, spec: ModelSpec, config: AWQConfig, calib, *, progress: bool = True,
           shard: Optional[Shard] = None, device=None):
-    if config.act not in (None, "dynamic"):
-        raise ValueError(f"awq: act={config.act!r} is not supported (weight-only or dynamic activations)")
-    shard = shard or Shard()
-    wanted = set(target_paths(model, spec, config.exclude))
-    report = run_blocks(model, spec, calib, _AWQHooks(config, spec), targets=wanted, shard=shard,
-                        progress=progress, device=device)
-    quantize_owned(model, [p for p in spec.extra_linears if p in wanted], config, shard)
-    return report
+    return quantize_blockwise(model, spec, config, calib, _AWQHooks(config, spec), progress=progress,
+                              shard=shard, device=device)

@@ -18,9 +18,9 @@ from torch import nn
 
 from ...quant_format import scale_dtype_of
 from ...models.extract import ModelSpec
-from ...pipeline import BlockContext, BlockHooks, run_blocks
+from ...pipeline import BlockContext, BlockHooks
 from ...sharding import Shard
-from .._common import quantize_owned, quantized_from, swap, target_paths, weight_nk
+from .._common import quantize_blockwise, quantized_from, swap, weight_nk
 from ..base import QuantConfig, register_method
 from .solver import GPTQResult, gptq_quantize
 
@@ -86,12 +86,5 @@ class _GPTQHooks(BlockHooks):
 @torch.no_grad()
 def apply(model: nn.Module, spec: ModelSpec, config: GPTQConfig, calib, *, progress: bool = True,
           shard: Optional[Shard] = None, device=None):
-    if config.act not in (None, "dynamic"):
-        raise ValueError(f"gptq: act={config.act!r} is not supported (weight-only or dynamic activations)")
-    shard = shard or Shard()
-    wanted = set(target_paths(model, spec, config.exclude))
-    report = run_blocks(model, spec, calib, _GPTQHooks(config), targets=wanted, shard=shard, progress=progress,
-                        device=device)
-    # outside the blocks: round-to-nearest
-    quantize_owned(model, [p for p in spec.extra_linears if p in wanted], config, shard)
-    return report
+    return quantize_blockwise(model, spec, config, calib, _GPTQHooks(config), progress=progress, shard=shard,
+                              device=device)
