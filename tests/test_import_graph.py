@@ -20,6 +20,7 @@ LAYERS = {
     "calibration": 5, "sharding": 5, "pipeline": 5, "peak_memory": 5,
     "methods": 6,
     "api": 7, "eval": 7, "io": 7, "checkpoint_checks": 7, "outdir": 7, "onnx_export": 7, "plots": 7,
+    "formats": 7,
     "search": 8, "distributed": 8,
     "cli": 9, "bench": 9, "compare": 9, "demo": 9, "distributed.__main__": 9, "": 9,
 }

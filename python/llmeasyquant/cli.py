@@ -7,7 +7,7 @@ Commands:
   quantize  quantize a model with one method and save it (safetensors folder)
   search    per-layer mixed-precision bit widths under a size budget (llmeasyquant.search)
   eval      perplexity / memory / tokens/s of a model or a saved quantized folder
-  export    export a saved quantized model to ONNX (checked in ONNX Runtime)
+  export    export a saved quantized model to ONNX (checked in ONNX Runtime), compressed-tensors or GPTQ
   demo      quantize one real layer of the default model with QLinear and compare (llmeasyquant.demo)
 
 This module only parses arguments and prints: every command calls library
@@ -220,6 +220,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     import llmeasyquant as lq
+
+    if args.format is not None:
+        if args.out is None:
+            raise ValueError("export --format needs --out OUT (the folder to write)")
+        from .io import check_save_destination
+
+        check_save_destination(args.out, args.overwrite)  # before the load, not after it
+        model, tok = lq.load(args.model_dir, with_tokenizer=True, trust_remote_code=args.trust_remote_code)
+        out = lq.save(model, args.out, tokenizer=tok, overwrite=args.overwrite, format=args.format)
+        n = sum(isinstance(m, lq.QLinear) for m in model.modules())
+        print(f"wrote {out} ({args.format}, {n} quantized layers); serve it with e.g. `vllm serve {out}` or load "
+              f"it with transformers.AutoModelForCausalLM.from_pretrained or llmeasyquant.load")
+        return 0
+    if args.out is not None:
+        raise ValueError("export --out goes with --format; ONNX output is named by --onnx FILE")
     from llmeasyquant.onnx_export import check_against_torch, export_onnx
 
     model, tok = lq.load(args.model_dir, with_tokenizer=True, trust_remote_code=args.trust_remote_code)
@@ -405,14 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_eval)
 
-    s = sub.add_parser("export", parents=[common, trust], help="export a saved quantized model to ONNX",
+    s = sub.add_parser("export", parents=[common, trust],
+                       help="export a saved quantized model to ONNX, compressed-tensors or GPTQ",
                        description="Export a folder written by `llmeasyquant quantize` (or llmeasyquant.save) to "
                                    "ONNX opset 21 (QuantizeLinear/MatMulInteger for W8A8, DequantizeLinear for "
                                    "weight-only, INT4 initializers for 4-bit) and compare ONNX Runtime's logits "
-                                   "with PyTorch's.",
-                       epilog="example: llmeasyquant export smollm2-awq --onnx smollm2-awq.onnx")
+                                   "with PyTorch's (--onnx FILE), or rewrite it as a compressed-tensors or GPTQ "
+                                   "folder for vLLM / SGLang / TGI / transformers (--format F --out DIR: the same "
+                                   "integers and scales, bit for bit).",
+                       epilog="examples: llmeasyquant export smollm2-awq --onnx smollm2-awq.onnx; "
+                              "llmeasyquant export smollm2-gptq --format gptq --out smollm2-gptq-vllm")
     s.add_argument("model_dir", help="folder written by llmeasyquant quantize / llmeasyquant.save")
-    s.add_argument("--onnx", required=True, help="output .onnx file")
+    target = s.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", help="output .onnx file")
+    target.add_argument("--format", choices=("compressed-tensors", "gptq"),
+                        help="checkpoint format of the output folder (needs --out)")
+    s.add_argument("--out", help="output folder for --format")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is not an llmeasyquant output")
     s.add_argument("--seq-len", type=COUNT, default=None, help="fixed sequence length (default: dynamic)")
     s.set_defaults(fn=_cmd_export)
     return p

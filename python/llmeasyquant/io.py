@@ -12,6 +12,10 @@ Writes go to a staging folder beside the destination that is renamed into
 place (:mod:`llmeasyquant.outdir`): an interrupted save never leaves a
 half-written model folder, and never replaces a folder that is not ours.
 Loads treat the folder as untrusted (:mod:`llmeasyquant.checkpoint_checks`).
+
+``save(..., format="compressed-tensors" | "gptq")`` writes the folder serving
+engines read instead, and ``load`` reads such folders (ours or a peer's):
+:mod:`llmeasyquant.formats` holds each format's writer and reader.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from .checkpoint_checks import (FolderError, check_folder_files, check_layer_count, check_meta,
                                 compare_with_header, read_safetensors_header)
+from . import formats
 from .nn.qlinear import QLinear
 from .outdir import check_destination, recover, replace_atomically
 
@@ -44,12 +49,17 @@ def _library_version() -> str:
 
 
 def _is_our_model(folder: Path) -> bool:
-    """An existing folder we may replace without ``overwrite``: a model we wrote."""
-    try:
-        with open(folder / QUANT_FILE) as fh:
-            return json.load(fh).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    """An existing folder we may replace without ``overwrite``: a model we
+    wrote (native, or exported: the export marker)."""
+    for name, key, value in ((QUANT_FILE, "format", FORMAT),
+                             (formats.EXPORT_MARKER, "format", formats.EXPORT_MARKER_FORMAT)):
+        try:
+            with open(folder / name) as fh:
+                if json.load(fh).get(key) == value:
+                    return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
 
 
 def check_save_destination(path, overwrite: bool = False) -> Path:
@@ -58,10 +68,15 @@ def check_save_destination(path, overwrite: bool = False) -> Path:
     return check_destination(path, overwrite=overwrite, is_ours=_is_our_model, what="save")
 
 
-def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False) -> str:
+def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False, format: str = formats.NATIVE) -> str:
     """Write ``model`` (quantized by :func:`llmeasyquant.quantize`, or any HF
     causal LM holding QLinear layers) to the folder ``path``. Returns the
     absolute path.
+
+    ``format``: ``"native"`` (default: everything llmeasyquant holds, read by
+    :func:`load`), ``"compressed-tensors"`` (vLLM, SGLang, transformers) or
+    ``"gptq"`` (vLLM, TGI, GPTQ kernels); what a format cannot say raises
+    ``ValueError`` before anything is written (see :mod:`llmeasyquant.formats`).
 
     An existing ``path`` is replaced only when it is empty or an llmeasyquant
     model folder; any other folder needs ``overwrite=True``. A file, a link,
@@ -72,6 +87,8 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False) -> 
 
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"save: expected a transformers model (with .config), got {type(model).__name__}")
+    if format != formats.NATIVE:
+        return _save_foreign(model, path, tokenizer, overwrite, format)
     dest = check_save_destination(path, overwrite)
     layers = {}
     for name, m in model.named_modules():
@@ -98,8 +115,42 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False) -> 
     return str(dest)
 
 
+def _save_foreign(model: nn.Module, path, tokenizer, overwrite: bool, fmt: str) -> str:
+    write = formats.get(fmt).prepare(model)  # every check before the folder is touched
+    dest = check_save_destination(path, overwrite)
+    cfg = getattr(model, "llmeq_config", None)
+    marker = {"format": formats.EXPORT_MARKER_FORMAT, "target_format": fmt, "library_version": _library_version(),
+              "torch_version": torch.__version__, "method": None if cfg is None else cfg.to_dict()}
+    with replace_atomically(dest) as tmp:
+        write(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(tmp / formats.EXPORT_MARKER, "w") as fh:
+            json.dump(marker, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return str(dest)
+
+
 def is_quantized_folder(path) -> bool:
-    return os.path.isfile(os.path.join(path, QUANT_FILE))
+    """A folder :func:`load` reads: native, or a compressed-tensors / GPTQ one."""
+    if os.path.isfile(os.path.join(path, QUANT_FILE)):
+        return True
+    return _foreign_format(Path(path)) is not None
+
+
+def _foreign_format(path: Path):
+    """(format module, quantization_config) of a foreign folder, or None."""
+    from .formats._folder import read_quantization_config
+
+    if not os.path.isfile(path / "config.json"):
+        return None
+    qc = read_quantization_config(path)
+    mod = formats.for_quant_method(qc.get("quant_method")) if qc else None
+    return None if mod is None else (mod, qc)
 
 
 def load_any(path, *, trust_remote_code: bool = False):
@@ -116,8 +167,9 @@ def load_any(path, *, trust_remote_code: bool = False):
 def _read_meta(path: Path) -> dict:
     qpath = path / QUANT_FILE
     if not os.path.lexists(qpath):
-        raise FileNotFoundError(f"load: {path} is not a saved llmeasyquant model (no {QUANT_FILE}); "
-                                "write one with llmeasyquant.save(model, path)")
+        raise FileNotFoundError(f"load: {path} is not a saved llmeasyquant model (no {QUANT_FILE}, and no "
+                                "compressed-tensors or GPTQ quantization_config in config.json); write one with "
+                                "llmeasyquant.save(model, path)")
     check_folder_files(path, [QUANT_FILE, WEIGHTS_FILE, "config.json"])
     with open(qpath, "rb") as fh:
         raw = fh.read(_MAX_JSON_BYTES + 1)
@@ -194,9 +246,31 @@ def load(path, *, device: Optional[str] = None, with_tokenizer: bool = False, tr
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     recover(path)
     try:
+        if not os.path.lexists(path / QUANT_FILE) and os.path.isdir(path):
+            foreign = _foreign_format(path)
+            if foreign is not None:
+                return _load_foreign(path, foreign, device, with_tokenizer, trust_remote_code)
         return _load(path, device, with_tokenizer, trust_remote_code)
     except (KeyError, AttributeError, TypeError, IndexError, RecursionError, UnicodeDecodeError) as err:
         raise FolderError(f"load: {path} is not a valid llmeasyquant folder: {type(err).__name__}: {err}") from err
+
+
+def _finish(model, path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
+    import transformers
+
+    if device is not None:
+        model.to(device)
+    if with_tokenizer:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
+        return model, tok
+    return model
+
+
+def _load_foreign(path: Path, foreign, device, with_tokenizer: bool, trust_remote_code: bool):
+    mod, qc = foreign
+    model = mod.read(path, qc, trust_remote_code)
+    return _finish(model, path, device, with_tokenizer, trust_remote_code)
 
 
 def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
