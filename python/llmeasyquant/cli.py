@@ -230,8 +230,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model, tok = lq.load(args.model_dir, with_tokenizer=True, trust_remote_code=args.trust_remote_code)
         out = lq.save(model, args.out, tokenizer=tok, overwrite=args.overwrite, format=args.format)
         n = sum(isinstance(m, lq.QLinear) for m in model.modules())
-        print(f"wrote {out} ({args.format}, {n} quantized layers); serve it with e.g. `vllm serve {out}` or load "
-              f"it with transformers.AutoModelForCausalLM.from_pretrained or llmeasyquant.load")
+        print(f"wrote {out} ({args.format}, {n} quantized layers, the same integers and scales); "
+              f"serve it with e.g. `vllm serve {out}`, read it back with llmeasyquant.load({out!r})")
         return 0
     if args.out is not None:
         raise ValueError("export --out goes with --format; ONNX output is named by --onnx FILE")
@@ -428,8 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with PyTorch's (--onnx FILE), or rewrite it as a compressed-tensors or GPTQ "
                                    "folder for vLLM / SGLang / TGI / transformers (--format F --out DIR: the same "
                                    "integers and scales, bit for bit).",
-                       epilog="examples: llmeasyquant export smollm2-awq --onnx smollm2-awq.onnx; "
-                              "llmeasyquant export smollm2-gptq --format gptq --out smollm2-gptq-vllm")
+                       epilog="example: llmeasyquant export smollm2-awq --format gptq --out smollm2-awq-gptq")
     s.add_argument("model_dir", help="folder written by llmeasyquant quantize / llmeasyquant.save")
     target = s.add_mutually_exclusive_group(required=True)
     target.add_argument("--onnx", help="output .onnx file")

@@ -136,17 +136,24 @@ def _save_foreign(model: nn.Module, path, tokenizer, overwrite: bool, fmt: str) 
 
 
 def is_quantized_folder(path) -> bool:
-    """A folder :func:`load` reads: native, or a compressed-tensors / GPTQ one."""
+    """A folder :func:`load` reads: native, or a compressed-tensors / GPTQ one
+    (a look at config.json only; :func:`load` checks the folder in full)."""
     if os.path.isfile(os.path.join(path, QUANT_FILE)):
         return True
-    return _foreign_format(Path(path)) is not None
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as fh:
+            qc = json.loads(fh.read(_MAX_JSON_BYTES)).get("quantization_config")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(qc, dict) and formats.for_quant_method(qc.get("quant_method")) is not None
 
 
 def _foreign_format(path: Path):
-    """(format module, quantization_config) of a foreign folder, or None."""
+    """(format module, quantization_config) of a foreign folder, or None;
+    config.json is read with the untrusted-folder checks."""
     from .formats._folder import read_quantization_config
 
-    if not os.path.isfile(path / "config.json"):
+    if not os.path.lexists(path / "config.json"):
         return None
     qc = read_quantization_config(path)
     mod = formats.for_quant_method(qc.get("quant_method")) if qc else None
