@@ -43,9 +43,11 @@ W8CHA = ("zeropoint", {"w_bits": 8, "act": None})
 W8A8 = ("absmax", {"act": "dynamic"})
 W8A8ASYM = ("absmax", {"act": "dynamic", "act_symmetric": False})
 GPTQ4 = ("gptq", {"w_bits": 4, "w_group_size": 32})
+AWQ4 = ("awq", {"w_bits": 4, "w_group_size": 32})
 
 CASES = [("compressed-tensors", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, W8A8, W8A8ASYM, GPTQ4)] + \
-        [("gptq", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, GPTQ4)]
+        [("gptq", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, GPTQ4)] + \
+        [("awq", c) for c in (W4G32A, W4G64A, W4G32S, AWQ4)]
 
 
 def _llama(seed=0):
@@ -193,6 +195,48 @@ def test_compressed_tensors_layout_by_hand(tmp_path, one_thread, case):
                     [int(layer.w_zero[r * per + j, g]) + off for j in range(per)]
 
 
+@pytest.mark.parametrize("case", [W4G32A, W4G32S], ids=["w4-asym", "w4-sym"])
+def test_awq_layout_by_hand(tmp_path, one_thread, case):
+    model = _quantized(case)
+    out = lq.save(model, tmp_path / "m", format="awq")
+    t = _read(out)
+    name, layer = "model.layers.0.mlp.gate_proj", _qlinears(model)["model.layers.0.mlp.gate_proj"]
+    K, N = layer.in_features, layer.out_features
+    q = _signed(layer)
+    order = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's pack order: nibble j holds column 8c + order[j]
+    qw = _words(t[f"{name}.qweight"])
+    assert len(qw) == K and len(qw[0]) == N // 8
+    for k in (0, 31, K - 1):
+        for c in (0, N // 8 - 1):
+            assert _nibbles_of_word(qw[k][c], 4) == [int(q[8 * c + order[j], k]) + 8 for j in range(8)]
+    zp = layer.w_zero.to(torch.int64) if layer.w_zero is not None else torch.zeros_like(layer.w_scale, dtype=torch.int64)
+    qz = _words(t[f"{name}.qzeros"])
+    for g in range(layer.w_scale.shape[1]):
+        assert _nibbles_of_word(qz[g][1], 4) == [int(zp[8 + order[j], g]) + 8 for j in range(8)]  # no "- 1"
+    assert torch.equal(t[f"{name}.scales"], layer.w_scale.t())
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["version"], qc["zero_point"]) == (4, 32, "gemm", True)
+
+
+@needs_ct
+def test_awq_matches_compressed_tensors_converter(tmp_path, one_thread):
+    """compressed-tensors' own AutoAWQ converter (an independent reading of
+    the GEMM layout) turns our AWQ tensors into our signed integers."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
+
+    model = _quantized(W4G32A)
+    t = _read(lq.save(model, tmp_path / "m", format="awq"))
+    conv = AutoAWQConverter(bits=4, group_size=32, zero_point=True).process(dict(t))
+    for name, layer in _qlinears(model).items():
+        N, K = layer.out_features, layer.in_features
+        q = unpack_from_int32(conv[f"{name}.weight_packed"], 4, torch.Size([N, K]))
+        assert torch.equal(q, _signed(layer).to(torch.int8)), name
+        zp = unpack_from_int32(conv[f"{name}.weight_zero_point"], 4, torch.Size([N, K // 32]), packed_dim=0)
+        assert torch.equal(zp, layer.w_zero), name
+        assert torch.equal(conv[f"{name}.weight_scale"], layer.w_scale), name
+
+
 # ------------------------------------------------------ what a format cannot say
 def _refused(tmp_path, model, fmt, match):
     dest = tmp_path / "refused"
@@ -205,6 +249,12 @@ def _refused(tmp_path, model, fmt, match):
 def test_three_bit_refused(tmp_path, one_thread, fmt):
     _refused(tmp_path, _quantized(("zeropoint", {"w_bits": 3, "w_group_size": 32, "act": None})), fmt,
              "3-bit weights")
+
+
+def test_awq_refusals(tmp_path, one_thread):
+    _refused(tmp_path, _quantized(W8CH), "awq", "4-bit weights only")
+    _refused(tmp_path, _quantized(("absmax", {"w_bits": 4, "act": None})), "awq", "per channel")
+    _refused(tmp_path, _quantized(("zeroquant", {"w_bits": 4, "w_group_size": 32})), "awq", "weight-only")
 
 
 def test_activation_modes_refused(tmp_path, one_thread):
@@ -241,7 +291,7 @@ def test_gptq_v1_zero_point_of_qmin_refused(tmp_path, one_thread):
 
 def test_other_refusals(tmp_path, one_thread):
     _refused(tmp_path, _quantized(W8CH, arch="gpt2"), "compressed-tensors", "Conv1D")
-    _refused(tmp_path, _quantized(W8CH), "onnx", "expected format one of native, compressed-tensors, gptq")
+    _refused(tmp_path, _quantized(W8CH), "onnx", "expected format one of native, compressed-tensors, gptq, awq")
     _refused(tmp_path, _llama(), "gptq", "no QLinear")
     sim = _llama()
     lq.quantize(sim, "simquant", calib=_calib(), progress=False)
@@ -375,6 +425,23 @@ def test_sharded_peer_folder(tmp_path, one_thread):
     back = lq.load(out)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, back(IDS).logits)
+
+
+@pytest.mark.parametrize("fmt,legacy", [("gptq", "quantize_config.json"), ("awq", "quant_config.json")])
+def test_legacy_config_file(tmp_path, one_thread, fmt, legacy):
+    """Older AutoGPTQ / AutoAWQ folders keep the config in a file of its own."""
+    model = _quantized(W4G32A)
+    out = lq.save(model, tmp_path / "m", format=fmt)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    qc = cfg.pop("quantization_config")
+    qc.pop("quant_method")
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    json.dump(qc, open(os.path.join(out, legacy), "w"))
+    from llmeasyquant.io import is_quantized_folder
+
+    assert is_quantized_folder(out)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, lq.load(out)(IDS).logits)
 
 
 # --------------------------------------------------- transformers and peers

@@ -7,7 +7,7 @@ Commands:
   quantize  quantize a model with one method and save it (safetensors folder)
   search    per-layer mixed-precision bit widths under a size budget (llmeasyquant.search)
   eval      perplexity / memory / tokens/s of a model or a saved quantized folder
-  export    export a saved quantized model to ONNX (checked in ONNX Runtime), compressed-tensors or GPTQ
+  export    export a saved quantized model to ONNX (checked in ONNX Runtime), compressed-tensors, GPTQ or AWQ
   demo      quantize one real layer of the default model with QLinear and compare (llmeasyquant.demo)
 
 This module only parses arguments and prints: every command calls library
@@ -421,18 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("export", parents=[common, trust],
-                       help="export a saved quantized model to ONNX, compressed-tensors or GPTQ",
+                       help="export a saved quantized model to ONNX, compressed-tensors, GPTQ or AWQ",
                        description="Export a folder written by `llmeasyquant quantize` (or llmeasyquant.save) to "
                                    "ONNX opset 21 (QuantizeLinear/MatMulInteger for W8A8, DequantizeLinear for "
                                    "weight-only, INT4 initializers for 4-bit) and compare ONNX Runtime's logits "
                                    "with PyTorch's (--onnx FILE), or rewrite it as a compressed-tensors or GPTQ "
-                                   "folder for vLLM / SGLang / TGI / transformers (--format F --out DIR: the same "
+                                   "(or AWQ GEMM) folder for vLLM / SGLang / TGI / transformers (--format F --out DIR: the same "
                                    "integers and scales, bit for bit).",
                        epilog="example: llmeasyquant export smollm2-awq --format gptq --out smollm2-awq-gptq")
     s.add_argument("model_dir", help="folder written by llmeasyquant quantize / llmeasyquant.save")
     target = s.add_mutually_exclusive_group(required=True)
     target.add_argument("--onnx", help="output .onnx file")
-    target.add_argument("--format", choices=("compressed-tensors", "gptq"),
+    target.add_argument("--format", choices=("compressed-tensors", "gptq", "awq"),
                         help="checkpoint format of the output folder (needs --out)")
     s.add_argument("--out", help="output folder for --format")
     s.add_argument("--overwrite", action="store_true",

@@ -75,7 +75,8 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False, for
 
     ``format``: ``"native"`` (default: everything llmeasyquant holds, read by
     :func:`load`), ``"compressed-tensors"`` (vLLM, SGLang, transformers) or
-    ``"gptq"`` (vLLM, TGI, GPTQ kernels); what a format cannot say raises
+    ``"gptq"`` (vLLM, TGI, GPTQ kernels) or ``"awq"`` (AWQ GEMM, 4-bit
+    groups); what a format cannot say raises
     ``ValueError`` before anything is written (see :mod:`llmeasyquant.formats`).
 
     An existing ``path`` is replaced only when it is empty or an llmeasyquant
@@ -136,16 +137,20 @@ def _save_foreign(model: nn.Module, path, tokenizer, overwrite: bool, fmt: str) 
 
 
 def is_quantized_folder(path) -> bool:
-    """A folder :func:`load` reads: native, or a compressed-tensors / GPTQ one
-    (a look at config.json only; :func:`load` checks the folder in full)."""
+    """A folder :func:`load` reads: native, or a compressed-tensors / GPTQ / AWQ one
+    (a look at the config files only; :func:`load` checks the folder in full)."""
     if os.path.isfile(os.path.join(path, QUANT_FILE)):
         return True
-    try:
-        with open(os.path.join(path, "config.json"), "rb") as fh:
-            qc = json.loads(fh.read(_MAX_JSON_BYTES)).get("quantization_config")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
-    return isinstance(qc, dict) and formats.for_quant_method(qc.get("quant_method")) is not None
+    for name, method in (("config.json", None), ("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+        try:
+            with open(os.path.join(path, name), "rb") as fh:
+                d = json.loads(fh.read(_MAX_JSON_BYTES))
+        except (OSError, ValueError, RecursionError):
+            continue
+        qc = d.get("quantization_config") if method is None and isinstance(d, dict) else d
+        if isinstance(qc, dict) and formats.for_quant_method(qc.get("quant_method", method)) is not None:
+            return True
+    return False
 
 
 def _foreign_format(path: Path):
@@ -175,7 +180,7 @@ def _read_meta(path: Path) -> dict:
     qpath = path / QUANT_FILE
     if not os.path.lexists(qpath):
         raise FileNotFoundError(f"load: {path} is not a saved llmeasyquant model (no {QUANT_FILE}, and no "
-                                "compressed-tensors or GPTQ quantization_config in config.json); write one with "
+                                "compressed-tensors / GPTQ / AWQ quantization_config in config.json); write one with "
                                 "llmeasyquant.save(model, path)")
     check_folder_files(path, [QUANT_FILE, WEIGHTS_FILE, "config.json"])
     with open(qpath, "rb") as fh:

@@ -5,12 +5,12 @@ and ``read(folder, quantization_config, trust_remote_code) -> model``.
 
 from __future__ import annotations
 
-from . import compressed_tensors, gptq
+from . import awq, compressed_tensors, gptq
 
 NATIVE = "native"
-_MODULES = {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq}
+_MODULES = {compressed_tensors.NAME: compressed_tensors, gptq.NAME: gptq, awq.NAME: awq}
 # config.json quantization_config.quant_method -> format
-_BY_METHOD = {compressed_tensors.QUANT_METHOD: compressed_tensors, gptq.QUANT_METHOD: gptq}
+_BY_METHOD = {compressed_tensors.QUANT_METHOD: compressed_tensors, gptq.QUANT_METHOD: gptq, awq.QUANT_METHOD: awq}
 NAMES = (NATIVE, *_MODULES)
 # written beside an exported folder: marks it as ours (a later save may
 # replace it without overwrite=True) and records what wrote it

@@ -72,7 +72,7 @@ def float_tensors(model: nn.Module, layers: dict[str, QLinear]) -> dict[str, tor
         if t.numel() and key in seen:
             continue
         seen[key] = k
-        out[k] = t.detach().contiguous()
+        out[k] = t.detach().cpu().contiguous()
     return out
 
 
@@ -104,16 +104,28 @@ def read_json(path: Path, what: str):
         raise FolderError(f"load: {path} ({what}) is not valid JSON ({err})") from err
 
 
+# older folders keep the config beside config.json: AutoGPTQ's
+# quantize_config.json, AutoAWQ's quant_config.json (file -> quant_method)
+LEGACY_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
 def read_quantization_config(path: Path) -> Optional[dict]:
-    """``config.json``'s ``quantization_config`` (None when absent)."""
-    check_folder_files(path, [CONFIG_FILE])
+    """``config.json``'s ``quantization_config``, else a legacy config file's
+    content (with its ``quant_method``), else None."""
+    check_folder_files(path, [CONFIG_FILE, *LEGACY_CONFIGS])
     cfg = read_json(path / CONFIG_FILE, "the model config")
     if not isinstance(cfg, dict):
         raise FolderError(f"load: {path / CONFIG_FILE} is not a JSON object")
     qc = cfg.get("quantization_config")
+    if qc is None:
+        for name, method in LEGACY_CONFIGS.items():
+            if os.path.lexists(path / name):
+                qc = read_json(path / name, "the quantization config")
+                if isinstance(qc, dict):
+                    qc = {"quant_method": method, **qc}
+                break
     if qc is not None and not isinstance(qc, dict):
-        raise FolderError(f"load: {path / CONFIG_FILE}: quantization_config must be an object, "
-                          f"got {type(qc).__name__}")
+        raise FolderError(f"load: {path}: the quantization config must be an object, got {type(qc).__name__}")
     return qc
 
 

@@ -94,21 +94,22 @@ def _scheme_json(key: tuple, targets: list) -> dict:
 
 def _layer_tensors(name: str, layer, fmt: str) -> dict:
     N, K = layer.out_features, layer.in_features
-    q = quant_format.unpack_bits(layer.qweight, layer.w_bits, K).to(torch.int8)
+    # on the CPU: the files are written from there (a model on a GPU is copied layer by layer)
+    q = quant_format.unpack_bits(layer.qweight.cpu(), layer.w_bits, K).to(torch.int8)
     off = 1 << (layer.w_bits - 1)
-    out = {f"{name}.weight_scale": layer.w_scale.detach().clone()}
+    zero = None if layer.w_zero is None else layer.w_zero.detach().cpu()
+    out = {f"{name}.weight_scale": layer.w_scale.detach().cpu().clone()}
     if fmt == INT:
         out[f"{name}.weight"] = q.contiguous()
-        if layer.w_zero is not None:
-            out[f"{name}.weight_zero_point"] = layer.w_zero.detach().clone()
+        if zero is not None:
+            out[f"{name}.weight_zero_point"] = zero.clone()
     else:
         out[f"{name}.weight_packed"] = int32_pack.pack(q.to(torch.int64) + off, layer.w_bits, dim=1)
         out[f"{name}.weight_shape"] = torch.tensor([N, K], dtype=torch.int64)
-        if layer.w_zero is not None:
-            out[f"{name}.weight_zero_point"] = int32_pack.pack(layer.w_zero.to(torch.int64) + off, layer.w_bits,
-                                                               dim=0)
+        if zero is not None:
+            out[f"{name}.weight_zero_point"] = int32_pack.pack(zero.to(torch.int64) + off, layer.w_bits, dim=0)
     if layer.bias is not None:
-        out[f"{name}.bias"] = layer.bias.detach().clone()
+        out[f"{name}.bias"] = layer.bias.detach().cpu().clone()
     return out
 
 

@@ -76,8 +76,8 @@ def _config_of(layers: dict) -> tuple[int, int, bool]:
 def _layer_tensors(name: str, layer) -> dict:
     N, K, b = layer.out_features, layer.in_features, layer.w_bits
     off = 1 << (b - 1)
-    q = quant_format.unpack_bits(layer.qweight, b, K).to(torch.int64)
-    zp = layer.w_zero.to(torch.int64) if layer.w_zero is not None else torch.zeros(layer.w_scale.shape,
+    q = quant_format.unpack_bits(layer.qweight.cpu(), b, K).to(torch.int64)
+    zp = layer.w_zero.cpu().to(torch.int64) if layer.w_zero is not None else torch.zeros(layer.w_scale.shape,
                                                                                      dtype=torch.int64)
     stored = zp + off - 1  # v1: zp_u - 1
     if (stored < 0).any():
@@ -89,11 +89,11 @@ def _layer_tensors(name: str, layer) -> dict:
     gsize = K if layer.w_group_size == -1 else layer.w_group_size
     out = {f"{name}.qweight": int32_pack.pack((q + off).t(), b, dim=0),
            f"{name}.qzeros": int32_pack.pack(stored.t(), b, dim=1),
-           f"{name}.scales": layer.w_scale.detach().t().contiguous(),
+           f"{name}.scales": layer.w_scale.detach().cpu().t().contiguous(),
            f"{name}.g_idx": (torch.arange(K, dtype=torch.int32) // gsize).to(torch.int32)}
     assert out[f"{name}.scales"].shape == (G, N)
     if layer.bias is not None:
-        out[f"{name}.bias"] = layer.bias.detach().clone()
+        out[f"{name}.bias"] = layer.bias.detach().cpu().clone()
     return out
 
 
