@@ -44,10 +44,14 @@ W8A8 = ("absmax", {"act": "dynamic"})
 W8A8ASYM = ("absmax", {"act": "dynamic", "act_symmetric": False})
 GPTQ4 = ("gptq", {"w_bits": 4, "w_group_size": 32})
 AWQ4 = ("awq", {"w_bits": 4, "w_group_size": 32})
+GPTQ4F16 = ("gptq", {"w_bits": 4, "w_group_size": 32, "w_scale_dtype": "float16"})  # F16 scales kept as F16
 
-CASES = [("compressed-tensors", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, W8A8, W8A8ASYM, GPTQ4)] + \
-        [("gptq", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, GPTQ4)] + \
-        [("awq", c) for c in (W4G32A, W4G64A, W4G32S, AWQ4)]
+W2G32A = ("zeropoint", {"w_bits": 2, "w_group_size": 32, "act": None})
+W2G32S = ("absmax", {"w_bits": 2, "w_group_size": 32, "act": None})
+CASES = [("compressed-tensors", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, W8A8, W8A8ASYM, GPTQ4,
+                                             GPTQ4F16, W2G32A)] + \
+        [("gptq", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, GPTQ4, GPTQ4F16, W2G32S)] + \
+        [("awq", c) for c in (W4G32A, W4G64A, W4G32S, AWQ4, GPTQ4F16)]
 
 
 def _llama(seed=0):
@@ -58,6 +62,21 @@ def _llama(seed=0):
     cfg = tf.LlamaConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
+def test_opt_biases_tied_embeddings_and_native_resave(tmp_path, one_thread, fmt):
+    """OPT: biases on every linear and a tied lm_head; a loaded foreign folder
+    saved natively reads back the same (without the foreign config)."""
+    model = _quantized(W4G32S, arch="opt")
+    assert model.config.tie_word_embeddings and model.model.decoder.layers[0].fc1.bias is not None
+    back = lq.load(lq.save(model, tmp_path / "f", format=fmt))
+    assert back.lm_head.weight is back.model.decoder.embed_tokens.weight
+    native = lq.load(lq.save(back, tmp_path / "n"))
+    assert "quantization_config" not in json.load(open(tmp_path / "n" / "config.json"))
+    with torch.no_grad():
+        ref = model(IDS).logits
+        assert torch.equal(ref, back(IDS).logits) and torch.equal(ref, native(IDS).logits)
 
 
 def _quantized(case, arch="llama", **extra):
@@ -96,7 +115,7 @@ def test_round_trip_bit_exact(tmp_path, one_thread, fmt, case):
         if a.act is not None:
             assert a.act_symmetric == b.act_symmetric
         assert torch.equal(a.qweight, b.qweight), name
-        assert torch.equal(a.w_scale, b.w_scale), name
+        assert a.w_scale.dtype == b.w_scale.dtype and torch.equal(a.w_scale, b.w_scale), name
         # an asymmetric layer may come back symmetric only where every zero-point is 0
         za = a.w_zero if a.w_zero is not None else torch.zeros_like(a.w_scale, dtype=torch.int8)
         zb = b.w_zero if b.w_zero is not None else torch.zeros_like(b.w_scale, dtype=torch.int8)

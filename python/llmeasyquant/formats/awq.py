@@ -101,7 +101,7 @@ def prepare(model: nn.Module):
         shell = type(model)(model.config)
     skipped = [n for n, m in shell.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     qconfig = {"quant_method": QUANT_METHOD, "bits": 4, "group_size": g, "zero_point": True, "version": "gemm",
-               "modules_to_not_convert": skipped or None}
+               "modules_to_not_convert": skipped}
 
     def write(tmp: Path) -> None:
         tensors = _folder.float_tensors(model, layers)

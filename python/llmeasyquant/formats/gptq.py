@@ -107,9 +107,10 @@ def prepare(model: nn.Module):
     skipped = [n for n, m in shell.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     qconfig = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": g, "desc_act": False, "sym": sym,
                "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq",
-               "lm_head": "lm_head" in layers,
-               # GPTQModel / vLLM "dynamic": a "-:" rule leaves a matching module unquantized
-               "dynamic": {f"-:^{re.escape(n)}$": {} for n in skipped if n != "lm_head"} or None}
+               "lm_head": "lm_head" in layers}
+    rules = {f"-:^{re.escape(n)}$": {} for n in skipped if n != "lm_head"}
+    if rules:  # GPTQModel / vLLM "dynamic": a "-:" rule leaves a matching module unquantized
+        qconfig["dynamic"] = rules
 
     def write(tmp: Path) -> None:
         tensors = _folder.float_tensors(model, layers)
