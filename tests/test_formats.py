@@ -46,10 +46,12 @@ GPTQ4 = ("gptq", {"w_bits": 4, "w_group_size": 32})
 AWQ4 = ("awq", {"w_bits": 4, "w_group_size": 32})
 GPTQ4F16 = ("gptq", {"w_bits": 4, "w_group_size": 32, "w_scale_dtype": "float16"})  # F16 scales kept as F16
 
+SQ_STATIC = ("smoothquant", {"act": "static"})
+STATIC_ASYM = ("absmax", {"act": "static", "act_symmetric": False})
 W2G32A = ("zeropoint", {"w_bits": 2, "w_group_size": 32, "act": None})
 W2G32S = ("absmax", {"w_bits": 2, "w_group_size": 32, "act": None})
 CASES = [("compressed-tensors", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, W8A8, W8A8ASYM, GPTQ4,
-                                             GPTQ4F16, W2G32A)] + \
+                                             GPTQ4F16, W2G32A, SQ_STATIC, STATIC_ASYM)] + \
         [("gptq", c) for c in (W4G32A, W4G64A, W4G32S, W4G64S, W8CH, W8CHA, GPTQ4, GPTQ4F16, W2G32S)] + \
         [("awq", c) for c in (W4G32A, W4G64A, W4G32S, AWQ4, GPTQ4F16)]
 
@@ -114,6 +116,8 @@ def test_round_trip_bit_exact(tmp_path, one_thread, fmt, case):
             assert getattr(a, attr) == getattr(b, attr), (name, attr)
         if a.act is not None:
             assert a.act_symmetric == b.act_symmetric
+        if a.act == "static":
+            assert torch.equal(a.act_scale, b.act_scale) and torch.equal(a.act_zero, b.act_zero), name
         assert torch.equal(a.qweight, b.qweight), name
         assert a.w_scale.dtype == b.w_scale.dtype and torch.equal(a.w_scale, b.w_scale), name
         # an asymmetric layer may come back symmetric only where every zero-point is 0
@@ -278,7 +282,7 @@ def test_awq_refusals(tmp_path, one_thread):
 
 def test_activation_modes_refused(tmp_path, one_thread):
     _refused(tmp_path, _quantized(("absmax", {"act": "ema"})), "compressed-tensors", "not EMA activation")
-    _refused(tmp_path, _quantized(("smoothquant", {"act": "static"})), "compressed-tensors", "static per-tensor")
+    _refused(tmp_path, _quantized(SQ_STATIC), "gptq", "weight-only")
     _refused(tmp_path, _quantized(W8A8), "gptq", "weight-only")
 
 
@@ -544,6 +548,22 @@ def test_transformers_reads_our_w8a8(tmp_path, one_thread):
     with torch.no_grad():
         q_err = (float_model(IDS).logits - a).abs().max()
     assert (a - b).abs().max() < max(2 * q_err, 1e-2)
+
+
+@needs_ct
+def test_transformers_reads_our_static_w8a8(tmp_path, one_thread):
+    """SmoothQuant W8A8 with a static per-tensor scale: symmetric, so both
+    rounding rules give the same integers; only float summation order differs."""
+    model = _quantized(SQ_STATIC)
+    out = lq.save(model, tmp_path / "m", format="compressed-tensors")
+    t = _read(out)
+    name = "model.layers.0.mlp.up_proj"
+    assert torch.equal(t[f"{name}.input_scale"], model.get_submodule(name).act_scale)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["config_groups"]["group_0"]["input_activations"]["strategy"] == "tensor"
+    with torch.no_grad():
+        a, b = lq.load(out)(IDS).logits, _tf_load(out)(IDS).logits
+    assert (a - b).abs().max() < 1e-4
 
 
 def _peer_folder(path, bits, group_size, symmetric, act=False):

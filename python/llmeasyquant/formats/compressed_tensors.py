@@ -32,6 +32,12 @@ The mapping, read from compressed-tensors 0.20.1
   ``[-128, 127]``. The stored model is the same; a transformers forward
   rounds the activations on a slightly finer grid (tests/test_formats.py
   reproduces its logits exactly with that one rule swapped in).
+  Our ``act="static"`` (one calibrated per-tensor scale, SmoothQuant) is
+  ``input_activations = {..., strategy: tensor, dynamic: false}`` with
+  ``input_scale`` ``[1]`` (+ ``input_zero_point`` int8 ``[1]`` asymmetric).
+  We round ``round(x / s) + zp`` (as vLLM's ``static_scaled_int8_quant``
+  with ``azp``), compressed-tensors' fake quantization ``round(x / s + zp)``:
+  the same integers except at exact halves with an odd zero-point.
 * Scales are written in the dtype the layer holds (float32, or float16 with
   ``w_scale_dtype="float16"``): the file holds exactly the pair our quantizer
   chose. An engine that casts them to its compute dtype rounds them there.
@@ -39,8 +45,8 @@ The mapping, read from compressed-tensors 0.20.1
 What the format cannot say raises ``ValueError`` on save, naming the layer:
 3-bit weights (compressed-tensors 0.20 packs 32 3-bit codes densely across
 words, older releases 10 per word: a reader's version decides the layout),
-static and EMA activation scales (static per-tensor input scales are in the
-format, but not written here yet), the SimQuant KV cache (``kv_cache_scheme``
+EMA activation scales (a scale that moves with every batch: the format's
+static scales are frozen, its dynamic ones per token), the SimQuant KV cache (``kv_cache_scheme``
 holds static per-tensor/per-head scales, not per-channel chunked keys), and
 GPT-2 Conv1D layers. Reading refuses the same, plus transforms, sparsity,
 float/fp8 schemes and per-tensor or block weight strategies.
@@ -75,10 +81,10 @@ def _scheme(name: str, layer) -> tuple:
         raise ValueError(f"save(format='compressed-tensors'): layer {name!r} has {layer.w_bits}-bit weights; "
                          f"this writer stores {int32_pack.PACKABLE_BITS} bits (3-bit packing differs between "
                          "compressed-tensors releases)")
-    if layer.act not in (None, "dynamic"):
-        raise ValueError(f"save(format='compressed-tensors'): layer {name!r} has act={layer.act!r}; this writer "
-                         "stores weight-only layers and dynamic per-token activations (act=None or 'dynamic'), "
-                         f"not {'EMA' if layer.act == 'ema' else 'static per-tensor'} activation scales")
+    if layer.act not in (None, "dynamic", "static"):
+        raise ValueError(f"save(format='compressed-tensors'): layer {name!r} has act={layer.act!r}; the format "
+                         "holds weight-only layers, dynamic per-token and static per-tensor activation scales, "
+                         "not EMA activation scales (they move with every batch); freeze them as static first")
     return (layer.w_bits, layer.w_group_size, layer.w_symmetric, layer.act, layer.act_symmetric)
 
 
@@ -86,8 +92,9 @@ def _scheme_json(key: tuple, targets: list) -> dict:
     bits, g, sym, act, act_sym = key
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
                "strategy": "channel" if g == -1 else "group", "group_size": None if g == -1 else g}
-    inputs = None if act is None else {"num_bits": 8, "type": "int", "symmetric": act_sym, "dynamic": True,
-                                       "strategy": "token", "group_size": None}
+    inputs = None if act is None else {"num_bits": 8, "type": "int", "symmetric": act_sym,
+                                       "dynamic": act == "dynamic", "strategy": "token" if act == "dynamic" else
+                                       "tensor", "group_size": None}
     return {"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": None,
             "format": INT if act is not None and bits == 8 else PACKED}
 
@@ -108,6 +115,10 @@ def _layer_tensors(name: str, layer, fmt: str) -> dict:
         out[f"{name}.weight_shape"] = torch.tensor([N, K], dtype=torch.int64)
         if zero is not None:
             out[f"{name}.weight_zero_point"] = int32_pack.pack(zero.to(torch.int64) + off, layer.w_bits, dim=0)
+    if layer.act == "static":
+        out[f"{name}.input_scale"] = layer.act_scale.detach().cpu().clone()
+        if not layer.act_symmetric:
+            out[f"{name}.input_zero_point"] = layer.act_zero.detach().cpu().clone()
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().cpu().clone()
     return out
@@ -199,12 +210,14 @@ def _parse_weights(path, gname: str, w) -> tuple[int, int, bool]:
 def _parse_inputs(path, gname: str, a):
     if a is None:
         return None, True
-    if not (isinstance(a, dict) and a.get("type", "int") == "int" and a.get("num_bits", 8) == 8
-            and a.get("strategy") == "token" and a.get("dynamic") is True
-            and isinstance(a.get("symmetric", True), bool)):
-        _bad(path, f"group {gname!r}: input_activations {a!r} are not read here (expected 8-bit int, "
-                   "strategy 'token', dynamic true)")
-    return "dynamic", a.get("symmetric", True)
+    kind = None
+    if isinstance(a, dict) and a.get("type", "int") == "int" and a.get("num_bits", 8) == 8 \
+            and isinstance(a.get("symmetric", True), bool):
+        kind = {("token", True): "dynamic", ("tensor", False): "static"}.get((a.get("strategy"), a.get("dynamic")))
+    if kind is None:
+        _bad(path, f"group {gname!r}: input_activations {a!r} are not read here (expected 8-bit int, strategy "
+                   "'token' with dynamic true, or strategy 'tensor' with dynamic false)")
+    return kind, a.get("symmetric", True)
 
 
 def _parse(path: Path, qc: dict) -> tuple[list, dict]:
@@ -260,6 +273,11 @@ def _expected(name, s, N, K, header):
     zk = f"{name}.weight_zero_point"
     if not s["sym"] or zk in header:  # a symmetric file may carry (zero) zero-points
         want[zk] = (zdt, zshape)
+    if s["act"] == "static":
+        ik = f"{name}.input_scale"
+        want[ik] = (header[ik][0] if ik in header and header[ik][0].is_floating_point else torch.float32, (1,))
+        if not s["act_sym"] or f"{name}.input_zero_point" in header:
+            want[f"{name}.input_zero_point"] = (torch.int8, (1,))
     bk = f"{name}.bias"
     if bk in header:
         want[bk] = (header[bk][0], (N,))
@@ -294,6 +312,12 @@ def _to_native(name, s, N, K, t, path) -> dict:
                 raise FolderError(f"load: {path}: {zk} of a symmetric scheme holds non-zero zero-points")
         else:
             out[f"{name}.w_zero"] = z.to(torch.int8)  # range checked by QLinear.check_values
+    if s["act"] == "static":  # QLinear keeps a float32 scale and an int8 zero-point (0 when symmetric)
+        out[f"{name}.act_scale"] = t[f"{name}.input_scale"].float()
+        zero = t.get(f"{name}.input_zero_point", torch.zeros(1, dtype=torch.int8))
+        if s["act_sym"] and int(zero.abs().max()) != 0:
+            raise FolderError(f"load: {path}: {name}.input_zero_point of a symmetric scheme is not 0")
+        out[f"{name}.act_zero"] = zero
     if f"{name}.bias" in t:
         out[f"{name}.bias"] = t[f"{name}.bias"]
     return out
