@@ -13,9 +13,9 @@ place (:mod:`llmeasyquant.outdir`): an interrupted save never leaves a
 half-written model folder, and never replaces a folder that is not ours.
 Loads treat the folder as untrusted (:mod:`llmeasyquant.checkpoint_checks`).
 
-``save(..., format="compressed-tensors" | "gptq")`` writes the folder serving
-engines read instead, and ``load`` reads such folders (ours or a peer's):
-:mod:`llmeasyquant.formats` holds each format's writer and reader.
+``save(..., format="compressed-tensors" | "gptq" | "awq")`` writes the folder
+serving engines read instead, and ``load`` reads such folders (ours or a
+peer's): :mod:`llmeasyquant.formats` holds each format's writer and reader.
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False, for
     absolute path.
 
     ``format``: ``"native"`` (default: everything llmeasyquant holds, read by
-    :func:`load`), ``"compressed-tensors"`` (vLLM, SGLang, transformers) or
+    :func:`load`), ``"compressed-tensors"`` (vLLM, SGLang, transformers),
     ``"gptq"`` (vLLM, TGI, GPTQ kernels) or ``"awq"`` (AWQ GEMM, 4-bit
-    groups); what a format cannot say raises
-    ``ValueError`` before anything is written (see :mod:`llmeasyquant.formats`).
+    groups). What a format cannot say raises ``ValueError`` before anything
+    is written (see :mod:`llmeasyquant.formats`); the same destination checks
+    and atomic swap apply to every format.
 
     An existing ``path`` is replaced only when it is empty or an llmeasyquant
     model folder; any other folder needs ``overwrite=True``. A file, a link,
