@@ -26,7 +26,7 @@ from tiny_models import ALL, DENSE, VOCAB, build
 # keys quantized before RoPE (one rotate-half RoPE over the whole head_dim)?
 PRE_ROPE = {"gemma": True, "gemma2": True, "gemma3_text": False,  # per-layer-type RoPE tables
             "phi3": True, "gpt_neox": False,  # partial rotary
-            "falcon": True, "falcon-new-arch": True, "falcon-sequential": True,
+            "falcon": True, "falcon-new-arch": True, "falcon-sequential": True, "falcon-alibi": False,
             "cohere": False,  # interleaved RoPE
             "olmo2": True, "granite": True, "starcoder2": True}
 
@@ -196,6 +196,18 @@ def test_save_load_bit_identical(float_models, name, tmp_path):
         back = lq.load(tmp_path / method)
         assert type(back) is type(model)
         assert torch.equal(back(ids).logits, ref), (name, method)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="ops.weight_only_linear (the compiled op) returns a view of a tensor it allocated; under "
+                          "grad mode autograd's fallback marks it, and Falcon's in-place `mlp_output += "
+                          "attention_output` on it raises. Inference (no_grad: generate, perplexity) is unaffected. "
+                          "Strict: remove this mark once the op returns a fresh tensor.")
+def test_falcon_weight_only_forward_with_grad():
+    model = build("falcon")
+    lq.quantize(model, "absmax", progress=False)  # weight-only by default
+    with torch.enable_grad():
+        model(_ids())
 
 
 def test_tensor_parallel_layouts_come_from_the_spec():

@@ -38,7 +38,7 @@ def build(model_type: str, seed: int = 0):
 # the architectures covered by explicit ArchSpecs beyond the original six, as
 # build names: a Falcon variant is "falcon-<variant>" (model type "falcon")
 DENSE = ("gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "falcon", "falcon-new-arch", "falcon-sequential",
-         "cohere", "olmo2", "granite", "starcoder2")
+         "falcon-alibi", "cohere", "olmo2", "granite", "starcoder2")
 
 
 def _dense(name: str):
@@ -59,7 +59,8 @@ def _dense(name: str):
     if name.startswith("falcon"):
         variant = {"falcon": {},  # parallel attention + MLP on one layer norm, multi-query
                    "falcon-new-arch": dict(new_decoder_architecture=True, num_kv_heads=2),
-                   "falcon-sequential": dict(parallel_attn=False, multi_query=False)}[name]
+                   "falcon-sequential": dict(parallel_attn=False, multi_query=False),
+                   "falcon-alibi": dict(alibi=True)}[name]  # no RoPE: positions are attention biases
         cfg = {k: v for k, v in base.items() if k != "intermediate_size"}
         return tf.FalconForCausalLM(tf.FalconConfig(**cfg, ffn_hidden_size=128, **variant))
     if name == "cohere":  # MHA: v_proj -> o_proj folds too

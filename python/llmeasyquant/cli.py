@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", parents=[common, trust], help="show how this installation was built",
                        description="Show version, the torch it was built against, CUDA and CPU kernels; "
                                    "with --arch, what llmeasyquant finds in a model instead.",
-                       epilog="examples: llmeasyquant info; llmeasyquant info --arch smollm2-135m")
+                       epilog="example: llmeasyquant info")
     s.add_argument("--arch", metavar="MODEL", default=None,
                    help="show the architecture llmeasyquant finds in MODEL (local HF folder, .gguf, saved "
                         "quantized folder or 'smollm2-135m'): decoder blocks, linears, scale groups declared "

@@ -195,6 +195,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _candidates(block: nn.Module, linears: Sequence[str], inputs) -> list[tuple[str, tuple[str, ...]]]:
     """(norm, the linears that read its output tensor itself), block order."""
     norms = [n for n, m in block.named_modules() if n and _is_norm_like(m)]
+    linears = [n for n in linears if is_quantizable(block.get_submodule(n))]  # a QLinear has no float weight to scale
     outs: dict[str, list] = {n: [] for n in norms}
     ins: dict[str, list] = {n: [] for n in linears}
     handles = []
