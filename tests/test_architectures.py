@@ -187,15 +187,16 @@ def test_simquant_kv_cache(float_models, name):
 
 @pytest.mark.parametrize("name", DENSE)
 def test_save_load_bit_identical(float_models, name, tmp_path):
+    # AWQ W4 g16: scales folded into the norms (changed float weights) and
+    # packed 4-bit weights with zero-points, in one run
     ids = _ids()
-    for method, opts in (("smoothquant", {"alpha_grid": ()}), ("gptq", {"w_bits": 4, "w_group_size": 16})):
-        model = copy.deepcopy(float_models[name])
-        lq.quantize(model, method, calib=_calib(), progress=False, **opts)
-        ref = model(ids).logits
-        lq.save(model, tmp_path / method)
-        back = lq.load(tmp_path / method)
-        assert type(back) is type(model)
-        assert torch.equal(back(ids).logits, ref), (name, method)
+    model = copy.deepcopy(float_models[name])
+    lq.quantize(model, "awq", calib=_calib(), progress=False, w_bits=4, w_group_size=16, grid=5)
+    ref = model(ids).logits
+    lq.save(model, tmp_path / "q")
+    back = lq.load(tmp_path / "q")
+    assert type(back) is type(model) and back.llmeq_config.method == "awq"
+    assert torch.equal(back(ids).logits, ref), name
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
@@ -384,6 +385,19 @@ def test_fallback_prefers_no_split_modules():
     assert extract(model).arch.layers_path == "extra"
     model._no_split_modules = ["_Block"]
     assert extract(model).arch.layers_path == "blocks"
+    # without the marker, a longer list *inside* a block (experts, ...) is not the stack of blocks
+    del model.extra, model._no_split_modules
+    for block in model.blocks:
+        block.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+    assert extract(model).arch.layers_path == "blocks"
+
+
+def test_declared_type_without_a_declared_layout_is_refused():
+    model = build("falcon")
+    del model.transformer.h[0].input_layernorm
+    with pytest.raises(ValueError, match="falcon model: expected its decoder block to have one of the declared "
+                                         "layouts"):
+        extract(model)
 
 
 @pytest.mark.parametrize("name", ALL)

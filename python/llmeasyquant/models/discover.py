@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ from .archs import ArchSpec, KVFacts, ScaleGroup
 from .fold import fold_scales
 
 # relative tolerance of the folding check: float32 rounding of a block is
-# ~1e-6 relative; a wrong fold with scales in [0.5, 2] is off by O(1)
+# ~1e-6 relative; a wrong fold with scales in [0.5, 2] moves outputs by
+# orders of magnitude more (tests: > 1e-3 on the logits)
 VERIFY_RTOL = 1e-4
 _DISCOVERY_TOKENS = 8
 _WEIGHT_OFFSETS = (0.0, 1.0)  # x*w, then x*(1+w)
@@ -45,23 +46,18 @@ def _is_linear(m: nn.Module) -> bool:
 
 
 def _identical_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Outermost ModuleLists of >= 1 modules of one class, in model order."""
-    found = []
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) == 0 or len({type(c) for c in m}) != 1:
-            continue
-        if any(path.startswith(p + ".") for p, _ in found):
-            continue  # inside a block of a list already found (experts, ...)
-        found.append((path, m))
-    return found
+    """ModuleLists of >= 1 modules of one class, in model order."""
+    return [(path, m) for path, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """(path of the decoder blocks' ModuleList, the blocks); ValueError if none."""
     lists = _identical_lists(model)
     marked = set(getattr(model, "_no_split_modules", None) or ())
-    named = [(p, m) for p, m in lists if type(m[0]).__name__ in marked]
-    pool = named or lists
+    pool = [(p, m) for p, m in lists if type(m[0]).__name__ in marked]
+    if not pool:  # outermost lists only: a list inside a block (experts, ...) is not the stack of blocks
+        pool = [(p, m) for p, m in lists if not any(p.startswith(q + ".") for q, _ in lists)]
     if not pool:
         raise ValueError("the generic fallback found no decoder blocks: expected an nn.ModuleList of modules of "
                          "one class (or of a class named in the model's _no_split_modules), got none")
