@@ -28,7 +28,64 @@ def build(model_type: str, seed: int = 0):
     if model_type == "gpt2":
         cfg = tf.GPT2Config(**_common(n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0))
         return tf.GPT2LMHeadModel(cfg).eval()
+    if model_type in DENSE:
+        model = _dense(model_type)
+        _perturb_norms(model)
+        return model.eval()
     raise ValueError(model_type)
+
+
+# the architectures covered by explicit ArchSpecs beyond the original six, as
+# build names: a Falcon variant is "falcon-<variant>" (model type "falcon")
+DENSE = ("gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "falcon", "falcon-new-arch", "falcon-sequential",
+         "falcon-alibi", "cohere", "olmo2", "granite", "starcoder2")
+
+
+def _dense(name: str):
+    ids = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    base = _common(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=256, **ids)
+    if name == "gemma":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(**base, num_key_value_heads=2, head_dim=16))
+    if name == "gemma2":  # a sliding window shorter than the test sequences
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**base, num_key_value_heads=2, head_dim=16, sliding_window=8))
+    if name == "gemma3_text":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**base, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                                        layer_types=["sliding_attention", "full_attention"]))
+    if name == "phi3":  # MHA: the v part of the fused qkv_proj folds into o_proj
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**base, num_key_value_heads=4))
+    if name == "gpt_neox":  # partial rotary (rotary_pct 0.25), parallel residual
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**base))
+    if name.startswith("falcon"):
+        variant = {"falcon": {},  # parallel attention + MLP on one layer norm, multi-query
+                   "falcon-new-arch": dict(new_decoder_architecture=True, num_kv_heads=2),
+                   "falcon-sequential": dict(parallel_attn=False, multi_query=False),
+                   "falcon-alibi": dict(alibi=True)}[name]  # no RoPE: positions are attention biases
+        cfg = {k: v for k, v in base.items() if k != "intermediate_size"}
+        return tf.FalconForCausalLM(tf.FalconConfig(**cfg, ffn_hidden_size=128, **variant))
+    if name == "cohere":  # MHA: v_proj -> o_proj folds too
+        return tf.CohereForCausalLM(tf.CohereConfig(**base, num_key_value_heads=4))
+    if name == "olmo2":  # MHA: v_proj -> o_proj is its only attention group
+        return tf.Olmo2ForCausalLM(tf.Olmo2Config(**base, num_key_value_heads=4))
+    if name == "granite":
+        return tf.GraniteForCausalLM(tf.GraniteConfig(**base, num_key_value_heads=2, embedding_multiplier=2.0,
+                                                      residual_multiplier=0.5, attention_multiplier=0.2,
+                                                      logits_scaling=4.0))
+    if name == "starcoder2":
+        return tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**base, num_key_value_heads=2))
+    raise ValueError(name)
+
+
+@torch.no_grad()
+def _perturb_norms(model):
+    """Norm weights away from their init (ones, or zeros for Gemma's 1 + w) so
+    folding into them is tested for real."""
+    g = torch.Generator().manual_seed(11)
+    for m in model.modules():
+        if "norm" in type(m).__name__.lower():
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if isinstance(p, torch.nn.Parameter):
+                    p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
 def byte_tokenizer():

@@ -1,7 +1,7 @@
 """The ``llmeasyquant`` command line.
 
 Commands:
-  info      what this installation was built with
+  info      what this installation was built with (--arch MODEL: what llmeasyquant finds in a model)
   bench     QLinear and op microbenchmarks (llmeasyquant.bench)
   compare   quantize a model with several methods; perplexity, memory, tokens/s table
   quantize  quantize a model with one method and save it (safetensors folder)
@@ -29,6 +29,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     import llmeasyquant as lq
 
+    if args.arch is not None:
+        from .io import load_any
+        from .models.describe import describe, format_report
+
+        model, _ = load_any(args.arch, trust_remote_code=args.trust_remote_code)
+        print(format_report(describe(model)))
+        return 0
     info = lq.build_info()
     print(f"llmeasyquant {info['version']}")
     print(f"  built against torch {info['torch_version']} (running torch {info['torch_version_runtime']})")
@@ -273,9 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--trust-remote-code", action="store_true",
                        help="allow a model folder's own Python code (config.json auto_map) to run; off by default")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("info", parents=[common], help="show how this installation was built",
-                       description="Show version, the torch it was built against, CUDA and CPU kernels.",
+    s = sub.add_parser("info", parents=[common, trust], help="show how this installation was built",
+                       description="Show version, the torch it was built against, CUDA and CPU kernels; "
+                                   "with --arch, what llmeasyquant finds in a model instead.",
                        epilog="example: llmeasyquant info")
+    s.add_argument("--arch", metavar="MODEL", default=None,
+                   help="show the architecture llmeasyquant finds in MODEL (local HF folder, .gguf, saved "
+                        "quantized folder or 'smollm2-135m'): decoder blocks, linears, scale groups declared "
+                        "and discovered, fused projections")
     s.set_defaults(fn=_cmd_info)
     s = sub.add_parser("demo", parents=[common, trust], help="quantize one real layer of a model with QLinear and compare",
                        description="Swap one MLP projection of a real model for QLinear (W8A8 dynamic, "

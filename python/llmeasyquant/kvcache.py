@@ -23,12 +23,12 @@ LSB-first bit stream of the offset-binary code ``q - qmin`` (``ceil(L / 8) * bit
 bytes for a row of ``L`` values). Keys are packed along tokens, values along
 ``head_dim``.
 
-Pre-RoPE keys (KVQuant, ``pre_rope=True``, llama/mistral/qwen2/qwen3): the cache
-receives keys after RoPE; it un-rotates them with the model's own cos/sin for their
-positions (the token index in the cache), quantizes per channel, and rotates the
-dequantized keys back. Rotation is orthogonal, so this is exact up to float
-rounding whatever the true positions are; per-channel ranges are simply taken
-where channels are stable rather than spinning with position.
+Pre-RoPE keys (KVQuant, ``pre_rope=True``, where ``models/archs.py`` declares one
+rotate-half RoPE): the cache receives keys after RoPE; it un-rotates them with the
+model's own cos/sin for their positions (the token index in the cache), quantizes
+per channel, and rotates the dequantized keys back. Rotation is orthogonal, so this
+is exact up to float rounding whatever the true positions are; per-channel ranges
+are simply taken where channels are stable rather than spinning with position.
 
 What attention sees (``SimQuantLayer.update``): per layer, the tokens seen so far
 split into, oldest first,

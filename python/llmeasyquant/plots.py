@@ -17,19 +17,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models.extract import extract
 from .nn.qlinear import QLinear
+from .nn.replace import is_quantizable
 
 HIST_BINS = 120
 
 
 def pick_layer(model: nn.Module) -> str:
-    """A representative projection: the MLP output projection of the middle block."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QLinear)) or type(m).__name__ == "Conv1D"]
-    for key in ("down_proj", "fc2", "mlp.c_proj"):
-        cand = [n for n in names if n.endswith(key)]
-        if cand:
-            return cand[len(cand) // 2]
-    cand = [n for n in names if "lm_head" not in n]
+    """A representative projection: the architecture's representative linear
+    (``ArchSpec.representative``, the MLP output projection of the declared
+    ones; the block's last linear for the generic fallback) in the middle block."""
+    try:
+        spec = extract(model)
+    except ValueError:
+        spec = None
+    if spec is not None:
+        name = spec.arch.representative or spec.block_linears[-1]
+        return f"{spec.arch.layers_path}.{len(spec.blocks) // 2}.{name}"
+    # not a decoder stack at all: the middle linear
+    cand = [n for n, m in model.named_modules() if (isinstance(m, QLinear) or is_quantizable(m)) and "lm_head" not in n]
     if not cand:
         raise ValueError("pick_layer: the model has no linear layers")
     return cand[len(cand) // 2]

@@ -18,7 +18,8 @@ device is the float sum of P partial outputs (a few ulps).
 
 :func:`shard_block` applies this to a decoder block (attention: q/k/v
 column, o row; MLP: gate/up column, down row) of the architectures whose
-attention derives its head count from the projection width (LLaMA-like, OPT).
+attention derives its head count from the projection width (LLaMA-like, OPT):
+the layouts are declared with the architectures (``models/archs.py``, ``ArchSpec.tp``).
 """
 
 from __future__ import annotations
@@ -30,16 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops, quant_format
+from ..models.archs import tp_layout, tp_model_types
 from ..nn.qlinear import QLinear
 from .runtime import collective
-
-# (column-parallel, row-parallel) linears of one decoder block, by model type
-TP_LAYOUT = {
-    **{t: (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
-           ("self_attn.o_proj", "mlp.down_proj")) for t in ("llama", "mistral", "qwen2", "qwen3")},
-    "opt": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1"), ("self_attn.out_proj", "fc2")),
-}
-
 
 def _int_weight(ql: QLinear) -> torch.Tensor:
     """The integer weight values [N, K] as int8 (packed storage unpacked)."""
@@ -159,10 +153,12 @@ def shard_block(block: nn.Module, model_type: str, rank: int, world: int, group=
     """Replace the block's QLinears by their tensor-parallel shards, in place."""
     from ..methods._common import swap
 
-    if model_type not in TP_LAYOUT:
+    layout = tp_layout(model_type)
+    if layout is None:
         raise ValueError(f"tensor parallelism: no layout for model type {model_type!r}; supported: "
-                         f"{', '.join(sorted(TP_LAYOUT))} (GPT-2's fused c_attn would mix q, k and v heads)")
-    cols, rows = TP_LAYOUT[model_type]
+                         f"{', '.join(sorted(tp_model_types()))} (a fused projection such as GPT-2's c_attn would "
+                         "mix q, k and v heads; models/archs.py declares the layouts)")
+    cols, rows = layout.columns, layout.rows
     attn = getattr(block, "self_attn", None)
     cfg = getattr(attn, "config", None)
     if cfg is not None:

@@ -7,7 +7,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..models.extract import ModelSpec, ScaleGroup
+from ..models.extract import ModelSpec
+# the fold lives with the architecture knowledge (discovery verifies groups with it)
+from ..models.fold import divide_output_channels, fold_scales, scale_input_channels  # noqa: F401
 from ..pipeline import BlockHooks, PipelineReport, run_blocks
 from ..sharding import Shard
 from ..nn.qlinear import QLinear, _is_conv1d
@@ -29,39 +31,6 @@ def swap(model: nn.Module, path: str, new: nn.Module) -> None:
 def weight_nk(module: nn.Module) -> torch.Tensor:
     """The float weight as [out, in] (Conv1D stores [in, out])."""
     return module.weight.t() if _is_conv1d(module) else module.weight
-
-
-@torch.no_grad()
-def scale_input_channels(module: nn.Module, s: torch.Tensor) -> None:
-    """W[:, j] *= s[j] (the linear now expects inputs divided by s)."""
-    if _is_conv1d(module):
-        module.weight.mul_(s.to(module.weight.dtype).unsqueeze(1))
-    else:
-        module.weight.mul_(s.to(module.weight.dtype).unsqueeze(0))
-
-
-@torch.no_grad()
-def divide_output_channels(module: nn.Module, s: torch.Tensor) -> None:
-    """Output channel j of a norm or linear divided by s[j]."""
-    s = s.to(module.weight.dtype)
-    if isinstance(module, nn.Linear):
-        module.weight.div_(s.unsqueeze(1))
-    elif _is_conv1d(module):
-        module.weight.div_(s.unsqueeze(0))
-    else:  # LayerNorm / RMSNorm: y = norm(x) * weight (+ bias)
-        module.weight.div_(s)
-    if getattr(module, "bias", None) is not None:
-        module.bias.div_(s.to(module.bias.dtype))
-
-
-def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
-    """Make the group's input X/s and its weights W*s: the float block computes
-    exactly the same function (up to float rounding)."""
-    if not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError(f"scales for {group.prev} -> {group.linears} must be finite and > 0")
-    divide_output_channels(block.get_submodule(group.prev), s)
-    for name in group.linears:
-        scale_input_channels(block.get_submodule(name), s)
 
 
 def to_qlinear(module: nn.Module, config, **overrides) -> QLinear:

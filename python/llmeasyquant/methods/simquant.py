@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..kvcache import KVCacheConfig, SimQuantCache, check_kv_config
+from ..models.archs import SUPPORTED_MODEL_TYPES as ARCH_TYPES, kv_facts
 from .base import QuantConfig, register_method
 
 
@@ -44,9 +45,8 @@ class SimQuantConfig(QuantConfig, KVCacheConfig):
         return s
 
 
-# decoder-only models whose attention stores K/V through `Cache.update(k, v, layer_idx)`
-# with K/V shaped [batch, kv_heads, tokens, head_dim] in this transformers version
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+# decoder-only model types whose attention SimQuant can hook (declared in models/archs.py)
+SUPPORTED_MODEL_TYPES = tuple(t for t in ARCH_TYPES if kv_facts(t).cache_api)
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
@@ -55,9 +55,14 @@ def check_supported(model: nn.Module) -> None:
     attention uses the transformers ``Cache`` API the way SimQuant expects."""
     cfg = getattr(model, "config", None)
     mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
+    facts = kv_facts(mt) if isinstance(mt, str) else None
+    if facts is None:
         raise ValueError(f"SimQuant KV-cache quantization supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"got {mt!r}")
+                         f"got {mt!r} (SimQuant needs a declared architecture: the generic fallback cannot tell "
+                         "how an unknown attention stores its K/V)")
+    if not facts.cache_api:
+        raise ValueError(f"SimQuant KV-cache quantization supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                         f"got {mt!r}, whose attention it cannot hook: {facts.unsupported}")
     if getattr(cfg, "is_encoder_decoder", False) or getattr(cfg, "add_cross_attention", False):
         raise ValueError(f"SimQuant supports decoder-only models without cross-attention ({mt} has it)")
     text = cfg.get_text_config(decoder=True)
@@ -75,11 +80,18 @@ def make_cache(model: nn.Module, config=None) -> SimQuantCache:
 
 
 def rotary_embedding(model: nn.Module):
-    """The model's rotary embedding module when SimQuant can invert it (rotate-half
-    RoPE over the whole head_dim with position-independent frequencies), else None
-    (keys are then quantized after RoPE)."""
-    emb = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if emb is None or getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2", "qwen3"):
+    """The model's rotary embedding module when SimQuant can invert it (the
+    architecture declares one rotate-half RoPE for all layers, it spans the
+    whole head_dim and its frequencies do not depend on the position), else
+    None (keys are then quantized after RoPE)."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    facts = kv_facts(mt) if isinstance(mt, str) else None
+    if facts is None or facts.rotary_path is None or (facts.rope_off_flag and getattr(cfg, facts.rope_off_flag, False)):
+        return None
+    try:
+        emb = model.get_submodule(facts.rotary_path)
+    except AttributeError:
         return None
     rope_type = str(getattr(emb, "rope_type", "default"))
     if "dynamic" in rope_type or "longrope" in rope_type:  # frequencies depend on the sequence length

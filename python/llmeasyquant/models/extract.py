@@ -1,88 +1,29 @@
-"""Module extraction: which linears a Hugging Face model has, by architecture,
-and how they relate (which norm or linear feeds which projections).
+"""Module extraction: which linears a model has and how they relate (which
+norm or linear feeds which projections), found from the declared
+:class:`ArchSpec` of its model type (:mod:`.archs`), else by the generic
+fallback (:mod:`.discover`).
 
 Methods use the relations to fold per-channel scales (SmoothQuant, AWQ) into
 the operation that produces a linear's input, so the float model stays exactly
-equivalent before quantization. Relations are declared per architecture, not
-guessed from module names at run time.
+equivalent before quantization. Declared relations win; a fallback model's
+are discovered on first use and each verified by exact folding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Optional
 
 from torch import nn
 
+from ..log import logger
 from ..nn.qlinear import QLinear
 from ..nn.replace import is_quantizable
+from .archs import ARCHITECTURES, SUPPORTED_MODEL_TYPES, ArchSpec, ScaleGroup, declared_variants
+from .discover import Discovery, discover_groups, fallback_spec
 
-
-@dataclass(frozen=True)
-class ScaleGroup:
-    """Linears that read the same input, and the op that produces that input.
-
-    ``prev`` is a path (relative to the block) of a norm (``prev_kind="norm"``,
-    its weight/bias are divided by the scales) or of a linear
-    (``prev_kind="linear"``, its output rows are divided by the scales).
-    """
-
-    prev: str
-    prev_kind: str
-    linears: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    model_types: tuple[str, ...]
-    layers_path: str  # path of the ModuleList of decoder blocks
-    linears: tuple[str, ...]  # quantizable linears inside one block, in forward order
-    groups: tuple[ScaleGroup, ...]
-    # groups valid only without grouped-query attention (v_proj -> o_proj)
-    mha_only_groups: tuple[ScaleGroup, ...] = ()
-    # modules between the last block and the LM head, in order (absent ones skipped)
-    final: tuple[str, ...] = ()
-
-
-_LLAMA_LIKE = ArchSpec(
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
-    layers_path="model.layers",
-    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    groups=(
-        ScaleGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-        # down_proj reads act(gate) * up: scaling up's output rows is exact
-        ScaleGroup("mlp.up_proj", "linear", ("mlp.down_proj",)),
-    ),
-    mha_only_groups=(ScaleGroup("self_attn.v_proj", "linear", ("self_attn.o_proj",)),),
-    final=("model.norm",),
-)
-
-_OPT = ArchSpec(
-    model_types=("opt",),
-    layers_path="model.decoder.layers",
-    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
-    groups=(
-        ScaleGroup("self_attn_layer_norm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ScaleGroup("final_layer_norm", "norm", ("fc1",)),
-    ),
-    mha_only_groups=(ScaleGroup("self_attn.v_proj", "linear", ("self_attn.out_proj",)),),
-    final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-)
-
-_GPT2 = ArchSpec(
-    model_types=("gpt2",),
-    layers_path="transformer.h",
-    linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    groups=(
-        ScaleGroup("ln_1", "norm", ("attn.c_attn",)),
-        ScaleGroup("ln_2", "norm", ("mlp.c_fc",)),
-    ),
-    final=("transformer.ln_f",),
-)
-
-ARCHITECTURES: tuple[ArchSpec, ...] = (_LLAMA_LIKE, _OPT, _GPT2)
-SUPPORTED_MODEL_TYPES = tuple(t for a in ARCHITECTURES for t in a.model_types)
+__all__ = ["ARCHITECTURES", "SUPPORTED_MODEL_TYPES", "ArchSpec", "ModelSpec", "ScaleGroup", "extract"]
 
 
 @dataclass
@@ -92,9 +33,33 @@ class ModelSpec:
     arch: ArchSpec
     model_type: str
     blocks: list[nn.Module]
-    groups: tuple[ScaleGroup, ...]
     block_linears: tuple[str, ...]
     extra_linears: list[str] = field(default_factory=list)  # outside blocks (lm_head, ...)
+    # declared groups (GQA already accounted for); None: discovered on first use
+    declared_groups: Optional[tuple[ScaleGroup, ...]] = None
+    model: Optional[nn.Module] = field(default=None, repr=False)
+
+    @property
+    def declared(self) -> bool:
+        return self.arch.declared
+
+    @cached_property
+    def discovery(self) -> Discovery:
+        """The fallback's discovery on this model (runs one random batch once)."""
+        return discover_groups(self.model, self.blocks, self.block_linears, where=self.model_type)
+
+    @cached_property
+    def groups(self) -> tuple[ScaleGroup, ...]:
+        if self.declared_groups is not None:
+            return self.declared_groups
+        found = self.discovery.groups
+        if found:
+            logger.info("%s: discovered scale groups (verified by exact folding): %s", self.model_type,
+                        "; ".join(g.describe() for g in found))
+        else:
+            logger.warning("%s: the generic fallback found no foldable scale group; SmoothQuant / AWQ run "
+                           "without smoothing (AWQ: round-to-nearest with its clip search)", self.model_type)
+        return found
 
     def linear_paths(self) -> list[str]:
         """Full paths of every quantizable linear inside the decoder blocks."""
@@ -114,30 +79,66 @@ def _uses_gqa(model: nn.Module) -> bool:
     return heads is not None and kv != heads
 
 
-def extract(model: nn.Module) -> ModelSpec:
-    """Find the decoder blocks, their quantizable linears and scale groups.
-
-    Raises ValueError for an architecture we have no spec for (plain
-    ``llmeasyquant.replace_linear`` still works on any model).
-    """
-    mtype = _model_type(model)
-    arch = next((a for a in ARCHITECTURES if mtype in a.model_types), None)
-    if arch is None:
-        raise ValueError(
-            f"unknown model architecture {mtype!r}: llmeasyquant knows {', '.join(SUPPORTED_MODEL_TYPES)}. "
-            "For other models, llmeasyquant.replace_linear(model, ...) swaps linears without "
-            "calibration-based methods.")
+def _has(module: nn.Module, path: str) -> bool:
     try:
-        blocks = list(model.get_submodule(arch.layers_path))
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _declared(model: nn.Module, mtype: str, variants: list[ArchSpec]) -> tuple[ArchSpec, list[nn.Module]]:
+    """The declared variant that fits ``model`` and its blocks."""
+    path = variants[0].layers_path
+    try:
+        blocks = list(model.get_submodule(path))
     except AttributeError as err:
-        raise ValueError(f"{mtype} model has no decoder blocks at '{arch.layers_path}' ({err})") from err
-    groups = arch.groups + (() if _uses_gqa(model) else arch.mha_only_groups)
+        raise ValueError(f"{mtype} model has no decoder blocks at '{path}' ({err})") from err
+    if not blocks:
+        raise ValueError(f"{mtype} model: expected decoder blocks at '{path}', got an empty list")
+    arch = next((a for a in variants if all(_has(blocks[0], r) for r in a.requires)), None)
+    if arch is None:
+        layouts = "; ".join(f"{a.variant} (modules {', '.join(a.requires)})" for a in variants)
+        raise ValueError(f"{mtype} model: expected its decoder block to have one of the declared layouts "
+                         f"[{layouts}], got a block without those modules")
     for i, block in enumerate(blocks):
         for name in arch.linears:
             mod = block.get_submodule(name)
             if not (is_quantizable(mod) or isinstance(mod, QLinear)):
                 raise ValueError(f"{arch.layers_path}.{i}.{name} is a {type(mod).__name__}, expected a linear")
-    inside = set(ModelSpec(arch, mtype, blocks, groups, arch.linears).linear_paths())
+    return arch, blocks
+
+
+def _fallback(model: nn.Module, mtype: str) -> tuple[ArchSpec, list[nn.Module]]:
+    try:
+        arch = fallback_spec(model, mtype)
+    except ValueError as err:
+        raise ValueError(
+            f"unknown model architecture {mtype!r}: llmeasyquant knows {', '.join(SUPPORTED_MODEL_TYPES)}, and "
+            f"{err}. For other models, llmeasyquant.replace_linear(model, ...) swaps linears without "
+            "calibration-based methods.") from err
+    blocks = list(model.get_submodule(arch.layers_path))
+    logger.info("%s is not a declared architecture: the generic fallback found %d blocks at %s with linears %s",
+                mtype, len(blocks), arch.layers_path, ", ".join(arch.linears))
+    return arch, blocks
+
+
+def extract(model: nn.Module) -> ModelSpec:
+    """Find the decoder blocks, their quantizable linears and scale groups:
+    from the declared spec of the model's type, else by the generic fallback.
+
+    Raises ValueError when neither finds decoder blocks (plain
+    ``llmeasyquant.replace_linear`` still works on any model).
+    """
+    mtype = _model_type(model)
+    variants = declared_variants(mtype)
+    if variants:
+        arch, blocks = _declared(model, mtype, variants)
+        groups = arch.groups + (() if _uses_gqa(model) else arch.mha_only_groups)
+    else:
+        arch, blocks = _fallback(model, mtype)
+        groups = None
+    inside = {f"{arch.layers_path}.{i}.{n}" for i in range(len(blocks)) for n in arch.linears}
     extra = [n for n, m in model.named_modules() if is_quantizable(m) and n not in inside]
-    return ModelSpec(arch=arch, model_type=mtype, blocks=blocks, groups=groups, block_linears=arch.linears,
-                     extra_linears=extra)
+    return ModelSpec(arch=arch, model_type=mtype, blocks=blocks, block_linears=arch.linears, extra_linears=extra,
+                     declared_groups=groups, model=model)
