@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of the statistics timings (best of)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the statistics timings (best of)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_default_model()
@@ -66,12 +66,17 @@ def main() -> None:
         collect_input_stats(model, paths, batches, progress=False)
 
     forward()  # warm up (allocator, OpenMP pool)
-    rows = []
-    for name, fn in (("plain forward", forward), ("SmoothQuant statistics, blockwise driver", stats_blockwise),
-                     ("SmoothQuant statistics, whole-model pass", stats_whole_model)):
-        with measure_peak() as peak:
-            t = _best(fn, args.rounds)
-        rows.append((name, t, peak))
+    # interleaved rounds, best of each: a drift in machine load hits all three alike
+    fns = {"plain forward": forward, "SmoothQuant statistics, blockwise driver": stats_blockwise,
+           "SmoothQuant statistics, whole-model pass": stats_whole_model}
+    times = {k: [] for k in fns}
+    peaks = {}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            with measure_peak() as peak:
+                times[name].append(_best(fn, 1))
+            peaks[name] = peak
+    rows = [(name, min(times[name]), peaks[name]) for name in fns]
     t_fwd = rows[0][1]
 
     inside, grams = [], []
@@ -98,7 +103,7 @@ def main() -> None:
     print(f"### Calibration cost (CPU)\n\n- date: {datetime.date.today().isoformat()}; CPU: {_cpu_name()}, "
           f"{args.threads} threads; ISA {lq.build_info()['cpu_isa_active']}; torch {torch.__version__}\n"
           f"- model: SmolLM2-135M fp32, {args.samples} calibration windows x {args.seq_len} tokens "
-          f"(WikiText-2 validation); best of {args.rounds} rounds for the statistics\n"
+          f"(WikiText-2 validation); best of {args.rounds} interleaved rounds for the statistics\n"
           f"- command: `python benchmarks/bench_calibration.py --samples {args.samples} --seq-len {args.seq_len} "
           f"--threads {args.threads}`\n")
     print("| what | s | x plain forward | peak RSS MiB |\n|---|---|---|---|")

@@ -92,3 +92,32 @@ def test_ema_layer_survives_a_nan_batch():
     assert torch.equal(q.ema_state, state) and int(q.ema_skipped) == 1
     assert torch.equal(q(x), good)  # later outputs are not poisoned
     assert torch.isfinite(q.ema_state).all()
+
+
+def _linear(w):
+    lin = torch.nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (0, 64), (2, 3, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_outputs_are_tensors_of_their_own(shape, dtype):
+    """No op output is a view of the op's intermediates: autograd refuses an
+    in-place edit of such a view under grad mode (models add into a linear's
+    output in place, e.g. Falcon's parallel residual)."""
+    K = shape[-1]
+    N = 24
+    w = torch.randn(N, K)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    for layer in (lq.QLinear.from_linear(_linear(w), act=None), lq.QLinear.from_linear(_linear(w), act=None, w_bits=4,
+                                                                                 w_group_size=K or -1),
+                  lq.QLinear.from_linear(_linear(w), act="dynamic")):
+        with torch.enable_grad():
+            y = layer(x)
+            assert not y._is_view(), layer
+            assert y.shape == (*shape[:-1], N)
+            ref = y.detach().clone()
+            y += 1.0  # raises when y is a view created inside a custom op
+        assert torch.equal(y.detach(), ref + 1.0)

@@ -303,7 +303,7 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   if (M == 0 || N == 0) return at::empty(out_shape, x.options());
-  if (K == 0) return empty_k_output(bias32, M, N, x.options(), x.scalar_type()).reshape(out_shape);
+  if (K == 0) return shaped_result(empty_k_output(bias32, M, N, x.options(), x.scalar_type()), out_shape);
   // Per-token quantization pre-pass (one launch), then the GEMM with the
   // scales, zero-point correction and bias in its epilogue.
   at::Tensor qa = at::empty({M, K}, x.options().dtype(at::kChar));
@@ -326,7 +326,7 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
   ep.ldo = N;
   ep.kind = out_kind(x.scalar_type());
   run_gemm(op, qa, w, ep);
-  return out.reshape(out_shape);
+  return shaped_result(out, out_shape);
 }
 
 at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
@@ -350,7 +350,7 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
   if (K == 0 || M == 0 || N == 0)  // no products: the bias (or 0), as on the CPU
-    return empty_k_output(bias32, M, N, x.options(), x.scalar_type()).reshape(out_shape);
+    return shaped_result(empty_k_output(bias32, M, N, x.options(), x.scalar_type()), out_shape);
   const cuda::WoPath path = cuda::weight_only_path(M, wo_path());
   const bool kernel_ok = cuda::weight_only_supported(K, static_cast<int>(bits), g, t);
   if (kernel_ok && path != cuda::WoPath::Dequant) {
@@ -362,7 +362,7 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                              zero_point.has_value() ? zc.data_ptr<int8_t>() : nullptr,
                                              bias32.defined() ? bias32.data_ptr<float>() : nullptr, out.data_ptr(),
                                              path, stream()));
-    return out.reshape(out_shape);
+    return shaped_result(out, out_shape);
   }
   if (t != cuda::FloatType::F32) {
     // Prefill-sized M in bf16/fp16: dequantize to x's dtype, then cuBLAS.
@@ -371,7 +371,7 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                        zc.data_ptr<int8_t>(), K / g, w.data_ptr(), t, stream()));
     const at::Tensor out = at::linear(x, w, bias32.defined() ? c10::optional<at::Tensor>(bias32.to(x.scalar_type()))
                                                              : c10::optional<at::Tensor>());
-    return out.reshape(out_shape);
+    return shaped_result(out, out_shape);
   }
   // fp32 activations: dequantize to fp32 and multiply in fp32 (the
   // reference's own math; cuBLAS keeps fp32 unless TF32 is switched on).
@@ -380,7 +380,7 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
                                      zc.data_ptr<int8_t>(), K / g, w.data_ptr(), cuda::FloatType::F32, stream()));
   const at::Tensor out = at::linear(x.to(at::kFloat), w, bias32.defined() ? c10::optional<at::Tensor>(bias32)
                                                                           : c10::optional<at::Tensor>());
-  return out.to(x.scalar_type()).reshape(out_shape);
+  return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
 }  // namespace

@@ -173,6 +173,16 @@ inline cpu::FloatType float_type(at::ScalarType d) {
 // [rows, K] view with unit stride along K (copies only if the last dim is strided
 // or the leading dims cannot be flattened). rows is the product of the leading
 // dims, given explicitly: reshape({-1, 0}) cannot infer it when K = 0.
+// An op's result must be a tensor of its own, never a view of one of its
+// intermediates: for ops without a backward, autograd's fallback refuses an
+// in-place edit of a view output (Falcon's `mlp_output += attention_output`
+// under grad mode). `t` is a fresh result computed as rows [M, N]; resize_
+// relabels its shape in place (row-major, same number of elements), no copy.
+inline at::Tensor shaped_result(at::Tensor t, at::IntArrayRef shape) {
+  if (t.is_view() || !t.is_contiguous()) return t.reshape(shape).clone();
+  return t.resize_(shape);
+}
+
 inline at::Tensor rows_view(const at::Tensor& x) {
   const int64_t K = x.dim() ? x.size(-1) : 1;
   int64_t rows = 1;

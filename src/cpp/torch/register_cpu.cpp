@@ -290,7 +290,7 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  return out.to(x.scalar_type()).reshape(out_shape);
+  return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
 }  // namespace
