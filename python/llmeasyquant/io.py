@@ -287,7 +287,6 @@ def _load_foreign(path: Path, foreign, device, with_tokenizer: bool, trust_remot
 
 
 def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
-    import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -323,13 +322,7 @@ def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
             simquant.apply(model, None, kv, [], progress=False)
         except ValueError as err:
             raise FolderError(f"load: {path / QUANT_FILE} holds an invalid KV-cache config: {err}") from err
-    if device is not None:
-        model.to(device)
-    if with_tokenizer:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
-                                                         trust_remote_code=trust_remote_code)
-        return model, tok
-    return model
+    return _finish(model, path, device, with_tokenizer, trust_remote_code)
 
 
 # transformers-style spelling

@@ -76,6 +76,28 @@ def float_tensors(model: nn.Module, layers: dict[str, QLinear]) -> dict[str, tor
     return out
 
 
+def float_linears(model: nn.Module, layers: dict[str, QLinear]) -> list[str]:
+    """The linears a format must list as left unquantized: every nn.Linear of
+    the architecture (built on meta: the live model holds QLinears there) not
+    in ``layers``."""
+    with torch.device("meta"):
+        shell = type(model)(model.config)
+    return [n for n, m in shell.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+
+
+def folder_writer(model: nn.Module, layers: dict[str, QLinear], layer_tensors: Callable[[str, QLinear], dict],
+                  quantization_config: dict) -> Callable[[Path], None]:
+    """``write(tmp)``: the float tensors, each layer's tensors in the format
+    (``layer_tensors(name, layer)``) and config.json, into the staging folder."""
+    def write(tmp: Path) -> None:
+        tensors = float_tensors(model, layers)
+        for name, layer in layers.items():
+            tensors.update(layer_tensors(name, layer))
+        write_folder(tmp, model, tensors, quantization_config)
+
+    return write
+
+
 def write_folder(tmp: Path, model: nn.Module, tensors: dict[str, torch.Tensor], quantization_config: dict) -> None:
     """config.json with ``quantization_config`` (what transformers and the
     serving engines dispatch on) + one model.safetensors."""

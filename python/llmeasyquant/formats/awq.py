@@ -97,19 +97,11 @@ def prepare(model: nn.Module):
     if getattr(model, "llmeq_kv_config", None) is not None:
         raise ValueError("save(format='awq'): the model has a SimQuant KV cache, which an AWQ config cannot say")
     g = _check(layers)
-    with torch.device("meta"):
-        shell = type(model)(model.config)
-    skipped = [n for n, m in shell.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    skipped = _folder.float_linears(model, layers)
     qconfig = {"quant_method": QUANT_METHOD, "bits": 4, "group_size": g, "zero_point": True, "version": "gemm",
                "modules_to_not_convert": skipped}
 
-    def write(tmp: Path) -> None:
-        tensors = _folder.float_tensors(model, layers)
-        for name, layer in layers.items():
-            tensors.update(_layer_tensors(name, layer))
-        _folder.write_folder(tmp, model, tensors, qconfig)
-
-    return write
+    return _folder.folder_writer(model, layers, _layer_tensors, qconfig)
 
 
 # ---------------------------------------------------------------------- read

@@ -135,9 +135,7 @@ def prepare(model: nn.Module):
     groups: dict[tuple, list] = {}
     for name, layer in layers.items():
         groups.setdefault(_scheme(name, layer), []).append(name)
-    with torch.device("meta"):
-        shell = type(model)(model.config)
-    float_linears = [n for n, m in shell.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    float_linears = _folder.float_linears(model, layers)
     single = len(groups) == 1
     config_groups, layer_fmt = {}, {}
     for i, (key, names) in enumerate(groups.items()):
@@ -151,13 +149,8 @@ def prepare(model: nn.Module):
                "quant_method": QUANT_METHOD, "quantization_status": "compressed", "sparsity_config": {},
                "transform_config": {}, "version": LAYOUT_VERSION}
 
-    def write(tmp: Path) -> None:
-        tensors = _folder.float_tensors(model, layers)
-        for name, layer in layers.items():
-            tensors.update(_layer_tensors(name, layer, layer_fmt[name]))
-        _folder.write_folder(tmp, model, tensors, qconfig)
-
-    return write
+    return _folder.folder_writer(model, layers, lambda name, layer: _layer_tensors(name, layer, layer_fmt[name]),
+                                 qconfig)
 
 
 # ---------------------------------------------------------------------- read

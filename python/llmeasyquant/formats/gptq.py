@@ -102,9 +102,7 @@ def prepare(model: nn.Module):
     if getattr(model, "llmeq_kv_config", None) is not None:
         raise ValueError("save(format='gptq'): the model has a SimQuant KV cache, which a GPTQ config cannot say")
     bits, g, sym = _config_of(layers)
-    with torch.device("meta"):
-        shell = type(model)(model.config)
-    skipped = [n for n, m in shell.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    skipped = _folder.float_linears(model, layers)
     qconfig = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": g, "desc_act": False, "sym": sym,
                "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq",
                "lm_head": "lm_head" in layers}
@@ -112,13 +110,7 @@ def prepare(model: nn.Module):
     if rules:  # GPTQModel / vLLM "dynamic": a "-:" rule leaves a matching module unquantized
         qconfig["dynamic"] = rules
 
-    def write(tmp: Path) -> None:
-        tensors = _folder.float_tensors(model, layers)
-        for name, layer in layers.items():
-            tensors.update(_layer_tensors(name, layer))
-        _folder.write_folder(tmp, model, tensors, qconfig)
-
-    return write
+    return _folder.folder_writer(model, layers, _layer_tensors, qconfig)
 
 
 # ---------------------------------------------------------------------- read
