@@ -193,16 +193,48 @@ def load_config(path: Path, trust_remote_code: bool):
     return config
 
 
-def linear_names(config, dtype, trust_remote_code: bool) -> tuple[dict[str, nn.Module], Callable]:
-    """name -> module of the plain model on meta, and a builder of that model."""
+def linear_names(config, trust_remote_code: bool) -> tuple[dict[str, nn.Module], Callable]:
+    """name -> module of the plain model on meta, and ``build(dtype)``, a
+    builder of that model (the float dtype is known only once the header is)."""
     import transformers
 
-    def build():
+    def build(dtype=torch.float32):
         return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
 
     with torch.device("meta"):
         shell = build()
     return dict(shell.named_modules()), build
+
+
+def packed_linears(path: Path, header: dict, modules: dict[str, nn.Module], config, fmt: str) -> dict[str, nn.Linear]:
+    """The layers a GPTQ / AWQ file quantizes (those with a ``.qweight``),
+    each checked to be a Linear of the model config.json describes; ``fmt``
+    names the config in messages ("a GPTQ", "an AWQ")."""
+    names = [k[: -len(".qweight")] for k in header if k.endswith(".qweight")]
+    if not names:
+        raise FolderError(f"load: {path}: {fmt} config but no '.qweight' tensor in the weights")
+    out = {}
+    for name in names:
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            raise FolderError(f"load: {path}: {name}.qweight belongs to no Linear layer of this "
+                              f"{config.model_type} model")
+        out[name] = m
+    return out
+
+
+def load_converted(path: Path, config, header: dict, specs: dict, want: dict, tensors: dict[str, torch.Tensor],
+                   converted: dict[str, dict], build: Callable) -> nn.Module:
+    """The model with QLinears of ``specs`` (checked on meta against the
+    header), loaded with the file's float tensors and each layer's tensors
+    converted to QLinear's (``converted[name]``)."""
+    prefixes = tuple(f"{n}." for n in specs)
+    dtype = float_dtype(header, prefixes)
+    model = build_checked(path, config, header, specs, want, lambda: build(dtype))
+    state = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
+    for out in converted.values():
+        state.update(out)
+    return finish(model, state, path)
 
 
 def float_dtype(header: dict, quantized_prefixes: tuple) -> torch.dtype:

@@ -126,16 +126,11 @@ def read(path: Path, qc: dict, trust_remote_code: bool):
     g = _parse(path, qc)
     header, where = _folder.read_headers(path)
     config = _folder.load_config(path, trust_remote_code)
-    modules, _ = _folder.linear_names(config, torch.float32, trust_remote_code)
-    names = [k[: -len(".qweight")] for k in header if k.endswith(".qweight")]
-    if not names:
-        raise FolderError(f"load: {path}: an AWQ config but no '.qweight' tensor in the weights")
+    modules, build = _folder.linear_names(config, trust_remote_code)
+    layers = _folder.packed_linears(path, header, modules, config, "an AWQ")
+    names = list(layers)
     specs, want = {}, {}
-    for name in names:
-        m = modules.get(name)
-        if not isinstance(m, nn.Linear):
-            raise FolderError(f"load: {path}: {name}.qweight belongs to no Linear layer of this "
-                              f"{config.model_type} model")
+    for name, m in layers.items():
         N, K = m.out_features, m.in_features
         if K % g or N % 8:
             raise FolderError(f"load: {path}: layer {name!r} is {N}x{K}; AWQ needs in_features divisible by "
@@ -170,10 +165,4 @@ def read(path: Path, qc: dict, trust_remote_code: bool):
         if f"{name}.bias" in t:
             out[f"{name}.bias"] = t[f"{name}.bias"]
         converted[name] = out
-    dtype = _folder.float_dtype(header, tuple(f"{n}." for n in specs))
-    _, build = _folder.linear_names(config, dtype, trust_remote_code)
-    model = _folder.build_checked(path, config, header, specs, want, build)
-    state = {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{n}." for n in specs))}
-    for out in converted.values():
-        state.update(out)
-    return _folder.finish(model, state, path)
+    return _folder.load_converted(path, config, header, specs, want, tensors, converted, build)

@@ -321,7 +321,7 @@ def read(path: Path, qc: dict, trust_remote_code: bool):
     header, where = _folder.read_headers(path)
     config = _folder.load_config(path, trust_remote_code)
     # which Linear holds which scheme: compressed-tensors' matching, first group wins
-    modules, _ = _folder.linear_names(config, torch.float32, trust_remote_code)
+    modules, build = _folder.linear_names(config, trust_remote_code)
     schemes = {}
     for name, m in modules.items():
         if not isinstance(m, nn.Linear) or any(_match(name, m, i) for i in extra["ignore"]):
@@ -348,8 +348,7 @@ def read(path: Path, qc: dict, trust_remote_code: bool):
                                                                f"{name}.weight_scale"),
                            bias_dtype=str(bias_dt).replace("torch.", ""))
     dtype = _folder.float_dtype(header, tuple(f"{n}." for n in specs))
-    _, build = _folder.linear_names(config, dtype, trust_remote_code)
-    model = _folder.build_checked(path, config, header, specs, want, build)
+    model = _folder.build_checked(path, config, header, specs, want, lambda: build(dtype))
     tensors = _folder.read_tensors(path, where, header.keys())
     state = {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{n}." for n in specs))}
     for name, s in schemes.items():
