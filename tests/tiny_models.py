@@ -32,7 +32,45 @@ def build(model_type: str, seed: int = 0):
         model = _dense(model_type)
         _perturb_norms(model)
         return model.eval()
+    if model_type in MOE:
+        model = _moe(model_type)
+        _perturb_norms(model)
+        return model.eval()
     raise ValueError(model_type)
+
+
+# mixture-of-experts architectures (fused 3-D experts in transformers 5), as
+# build names: "deepseek_v3-q" is DeepSeek-V3 with full-rank queries
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "deepseek_v3-q")
+N_EXPERTS, TOP_K = 4, 2
+
+
+def _moe(name: str):
+    ids = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    base = _common(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, num_experts_per_tok=TOP_K, **ids)
+    if name == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**base, intermediate_size=32, num_local_experts=N_EXPERTS))
+    if name == "qwen2_moe":  # shared expert + its sigmoid gate
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**base, intermediate_size=48, moe_intermediate_size=16,
+                                                        shared_expert_intermediate_size=24, num_experts=N_EXPERTS,
+                                                        norm_topk_prob=True))
+    if name == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1 MoE
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**base, intermediate_size=48, moe_intermediate_size=16,
+                                                        num_experts=N_EXPERTS, head_dim=8, mlp_only_layers=[0]))
+    if name == "gpt_oss":  # sliding + full attention layers, sinks, biased transposed experts
+        base["max_position_embeddings"] = 4096  # YaRN: original_max_position_embeddings 4096
+        return tf.GptOssForCausalLM(tf.GptOssConfig(**base, intermediate_size=16, num_local_experts=N_EXPERTS,
+                                                    head_dim=8, sliding_window=8,
+                                                    layer_types=["sliding_attention", "full_attention"]))
+    if name.startswith("deepseek_v3"):  # layer 0 dense, layer 1 MoE with a shared expert; MLA
+        base["num_key_value_heads"] = 4
+        q = dict(q_lora_rank=None) if name == "deepseek_v3-q" else dict(q_lora_rank=16)
+        return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+            **base, **q, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=N_EXPERTS,
+            n_group=2, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8))
+    raise ValueError(name)
 
 
 # the architectures covered by explicit ArchSpecs beyond the original six, as

@@ -72,6 +72,11 @@ class ChannelStats:
                 picked = rows[idx]
                 self.samples = picked if self.samples is None else torch.cat([self.samples, picked])
 
+    @property
+    def seen(self) -> bool:
+        """Whether any row was observed (an expert no token was routed to: False)."""
+        return bool((self.min <= self.max).any())
+
     def divide_(self, s: torch.Tensor) -> None:
         """The statistics of X / s (s > 0 per channel)."""
         self.absmax.div_(s)

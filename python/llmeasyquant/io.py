@@ -31,6 +31,7 @@ from torch import nn
 from .checkpoint_checks import (FolderError, check_folder_files, check_layer_count, check_meta,
                                 compare_with_header, read_safetensors_header)
 from . import formats
+from .models.experts import match_checkpoint
 from .nn.qlinear import QLinear
 from .outdir import check_destination, recover, replace_atomically
 
@@ -227,6 +228,9 @@ def _build(path: Path, meta: dict, trust_remote_code: bool):
     def build():
         model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                               dtype=dtype)
+        # a MoE model quantized by llmeasyquant holds one linear per expert
+        # projection (models/experts.py): rebuild that structure first
+        match_checkpoint(model, header)
         for name, spec in meta["qlinear"].items():
             try:
                 model.get_submodule(name)

@@ -19,6 +19,14 @@ unchanged (SmoothQuant's folding, collecting Hessians of the float model) sets
 ``sequential = False``: steps 1 and 3 are one pass, so statistics cost one
 forward, as a plain forward of the model would.
 
+Mixture of experts: each expert is its own linears (``mlp.experts.3.up_proj``,
+:mod:`llmeasyquant.models.experts`) called on the tokens routed to it, so an
+observer of an expert linear sees exactly that expert's tokens. The driver
+counts them per expert in the calibration pass (``BlockContext.tokens``);
+experts that saw none are logged and listed in
+``PipelineReport.unrouted_experts``, and the methods quantize them without
+calibration statistics (round-to-nearest) rather than fail or divide by zero.
+
 Memory: only one block's calibration activations are held at a time (its
 inputs and the outputs being built); with ``device`` set, only the block being
 processed is on that device, the rest of the model stays where it is (CPU),
@@ -36,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import observe_model
+from .log import logger
 from .models.extract import ModelSpec
 from .sharding import Shard
 
@@ -125,6 +134,8 @@ class BlockContext:
     names: list[str]  # the block's linears (paths inside it) the method quantizes here (and the driver gathers)
     shard: Shard
     batches: int  # calibration batches over all ranks (data-parallel: the union)
+    # MoE: routed tokens per expert of this block (path inside it -> rows), this rank's calibration pass
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def path(self, name: str) -> str:
         return f"{self.key}.{name}"
@@ -166,17 +177,35 @@ class PipelineReport:
     # (with their masks / rotary tables) plus the outputs being built
     peak_activation_bytes: int = 0
     seconds: dict = field(default_factory=lambda: {"capture": 0.0, "observe": 0.0, "quantize": 0.0, "forward": 0.0})
+    # MoE: full paths of experts no calibration token was routed to (quantized round-to-nearest)
+    unrouted_experts: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         s = self.seconds
-        return (f"{self.blocks} blocks x {self.batches} batches on {self.device}; calibration activations held "
-                f"at most {self.peak_activation_bytes / 2**20:.1f} MiB; capture {s['capture']:.1f} s, observe "
-                f"{s['observe']:.1f} s, quantize {s['quantize']:.1f} s, forward {s['forward']:.1f} s")
+        out = (f"{self.blocks} blocks x {self.batches} batches on {self.device}; calibration activations held "
+               f"at most {self.peak_activation_bytes / 2**20:.1f} MiB; capture {s['capture']:.1f} s, observe "
+               f"{s['observe']:.1f} s, quantize {s['quantize']:.1f} s, forward {s['forward']:.1f} s")
+        if self.unrouted_experts:
+            out += (f"; {len(self.unrouted_experts)} experts saw no calibration token (round-to-nearest, no "
+                    f"calibration): {', '.join(self.unrouted_experts)}")
+        return out
 
 
 def _observe_hooks(block: nn.Module, observers: dict[str, Observer]) -> list:
     return [block.get_submodule(n).register_forward_pre_hook(
         lambda m, args, fn=fn: fn(args[0].detach().reshape(-1, args[0].shape[-1]))) for n, fn in observers.items()]
+
+
+def _count_hooks(block: nn.Module, experts: Sequence[str], tokens: dict[str, int]) -> list:
+    """Count the rows each expert receives (its gate_proj's input: every expert has one)."""
+    for e in experts:
+        tokens[e] = 0
+
+    def count(e, x):
+        tokens[e] += x.reshape(-1, x.shape[-1]).shape[0]
+
+    return [block.get_submodule(f"{e}.gate_proj").register_forward_pre_hook(
+        lambda m, args, e=e: count(e, args[0])) for e in experts]
 
 
 def _move(block: nn.Module, device: Optional[torch.device]) -> None:
@@ -209,7 +238,7 @@ def run_blocks(model: nn.Module, spec: ModelSpec, batches: Sequence[torch.Tensor
     report.seconds["capture"] += time.perf_counter() - t
     for i, block in enumerate(tqdm(spec.blocks, desc=hooks.desc, disable=not progress)):
         key = f"{prefix}.{i}"
-        ctx = BlockContext(i, key, block, [n for n in spec.block_linears if f"{key}.{n}" in targets], shard,
+        ctx = BlockContext(i, key, block, [n for n in spec.linears_of(i) if f"{key}.{n}" in targets], shard,
                            total_batches)
         _move(block, device)
         try:
@@ -217,7 +246,7 @@ def run_blocks(model: nn.Module, spec: ModelSpec, batches: Sequence[torch.Tensor
             t = time.perf_counter()
             outputs: list[torch.Tensor] = []
             with shard.phase(key, "calib"):
-                handles = _observe_hooks(block, observers)
+                handles = _observe_hooks(block, observers) + _count_hooks(block, spec.experts_of(i), ctx.tokens)
                 try:
                     for j in range(len(inputs.hidden)):
                         out = block_forward(block, inputs, j, device)
@@ -227,6 +256,12 @@ def run_blocks(model: nn.Module, spec: ModelSpec, batches: Sequence[torch.Tensor
                     for h in handles:
                         h.remove()
             report.seconds["observe"] += time.perf_counter() - t
+            unrouted = [e for e, n in ctx.tokens.items() if n == 0]
+            if unrouted:
+                logger.warning("%s: %s: %d of %d experts saw no calibration token (%s); they are quantized "
+                               "round-to-nearest, without calibration statistics", hooks.desc, key, len(unrouted),
+                               len(ctx.tokens), ", ".join(unrouted))
+                report.unrouted_experts += [f"{key}.{e}" for e in unrouted]
             t = time.perf_counter()
             hooks.quantize(ctx)
             if ctx.names:  # the same on every rank: all skip, or all meet
@@ -266,7 +301,7 @@ def observe_blocks(model: nn.Module, spec: ModelSpec, batches: Sequence[torch.Te
         sequential = False
 
         def observe(self, ctx: BlockContext) -> dict[str, Observer]:
-            names = [n for n in spec.block_linears if ctx.path(n) in wanted]
+            names = [n for n in spec.linears_of(ctx.index) if ctx.path(n) in wanted]
             return {n: (lambda x, p=ctx.path(n): on_input(p, x)) for n in names}
 
     _Observe.desc = desc

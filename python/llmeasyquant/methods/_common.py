@@ -74,6 +74,10 @@ def quantize_owned(root: nn.Module, names: list[str], config, shard, stats: dict
             q = to_qlinear(root.get_submodule(n), config)
             if config.act == "static":
                 st = stats[full[n]]
+                if not st.seen:
+                    raise ValueError(f"{config.method}: static activations need a calibrated range for every "
+                                     f"layer, and {full[n]} saw no calibration token (an expert no token was "
+                                     "routed to): use more calibration data or act='dynamic'")
                 q.set_static_range(st.min.min(), st.max.max())
             swap(root, n, q)
     shard.barrier(prefix or "model")

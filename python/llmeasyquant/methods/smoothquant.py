@@ -87,8 +87,8 @@ class _SmoothHooks(BlockHooks):
     def observe(self, ctx: BlockContext):
         # the first linear of each group gives the group's input; static
         # activations need every quantized linear's range
-        names = {g.linears[0] for g in self.spec.groups} | {n for n in self.spec.block_linears
-                                                            if ctx.path(n) in self.targets}
+        names = {g.linears[0] for g in self.spec.groups_of(ctx.index)} | {n for n in self.spec.linears_of(ctx.index)
+                                                                          if ctx.path(n) in self.targets}
         keep = 256 if self.config.alpha_grid else 0
         block_stats = {n: ChannelStats.empty(weight_nk(ctx.module(n)).shape[1], device=ctx.module(n).weight.device,
                                              keep_tokens=keep) for n in sorted(names)}
@@ -99,7 +99,8 @@ class _SmoothHooks(BlockHooks):
         cfg, shard = self.config, ctx.shard
         stats = {ctx.path(n): st for n, st in self.block_stats.items()}
         shard.reduce_stats_(stats)
-        groups = self.spec.groups
+        # an expert no calibration token was routed to has no statistics: no smoothing
+        groups = [g for g in self.spec.groups_of(ctx.index) if stats[ctx.path(g.linears[0])].seen]
         # the alpha searches are the costly part: spread the scale groups over the ranks
         keys = [g.linears[0] for g in groups]
         mine = ctx.assign(keys, [sum(weight_nk(ctx.module(n)).numel() for n in g.linears) for g in groups]) \

@@ -102,6 +102,39 @@ class TPLayout:
 
 
 @dataclass(frozen=True)
+class MoEFacts:
+    """A mixture-of-experts MLP: where its fused experts are, how to unfuse
+    them (:mod:`.experts`), and the linears and groups of its blocks.
+
+    A block holding ``experts`` is a MoE block: its linears are the ArchSpec's
+    ``linears`` (attention), then ``shared`` (a shared expert's), then every
+    expert's ``{experts}.{e}.gate_proj / up_proj / down_proj``. A block without
+    it (DeepSeek-V3's first ``first_k_dense_replace`` layers, Qwen-MoE's
+    ``mlp_only_layers``) is dense: ``linears`` + ``dense``.
+
+    No norm group feeds the experts: ``post_attention_layernorm``'s output
+    also feeds the float router, and one per-channel scale would have to serve
+    every expert, each calibrated on different tokens. Smoothing inside an
+    expert (its up_proj rows -> its down_proj, exact for ``act(gate) * up``)
+    is declared by ``expert_up_down`` and uses that expert's own tokens.
+    """
+
+    experts: str  # path (in a block) of the fused experts module
+    layout: str  # how its 3-D tensors map onto linears: "gate_up" or "gpt_oss" (models/experts.py)
+    router: str  # the router (stays float; not an nn.Linear in transformers 5)
+    shared: tuple[str, ...] = ()  # a shared expert's linears (every token)
+    shared_groups: tuple[ScaleGroup, ...] = ()
+    float_linears: tuple[str, ...] = ()  # nn.Linear gates kept float (Qwen2-MoE's shared_expert_gate)
+    dense: tuple[str, ...] = ()  # the MLP linears of a dense block
+    dense_groups: tuple[ScaleGroup, ...] = ()
+    expert_up_down: bool = True  # up_proj -> down_proj folds exactly inside each expert
+
+    def __post_init__(self):
+        if self.layout not in ("gate_up", "gpt_oss"):
+            raise ValueError(f"MoEFacts.layout: expected 'gate_up' or 'gpt_oss', got {self.layout!r}")
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     model_types: tuple[str, ...]
     layers_path: str  # path of the ModuleList of decoder blocks
@@ -120,6 +153,9 @@ class ArchSpec:
     requires: tuple[str, ...] = ()
     variant: str = ""
     declared: bool = True  # False: found by the generic fallback
+    # mixture of experts: then ``linears`` / ``groups`` are those every block
+    # has (attention), and the MLP's come from ``moe`` per block
+    moe: Optional[MoEFacts] = None
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -331,11 +367,76 @@ _STARCODER2 = ArchSpec(
     representative="mlp.c_proj",
 )
 
+# ---------------------------------------------------------------- MoE
+# transformers 5 fuses the experts into 3-D parameters; extraction unfuses
+# them into one nn.Linear per expert projection (models/experts.py). No TP
+# layout: experts are not split over ranks (expert parallelism is not built).
+_ATTN_ONLY = dict(layers_path="model.layers", linears=_QKVO, groups=(ScaleGroup("input_layernorm", "norm", _QKV),),
+                  mha_only_groups=(_V_TO_O,), final=("model.norm",), representative="self_attn.o_proj")
+_SHARED = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+
+_MIXTRAL = ArchSpec(model_types=("mixtral",), kv=KVFacts(rotary_path="model.rotary_emb"),
+                    moe=MoEFacts(experts="mlp.experts", layout="gate_up", router="mlp.gate"), **_ATTN_ONLY)
+
+# shared expert on every token, scaled by sigmoid(shared_expert_gate(x)): that
+# one-row gate stays float, like the router
+_QWEN2_MOE = ArchSpec(
+    model_types=("qwen2_moe",), kv=KVFacts(rotary_path="model.rotary_emb"),
+    moe=MoEFacts(experts="mlp.experts", layout="gate_up", router="mlp.gate", shared=_SHARED,
+                 shared_groups=(ScaleGroup("mlp.shared_expert.up_proj", "linear", ("mlp.shared_expert.down_proj",)),),
+                 float_linears=("mlp.shared_expert_gate",), dense=_LLAMA_MLP, dense_groups=(_UP_TO_DOWN,)),
+    **_ATTN_ONLY)
+
+_QWEN3_MOE = ArchSpec(
+    model_types=("qwen3_moe",), kv=KVFacts(rotary_path="model.rotary_emb"),
+    moe=MoEFacts(experts="mlp.experts", layout="gate_up", router="mlp.gate", dense=_LLAMA_MLP,
+                 dense_groups=(_UP_TO_DOWN,)),
+    **_ATTN_ONLY)
+
+# experts transposed, gate/up interleaved, biases, clamped SwiGLU (up + 1):
+# no exact up -> down fold. Attention sinks and sliding layers: keys are
+# quantized as attention stores them.
+_GPT_OSS = ArchSpec(model_types=("gpt_oss",), kv=KVFacts(),
+                    moe=MoEFacts(experts="mlp.experts", layout="gpt_oss", router="mlp.router",
+                                 expert_up_down=False), **_ATTN_ONLY)
+
+# Multi-head latent attention: q through a low-rank q_a -> q_a_layernorm ->
+# q_b (or one q_proj when q_lora_rank is None); k/v from one compressed latent
+# (kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj). The cache holds the
+# latent and the shared RoPE key, not per-head K/V.
+_MLA_KV = KVFacts(cache_api=False, unsupported="DeepSeek-V3's multi-head latent attention caches the compressed "
+                                               "latent (kv_a_layernorm output) and one shared RoPE key, not "
+                                               "per-head keys and values; SimQuant's per-channel key / per-token "
+                                               "value quantization is not defined for them")
+_DEEPSEEK_MOE = MoEFacts(experts="mlp.experts", layout="gate_up", router="mlp.gate",
+                         shared=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+                                 "mlp.shared_experts.down_proj"),
+                         shared_groups=(ScaleGroup("mlp.shared_experts.up_proj", "linear",
+                                                   ("mlp.shared_experts.down_proj",)),),
+                         dense=_LLAMA_MLP, dense_groups=(_UP_TO_DOWN,))
+_DEEPSEEK_V3_LORA = ArchSpec(
+    model_types=("deepseek_v3",),
+    layers_path="model.layers",
+    linears=("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+             "self_attn.o_proj"),
+    groups=(ScaleGroup("input_layernorm", "norm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+            ScaleGroup("self_attn.q_a_layernorm", "norm", ("self_attn.q_b_proj",)),
+            ScaleGroup("self_attn.kv_a_layernorm", "norm", ("self_attn.kv_b_proj",))),
+    final=("model.norm",), kv=_MLA_KV, representative="self_attn.o_proj", moe=_DEEPSEEK_MOE,
+    requires=("self_attn.q_a_proj",), variant="low-rank queries (q_lora_rank set)")
+_DEEPSEEK_V3_Q = replace(
+    _DEEPSEEK_V3_LORA,
+    linears=("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj"),
+    groups=(ScaleGroup("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+            ScaleGroup("self_attn.kv_a_layernorm", "norm", ("self_attn.kv_b_proj",))),
+    requires=("self_attn.q_proj",), variant="full-rank queries (q_lora_rank None)")
+
 # The six first: their order is the one error messages have always listed.
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     _LLAMA_LIKE, _OPT, _GPT2,
     _GEMMA, _GEMMA2, _GEMMA3, _PHI3, _GPT_NEOX, _FALCON_TWO_LN, _FALCON_SEQUENTIAL, _FALCON_PARALLEL, _COHERE,
     _OLMO2, _GRANITE, _STARCODER2,
+    _MIXTRAL, _QWEN2_MOE, _QWEN3_MOE, _GPT_OSS, _DEEPSEEK_V3_LORA, _DEEPSEEK_V3_Q,
 )
 SUPPORTED_MODEL_TYPES = tuple(dict.fromkeys(t for a in ARCHITECTURES for t in a.model_types))
 

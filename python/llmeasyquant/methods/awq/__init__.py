@@ -61,7 +61,10 @@ class _AWQHooks(BlockHooks):
     def quantize(self, ctx: BlockContext) -> None:
         cfg, xs, shard = self.config, self.xs, ctx.shard
         shard.reduce_stats_({ctx.path(n): xs[n] for n in ctx.names})
-        groups = [g for g in self.spec.groups if all(n in xs for n in g.linears)]
+        # an expert no calibration token was routed to: no scale search, no
+        # clip search, round-to-nearest (the driver reports it)
+        groups = [g for g in self.spec.groups_of(ctx.index) if all(n in xs for n in g.linears)
+                  and xs[g.linears[0]].seen]
         gkeys = [f"{g.linears[0]}/scale" for g in groups]
         mine = ctx.assign(gkeys, [sum(weight_nk(ctx.module(n)).numel() for n in g.linears) for g in groups])
         for g, gk in zip(groups, gkeys):
@@ -82,7 +85,7 @@ class _AWQHooks(BlockHooks):
                 continue
             mod = ctx.module(n)
             with shard.phase(ctx.path(n), "quant"):
-                if cfg.clip:
+                if cfg.clip and xs[n].seen:
                     W = weight_nk(mod).float()
                     clip = awq_search_clip(W, xs[n].samples, bits=cfg.w_bits, group_size=cfg.w_group_size,
                                            symmetric=cfg.w_symmetric)

@@ -20,7 +20,7 @@ from ...quant_format import scale_dtype_of
 from ...models.extract import ModelSpec
 from ...pipeline import BlockContext, BlockHooks
 from ...sharding import Shard
-from .._common import quantize_blockwise, quantized_from, swap, weight_nk
+from .._common import quantize_blockwise, quantized_from, swap, to_qlinear, weight_nk
 from ..base import QuantConfig, register_method
 from .solver import GPTQResult, gptq_quantize
 
@@ -74,8 +74,16 @@ class _GPTQHooks(BlockHooks):
             mod = ctx.module(n)
             with ctx.shard.phase(ctx.path(n), "load"):
                 W = weight_nk(mod).float()
+            H = self.hessians.pop(n)
+            if not H.diagonal().any():
+                # no calibration token (an expert nothing was routed to): an
+                # all-zero Hessian says nothing about the weights, so
+                # round-to-nearest with the same format (the driver reports it)
+                with ctx.shard.phase(ctx.path(n), "quant"):
+                    swap(ctx.block, n, to_qlinear(mod, cfg))
+                continue
             with ctx.shard.phase(ctx.path(n), "quant"):
-                r = gptq_quantize(W, self.hessians.pop(n), bits=cfg.w_bits, group_size=cfg.w_group_size,
+                r = gptq_quantize(W, H, bits=cfg.w_bits, group_size=cfg.w_group_size,
                                   symmetric=cfg.w_symmetric, block_size=cfg.block_size, damp=cfg.damp,
                                   act_order=cfg.act_order, scale_dtype=scale_dtype_of(cfg.w_scale_dtype))
                 swap(ctx.block, n, quantized_from(mod, cfg, r.q, r.scale, r.zero_point))
