@@ -35,6 +35,7 @@ def build(model_type: str, seed: int = 0):
     if model_type in MOE:
         model = _moe(model_type)
         _perturb_norms(model)
+        _decisive_routers(model)
         return model.eval()
     raise ValueError(model_type)
 
@@ -53,7 +54,7 @@ def _moe(name: str):
         return tf.MixtralForCausalLM(tf.MixtralConfig(**base, intermediate_size=32, num_local_experts=N_EXPERTS))
     if name == "qwen2_moe":  # shared expert + its sigmoid gate
         return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**base, intermediate_size=48, moe_intermediate_size=16,
-                                                        shared_expert_intermediate_size=24, num_experts=N_EXPERTS,
+                                                        shared_expert_intermediate_size=32, num_experts=N_EXPERTS,
                                                         norm_topk_prob=True))
     if name == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1 MoE
         return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**base, intermediate_size=48, moe_intermediate_size=16,
@@ -124,6 +125,17 @@ def _perturb_norms(model):
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if isinstance(p, torch.nn.Parameter):
                     p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@torch.no_grad()
+def _decisive_routers(model, factor: float = 10.0):
+    """Router weights x10: a random init (std 0.02) puts many tokens at a near
+    tie between experts, where a W8-sized perturbation upstream flips a token
+    to another expert, a discrete jump of its logits that is routing, not
+    quantization error. Trained routers have margins."""
+    for name, m in model.named_modules():
+        if name.endswith((".mlp.gate", ".mlp.router")) and not isinstance(m, torch.nn.Linear):
+            m.weight.mul_(factor)
 
 
 def byte_tokenizer():

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .models.experts import moe_facts
 from .nn.qlinear import QLinear
 
 OPSET = 21
@@ -98,6 +99,10 @@ class _LogitsOnly(nn.Module):
 
 
 def check_exportable(model: nn.Module) -> None:
+    if moe_facts(model) is not None:
+        raise ValueError(f"export_onnx: {model.config.model_type} is a mixture-of-experts model: its experts run "
+                         "in a loop over the experts the router picked for the input (data-dependent control "
+                         "flow), which an ONNX trace would fix to the example input's routing; not supported")
     for name, m in model.named_modules():
         if isinstance(m, QLinear):
             if m.act is not None and not (m.act == "dynamic" and m.int8_gemm):

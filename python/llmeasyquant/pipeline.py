@@ -260,7 +260,7 @@ def run_blocks(model: nn.Module, spec: ModelSpec, batches: Sequence[torch.Tensor
             if unrouted:
                 logger.warning("%s: %s: %d of %d experts saw no calibration token (%s); they are quantized "
                                "round-to-nearest, without calibration statistics", hooks.desc, key, len(unrouted),
-                               len(ctx.tokens), ", ".join(unrouted))
+                               len(ctx.tokens), ", ".join(f"{key}.{e}" for e in unrouted))
                 report.unrouted_experts += [f"{key}.{e}" for e in unrouted]
             t = time.perf_counter()
             hooks.quantize(ctx)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops, quant_format
-from ..models.archs import tp_layout, tp_model_types
+from ..models.archs import declared_variants, tp_layout, tp_model_types
 from ..nn.qlinear import QLinear
 from .runtime import collective
 
@@ -154,6 +154,10 @@ def shard_block(block: nn.Module, model_type: str, rank: int, world: int, group=
     from ..methods._common import swap
 
     layout = tp_layout(model_type)
+    moe = [a for a in declared_variants(model_type) if a.moe is not None]
+    if moe:
+        raise ValueError(f"tensor parallelism: {model_type!r} is a mixture-of-experts model; splitting its "
+                         "per-expert linears over ranks (expert parallelism) is not built, and no layout is declared")
     if layout is None:
         raise ValueError(f"tensor parallelism: no layout for model type {model_type!r}; supported: "
                          f"{', '.join(sorted(tp_model_types()))} (a fused projection such as GPT-2's c_attn would "

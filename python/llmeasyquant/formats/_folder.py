@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint_checks import (FolderError, check_folder_files, check_layer_count, compare_with_header,
                                  read_safetensors_header)
+from ..models.experts import moe_facts
 from ..nn.qlinear import QLinear
 
 CONFIG_FILE = "config.json"
@@ -41,6 +42,12 @@ def quantized_layers(model: nn.Module, fmt: str) -> dict[str, QLinear]:
     Linear; GPT-2's Conv1D is stored transposed, which they do not expect)."""
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"save: expected a transformers model (with .config), got {type(model).__name__}")
+    if moe_facts(model) is not None:
+        raise ValueError(f"save(format={fmt!r}): {model.config.model_type} is a mixture-of-experts model; "
+                         "llmeasyquant quantizes its experts as one linear per expert projection "
+                         "(experts.0.gate_proj, ...), while transformers 5 (and so this format's readers) hold "
+                         "them fused as 3-D parameters (experts.gate_up_proj); the per-expert layers have no "
+                         "place in the format: save it in the native format")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if not layers:
         raise ValueError(f"save(format={fmt!r}): the model holds no QLinear layer; quantize it first")

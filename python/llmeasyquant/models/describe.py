@@ -29,6 +29,7 @@ class ArchReport:
     kv: str = ""
     tp: str = ""
     representative: str = ""
+    moe: list[str] = field(default_factory=list)  # lines about the experts (MoE architectures)
 
 
 def describe(model: nn.Module) -> ArchReport:
@@ -41,7 +42,16 @@ def describe(model: nn.Module) -> ArchReport:
     tp = (f"columns {', '.join(arch.tp.columns)}; rows {', '.join(arch.tp.rows)}" if arch.tp is not None
           else "no layout declared")
     name = arch.representative or spec.block_linears[-1]
-    return ArchReport(model_type=spec.model_type, source=source, layers_path=arch.layers_path,
+    moe = []
+    if arch.moe is not None:
+        sparse = [i for i in range(len(spec.blocks)) if spec.experts_of(i)]
+        n = len(spec.experts_of(sparse[0])) if sparse else 0
+        moe = [f"experts: {n} per MoE block in blocks {', '.join(map(str, sparse))} at {arch.moe.experts} "
+               f"(router {arch.moe.router}, float), one linear per expert projection, each calibrated on its "
+               f"routed tokens",
+               f"MoE block linears: {', '.join(spec.linears_of(sparse[0]) if sparse else ())}",
+               f"kept float: {', '.join((arch.moe.router,) + arch.moe.float_linears)}"]
+    return ArchReport(moe=moe, model_type=spec.model_type, source=source, layers_path=arch.layers_path,
                       blocks=len(spec.blocks), linears=spec.block_linears, extra_linears=list(spec.extra_linears),
                       declared_groups=spec.declared_groups, discovered_groups=found.groups, skipped=found.skipped,
                       fused=arch.fused, final=arch.final, kv=arch.kv.describe(), tp=tp,
@@ -64,6 +74,7 @@ def format_report(r: ArchReport) -> str:
     lines += [f"    skipped {c}: {why}" for c, why in r.skipped]
     lines.append("  fused projections: " + ("; ".join(f"{f.path} = {' + '.join(f.parts)} ({f.layout})"
                                                       for f in r.fused) or "none"))
+    lines += [f"  {m}" for m in r.moe]
     lines += [f"  SimQuant KV cache: {r.kv}", f"  tensor parallelism: {r.tp}",
               f"  representative layer (plots): {r.representative}"]
     return "\n".join(lines)
