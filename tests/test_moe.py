@@ -286,3 +286,20 @@ def test_info_arch_reports_experts(float_models):
     assert "model type qwen2_moe: declared" in text
     assert f"experts: {N_EXPERTS} per MoE block in blocks 0, 1 at mlp.experts (router mlp.gate, float)" in text
     assert "kept float: mlp.gate, mlp.shared_expert_gate" in text
+
+
+def test_mixed_gptq_rtn_for_an_unrouted_expert():
+    """The search's GPTQ candidates (methods.mixed) on an all-zero Hessian (an
+    expert no calibration token reached): round-to-nearest, never the zeroed
+    columns GPTQ gives dead inputs."""
+    from llmeasyquant.methods.mixed import Layout, quantize_layer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 16)
+    lay = Layout(bits=4, group_size=16, symmetric=False, scale_dtype="float32")
+    q = quantize_layer(lin, lay, "gptq", torch.zeros(32, 32, dtype=torch.float64))
+    rtn = quantize_layer(lin, lay, "rtn")
+    assert torch.equal(q.qweight, rtn.qweight) and torch.equal(q.w_scale, rtn.w_scale)
+    # a real Hessian does run GPTQ (the check above is not vacuous)
+    x = torch.randn(64, 32, dtype=torch.float64)
+    assert not torch.equal(quantize_layer(lin, lay, "gptq", x.T @ x).qweight, rtn.qweight)

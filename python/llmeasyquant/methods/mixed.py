@@ -92,7 +92,9 @@ def collect_hessians(model: nn.Module, spec: ModelSpec, paths: Sequence[str], ba
 
 def quantize_layer(module: nn.Module, layout: Layout, base: str, hessian: Optional[torch.Tensor] = None) -> QLinear:
     """One layer at ``layout`` by ``base`` (rtn, or gptq with the layer's Hessian)."""
-    if base == "rtn" or layout.bits == 8:  # 8-bit: RTN is already near-lossless
+    # 8-bit: RTN is already near-lossless. An all-zero Hessian (an expert no
+    # calibration token was routed to) says nothing: GPTQ would zero its columns
+    if base == "rtn" or layout.bits == 8 or (hessian is not None and not hessian.diagonal().any()):
         return QLinear.from_linear(module, w_bits=layout.bits, w_group_size=layout.group_size,
                                    w_symmetric=layout.symmetric, act=None, w_scale_dtype=layout.scale_dtype)
     # act_order: as GPTQConfig's default (it cut W4 g64's perplexity increase by a third on SmolLM2)
