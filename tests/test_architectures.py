@@ -21,7 +21,7 @@ from llmeasyquant.plots import pick_layer
 from llmeasyquant.models.describe import describe, format_report
 from llmeasyquant.models.discover import discover_groups
 from llmeasyquant.models.extract import extract
-from tiny_models import ALL, DENSE, VOCAB, build
+from tiny_models import ALL, DENSE, VOCAB, build, calib_batches, max_rel, token_ids
 
 # keys quantized before RoPE (one rotate-half RoPE over the whole head_dim)?
 PRE_ROPE = {"gemma": True, "gemma2": True, "gemma3_text": False,  # per-layer-type RoPE tables
@@ -34,6 +34,10 @@ W8_METHODS = [("absmax", {}), ("zeroquant", {"w_bits": 8}), ("smoothquant", {"al
               ("awq", {"w_bits": 8, "w_group_size": 16, "grid": 5}), ("gptq", {"w_bits": 8, "w_group_size": 16})]
 
 
+def _ids(T=20, seed=9):
+    return token_ids(1, T, seed)
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
@@ -44,17 +48,7 @@ def _model_type(name: str) -> str:
     return name.split("-")[0]
 
 
-def _calib(n=2, T=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (1, T), generator=g) for _ in range(n)]
 
-
-def _ids(T=20, seed=9):
-    return torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _max_rel(out, ref) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def _width(block, group) -> int:
@@ -133,7 +127,7 @@ def test_folding_is_exact_before_quantization(name):
     _fold_random(model, spec, spec.groups)
     # Gemma's and Cohere's norms compute in float32 whatever the model's dtype:
     # float32 rounding, far below what a wrong fold does (test below: > 1e-3)
-    assert _max_rel(model(ids).logits, ref) < 1e-5
+    assert max_rel(model(ids).logits, ref) < 1e-5
 
 
 def test_a_wrong_fold_is_detected():
@@ -146,7 +140,7 @@ def test_a_wrong_fold_is_detected():
         ids = _ids()
         ref = model(ids).logits
         _fold_random(model, extract(model), [wrong])
-        assert _max_rel(model(ids).logits, ref) > 1e-3, name
+        assert max_rel(model(ids).logits, ref) > 1e-3, name
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +154,12 @@ def test_methods_at_w8_stay_close_to_float(float_models, name, method, opts):
     model = copy.deepcopy(float_models[name])
     ids = _ids()
     ref = model(ids).logits
-    lq.quantize(model, method, calib=_calib(), progress=False, **opts)
+    lq.quantize(model, method, calib=calib_batches(), progress=False, **opts)
     spec = extract(model)
     assert sum(isinstance(m, lq.QLinear) for m in model.modules()) == len(spec.linear_paths())
     out = model(ids).logits
     assert torch.isfinite(out).all()
-    assert _max_rel(out, ref) < 0.05, (name, method, _max_rel(out, ref))
+    assert max_rel(out, ref) < 0.05, (name, method, max_rel(out, ref))
 
 
 @pytest.mark.parametrize("name", DENSE)
@@ -177,7 +171,7 @@ def test_simquant_kv_cache(float_models, name):
     cache = make_cache(model, cfg)
     assert cache.pre_rope == PRE_ROPE[name]
     out = model(ids, cache=cache, use_cache=True).logits
-    assert _max_rel(out, ref) < 0.05
+    assert max_rel(out, ref) < 0.05
     # plain generate() goes through the quantized cache, past the sliding window (8) of Gemma 2/3
     lq.quantize(model, "simquant", k_bits=8, v_bits=8, chunk_size=4, residual_length=64, progress=False)
     gen = model.generate(ids[:, :4], max_new_tokens=12, min_new_tokens=12, do_sample=False,
@@ -191,7 +185,7 @@ def test_save_load_bit_identical(float_models, name, tmp_path):
     # packed 4-bit weights with zero-points, in one run
     ids = _ids()
     model = copy.deepcopy(float_models[name])
-    lq.quantize(model, "awq", calib=_calib(), progress=False, w_bits=4, w_group_size=16, grid=5)
+    lq.quantize(model, "awq", calib=calib_batches(), progress=False, w_bits=4, w_group_size=16, grid=5)
     ref = model(ids).logits
     lq.save(model, tmp_path / "q")
     back = lq.load(tmp_path / "q")
@@ -326,10 +320,10 @@ def test_fallback_quantizes(method, opts):
     ids = _ids()
     ref = model(ids).logits
     ln = model.blocks[0].ln_attn.weight.clone()
-    lq.quantize(model, method, calib=_calib(), progress=False, **opts)
+    lq.quantize(model, method, calib=calib_batches(), progress=False, **opts)
     assert sum(isinstance(m, lq.QLinear) for m in model.modules()) == 2 * len(_MINE)
     out = model(ids).logits
-    assert torch.isfinite(out).all() and _max_rel(out, ref) < 0.05, _max_rel(out, ref)
+    assert torch.isfinite(out).all() and max_rel(out, ref) < 0.05, max_rel(out, ref)
     # SmoothQuant / AWQ folded into the discovered norm
     assert (not torch.equal(model.blocks[0].ln_attn.weight, ln)) == (method in ("smoothquant", "awq"))
 
@@ -355,9 +349,9 @@ def test_fallback_skips_a_group_that_does_not_fold_exactly(caplog):
     assert spec.discovery.skipped[0][0] == "ln_attn -> attn.q, attn.k, attn.v"
     assert "skipped the discovered scale group ln_attn" in caplog.text
     w = model.blocks[0].ln_attn.weight.clone()
-    lq.quantize(model, "smoothquant", calib=_calib(), progress=False)
+    lq.quantize(model, "smoothquant", calib=calib_batches(), progress=False)
     assert torch.equal(model.blocks[0].ln_attn.weight, w)  # never folded
-    assert _max_rel(model(ids).logits, ref) < 0.05
+    assert max_rel(model(ids).logits, ref) < 0.05
 
 
 def test_fallback_without_groups_still_runs_smoothquant_and_awq(caplog):
@@ -365,7 +359,7 @@ def test_fallback_without_groups_still_runs_smoothquant_and_awq(caplog):
     for block in model.blocks:  # no norm feeds the MLP any more
         block.ln_mlp = nn.Identity()
     with caplog.at_level(logging.WARNING, logger="llmeasyquant"):
-        lq.quantize(model, "awq", calib=_calib(), progress=False, w_bits=8, w_group_size=16, grid=5)
+        lq.quantize(model, "awq", calib=calib_batches(), progress=False, w_bits=8, w_group_size=16, grid=5)
     assert "found no foldable scale group" in caplog.text
     assert sum(isinstance(m, lq.QLinear) for m in model.modules()) == 2 * len(_MINE)
 

@@ -17,7 +17,7 @@ from llmeasyquant.methods._common import fold_scales
 from llmeasyquant.methods.simquant import SimQuantConfig, make_cache
 from llmeasyquant.models.experts import ExpertMLP, UnfusedExperts
 from llmeasyquant.models.extract import extract
-from tiny_models import MOE, N_EXPERTS, TOP_K, VOCAB, build
+from tiny_models import MOE, N_EXPERTS, TOP_K, build, calib_batches, max_rel, token_ids
 
 W8_METHODS = [("absmax", {}), ("zeroquant", {"w_bits": 8, "w_group_size": 16}),
               ("smoothquant", {"alpha_grid": (0.4, 0.6)}), ("awq", {"w_bits": 8, "w_group_size": 16, "grid": 5}),
@@ -28,23 +28,17 @@ MOE_BLOCKS = {"mixtral": (0, 1), "qwen2_moe": (0, 1), "qwen3_moe": (1,), "gpt_os
 KV_SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
 
+def _ids(T=20, seed=9):
+    return token_ids(2, T, seed)
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
 
 
-def _calib(n=2, T=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (1, T), generator=g) for _ in range(n)]
 
-
-def _ids(T=20, seed=9):
-    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _max_rel(out, ref) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def _routed(model, ids):
@@ -95,7 +89,7 @@ def test_unfusing_is_exact(name):
         out = model(ids).logits
         assert torch.equal(out, ref), (name, dtype, (out - ref).abs().max())
         # grouped_mm sums in another order: its rounding, relative to the logits' scale
-        assert _max_rel(out, default) < (1e-5 if dtype == torch.float32 else 2e-2), (name, dtype)
+        assert max_rel(out, default) < (1e-5 if dtype == torch.float32 else 2e-2), (name, dtype)
         assert not any(n.endswith("gate_up_proj") for n, _ in model.named_parameters())
 
 
@@ -145,7 +139,7 @@ def test_folding_is_exact_before_quantization(name):
             n += 1
     assert n >= 2
     # RMSNorms compute in float32 whatever the model's dtype
-    assert _max_rel(model(ids).logits, ref) < 1e-5
+    assert max_rel(model(ids).logits, ref) < 1e-5
 
 
 @pytest.mark.parametrize("method,opts", W8_METHODS, ids=[m for m, _ in W8_METHODS])
@@ -154,7 +148,7 @@ def test_methods_at_w8_stay_close_to_float(float_models, name, method, opts):
     model = copy.deepcopy(float_models[name])
     ids = _ids()
     ref, ref_routes = _routed(model, ids)
-    lq.quantize(model, method, calib=_calib(), progress=False, **opts)
+    lq.quantize(model, method, calib=calib_batches(), progress=False, **opts)
     spec = extract(model)
     assert sum(isinstance(m, lq.QLinear) for m in model.modules()) == len(spec.linear_paths())
     for p in spec.linear_paths():
@@ -171,7 +165,7 @@ def test_simquant_kv_cache(float_models, name):
     ref = model(ids).logits
     cache = make_cache(model, SimQuantConfig(k_bits=8, v_bits=8, chunk_size=4, residual_length=0))
     out = model(ids, cache=cache, use_cache=True).logits
-    assert _max_rel(out, ref) < 0.05
+    assert max_rel(out, ref) < 0.05
     lq.quantize(model, "simquant", k_bits=8, v_bits=8, chunk_size=4, residual_length=64, progress=False)
     gen = model.generate(ids[:, :4], max_new_tokens=12, min_new_tokens=12, do_sample=False,
                          return_dict_in_generate=True)
@@ -189,7 +183,7 @@ def test_save_load_bit_identical(float_models, name, tmp_path):
     # AWQ W4 g16: folded per-expert scales, packed weights, zero-points
     ids = _ids()
     model = copy.deepcopy(float_models[name])
-    lq.quantize(model, "awq", calib=_calib(), progress=False, w_bits=4, w_group_size=16, grid=5)
+    lq.quantize(model, "awq", calib=calib_batches(), progress=False, w_bits=4, w_group_size=16, grid=5)
     ref = model(ids).logits
     lq.save(model, tmp_path / "q")
     back = lq.load(tmp_path / "q")
@@ -258,7 +252,7 @@ def test_static_activations_refuse_an_unrouted_expert(float_models):
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 def test_foreign_formats_refuse_moe(float_models, fmt, tmp_path):
     model = copy.deepcopy(float_models["qwen3_moe"])
-    lq.quantize(model, "gptq", calib=_calib(n=1), progress=False, w_bits=4, w_group_size=16)
+    lq.quantize(model, "gptq", calib=calib_batches(n=1), progress=False, w_bits=4, w_group_size=16)
     with pytest.raises(ValueError, match=rf"save\(format='{fmt}'\): qwen3_moe is a mixture-of-experts model"):
         lq.save(model, tmp_path / "x", format=fmt)
     assert not (tmp_path / "x").exists()

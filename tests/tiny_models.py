@@ -154,3 +154,19 @@ def byte_tokenizer():
 
 
 ALL = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+
+
+def calib_batches(n: int = 2, T: int = 16, seed: int = 0) -> list:
+    """n calibration batches of T random token ids (batch 1)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (1, T), generator=g) for _ in range(n)]
+
+
+def token_ids(batch: int = 1, T: int = 20, seed: int = 9):
+    """Evaluation token ids [batch, T]."""
+    return torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def max_rel(out, ref) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return ((out - ref).abs().max() / ref.abs().max()).item()

@@ -167,6 +167,12 @@ void widen_a(const uint8_t* A, int64_t lda, int64_t rows, int64_t kc, int64_t kc
   }
 }
 
+// acc += vpmaddwd(src1, src2), through the scratch register tmp: the two
+// instructions of every product in the micro-kernels' inline asm.
+#define MADD_ACC(src1, src2, tmp, acc) \
+  "vpmaddwd " src1 ", " src2 ", " tmp "\n\t" \
+  "vpaddd " tmp ", %[" acc "], %[" acc "]\n\t"
+
 // B rows of one micro-kernel call at the current K block: nfull values are
 // read straight from the rows, the (< 16) values after them from tail (3 x 16
 // zero-padded bytes) — so no load ever crosses the end of a B row.
@@ -193,30 +199,18 @@ inline void micro4(const int16_t* a, int64_t kc16, const BRows& b, __m128i* out)
         "vpmovsxbw (%[b0]), %%ymm13\n\t"
         "vpmovsxbw (%[b1]), %%ymm14\n\t"
         "vpmovsxbw (%[b2]), %%ymm15\n\t"
-        "vpmaddwd (%[p0]), %%ymm13, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c00], %[c00]\n\t"
-        "vpmaddwd (%[p0]), %%ymm14, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c01], %[c01]\n\t"
-        "vpmaddwd (%[p0]), %%ymm15, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c02], %[c02]\n\t"
-        "vpmaddwd (%[p1]), %%ymm13, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c10], %[c10]\n\t"
-        "vpmaddwd (%[p1]), %%ymm14, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c11], %[c11]\n\t"
-        "vpmaddwd (%[p1]), %%ymm15, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c12], %[c12]\n\t"
-        "vpmaddwd (%[p0],%[ld],2), %%ymm13, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c20], %[c20]\n\t"
-        "vpmaddwd (%[p0],%[ld],2), %%ymm14, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c21], %[c21]\n\t"
-        "vpmaddwd (%[p0],%[ld],2), %%ymm15, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c22], %[c22]\n\t"
-        "vpmaddwd (%[p1],%[ld],2), %%ymm13, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c30], %[c30]\n\t"
-        "vpmaddwd (%[p1],%[ld],2), %%ymm14, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c31], %[c31]\n\t"
-        "vpmaddwd (%[p1],%[ld],2), %%ymm15, %%ymm12\n\t"
-        "vpaddd %%ymm12, %[c32], %[c32]\n\t"
+        MADD_ACC("(%[p0])", "%%ymm13", "%%ymm12", "c00")
+        MADD_ACC("(%[p0])", "%%ymm14", "%%ymm12", "c01")
+        MADD_ACC("(%[p0])", "%%ymm15", "%%ymm12", "c02")
+        MADD_ACC("(%[p1])", "%%ymm13", "%%ymm12", "c10")
+        MADD_ACC("(%[p1])", "%%ymm14", "%%ymm12", "c11")
+        MADD_ACC("(%[p1])", "%%ymm15", "%%ymm12", "c12")
+        MADD_ACC("(%[p0],%[ld],2)", "%%ymm13", "%%ymm12", "c20")
+        MADD_ACC("(%[p0],%[ld],2)", "%%ymm14", "%%ymm12", "c21")
+        MADD_ACC("(%[p0],%[ld],2)", "%%ymm15", "%%ymm12", "c22")
+        MADD_ACC("(%[p1],%[ld],2)", "%%ymm13", "%%ymm12", "c30")
+        MADD_ACC("(%[p1],%[ld],2)", "%%ymm14", "%%ymm12", "c31")
+        MADD_ACC("(%[p1],%[ld],2)", "%%ymm15", "%%ymm12", "c32")
         : [c00] "+x"(c00), [c01] "+x"(c01), [c02] "+x"(c02), [c10] "+x"(c10), [c11] "+x"(c11),
           [c12] "+x"(c12), [c20] "+x"(c20), [c21] "+x"(c21), [c22] "+x"(c22), [c30] "+x"(c30),
           [c31] "+x"(c31), [c32] "+x"(c32)
@@ -444,35 +438,23 @@ inline void micro6(const int16_t* a, int64_t kc16, const int32_t* panel, int64_t
         "vmovdqa (%[pb]), %%ymm12\n\t"
         "vmovdqa 32(%[pb]), %%ymm13\n\t"
         "vpbroadcastd (%[pa]), %%ymm14\n\t"
-        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c00], %[c00]\n\t"
-        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c01], %[c01]\n\t"
+        MADD_ACC("%%ymm12", "%%ymm14", "%%ymm15", "c00")
+        MADD_ACC("%%ymm13", "%%ymm14", "%%ymm15", "c01")
         "vpbroadcastd (%[pa],%[ld],1), %%ymm14\n\t"
-        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c10], %[c10]\n\t"
-        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c11], %[c11]\n\t"
+        MADD_ACC("%%ymm12", "%%ymm14", "%%ymm15", "c10")
+        MADD_ACC("%%ymm13", "%%ymm14", "%%ymm15", "c11")
         "vpbroadcastd (%[pa],%[ld],2), %%ymm14\n\t"
-        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c20], %[c20]\n\t"
-        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c21], %[c21]\n\t"
+        MADD_ACC("%%ymm12", "%%ymm14", "%%ymm15", "c20")
+        MADD_ACC("%%ymm13", "%%ymm14", "%%ymm15", "c21")
         "vpbroadcastd (%[pa3]), %%ymm14\n\t"
-        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c30], %[c30]\n\t"
-        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c31], %[c31]\n\t"
+        MADD_ACC("%%ymm12", "%%ymm14", "%%ymm15", "c30")
+        MADD_ACC("%%ymm13", "%%ymm14", "%%ymm15", "c31")
         "vpbroadcastd (%[pa3],%[ld],1), %%ymm14\n\t"
-        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c40], %[c40]\n\t"
-        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c41], %[c41]\n\t"
+        MADD_ACC("%%ymm12", "%%ymm14", "%%ymm15", "c40")
+        MADD_ACC("%%ymm13", "%%ymm14", "%%ymm15", "c41")
         "vpbroadcastd (%[pa3],%[ld],2), %%ymm14\n\t"
-        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c50], %[c50]\n\t"
-        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"
-        "vpaddd %%ymm15, %[c51], %[c51]\n\t"
+        MADD_ACC("%%ymm12", "%%ymm14", "%%ymm15", "c50")
+        MADD_ACC("%%ymm13", "%%ymm14", "%%ymm15", "c51")
         : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20),
           [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41),
           [c50] "+x"(c50), [c51] "+x"(c51)
@@ -549,6 +531,8 @@ void panel_task(int64_t m0, int64_t mr, int64_t n0, int64_t nc, int64_t N, int64
     }
   }
 }
+
+#undef MADD_ACC
 
 }  // namespace
 
