@@ -12,12 +12,15 @@ import os
 import sys
 from pathlib import Path
 
+import llmeasyquant as lq
 from llmeasyquant import bench
 from llmeasyquant.cli import add_bench_arguments, bench_options
 
 
-def write_docs(table: str, header: str, path: Path) -> None:
-    begin, end = "<!-- bench_qlinear:begin -->", "<!-- bench_qlinear:end -->"
+def write_docs(table: str, header: str, path: Path, isa: str) -> None:
+    """Replace this ISA tier's table in the docs (each tier keeps its own)."""
+    tag = "bench_qlinear" if isa == "avx512_vnni" else f"bench_qlinear:{isa}"
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{begin}\n{header}\n\n{table}\n{end}"
     if begin in text and end in text:
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
     print()
     print(table)
     if args.write_docs:
-        write_docs(table, header, Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
+        write_docs(table, header, Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md",
+                   lq.build_info()["cpu_isa_active"])
     return 0
 
 

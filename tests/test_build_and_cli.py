@@ -67,6 +67,22 @@ def test_bench_qlinear_runs(tmp_path):
     assert "| 256x384 | 16 |" in r.stdout
 
 
+def test_bench_qlinear_docs_keep_one_table_per_isa(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_qlinear", ROOT / "benchmarks" / "bench_qlinear.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nintro\n")
+    script.write_docs("| avx512 v1 |", "h", docs, "avx512_vnni")
+    script.write_docs("| avx2 v1 |", "h", docs, "avx2")
+    script.write_docs("| avx2 v2 |", "h", docs, "avx2")  # replaces its own block only
+    text = docs.read_text()
+    assert "intro" in text and "| avx512 v1 |" in text and "| avx2 v2 |" in text
+    assert "| avx2 v1 |" not in text and text.count("<!-- bench_qlinear:avx2:begin -->") == 1
+
+
 def test_bench_command_times_and_checks(capsys):
     from llmeasyquant import cli
 
