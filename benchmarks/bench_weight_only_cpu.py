@@ -8,6 +8,7 @@ picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
 
 Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_weight_only_cpu.py \\
           [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,16,128,256,512] [--group 64]
+          [--crossover]
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ def _copies(nbytes: int) -> int:
     return max(1, min(16, -(-3 * LLC_BYTES // max(nbytes, 1))))
 
 
-def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int, max_m8: int, max_m4: int) -> dict:
+def _dequant_blas(layer: lq.QLinear):
+    """What the op does above its crossover: dequantize the weight, then BLAS."""
+    return lambda t: F.linear(t, layer.dequantize(), layer.bias)
+
+
+def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int, max_m8: int, max_m4: int,
+          crossover: bool = False) -> dict:
     g = torch.Generator().manual_seed(N * 31 + K)
     x = torch.randn(M, K, generator=g)
 
@@ -47,6 +54,10 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int, max_m8: in
             linear(), act=None, w_bits=4, w_group_size=group), N * K // 2)
         methods[f"W4A16 g{group} zp"] = (lambda: lq.QLinear.from_linear(
             linear(), act=None, w_bits=4, w_group_size=group, w_symmetric=False), N * K // 2)
+    if crossover:  # both routes of the op at every M, to place its crossover per ISA tier
+        methods["W8A16 deq+BLAS"] = (lambda: _dequant_blas(lq.QLinear.from_linear(linear(), act=None)), N * K)
+        methods[f"W4A16 g{group} deq+BLAS"] = (lambda: _dequant_blas(lq.QLinear.from_linear(
+            linear(), act=None, w_bits=4, w_group_size=group)), N * K // 2)
     layers = {}
     with torch.inference_mode():
         for name, (make, nbytes) in methods.items():
@@ -73,6 +84,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--crossover", action="store_true",
+                   help="also time dequantize + BLAS (the op's route above its crossover M) at every M")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = lq.build_info()
@@ -87,7 +100,7 @@ def main() -> None:
         N, K = (int(v) for v in shape.lower().split("x"))
         for M in (int(t) for t in args.tokens.split(",")):
             r = bench(N, K, M, args.group, args.reps if M < 256 else max(10, args.reps // 5), args.rounds,
-                      512, 256)
+                      10**9 if args.crossover else 512, 10**9 if args.crossover else 256, args.crossover)
             f, _ = r.pop("fp32")
             for name, (t, ratios) in r.items():
                 print(f"| {N}x{K} | {M} | {f * 1e3:.3f} | {name} | {t * 1e3:.3f} | "
