@@ -339,6 +339,56 @@ def test_destination_rules(tmp_path, one_thread):
     assert os.path.exists(os.path.join(out, "quantization.json"))
 
 
+# ------------------------------------------------------------- act order (g_idx)
+@pytest.mark.parametrize("case", [W4G32A, W4G32S], ids=["w4-asym", "w4-sym"])
+def test_gptq_act_order_round_trip_and_layout(tmp_path, one_thread, case):
+    model = tiny_models.make_act_order(_quantized(case))
+    with torch.no_grad():
+        ref = model(IDS).logits
+    out = lq.save(model, tmp_path / "m", format="gptq")
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["desc_act"] is True
+    # the file by GPTQ's own rule, w[k, n] = scales[g_idx[k], n] * (qw_u[k, n] - zp_u[g_idx[k], n]),
+    # is the weight the layer multiplies with (in the input's column order)
+    t = _read(out)
+    name = "model.layers.1.mlp.up_proj"
+    layer = _qlinears(model)[name]
+    b, K, N = layer.w_bits, layer.in_features, layer.out_features
+    from llmeasyquant.formats import int32_pack
+
+    qw_u = int32_pack.unpack(t[f"{name}.qweight"], b, K, dim=0).to(torch.float32)  # [K, N]
+    zp_u = int32_pack.unpack(t[f"{name}.qzeros"], b, N, dim=1).to(torch.float32) + 1  # v1: stored - 1
+    gi = t[f"{name}.g_idx"].to(torch.int64)
+    assert sorted(torch.bincount(gi).tolist()) == [32] * (K // 32)
+    assert not torch.equal(gi, torch.arange(K) // 32)  # really permuted
+    w = t[f"{name}.scales"].float()[gi] * (qw_u - zp_u[gi])
+    assert torch.equal(w.t(), layer.dequantize())
+    back = lq.load(out)
+    assert torch.equal(_qlinears(back)[name].in_perm, layer.in_perm)
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, ref)
+    for n, m in _qlinears(back).items():
+        assert all(torch.equal(v, _qlinears(model)[n].state_dict()[k]) for k, v in m.state_dict().items()), n
+
+
+def test_act_order_native_round_trip_and_refusals(tmp_path, one_thread):
+    model = tiny_models.make_act_order(_quantized(W4G32A))
+    with torch.no_grad():
+        ref = model(IDS).logits
+    native = lq.save(model, tmp_path / "native")
+    with torch.no_grad():
+        assert torch.equal(lq.load(native)(IDS).logits, ref)
+    for fmt, match in (("compressed-tensors", "act-order.*no g_idx"), ("awq", "act-order.*no g_idx")):
+        with pytest.raises(ValueError, match=match):
+            lq.save(model, tmp_path / fmt, format=fmt)
+    # a peer compressed-tensors file claiming the removed g_idx ordering is refused, never read unordered
+    ct = lq.save(_quantized(W4G32A), tmp_path / "ct", format="compressed-tensors")
+    _edit_config(ct, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        actorder="group"))
+    with pytest.raises(FolderError, match="actorder 'group'"):
+        lq.load(ct)
+
+
 # ------------------------------------------------------------- untrusted folders
 def _edit_config(path, fn):
     p = os.path.join(path, "config.json")
@@ -384,9 +434,12 @@ def test_untrusted_foreign_folders(tmp_path, one_thread):
     d = copy(ct, "float")
     _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(type="float"))
     fails(d, "float weights")
-    d = copy(gq, "gidx")
-    _rewrite_tensors(d, lambda t: t.update({f"{name}.g_idx": torch.arange(64, dtype=torch.int32).flip(0) // 32}))
-    fails(d, "act-order")
+    d = copy(gq, "gidx")  # groups of unequal sizes: no act order gives that
+    _rewrite_tensors(d, lambda t: t.update({f"{name}.g_idx": (torch.arange(64) >= 48).to(torch.int32)}))
+    fails(d, "g_idx does not give every group exactly 32")
+    d = copy(gq, "gidx-range")
+    _rewrite_tensors(d, lambda t: t.update({f"{name}.g_idx": torch.full((64,), 7, dtype=torch.int32)}))
+    fails(d, "outside")
     d = copy(gq, "bits")
     _edit_config(d, lambda c: c["quantization_config"].update(bits=3))
     fails(d, "expected bits in")

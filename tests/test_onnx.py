@@ -31,10 +31,17 @@ def _calib():
     return [torch.randint(1, tiny_models.VOCAB, (1, 24), generator=g) for _ in range(3)]
 
 
-@pytest.mark.parametrize("arch,method,opts", CASES)
+ACT_ORDER = ("llama", "zeropoint", {"w_bits": 4, "w_group_size": 16, "act": None, "act_order": True})
+
+
+@pytest.mark.parametrize("arch,method,opts", CASES + [ACT_ORDER])
 def test_exported_logits_match_in_onnxruntime(tmp_path, one_thread, arch, method, opts):
     model = tiny_models.build(arch)
+    opts = dict(opts)
+    act_order = opts.pop("act_order", False)
     lq.quantize(model, method, calib=_calib(), progress=False, **opts)
+    if act_order:  # permuted input columns (QLinear.in_perm): a Gather before each product
+        tiny_models.make_act_order(model)
     path = export_onnx(model, str(tmp_path / "m.onnx"))
     proto = onnx.load(path)
     onnx.checker.check_model(proto)

@@ -130,6 +130,41 @@ def test_state_dict_round_trip(cfg):
     assert fresh.memory_bytes() == q.memory_bytes()
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_act_order_in_perm(cfg):
+    """An in_perm layer computes base(x[..., perm]) and dequantizes to the weight
+    in the input's order; its state round-trips; the permutation is validated."""
+    base = lq.QLinear.from_linear(_linear(), **cfg)
+    if cfg["act"] == "static":
+        base.set_static_range(-3.0, 3.0)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(4))
+    q = lq.QLinear.from_spec({**base.spec(), "in_perm": True})
+    q.load_state_dict({**base.state_dict(), "in_perm": perm})
+    assert q.spec()["in_perm"] is True and "act-order" in repr(q)
+    if cfg["act"] == "ema":
+        q.ema_update = base.ema_update = False
+    x = _x(40, 3, 64)[..., 8:56]  # non-contiguous rows
+    assert torch.equal(q(x), base(x[..., perm].contiguous()))
+    w = q.dequantize()
+    assert torch.equal(w[:, perm], base.dequantize())
+    if cfg["act"] is None:
+        ref = torch.nn.functional.linear(x, w, q.bias)
+        assert (q(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    fresh = lq.QLinear.from_spec(q.spec())
+    fresh.load_state_dict(q.state_dict())
+    if cfg["act"] == "ema":
+        fresh.ema_update = False
+    assert torch.equal(fresh(x), q(x))
+    assert q.half().in_perm.dtype == torch.int64
+    bad = {**q.state_dict(), "in_perm": torch.zeros(48, dtype=torch.int64)}
+    with pytest.raises(ValueError, match="in_perm must be a permutation of 0..47"):
+        lq.QLinear.from_spec(q.spec()).load_state_dict(bad)
+    with pytest.raises(ValueError, match="permutation"):
+        q.set_in_perm(torch.arange(47))
+    with pytest.raises(RuntimeError, match="in_perm=False"):
+        base.set_in_perm(perm)
+
+
 def test_state_dict_shape_mismatch_is_clear():
     q8 = lq.QLinear.from_linear(_linear(), act=None)
     q4 = lq.QLinear(48, 24, w_bits=4, act=None)

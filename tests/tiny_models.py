@@ -170,3 +170,21 @@ def token_ids(batch: int = 1, T: int = 20, seed: int = 9):
 def max_rel(out, ref) -> float:
     """Largest absolute difference relative to the reference's largest magnitude."""
     return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def make_act_order(model, seed=0):
+    """Every QLinear made act-order: the same held weights and scales, a random
+    input permutation (a new model, as GPTQ's desc_act produces)."""
+    from llmeasyquant.nn.qlinear import QLinear
+
+    g = torch.Generator().manual_seed(seed)
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]:
+        new = QLinear.from_spec({**m.spec(), "in_perm": True})
+        # ascending inside each group: the order a g_idx reader rebuilds (g_idx says which group
+        # a column is in, not where inside it), so save -> load can be bit-identical
+        gsize = m.in_features if m.w_group_size == -1 else m.w_group_size
+        perm = torch.randperm(m.in_features, generator=g).view(-1, gsize).sort(dim=1).values.flatten()
+        new.load_state_dict({**m.state_dict(), "in_perm": perm})
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model

@@ -41,6 +41,7 @@ SPEC_TYPES = {  # QLinear.spec(): key -> allowed Python types
     "in_features": (int,), "out_features": (int,), "bias": (bool,), "w_bits": (int,), "w_group_size": (int,),
     "w_symmetric": (bool,), "act": (str, type(None)), "act_symmetric": (bool,), "ema_alpha": (int, float),
     "ema_eps": (int, float), "w_scale_dtype": (str,), "bias_dtype": (str,),
+    "in_perm": (bool,),
 }
 _REQUIRED_SPEC = {"in_features", "out_features"}
 

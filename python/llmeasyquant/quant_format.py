@@ -33,6 +33,8 @@ rules; the test oracle (``_reference.py``) builds the ops' semantics from them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -192,3 +194,37 @@ def quantize_values(xg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bit
     v = torch.where(torch.isnan(v), torch.zeros_like(v), v)
     v = v + zp.unsqueeze(-1).float()
     return v.clamp(qmin, qmax).to(torch.int8)
+
+
+# --------------------------------------------------------------- act order
+def perm_from_g_idx(g_idx: torch.Tensor, group_size: int) -> Optional[torch.Tensor]:
+    """The input permutation that makes an act-order layer's groups contiguous.
+
+    ``g_idx[k]`` names the group of input column ``k`` (GPTQ ``desc_act``).
+    Returns ``None`` when ``g_idx == k // group_size`` (already contiguous),
+    else ``perm`` (int64 ``[K]``, a stable sort) with ``g_idx[perm] ==
+    arange(K) // group_size``: held column ``j`` is input column ``perm[j]``.
+    Raises ``ValueError`` unless every group holds exactly ``group_size``
+    columns (what GPTQ's act order produces)."""
+    K = g_idx.numel()
+    gi = g_idx.to(torch.int64).reshape(-1)
+    contiguous = torch.arange(K) // group_size
+    if torch.equal(gi, contiguous):
+        return None
+    if gi.numel() and (gi.min() < 0 or gi.max() >= -(-K // group_size)):
+        raise ValueError(f"g_idx holds group indices outside [0, {-(-K // group_size)})")
+    perm = torch.sort(gi, stable=True).indices
+    if not torch.equal(gi[perm], contiguous):
+        raise ValueError(f"g_idx does not give every group exactly {group_size} columns")
+    return perm
+
+
+def g_idx_from_perm(perm: Optional[torch.Tensor], K: int, group_size: int) -> torch.Tensor:
+    """``g_idx`` (int32 ``[K]``) of a layer whose held column ``j`` is input
+    column ``perm[j]`` (``None``: the identity)."""
+    held = (torch.arange(K) // group_size).to(torch.int32)
+    if perm is None:
+        return held
+    g = torch.empty(K, dtype=torch.int32)
+    g[perm.cpu()] = held
+    return g

@@ -41,6 +41,10 @@ def _int_weight(ql: QLinear) -> torch.Tensor:
 
 
 def _slice(ql: QLinear, rows: slice, cols: slice, keep_bias: bool) -> QLinear:
+    whole_k = cols.start == 0 and cols.stop == ql.in_features
+    if ql.in_perm is not None and not whole_k:
+        raise ValueError("row-parallel split of an act-order layer (QLinear.in_perm): its permuted input columns "
+                         "do not split into contiguous shards; split it column-parallel or load it on one rank")
     q = _int_weight(ql)[rows, cols]
     N, K = q.shape
     if ql.w_group_size > 0:
@@ -54,8 +58,10 @@ def _slice(ql: QLinear, rows: slice, cols: slice, keep_bias: bool) -> QLinear:
     out = QLinear(K, N, has_bias, w_bits=ql.w_bits, w_group_size=ql.w_group_size, w_symmetric=ql.w_symmetric,
                   act=ql.act, act_symmetric=ql.act_symmetric, ema_alpha=ql.ema_alpha, ema_eps=ql.ema_eps,
                   bias_dtype=ql.bias.dtype if ql.bias is not None else torch.float32, w_scale_dtype=ql.w_scale.dtype,
-                  device=ql.qweight.device)
+                  in_perm=ql.in_perm is not None, device=ql.qweight.device)
     out.set_quantized(q, ql.w_scale[rows, gcols], None if ql.w_zero is None else ql.w_zero[rows, gcols])
+    if ql.in_perm is not None:
+        out.set_in_perm(ql.in_perm)
     if has_bias:
         out.bias.copy_(ql.bias[rows])
     if ql.act == "static":

@@ -63,6 +63,9 @@ def _check(layers: dict) -> int:
         if layer.act is not None:
             raise ValueError(f"save(format='awq'): layer {name!r} has act={layer.act!r}; AWQ checkpoints are "
                              "weight-only (save W8A8 models with format='compressed-tensors')")
+        if layer.in_perm is not None:
+            raise ValueError(f"save(format='awq'): layer {name!r} is act-order (QLinear.in_perm); AWQ has no "
+                             "g_idx: save it with format='gptq' (desc_act)")
         if layer.w_bits != 4:
             raise ValueError(f"save(format='awq'): layer {name!r} has {layer.w_bits}-bit weights; AWQ GEMM "
                              "stores 4-bit weights only (use format='gptq' or 'compressed-tensors')")

@@ -81,6 +81,10 @@ def _scheme(name: str, layer) -> tuple:
         raise ValueError(f"save(format='compressed-tensors'): layer {name!r} has {layer.w_bits}-bit weights; "
                          f"this writer stores {int32_pack.PACKABLE_BITS} bits (3-bit packing differs between "
                          "compressed-tensors releases)")
+    if layer.in_perm is not None:
+        raise ValueError(f"save(format='compressed-tensors'): layer {name!r} is act-order (QLinear.in_perm); "
+                         f"compressed-tensors {LAYOUT_VERSION} has no g_idx (its actorder 'group' was removed): "
+                         "save it with format='gptq' (desc_act)")
     if layer.act not in (None, "dynamic", "static"):
         raise ValueError(f"save(format='compressed-tensors'): layer {name!r} has act={layer.act!r}; the format "
                          "holds weight-only layers, dynamic per-token and static per-tensor activation scales, "
@@ -194,6 +198,9 @@ def _parse_weights(path, gname: str, w) -> tuple[int, int, bool]:
             _bad(path, f"group {gname!r}: strategy 'group' needs a positive group_size, got {g!r}")
     else:
         _bad(path, f"group {gname!r}: weight strategy {strat!r} is not read here (expected 'channel' or 'group')")
+    if w.get("actorder") not in (None, "weight", "static"):
+        _bad(path, f"group {gname!r}: actorder {w.get('actorder')!r} (a g_idx column order) is not read here; "
+                   "actorder 'weight' / 'static' (calibration order only) and null are")
     zp = w.get("zp_dtype")
     if zp not in (None, "torch.int8", "int8"):
         _bad(path, f"group {gname!r}: expected int8 zero-points, got zp_dtype {zp!r}")

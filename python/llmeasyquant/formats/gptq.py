@@ -20,17 +20,24 @@ inputs, ``b`` bits (2, 4 or 8), ``G`` groups:
 * ``scales`` ``[G, N]`` in the layer's scale dtype (float32, or float16 with
   ``w_scale_dtype="float16"``, the dtype GPTQ kernels compute in: an engine
   casting float32 scales rounds them itself).
-* ``g_idx`` int32 ``[K]`` = ``k // group_size`` (``desc_act=false``: our
-  groups are contiguous runs of K). Per-channel (ours ``-1``) is GPTQ's
-  ``group_size=-1``: one group, ``g_idx`` all 0.
+* ``g_idx`` int32 ``[K]``: the group of input column ``k``; ``k //
+  group_size`` for layers whose groups are contiguous runs of K. Act-order
+  (``desc_act=true``) checkpoints give each group ``group_size`` columns in
+  any order: QLinear holds them with ``in_perm`` (the stable sort of
+  ``g_idx``; held column ``j`` = input column ``in_perm[j]``; a g_idx says
+  which group a column is in, not where inside it, so inside a group the
+  columns are held ascending), and a layer with
+  ``in_perm`` is written back with ``desc_act=true`` and its ``g_idx``.
+  Per-channel (ours ``-1``) is GPTQ's ``group_size=-1``: one group, ``g_idx``
+  all 0.
 * ``bias``: as the layer holds it.
 
 Save raises ``ValueError`` for what GPTQ cannot say: quantized activations
 (GPTQ is weight-only), 3-bit (packed across words in a layout of its own, not
 written here), layers of different widths / group sizes / symmetry (one
 config for the model), ``K`` or ``N`` not a multiple of ``32/b``, a v1
-zero-point of 0, GPT-2 Conv1D layers. Load refuses act-order checkpoints
-whose ``g_idx`` is not ``k // group_size`` (QLinear holds contiguous groups).
+zero-point of 0, GPT-2 Conv1D layers. Load refuses a ``g_idx`` that does not
+give every group ``group_size`` columns.
 """
 
 from __future__ import annotations
@@ -77,6 +84,11 @@ def _layer_tensors(name: str, layer) -> dict:
     N, K, b = layer.out_features, layer.in_features, layer.w_bits
     off = 1 << (b - 1)
     q = quant_format.unpack_bits(layer.qweight.cpu(), b, K).to(torch.int64)
+    perm = layer.in_perm.cpu() if layer.in_perm is not None else None
+    if perm is not None:  # GPTQ keeps the input's column order and says the groups in g_idx
+        q_in = torch.empty_like(q)
+        q_in[:, perm] = q
+        q = q_in
     zp = layer.w_zero.cpu().to(torch.int64) if layer.w_zero is not None else torch.zeros(layer.w_scale.shape,
                                                                                      dtype=torch.int64)
     stored = zp + off - 1  # v1: zp_u - 1
@@ -90,7 +102,7 @@ def _layer_tensors(name: str, layer) -> dict:
     out = {f"{name}.qweight": int32_pack.pack((q + off).t(), b, dim=0),
            f"{name}.qzeros": int32_pack.pack(stored.t(), b, dim=1),
            f"{name}.scales": layer.w_scale.detach().cpu().t().contiguous(),
-           f"{name}.g_idx": (torch.arange(K, dtype=torch.int32) // gsize).to(torch.int32)}
+           f"{name}.g_idx": quant_format.g_idx_from_perm(perm, K, gsize)}
     assert out[f"{name}.scales"].shape == (G, N)
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().cpu().clone()
@@ -103,7 +115,8 @@ def prepare(model: nn.Module):
         raise ValueError("save(format='gptq'): the model has a SimQuant KV cache, which a GPTQ config cannot say")
     bits, g, sym = _config_of(layers)
     skipped = _folder.float_linears(model, layers)
-    qconfig = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": g, "desc_act": False, "sym": sym,
+    act_order = any(layer.in_perm is not None for layer in layers.values())
+    qconfig = {"quant_method": QUANT_METHOD, "bits": bits, "group_size": g, "desc_act": act_order, "sym": sym,
                "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq",
                "lm_head": "lm_head" in layers}
     rules = {f"-:^{re.escape(n)}$": {} for n in skipped if n != "lm_head"}
@@ -172,10 +185,14 @@ def read(path: Path, qc: dict, trust_remote_code: bool):
         N, K = specs[name]["out_features"], specs[name]["in_features"]
         G = want[name][f"{name}.scales"][1][0]
         gi = t.get(f"{name}.g_idx")
-        if gi is not None and not torch.equal(gi.to(torch.int64), torch.arange(K) // (K // G)):
-            raise FolderError(f"load: {path}: {name}.g_idx is not k // group_size (an act-order / desc_act "
-                              "checkpoint); QLinear holds contiguous groups only")
+        try:
+            perm = None if gi is None else quant_format.perm_from_g_idx(gi, K // G)
+        except ValueError as err:
+            raise FolderError(f"load: {path}: {name}.g_idx: {err}") from err
         q = int32_pack.unpack(t[f"{name}.qweight"], bits, K, dim=0).t() - b_off
+        if perm is not None:  # act order: held with contiguous groups, the input gathered (QLinear.in_perm)
+            q = q[:, perm]
+            specs[name]["in_perm"] = True
         zp_u = int32_pack.unpack(t[f"{name}.qzeros"], bits, N, dim=1).t() + (1 if cfg["v1"] else 0)
         if zp_u.numel() and zp_u.max() >= (1 << bits):
             n, g = (zp_u >= (1 << bits)).nonzero()[0].tolist()
@@ -191,5 +208,7 @@ def read(path: Path, qc: dict, trust_remote_code: bool):
             out[f"{name}.w_zero"] = zp.to(torch.int8).contiguous()
         if f"{name}.bias" in t:
             out[f"{name}.bias"] = t[f"{name}.bias"]
+        if perm is not None:
+            out[f"{name}.in_perm"] = perm
         converted[name] = out
     return _folder.load_converted(path, config, header, specs, want, tensors, converted, build)

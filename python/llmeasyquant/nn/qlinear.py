@@ -15,6 +15,12 @@ It holds integer weights with their scales/zero-points and an activation mode:
 W8A8 runs on the int8 GEMM with 8-bit per-channel symmetric weights (what its
 epilogue folds in); other weight layouts with quantized activations are
 simulated (quantize-dequantize activations, then the weight-only kernel).
+
+``in_perm=True`` (act-order checkpoints, GPTQ ``desc_act``): the layer holds
+its weight columns in a permuted order ``in_perm`` so that each quantization
+group is contiguous, and gathers the input columns the same way,
+``y = x[..., in_perm] @ W_held.T + b``; :meth:`QLinear.dequantize` returns the
+weight in the input's own order, so the layer stays a drop-in ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,15 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _check_perm(perm: torch.Tensor, K: int, where: str) -> None:
+    """``perm`` must be a permutation of ``0..K-1`` (a file from disk is never trusted)."""
+    ok = (perm.dim() == 1 and perm.numel() == K and not perm.is_floating_point()
+          and torch.equal(torch.sort(perm.to(torch.int64).cpu()).values, torch.arange(K)))
+    if not ok:
+        raise ValueError(f"{where}: in_perm must be a permutation of 0..{K - 1} (int, [{K}]), got "
+                         f"dtype {perm.dtype}, shape {tuple(perm.shape)}")
+
+
 def _granularity(group_size: int) -> str:
     return "per-channel" if group_size == -1 else f"group({group_size})"
 
@@ -54,7 +69,8 @@ class QLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
                  w_group_size: int = -1, w_symmetric: bool = True, act: Optional[str] = "dynamic",
                  act_symmetric: bool = True, ema_alpha: float = 0.9, ema_eps: float = 1e-5,
-                 bias_dtype: torch.dtype = torch.float32, w_scale_dtype="float32", device=None):
+                 bias_dtype: torch.dtype = torch.float32, w_scale_dtype="float32", in_perm: bool = False,
+                 device=None):
         super().__init__()
         scale_dtype = quant_format.scale_dtype_of(w_scale_dtype)
         if w_bits not in quant_format.SUPPORTED_BITS:
@@ -93,6 +109,8 @@ class QLinear(nn.Module):
         self.register_buffer("w_scale", torch.ones(N, G, dtype=scale_dtype, device=device))
         self.register_buffer("w_zero", None if w_symmetric else torch.zeros(N, G, dtype=torch.int8, device=device))
         self.register_buffer("bias", torch.zeros(N, dtype=bias_dtype, device=device) if bias else None)
+        # act order: held column j multiplies input column in_perm[j] (identity until set)
+        self.register_buffer("in_perm", torch.arange(K, dtype=torch.int64, device=device) if in_perm else None)
         # sum_k W[n,k]: derived from qweight, so not saved (recomputed on load).
         self.register_buffer("w_sum", torch.zeros(N, dtype=torch.int32, device=device), persistent=False)
         if act == "static":
@@ -116,7 +134,8 @@ class QLinear(nn.Module):
                     w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
                     act=self.act, act_symmetric=self.act_symmetric, ema_alpha=self.ema_alpha,
                     ema_eps=self.ema_eps, w_scale_dtype=str(self.w_scale.dtype).replace("torch.", ""),
-                    bias_dtype=str(self.bias.dtype).replace("torch.", "") if self.bias is not None else "float32")
+                    bias_dtype=str(self.bias.dtype).replace("torch.", "") if self.bias is not None else "float32",
+                    in_perm=self.in_perm is not None)
 
     @classmethod
     def from_spec(cls, spec: dict, device=None) -> "QLinear":
@@ -206,6 +225,17 @@ class QLinear(nn.Module):
             self.w_zero.copy_(zp.reshape(self.w_zero.shape))
         self._refresh_w_sum()
 
+    @torch.no_grad()
+    def set_in_perm(self, perm: torch.Tensor) -> None:
+        """Set the input permutation of an ``in_perm=True`` layer: held weight
+        column ``j`` multiplies input column ``perm[j]`` (set the weight in that
+        held order, e.g. with :meth:`set_quantized`)."""
+        if self.in_perm is None:
+            raise RuntimeError("QLinear.set_in_perm: this layer was built with in_perm=False")
+        perm = torch.as_tensor(perm)
+        _check_perm(perm, self.in_features, "QLinear.set_in_perm")
+        self.in_perm.copy_(perm.to(torch.int64))
+
     def _refresh_w_sum(self) -> None:
         if self.storage_bits == 8:
             self.w_sum.copy_(ops.weight_row_sums(self.qweight))
@@ -250,6 +280,8 @@ class QLinear(nn.Module):
                 bad(f"{self.w_bits}-bit zero-points must lie in [{qmin}, {qmax}], got [{lo}, {hi}]")
         if self.bias is not None and not torch.isfinite(self.bias).all():
             bad("the bias holds NaN or Inf")
+        if self.in_perm is not None:
+            _check_perm(self.in_perm, self.in_features, where)
         if self.act == "static" and not (torch.isfinite(self.act_scale).all() and (self.act_scale > 0).all()):
             bad(f"the static activation scale must be finite and > 0, got {self.act_scale.tolist()}")
         if self.act == "ema":
@@ -302,6 +334,8 @@ class QLinear(nn.Module):
         return self.w_scale.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_perm is not None:
+            x = x.index_select(-1, self.in_perm)
         if self.act is None:
             return ops.weight_only_linear(x, self.qweight, self.scales(), self.w_zero, self.storage_bits,
                                           self.w_group_size, self.bias)
@@ -346,8 +380,13 @@ class QLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this layer actually multiplies with."""
         zero = self.w_zero if self.w_zero is not None else torch.zeros_like(self.w_scale, dtype=torch.int8)
-        return ops.dequantize(self.qweight, self.scales(), zero, self.storage_bits, self.w_group_size,
+        held = ops.dequantize(self.qweight, self.scales(), zero, self.storage_bits, self.w_group_size,
                               self.in_features, dtype)
+        if self.in_perm is None:
+            return held
+        w = torch.empty_like(held)
+        w[:, self.in_perm] = held  # back to the input's column order
+        return w
 
     def memory_bytes(self) -> int:
         """Bytes held by the saved tensors (packed weights, scales, zero-points, bias, act. state)."""
@@ -358,6 +397,8 @@ class QLinear(nn.Module):
              f"{'symmetric' if self.w_symmetric else 'asymmetric'}")
         if self.w_scale.dtype != torch.float32:
             w += " fp16 scales"
+        if self.in_perm is not None:
+            w += " act-order (input permuted)"
         if self.act is None:
             a = "act=none (weight-only)"
         else:
