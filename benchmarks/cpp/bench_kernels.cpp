@@ -2,6 +2,11 @@
 //
 //   OMP_WAIT_POLICY=ACTIVE ./bench_kernels [--threads N] [--quick] [--check-only]
 //                                          [--only gemm|wo|quant] [--isa NAME]
+//                                          [--expect-isa NAME]
+//
+// --expect-isa NAME: exit 2 unless the tier in use (detected, capped by
+// LLMEQ_CPU_ISA) is NAME, so a check that is meant to cover a tier (make
+// check-arm under qemu -cpu max / cortex-a57) cannot silently cover less.
 //
 // 1. Self-check (exit code 1 on any failure): every SIMD path available on this
 //    CPU against the scalar path, bit-for-bit (int32 products and the fp32 /
@@ -386,7 +391,32 @@ void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, boo
   }
 }
 
+// The LLMEQ_CPU_ISA cap rules of cpu_kernels.h, for every name, on this CPU:
+// a cap at or above the detected tier is the detected tier, a lower tier of
+// its chain is that tier, the other chain's tiers cap to scalar, an unknown
+// name is no cap.
+void check_isa_cap() {
+  // Written out independently of isa.cpp: the two chains, lowest first.
+  const Isa chains[2][3] = {{Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni},
+                            {Isa::Scalar, Isa::Neon, Isa::NeonDotprod}};
+  const Isa best = detected_isa();
+  for (int c = 0; c < 2; ++c)
+    for (int i = 0; i < 3; ++i) {
+      const Isa cap = chains[c][i];
+      Isa want = Isa::Scalar;  // other chain (or scalar itself)
+      for (int b = 0; b < 3; ++b)
+        if (chains[c][b] == best && best != Isa::Scalar) want = chains[c][i < b ? i : b];
+      setenv("LLMEQ_CPU_ISA", isa_name(cap), 1);
+      if (active_isa() != want)
+        fail("LLMEQ_CPU_ISA cap", std::string(isa_name(cap)) + " -> " + isa_name(active_isa()) +
+                                      ", want " + isa_name(want));
+    }
+  setenv("LLMEQ_CPU_ISA", "no_such_tier", 1);
+  if (active_isa() != best) fail("LLMEQ_CPU_ISA cap", "unknown name must be no cap");
+}
+
 void self_check() {
+  check_isa_cap();
   std::string tiers;
   for (Isa i : simd_isas()) tiers += std::string(tiers.empty() ? "" : ", ") + isa_name(i);
   std::printf("== self-check (SIMD paths up to %s vs scalar, bit-exact): checking %s\n",
@@ -654,6 +684,7 @@ void bench_quantize() {
 int main(int argc, char** argv) {
   bool check_only = false;
   std::string only;  // gemm | wo | quant
+  std::string expect_isa;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) {
       g_threads = std::atoi(argv[++i]);
@@ -665,9 +696,11 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       g_time_isa = argv[++i];
+    } else if (!std::strcmp(argv[i], "--expect-isa") && i + 1 < argc) {
+      expect_isa = argv[++i];
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|quant]\n"
-                   "       [--isa scalar|avx2|avx512_vnni|neon|neon_dotprod]\n", argv[0]);
+                   "       [--isa scalar|avx2|avx512_vnni|neon|neon_dotprod] [--expect-isa NAME]\n", argv[0]);
       return 2;
     }
   }
@@ -676,6 +709,11 @@ int main(int argc, char** argv) {
   g_cap = active_isa();
   std::printf("bench_kernels: threads=%d, detected ISA %s, active %s, OMP_WAIT_POLICY=%s\n",
               g_threads, isa_name(detected_isa()), isa_name(g_cap), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)");
+  if (!expect_isa.empty() && expect_isa != isa_name(g_cap)) {
+    std::printf("EXPECTED ISA %s, but the tier in use is %s: not checked\n", expect_isa.c_str(),
+                isa_name(g_cap));
+    return 2;
+  }
   self_check();
   if (!check_only) {
     if (only.empty() || only == "gemm") bench_gemm();
