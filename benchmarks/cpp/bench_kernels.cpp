@@ -2,13 +2,19 @@
 //
 //   OMP_WAIT_POLICY=ACTIVE ./bench_kernels [--threads N] [--quick] [--check-only]
 //                                          [--only gemm|wo|quant] [--isa NAME]
+//                                          [--expect-isa NAME]
+//
+// --expect-isa NAME: exit 2 unless the tier in use (detected, capped by
+// LLMEQ_CPU_ISA) is NAME, so a check that is meant to cover a tier (make
+// check-arm under qemu -cpu max / cortex-a57) cannot silently cover less.
 //
 // 1. Self-check (exit code 1 on any failure): every SIMD path available on this
 //    CPU against the scalar path, bit-for-bit (int32 products and the fp32 /
 //    bf16 / fp16 fused epilogue), on odd shapes, padded strides, extreme values
 //    and a sample of the benchmark shapes; the scalar path against a naive
 //    int64 reference; gemm_weight_only against a double-precision reference
-//    (tolerance: fp32 accumulation order is free).
+//    (tolerance: fp32 accumulation order is free on x86; the Arm tiers keep
+//    the scalar order and are also compared with scalar bit-for-bit).
 // 2. Timing (median of >= 20 runs after warm-up, min..max in brackets):
 //    gemm_u8s8_scaled GOP/s (2*M*N*K / t) per ISA; at M <= 16 also GB/s on
 //    weight bytes, "hot" (one weight copy, LLC resident when it fits) and
@@ -50,10 +56,13 @@ Isa g_cap = Isa::Scalar;
 
 void set_isa(Isa isa) { setenv("LLMEQ_CPU_ISA", isa_name(isa), 1); }
 
+// Every SIMD tier at or below the cap on its chain (x86-64: avx2,
+// avx512_vnni; aarch64: neon, neon_dotprod); the cap never exceeds what this
+// CPU runs, and a build has only its own architecture's tiers.
 std::vector<Isa> simd_isas() {
   std::vector<Isa> v;
-  if (g_cap >= Isa::Avx2) v.push_back(Isa::Avx2);
-  if (g_cap >= Isa::Avx512Vnni) v.push_back(Isa::Avx512Vnni);
+  for (Isa i : {Isa::Avx2, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDotprod})
+    if (i != Isa::Scalar && isa_within(i, g_cap)) v.push_back(i);
   return v;
 }
 
@@ -350,12 +359,23 @@ void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, boo
       ref[m * N + n] = s + (bias ? c.bias[n] : 0.0);
       mag[m * N + n] = a + (bias ? std::fabs(c.bias[n]) : 0.0);
     }
+  std::vector<float> scalar_out;
   for (Isa isa : all_isas()) {
     set_isa(isa);
     std::vector<float> out(M * N, 1e30f);
     gemm_weight_only(M, N, K, c.x.data(), c.W.data(), bits, g, c.scale.data(),
                      zp ? c.zp.data() : nullptr, bias ? c.bias.data() : nullptr, out.data(),
                      g_threads);
+    if (isa == Isa::Scalar) scalar_out = out;
+    // The Arm tiers keep the scalar path's fp32 order (gemm_wo_neon.cpp):
+    // bit-for-bit, on top of the tolerance below.
+    if ((isa == Isa::Neon || isa == Isa::NeonDotprod) &&
+        std::memcmp(out.data(), scalar_out.data(), out.size() * sizeof(float)) != 0) {
+      char b[160];
+      std::snprintf(b, sizeof b, "%s bits=%d g=%lld zp=%d bias=%d", shape_str(M, N, K).c_str(),
+                    bits, (long long)g, zp, bias);
+      fail((std::string(isa_name(isa)) + " weight_only != scalar (bits)").c_str(), b);
+    }
     for (int64_t i = 0; i < M * N; ++i) {
       // fp32 accumulation: error <= ~K * 2^-24 * sum|terms|; allow 4x slack.
       const double tol = 4.0 * (K + 2) * 6e-8 * mag[i] + 1e-30;
@@ -371,8 +391,36 @@ void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, boo
   }
 }
 
+// The LLMEQ_CPU_ISA cap rules of cpu_kernels.h, for every name, on this CPU:
+// a cap at or above the detected tier is the detected tier, a lower tier of
+// its chain is that tier, the other chain's tiers cap to scalar, an unknown
+// name is no cap.
+void check_isa_cap() {
+  // Written out independently of isa.cpp: the two chains, lowest first.
+  const Isa chains[2][3] = {{Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni},
+                            {Isa::Scalar, Isa::Neon, Isa::NeonDotprod}};
+  const Isa best = detected_isa();
+  for (int c = 0; c < 2; ++c)
+    for (int i = 0; i < 3; ++i) {
+      const Isa cap = chains[c][i];
+      Isa want = Isa::Scalar;  // other chain (or scalar itself)
+      for (int b = 0; b < 3; ++b)
+        if (chains[c][b] == best && best != Isa::Scalar) want = chains[c][i < b ? i : b];
+      setenv("LLMEQ_CPU_ISA", isa_name(cap), 1);
+      if (active_isa() != want)
+        fail("LLMEQ_CPU_ISA cap", std::string(isa_name(cap)) + " -> " + isa_name(active_isa()) +
+                                      ", want " + isa_name(want));
+    }
+  setenv("LLMEQ_CPU_ISA", "no_such_tier", 1);
+  if (active_isa() != best) fail("LLMEQ_CPU_ISA cap", "unknown name must be no cap");
+}
+
 void self_check() {
-  std::printf("== self-check (SIMD paths up to %s vs scalar, bit-exact)\n", isa_name(g_cap));
+  check_isa_cap();
+  std::string tiers;
+  for (Isa i : simd_isas()) tiers += std::string(tiers.empty() ? "" : ", ") + isa_name(i);
+  std::printf("== self-check (SIMD paths up to %s vs scalar, bit-exact): checking %s\n",
+              isa_name(g_cap), tiers.empty() ? "no SIMD tier (scalar only)" : tiers.c_str());
   const int64_t Ms[] = {1, 2, 3, 4, 5, 6, 7, 9, 12, 16, 17, 18, 23, 53};
   const int64_t Ks[] = {1, 3, 4, 17, 63, 64, 65, 100, 4097};
   const int64_t Ns[] = {1, 5, 8, 17, 33, 64, 65, 130};
@@ -522,7 +570,8 @@ void bench_gemm() {
       for (Isa isa : timed_isas()) {
         // The scalar path is only a reference: time it where it is affordable.
         if (isa == Isa::Scalar && M > 16) continue;
-        if (isa == Isa::Avx2 && M * N * K > (int64_t(1) << 34) && g_quick) continue;
+        if ((isa == Isa::Avx2 || isa == Isa::Neon) && M * N * K > (int64_t(1) << 34) && g_quick)
+          continue;
         set_isa(isa);
         auto hot = [&](int) {
           gemm_u8s8_scaled(M, N, K, A.data(), K, Bs[0].data(), K, ep, g_threads);
@@ -635,6 +684,7 @@ void bench_quantize() {
 int main(int argc, char** argv) {
   bool check_only = false;
   std::string only;  // gemm | wo | quant
+  std::string expect_isa;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) {
       g_threads = std::atoi(argv[++i]);
@@ -646,9 +696,11 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (!std::strcmp(argv[i], "--isa") && i + 1 < argc) {
       g_time_isa = argv[++i];
+    } else if (!std::strcmp(argv[i], "--expect-isa") && i + 1 < argc) {
+      expect_isa = argv[++i];
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|quant]\n"
-                   "       [--isa scalar|avx2|avx512_vnni]\n", argv[0]);
+                   "       [--isa scalar|avx2|avx512_vnni|neon|neon_dotprod] [--expect-isa NAME]\n", argv[0]);
       return 2;
     }
   }
@@ -657,6 +709,11 @@ int main(int argc, char** argv) {
   g_cap = active_isa();
   std::printf("bench_kernels: threads=%d, detected ISA %s, active %s, OMP_WAIT_POLICY=%s\n",
               g_threads, isa_name(detected_isa()), isa_name(g_cap), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)");
+  if (!expect_isa.empty() && expect_isa != isa_name(g_cap)) {
+    std::printf("EXPECTED ISA %s, but the tier in use is %s: not checked\n", expect_isa.c_str(),
+                isa_name(g_cap));
+    return 2;
+  }
   self_check();
   if (!check_only) {
     if (only.empty() || only == "gemm") bench_gemm();

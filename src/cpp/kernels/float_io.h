@@ -10,13 +10,22 @@
 namespace llmeq {
 namespace cpu {
 
+// IEEE binary16 storage type: _Float16 (x86-64; GCC 12 has it in C++ there),
+// __fp16 on aarch64 (GCC 12 has no C++ _Float16 on Arm; AArch64's __fp16 is
+// the IEEE format and converts with one fcvt, round to nearest even).
+#if defined(__aarch64__)
+using half_t = __fp16;
+#else
+using half_t = _Float16;
+#endif
+
 inline float f16_to_f32(uint16_t h) {
-  _Float16 v;
+  half_t v;
   std::memcpy(&v, &h, 2);
   return static_cast<float>(v);
 }
 inline uint16_t f32_to_f16(float f) {
-  _Float16 v = static_cast<_Float16>(f);  // round to nearest even
+  half_t v = static_cast<half_t>(f);  // round to nearest even
   uint16_t h;
   std::memcpy(&h, &v, 2);
   return h;

@@ -1,9 +1,11 @@
 // u8 x s8 -> s32 GEMM: public entry points, ISA dispatch and the scalar path.
 //
-// Compiled with baseline x86-64 flags: the scalar path must run on any CPU and
-// is the bit-exact reference the SIMD paths are checked against.  The SIMD
-// implementations live in gemm_s8_avx2.cpp / gemm_s8_avx512.cpp (each compiled
-// with its own -m flags) and are reached only through active_isa().
+// Compiled with baseline flags (x86-64 / ARMv8-A): the scalar path must run on
+// any CPU and is the bit-exact reference the SIMD paths are checked against.
+// The SIMD implementations live in gemm_s8_avx2.cpp / gemm_s8_avx512.cpp
+// (x86-64) and gemm_s8_neon.cpp / gemm_s8_neon_dotprod.cpp (aarch64), each
+// compiled with its own flags and only for its architecture, and are reached
+// only through active_isa().
 #include <omp.h>
 
 #include <cstdint>
@@ -18,6 +20,7 @@ namespace cpu {
 namespace detail {
 // ep == nullptr: write the raw int32 product to C (stride ldc).
 // ep != nullptr: apply the fused epilogue, C is unused.
+#if defined(__x86_64__)
 void gemm_u8s8_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
                       const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
                       const GemmEpilogue* ep, int num_threads);
@@ -26,6 +29,19 @@ void gemm_u8s8_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t l
                     const GemmEpilogue* ep, int num_threads);
 void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
                         int num_threads);
+#endif
+#if defined(__aarch64__)
+void gemm_u8s8_neon(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                    const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
+                    const GemmEpilogue* ep, int num_threads);
+void gemm_u8s8_neon_dotprod(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                            const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
+                            const GemmEpilogue* ep, int num_threads);
+void row_sums_s8_neon(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
+                      int num_threads);
+void row_sums_s8_neon_dotprod(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
+                              int num_threads);
+#endif
 }  // namespace detail
 
 namespace {
@@ -120,14 +136,26 @@ void gemm_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t ld
   if (M <= 0 || N <= 0) return;
   if (K < 0) K = 0;
   const int nt = resolve_threads(num_threads);
+  // A tier of the other architecture is never active (detect() cannot
+  // return it and the cap never raises), so its case is compiled out.
   switch (active_isa()) {
+#if defined(__x86_64__)
     case Isa::Avx512Vnni:
       detail::gemm_u8s8_avx512(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
       return;
     case Isa::Avx2:
       detail::gemm_u8s8_avx2(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
       return;
-    case Isa::Scalar:
+#endif
+#if defined(__aarch64__)
+    case Isa::NeonDotprod:
+      detail::gemm_u8s8_neon_dotprod(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
+      return;
+    case Isa::Neon:
+      detail::gemm_u8s8_neon(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
+      return;
+#endif
+    default:
       break;
   }
   gemm_scalar(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
@@ -150,10 +178,24 @@ void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* ou
   if (N <= 0) return;
   if (K < 0) K = 0;
   const int nt = resolve_threads(num_threads);
-  if (active_isa() == Isa::Avx512Vnni) {
+  const Isa isa = active_isa();
+#if defined(__x86_64__)
+  if (isa == Isa::Avx512Vnni) {
     detail::row_sums_s8_avx512(B, N, K, ldb, out, nt);
     return;
   }
+#endif
+#if defined(__aarch64__)
+  if (isa == Isa::NeonDotprod) {
+    detail::row_sums_s8_neon_dotprod(B, N, K, ldb, out, nt);
+    return;
+  }
+  if (isa == Isa::Neon) {
+    detail::row_sums_s8_neon(B, N, K, ldb, out, nt);
+    return;
+  }
+#endif
+  (void)isa;
   // Scalar (also the AVX2 choice: the compiler vectorizes this loop well
   // enough and row sums are computed once per weight).
   const bool par = nt > 1 && N * K >= (int64_t{1} << 20);

@@ -1,5 +1,6 @@
 // Weight-only GEMM (fp32 activations x int8 / packed 2-, 3-, 4-bit group-wise weights):
-// public entry point, dispatch and the scalar path.  Baseline x86-64 flags.
+// public entry point, dispatch and the scalar path.  Baseline flags
+// (x86-64 / ARMv8-A).
 #include <omp.h>
 
 #include <cstdint>
@@ -10,6 +11,7 @@
 namespace llmeq {
 namespace cpu {
 namespace detail {
+#if defined(__x86_64__)
 // Returns false when the shape is not handled (group size not a multiple of
 // the vector chunk); the caller then runs the scalar path.
 bool gemm_weight_only_avx512(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq,
@@ -21,6 +23,15 @@ bool gemm_weight_only_avx2(int64_t M, int64_t N, int64_t K, const float* x, cons
                            int bits, int64_t group_size, const float* scale,
                            const int8_t* zero_point, const float* bias, float* out,
                            int num_threads);
+#endif
+#if defined(__aarch64__)
+// AdvSIMD (both Arm tiers): every bit width and group size, bit-exact against
+// gemm_wo_scalar below (same fp32 ops in the same order; see gemm_wo_neon.cpp).
+bool gemm_weight_only_neon(int64_t M, int64_t N, int64_t K, const float* x, const void* Wq,
+                           int bits, int64_t group_size, const float* scale,
+                           const int8_t* zero_point, const float* bias, float* out,
+                           int num_threads);
+#endif
 }  // namespace detail
 
 namespace {
@@ -61,16 +72,25 @@ void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const voi
   if (group_size <= 0 || group_size > K) group_size = K > 0 ? K : 1;
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
   const Isa isa = active_isa();
+#if defined(__x86_64__)
   if (isa == Isa::Avx512Vnni &&
       detail::gemm_weight_only_avx512(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
                                       out, nt))
     return;
   // The AVX2 path also takes what the AVX-512 one declines (2/3-bit weights,
   // groups off its 16/32-value chunk grid): AVX-512 CPUs have AVX2 + FMA.
-  if (isa >= Isa::Avx2 &&
+  if ((isa == Isa::Avx2 || isa == Isa::Avx512Vnni) &&
       detail::gemm_weight_only_avx2(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
                                     out, nt))
     return;
+#endif
+#if defined(__aarch64__)
+  if ((isa == Isa::Neon || isa == Isa::NeonDotprod) &&
+      detail::gemm_weight_only_neon(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
+                                    out, nt))
+    return;
+#endif
+  (void)isa;
   gemm_wo_scalar(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias, out, nt);
 }
 

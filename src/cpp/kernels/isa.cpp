@@ -2,6 +2,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
 #include "llmeq/cpu_kernels.h"
 
 namespace llmeq {
@@ -24,11 +28,48 @@ Isa detect() {
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
     return Isa::Avx2;
+#elif defined(__aarch64__)
+  // AdvSIMD is part of ARMv8-A (every aarch64 Linux CPU has it); sdot/udot
+  // (ARMv8.2 FEAT_DotProd, optional: Cortex-A76 / Neoverse N1 / Apple M1 and
+  // later, not Cortex-A53/A57/A72) is announced by the kernel in AT_HWCAP.
+  // The values are the kernel's uapi (arch/arm64/include/uapi/asm/hwcap.h).
+#if defined(__linux__)
+  constexpr unsigned long kHwcapAsimd = 1ul << 1;     // HWCAP_ASIMD
+  constexpr unsigned long kHwcapAsimdDp = 1ul << 20;  // HWCAP_ASIMDDP
+  const unsigned long hw = getauxval(AT_HWCAP);
+  if ((hw & kHwcapAsimd) && (hw & kHwcapAsimdDp)) return Isa::NeonDotprod;
+  if (hw & kHwcapAsimd) return Isa::Neon;
+#else
+  return Isa::Neon;  // no auxv to ask: the baseline tier only
+#endif
 #endif
   return Isa::Scalar;
 }
 
+// Position on the tier's chain (see cpu_kernels.h) and the chain itself.
+int level(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return 0;
+    case Isa::Avx2: case Isa::Neon: return 1;
+    case Isa::Avx512Vnni: case Isa::NeonDotprod: return 2;
+  }
+  return 0;
+}
+int chain(Isa isa) {  // 0: scalar (on both), 1: x86-64, 2: aarch64
+  switch (isa) {
+    case Isa::Scalar: return 0;
+    case Isa::Avx2: case Isa::Avx512Vnni: return 1;
+    case Isa::Neon: case Isa::NeonDotprod: return 2;
+  }
+  return 0;
+}
+
 }  // namespace
+
+bool isa_within(Isa isa, Isa cap) {
+  if (isa == Isa::Scalar) return true;
+  return chain(isa) == chain(cap) && level(isa) <= level(cap);
+}
 
 Isa detected_isa() {
   static const Isa isa = detect();  // thread-safe one-time init
@@ -46,10 +87,16 @@ Isa active_isa() {
     cap = Isa::Avx2;
   } else if (std::strcmp(env, "avx512_vnni") == 0) {
     cap = Isa::Avx512Vnni;
+  } else if (std::strcmp(env, "neon") == 0) {
+    cap = Isa::Neon;
+  } else if (std::strcmp(env, "neon_dotprod") == 0) {
+    cap = Isa::NeonDotprod;
   } else {
     return best;  // unknown value: no cap
   }
-  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+  if (isa_within(best, cap)) return best;  // cap at or above the best tier
+  if (isa_within(cap, best)) return cap;   // a lower tier of the same chain
+  return Isa::Scalar;                      // the other architecture's tier
 }
 
 const char* isa_name(Isa isa) {
@@ -57,6 +104,8 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512Vnni: return "avx512_vnni";
+    case Isa::Neon: return "neon";
+    case Isa::NeonDotprod: return "neon_dotprod";
   }
   return "unknown";
 }

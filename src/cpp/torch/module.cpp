@@ -67,7 +67,15 @@ PYBIND11_MODULE(_C, m) {
 #else
     d["openmp"] = false;
 #endif
+    // The tiers compiled for this architecture (CMakeLists.txt: x86-64 and
+    // aarch64 each build their own SIMD files only).
+#if defined(__x86_64__)
     d["cpu_kernels_compiled"] = py::make_tuple("scalar", "avx2", "avx512_vnni");
+#elif defined(__aarch64__)
+    d["cpu_kernels_compiled"] = py::make_tuple("scalar", "neon", "neon_dotprod");
+#else
+    d["cpu_kernels_compiled"] = py::make_tuple("scalar");
+#endif
     d["cpu_isa_detected"] = llmeq::cpu::isa_name(llmeq::cpu::detected_isa());
     d["cpu_isa_active"] = llmeq::cpu::isa_name(llmeq::cpu::active_isa());
     return d;

@@ -22,15 +22,25 @@ namespace cpu {
 // ---------------------------------------------------------------------------
 // Instruction-set dispatch
 // ---------------------------------------------------------------------------
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+// The tiers form two chains that share only the scalar path:
+//   x86-64:  scalar < avx2 < avx512_vnni
+//   aarch64: scalar < neon < neon_dotprod
+// A build compiles the SIMD tiers of its own architecture only.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Neon = 3, NeonDotprod = 4 };
 
 // The best ISA this CPU supports, capped by the environment variable
-// LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni (read on every call, so tests can
-// exercise each path in one process).
+// LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni|neon|neon_dotprod (read on every
+// call, so tests can exercise each path in one process).  A cap above the
+// CPU's best tier is the best tier; a tier of the other architecture's chain
+// (e.g. neon on x86-64) caps to scalar, the only tier the chains share; an
+// unknown value is ignored (no cap), as it always was.
 Isa active_isa();
 // Best ISA the CPU supports (ignores the environment cap).
 Isa detected_isa();
 const char* isa_name(Isa isa);
+// True when `isa` is `cap` or below it on cap's chain (scalar is below every
+// tier): the tiers a run capped at `cap` may use.
+bool isa_within(Isa isa, Isa cap);
 
 // Element types the kernels read/write for float tensors.
 enum class FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
