@@ -681,9 +681,47 @@ void bench_quantize() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------
+// Instruction-mix peaks (peak_avx2.cpp): the ceilings the GEMM timings are read against
+// ---------------------------------------------------------------------------
+#if defined(LLMEQ_PEAK_AVX2)
+namespace peak {
+double exact_int8_macs_per_s(long reps);
+double maddubs_int8_macs_per_s(long reps);
+double fp32_fma_macs_per_s(long reps);
+}  // namespace peak
+
+void bench_peak() {
+  if (detected_isa() < Isa::Avx2) {
+    std::printf("\n== peaks: this CPU has no AVX2; nothing to measure\n");
+    return;
+  }
+  const long reps = g_quick ? 20000 : 60000;
+  std::printf("\n== AVX2 instruction-mix peaks, GOP/s (2 x multiply-adds / s; best of 5), threads=%d\n", g_threads);
+  struct Row {
+    const char* name;
+    double (*fn)(long);
+  } rows[] = {{"exact int8: 12 vpmaddwd + 12 vpaddd + 6 vpbroadcastd / 192 (our AVX2 GEMM)", peak::exact_int8_macs_per_s},
+              {"7-bit int8: vpmaddubsw + vpmaddwd + vpaddd / 32 (fbgemm, reduce_range)", peak::maddubs_int8_macs_per_s},
+              {"fp32: vfmadd231ps / 8 (BLAS)", peak::fp32_fma_macs_per_s}};
+  for (const Row& r : rows) {
+    double best = 0;
+    for (int t = 0; t < 5; ++t) {
+      double sum = 0;
+#pragma omp parallel num_threads(g_threads) reduction(+ : sum)
+      sum += r.fn(reps);
+      best = std::max(best, sum);
+    }
+    std::printf("  %-78s %8.1f\n", r.name, 2 * best / 1e9);
+  }
+}
+#else
+void bench_peak() { std::printf("\n== peaks: measured on x86-64 (AVX2) only\n"); }
+#endif
+
 int main(int argc, char** argv) {
   bool check_only = false;
-  std::string only;  // gemm | wo | quant
+  std::string only;  // gemm | wo | quant | peak
   std::string expect_isa;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) {
@@ -699,7 +737,7 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--expect-isa") && i + 1 < argc) {
       expect_isa = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|quant]\n"
+      std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|quant|peak]\n"
                    "       [--isa scalar|avx2|avx512_vnni|neon|neon_dotprod] [--expect-isa NAME]\n", argv[0]);
       return 2;
     }
@@ -719,6 +757,7 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "gemm") bench_gemm();
     if (only.empty() || only == "wo") bench_weight_only();
     if (only.empty() || only == "quant") bench_quantize();
+    if (only.empty() || only == "peak") bench_peak();
   }
   if (env) setenv("LLMEQ_CPU_ISA", env_isa.c_str(), 1); else unsetenv("LLMEQ_CPU_ISA");
   if (g_failures) {
