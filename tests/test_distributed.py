@@ -52,7 +52,7 @@ def test_four_ranks_gptq_bit_identical():
     assert all(o["digests"] == ref for o in out)
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "mixtral"])  # mixtral: per-expert linears over the ranks
 def test_sharded_other_architectures(arch):
     ref = _single(arch, "gptq", {"w_group_size": 16})
     out = run_local(W.quantize_sharded, 2, arch, "gptq", {"w_group_size": 16}, False, timeout_s=TIMEOUT).ordered()
