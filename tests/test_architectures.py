@@ -21,7 +21,7 @@ from llmeasyquant.plots import pick_layer
 from llmeasyquant.models.describe import describe, format_report
 from llmeasyquant.models.discover import discover_groups
 from llmeasyquant.models.extract import extract
-from tiny_models import ALL, DENSE, VOCAB, build, calib_batches, max_rel, token_ids
+from tiny_models import ALL, DENSE, VOCAB, awq_save_load, build, calib_batches, max_rel, token_ids
 
 # keys quantized before RoPE (one rotate-half RoPE over the whole head_dim)?
 PRE_ROPE = {"gemma": True, "gemma2": True, "gemma3_text": False,  # per-layer-type RoPE tables
@@ -183,14 +183,8 @@ def test_simquant_kv_cache(float_models, name):
 def test_save_load_bit_identical(float_models, name, tmp_path):
     # AWQ W4 g16: scales folded into the norms (changed float weights) and
     # packed 4-bit weights with zero-points, in one run
-    ids = _ids()
-    model = copy.deepcopy(float_models[name])
-    lq.quantize(model, "awq", calib=calib_batches(), progress=False, w_bits=4, w_group_size=16, grid=5)
-    ref = model(ids).logits
-    lq.save(model, tmp_path / "q")
-    back = lq.load(tmp_path / "q")
-    assert type(back) is type(model) and back.llmeq_config.method == "awq"
-    assert torch.equal(back(ids).logits, ref), name
+    ref, _, out = awq_save_load(copy.deepcopy(float_models[name]), _ids(), tmp_path / "q")
+    assert torch.equal(out, ref), name
 
 
 def test_falcon_weight_only_forward_with_grad():

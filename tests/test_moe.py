@@ -17,7 +17,7 @@ from llmeasyquant.methods._common import fold_scales
 from llmeasyquant.methods.simquant import SimQuantConfig, make_cache
 from llmeasyquant.models.experts import ExpertMLP, UnfusedExperts
 from llmeasyquant.models.extract import extract
-from tiny_models import MOE, N_EXPERTS, TOP_K, build, calib_batches, max_rel, token_ids
+from tiny_models import MOE, N_EXPERTS, TOP_K, awq_save_load, build, calib_batches, max_rel, token_ids
 
 W8_METHODS = [("absmax", {}), ("zeroquant", {"w_bits": 8, "w_group_size": 16}),
               ("smoothquant", {"alpha_grid": (0.4, 0.6)}), ("awq", {"w_bits": 8, "w_group_size": 16, "grid": 5}),
@@ -181,15 +181,9 @@ def test_simquant_refuses_deepseek_mla():
 @pytest.mark.parametrize("name", MOE)
 def test_save_load_bit_identical(float_models, name, tmp_path):
     # AWQ W4 g16: folded per-expert scales, packed weights, zero-points
-    ids = _ids()
-    model = copy.deepcopy(float_models[name])
-    lq.quantize(model, "awq", calib=calib_batches(), progress=False, w_bits=4, w_group_size=16, grid=5)
-    ref = model(ids).logits
-    lq.save(model, tmp_path / "q")
-    back = lq.load(tmp_path / "q")
-    assert type(back) is type(model) and back.llmeq_config.method == "awq"
+    ref, back, out = awq_save_load(copy.deepcopy(float_models[name]), _ids(), tmp_path / "q")
     assert isinstance(back.model.layers[MOE_BLOCKS[name][0]].mlp.experts, UnfusedExperts)
-    assert torch.equal(back(ids).logits, ref), name
+    assert torch.equal(out, ref), name
 
 
 def test_save_load_simquant_only_moe(float_models, tmp_path):

@@ -188,3 +188,18 @@ def make_act_order(model, seed=0):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return model
+
+
+def awq_save_load(model, ids, folder):
+    """Quantize ``model`` in place with AWQ W4 g16 (folded scales, packed 4-bit
+    weights with zero-points), save it and load it back: (logits before, the
+    loaded model, its logits)."""
+    import llmeasyquant as lq
+
+    lq.quantize(model, "awq", calib=calib_batches(), progress=False, w_bits=4, w_group_size=16, grid=5)
+    ref = model(ids).logits
+    lq.save(model, folder)
+    back = lq.load(folder)
+    assert type(back) is type(model) and back.llmeq_config.method == "awq"
+    return ref, back, back(ids).logits
+
