@@ -70,7 +70,7 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batches", default="1,8", help="our batch sizes (llama.cpp: batch 1)")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--calib-samples", type=int, default=8,
+    ap.add_argument("--calib-samples", type=int, default=2,
                     help="SmoothQuant calibration windows (speed does not depend on them)")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds of pause between timed entries")
     ap.add_argument("--breakdown", action="store_true", help="also profile one decode token (fp32, W8A8, batch 1)")
@@ -196,10 +196,12 @@ def _run(args, batches, worker) -> int:
         agree[name] = (am == ref).float().mean().item()
     print("next-token agreement with our fp32 (64 positions): "
           + ", ".join(f"{k} {100 * v:.0f} %" for k, v in agree.items()), flush=True)
-    bad = {k: v for k, v in agree.items() if v < 0.75}
+    # 4-bit agrees only ~55 % on this 135M model (ours and llama.cpp's alike); 8-bit ~95 %, f32 100 %
+    floor = {"llama.cpp F32": 0.9, "llama.cpp Q8_0": 0.75, "W8A8": 0.75}
+    bad = [f"{k} {100 * agree[k]:.0f} % < {100 * v:.0f} %" for k, v in floor.items() if agree.get(k, 1.0) < v]
     if bad:
-        raise SystemExit(f"bench_e2e_cpu: {', '.join(bad)} disagree with our fp32 model on more than a quarter of "
-                         f"next tokens: not the same model (wrong GGUF or conversion?)")
+        raise SystemExit(f"bench_e2e_cpu: next-token agreement with our fp32 model too low ({', '.join(bad)}): "
+                         f"not the same model (wrong GGUF or conversion?)")
 
     prefill_ids = ids[: args.prefill].tolist()
     prompt_ids = ids[:64].tolist()
@@ -219,6 +221,8 @@ def _run(args, batches, worker) -> int:
                 pf, dc = args.prefill / rep["prefill_s"], args.decode / rep["decode_s"]
             rows[(name, b)]["prefill"].append(pf)
             rows[(name, b)]["decode"].append(dc)
+            print(f"  round {r + 1}: {name} batch {b}: prefill {pf:.1f}, decode {dc:.1f} tok/s", file=sys.stderr,
+                  flush=True)
         print(f"round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.1f})", flush=True)
 
     def ratio(a, b, what):

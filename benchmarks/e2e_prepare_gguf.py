@@ -55,17 +55,23 @@ m["mistral_common.tokens.tokenizers.sentencepiece"].SentencePieceTokenizer = Non
 
 _orig = transformers.AutoConfig.from_pretrained
 
-class _WithRopeTheta:
-    def __init__(self, cfg):
-        self.cfg = cfg
-    def to_dict(self):
-        d = self.cfg.to_dict()
+
+def _from_pretrained(*a, **k):
+    cfg = _orig(*a, **k)
+    plain = cfg.to_dict
+
+    def to_dict():
+        d = plain()
         rp = d.get("rope_parameters") or {}
         if d.get("rope_theta") is None and "rope_theta" in rp:
             d["rope_theta"] = rp["rope_theta"]
         return d
 
-transformers.AutoConfig.from_pretrained = lambda *a, **k: _WithRopeTheta(_orig(*a, **k))
+    cfg.to_dict = to_dict  # this object only; transformers' own callers see a normal config
+    return cfg
+
+
+transformers.AutoConfig.from_pretrained = _from_pretrained
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
