@@ -167,3 +167,32 @@ except BaseException:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 128 + 15, r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_throughput_batch_and_tokens(one_thread):
+    import tiny_models
+    from llmeasyquant.eval import throughput
+
+    model = tiny_models.build("llama")
+    ids = torch.randint(0, tiny_models.VOCAB, (300,))
+    sp = throughput(model, ids, prefill_tokens=16, decode_tokens=3, reps=1, batch=2, warmup=False)
+    assert sp.batch == 2 and sp.prefill_tokens_per_s > 0 and sp.decode_tokens_per_s > 0
+    short = ids[:128].reshape(2, 64)
+    want = model.generate(short, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones_like(short))[:, 64:]
+    assert sp.generated == want.tolist() and "generated" not in sp.to_dict()
+    with pytest.raises(ValueError, match=r"need at least 1024 token ids \(batch 8 x 128\), got 300"):
+        throughput(model, ids, prefill_tokens=128, batch=8)
+
+
+def test_bench_e2e_fails_clearly_without_its_prepared_inputs(tmp_path):
+    not_gguf = tmp_path / "q4.gguf"
+    not_gguf.write_bytes(b"nope")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e_cpu.py"),
+                        "--bench-python", str(tmp_path / "venv" / "bin" / "python"),
+                        "--gguf-q8", str(tmp_path / "missing.gguf"), "--gguf-q4", str(not_gguf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "missing prepared inputs" in r.stderr and "nothing is downloaded" in r.stderr
+    assert "--bench-python" in r.stderr and "missing.gguf: no such file" in r.stderr
+    assert "q4.gguf: not a GGUF file" in r.stderr

@@ -219,9 +219,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         m = model_memory(model)
         print(f"  memory: linear layers {m['linear'] / 2**20:.1f} MiB, whole model {m['total'] / 2**20:.1f} MiB")
     if "speed" in want:
-        sp = throughput(model, ids)
+        sp = throughput(model, ids, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
+                        batch=args.batch)
         print(f"  speed: prefill {sp.prefill_tokens_per_s:.0f} tok/s ({sp.prefill_tokens} tokens), decode "
-              f"{sp.decode_tokens_per_s:.1f} tok/s ({sp.threads} threads, {sp.device})")
+              f"{sp.decode_tokens_per_s:.1f} tok/s ({sp.decode_tokens} tokens; batch {sp.batch}, "
+              f"{sp.threads} threads, {sp.device})")
     return 0
 
 
@@ -427,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppl", action="store_true", help="perplexity on WikiText-2 raw test")
     s.add_argument("--memory", action="store_true", help="bytes held by the linear layers and the model")
     s.add_argument("--speed", action="store_true", help="prefill / decode tokens per second")
+    s.add_argument("--prefill-tokens", type=COUNT, default=512, help="speed: tokens per prefill forward (default 512)")
+    s.add_argument("--decode-tokens", type=COUNT, default=32,
+                   help="speed: greedy tokens decoded after a 64-token prompt (default 32)")
+    s.add_argument("--batch", type=COUNT, default=1, help="speed: sequences run together (default 1)")
     s.add_argument("--max-windows", type=WINDOWS, default=16, help="perplexity windows (0 = whole file; default 16)")
     s.add_argument("--seq-len", type=SEQ_LEN, default=2048, help="tokens per window (default 2048)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
