@@ -62,6 +62,7 @@ constexpr int kPR = 6;           // panel kernel: A rows per micro-kernel
 constexpr int kPN = 16;          // panel kernel: columns per panel
 constexpr int64_t kPanelMinM = 32;  // the panel kernel from this M on (measured: bench_kernels)
 constexpr int64_t kKC = 2048;    // K block: multiple of 16
+constexpr int64_t kDotWholeRowBytes = 512 << 10;  // dot kernel: whole rows while the widened A fits this
 constexpr int64_t kMC = 48;      // rows per task: multiple of kMR and kPR; widened A block 192 KiB
 constexpr int64_t kPartLd = 256;  // row stride of the int32 partial sums, >= columns per task + 8
 
@@ -233,12 +234,7 @@ template <int MR>
 inline void micro_small(const int16_t* a, int64_t kc16, const BRows& b, __m128i* out) {
   __m256i c[MR][3];
   for (int i = 0; i < MR; ++i) c[i][0] = c[i][1] = c[i][2] = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k < kc16; k += 16) {
-    const bool full = k < b.nfull;
-    const int8_t* p0 = full ? b.row[0] + k : b.tail;
-    const int8_t* p1 = full ? b.row[1] + k : b.tail + 16;
-    const int8_t* p2 = full ? b.row[2] + k : b.tail + 32;
+  auto step = [&](const int8_t* p0, const int8_t* p1, const int8_t* p2, int64_t k) {
     const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0)));
     const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)));
     const __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p2)));
@@ -248,34 +244,90 @@ inline void micro_small(const int16_t* a, int64_t kc16, const BRows& b, __m128i*
       c[i][1] = _mm256_add_epi32(c[i][1], _mm256_madd_epi16(x, w1));
       c[i][2] = _mm256_add_epi32(c[i][2], _mm256_madd_epi16(x, w2));
     }
-  }
+  };
+  int64_t k = 0;
+  for (; k < b.nfull; k += 16) step(b.row[0] + k, b.row[1] + k, b.row[2] + k, k);
+  if (k < kc16) step(b.tail, b.tail + 16, b.tail + 32, k);
   for (int i = 0; i < MR; ++i) out[i] = hsum4(c[i][0], c[i][1], c[i][2], _mm256_setzero_si256());
 }
 
-thread_local ThreadBuffer tl_abuf;  // per thread: widened A block, kMC x kKC s16
+// 1 row x 6 columns (two column groups at once), for M = 1: decode streams
+// every weight byte once from DRAM, and six rows in flight keep more memory
+// requests outstanding than three.
+inline void micro1x6(const int16_t* a, int64_t kc16, const BRows& b, const BRows& b2, __m128i* out) {
+  __m256i c[6];
+  for (auto& v : c) v = _mm256_setzero_si256();
+  auto step = [&](const int8_t* const* p, int64_t k) {
+    const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(a + k));
+    for (int j = 0; j < 6; ++j)
+      c[j] = _mm256_add_epi32(c[j], _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[j])))));
+  };
+  int64_t k = 0;
+  for (; k < b.nfull; k += 16) {
+    const int8_t* p[6] = {b.row[0] + k, b.row[1] + k, b.row[2] + k, b2.row[0] + k, b2.row[1] + k, b2.row[2] + k};
+    step(p, k);
+  }
+  if (k < kc16) {
+    const int8_t* p[6] = {b.tail, b.tail + 16, b.tail + 32, b2.tail, b2.tail + 16, b2.tail + 32};
+    step(p, k);
+  }
+  const __m256i z = _mm256_setzero_si256();
+  out[0] = hsum4(c[0], c[1], c[2], z);
+  out[1] = hsum4(c[3], c[4], c[5], z);
+}
+
+thread_local ThreadBuffer tl_abuf;  // per thread: widened A block, kMC x K block s16
 thread_local ThreadBuffer tl_part;  // per thread: int32 sums of the K blocks so far, kMC x kPartLd
 thread_local ThreadBuffer tl_panel;  // per thread: one B panel, kKC/2 x kPN s16 pairs
 
 // One dot-kernel task: rows [m0, m0+mr) x columns [n0, n0+nc), all of K.
-void dot_task(int64_t m0, int64_t mr, int64_t n0, int64_t nc, int64_t N, int64_t K, const uint8_t* A,
-          int64_t lda, const int8_t* B, int64_t ldb, const Sink& sink, int16_t* abuf, int32_t* part) {
-  const int64_t nkb = K == 0 ? 1 : (K + kKC - 1) / kKC;
-  alignas(16) int8_t btail[kNR * 16];
+void dot_task(int64_t m0, int64_t mr, int64_t n0, int64_t nc, int64_t N, int64_t K, int64_t kblock,
+              const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, const Sink& sink, int16_t* abuf,
+              int32_t* part) {
+  const int64_t nkb = K == 0 ? 1 : (K + kblock - 1) / kblock;
+  alignas(16) int8_t btail[2 * kNR * 16];
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int64_t k0 = kb * kKC, kc = imin(kKC, K - k0), kc16 = round_up(kc, 16);
+    const int64_t k0 = kb * kblock, kc = imin(kblock, K - k0), kc16 = round_up(kc, 16);
     const bool first = kb == 0, last = kb == nkb - 1;
     widen_a(A + m0 * lda + k0, lda, mr, kc, kc16, abuf);
-    for (int64_t jn = 0; jn < nc; jn += kNR) {
-      const int64_t n = n0 + jn, nv = imin(kNR, N - n);
+    const int64_t nfull = kc / 16 * 16;
+    // The B rows of columns n.. at this K block (tail: a zero-padded copy of
+    // their last kc - nfull values); columns past N repeat the last valid row
+    // (their sums are dropped).
+    auto rows_at = [&](int64_t n, int8_t* tail) {
       BRows b;
-      b.nfull = kc / 16 * 16;
-      b.tail = btail;
-      // Columns past N repeat the last valid row (their sums are dropped).
+      b.nfull = nfull;
+      b.tail = tail;
+      const int64_t nv = imin(kNR, N - n);
       for (int j = 0; j < kNR; ++j) b.row[j] = B + (n + (j < nv ? j : nv - 1)) * ldb + k0;
-      if (b.nfull < kc16) {
-        std::memset(btail, 0, sizeof(btail));
-        for (int j = 0; j < kNR; ++j) std::memcpy(btail + 16 * j, b.row[j] + b.nfull, static_cast<size_t>(kc - b.nfull));
+      if (nfull < kc16) {
+        std::memset(tail, 0, kNR * 16);
+        for (int j = 0; j < kNR; ++j) std::memcpy(tail + 16 * j, b.row[j] + nfull, static_cast<size_t>(kc - nfull));
       }
+      return b;
+    };
+    auto finish = [&](int64_t i, int64_t jn, __m128i s) {  // row m0 + i, columns n0 + jn ..
+      int32_t* p = part + i * kPartLd + jn;
+      if (!first) s = _mm_add_epi32(s, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      if (last) {
+        sink3(sink, m0 + i, n0 + jn, N, s, imin(kNR, N - n0 - jn));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), s);
+      }
+    };
+    int64_t jn = 0;
+    if (mr == 1) {  // decode: six B rows in flight
+      for (; jn + 2 * kNR <= nc; jn += 2 * kNR) {
+        const BRows b = rows_at(n0 + jn, btail), b2 = rows_at(n0 + jn + kNR, btail + kNR * 16);
+        __m128i s[2];
+        micro1x6(abuf, kc16, b, b2, s);
+        finish(0, jn, s[0]);
+        finish(0, jn + kNR, s[1]);
+      }
+    }
+    for (; jn < nc; jn += kNR) {
+      const BRows b = rows_at(n0 + jn, btail);
       for (int64_t i = 0; i < mr; i += kMR) {
         const int64_t rows = imin(kMR, mr - i);
         __m128i s[kMR];
@@ -290,15 +342,7 @@ void dot_task(int64_t m0, int64_t mr, int64_t n0, int64_t nc, int64_t N, int64_t
         } else {
           micro_small<1>(a, kc16, b, s);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          int32_t* p = part + (i + r) * kPartLd + jn;
-          if (!first) s[r] = _mm_add_epi32(s[r], _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-          if (last) {
-            sink3(sink, m0 + i + r, n, N, s[r], nv);
-          } else {
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(p), s[r]);
-          }
-        }
+        for (int64_t r = 0; r < rows; ++r) finish(i + r, jn, s[r]);
       }
     }
   }
@@ -552,11 +596,17 @@ void gemm_u8s8_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t l
   const int64_t nc = imin(max_nc, round_up((N + want_nb - 1) / want_nb, unit));
   const int64_t nnb = (N + nc - 1) / nc;
   const int64_t tasks = nmb * nnb;
-  const int64_t kc16 = round_up(imin(K, kKC), 16);
+  // K block.  The dot kernel streams whole B rows when its widened A rows fit
+  // in L2 (decode-sized M): cutting rows into kKC pieces turns one sequential
+  // read of each weight row into several short ones (measured 2x slower at
+  // M = 1 on 4096 x 11008, weights from DRAM).
+  const int64_t rows = imin(M, kMC);
+  const int64_t kblock = !panel && rows * round_up(K, 16) * 2 <= kDotWholeRowBytes ? imax(round_up(K, 16), 16) : kKC;
+  const int64_t kc16 = round_up(imin(K, kblock), 16);
   const bool par = num_threads > 1 && tasks > 1 && M * N * K >= (int64_t{1} << 16);
 #pragma omp parallel num_threads(num_threads) if (par)
   {
-    int16_t* abuf = tl_abuf.get<int16_t>(static_cast<size_t>(kMC * imax(kc16, 16)));
+    int16_t* abuf = tl_abuf.get<int16_t>(static_cast<size_t>(rows * imax(kc16, 16)));
     int32_t* part = tl_part.get<int32_t>(static_cast<size_t>(kMC * kPartLd));
     int32_t* pbuf = panel ? tl_panel.get<int32_t>(static_cast<size_t>(imax(kc16, 16) / 2 * kPN)) : nullptr;
 #pragma omp for schedule(static)
@@ -566,7 +616,7 @@ void gemm_u8s8_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t l
       if (panel) {
         panel_task(m0, mr, n0, ncols, N, K, A, lda, B, ldb, sink, abuf, part, pbuf);
       } else {
-        dot_task(m0, mr, n0, ncols, N, K, A, lda, B, ldb, sink, abuf, part);
+        dot_task(m0, mr, n0, ncols, N, K, kblock, A, lda, B, ldb, sink, abuf, part);
       }
     }
   }
