@@ -241,10 +241,19 @@ at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, co
 
 // Up to this many tokens the fused dequantize-in-registers kernel beats fp32
 // BLAS (it streams 1- or 1/2-byte weights and runs near FMA peak); above it,
-// dequantizing blocks of weight rows and calling BLAS is faster. Measured on
-// 4096x4096, 2 threads: direct/fp32 = 1.16x (8-bit) at M=512 and 1.08x
-// (4-bit) at M=128, 0.4x at M=2048 (docs/benchmarks.md).
-int64_t weight_only_direct_max_m(int64_t bits) { return bits == 8 ? 512 : 256; }
+// dequantizing blocks of weight rows and calling BLAS is faster. Where the two
+// cross depends on the kernel tier (benchmarks/bench_weight_only_cpu.py
+// --crossover, docs/benchmarks.md):
+//  * AVX-512: 4096x4096, 2 threads: direct/fp32 = 1.16x (8-bit) at M=512 and
+//    1.08x (4-bit) at M=128, 0.4x at M=2048.
+//  * AVX2 (Zen 3, 1 thread): 8-bit direct 0.95-1.02x at M=128 but 0.90-0.95x
+//    at 256 where dequantize+BLAS gives 0.93-0.97x; 4-bit direct 0.86-0.95x at
+//    256 vs 0.77-0.84x for dequantize+BLAS.
+//  * scalar and the Arm tiers: not measured; the AVX-512 values stand.
+int64_t weight_only_direct_max_m(int64_t bits) {
+  if (cpu::active_isa() == cpu::Isa::Avx2) return bits == 8 ? 128 : 256;
+  return bits == 8 ? 512 : 256;
+}
 constexpr int64_t kWeightOnlyBlockN = 256;
 
 at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
