@@ -194,3 +194,31 @@ def test_runs_on_every_architecture(model_type):
     # the logits are not what each block optimises (nor tokens it saw): a loose bound, wiring not accuracy
     assert err < 1.5 * err_rtn, (err, err_rtn)
     assert all(kept <= rtn for rtn, kept, _ in model.llmeq_report.pipeline.block_losses)
+
+
+# ---------------------------------------------------------------- GPTQ's MSE clip search (issue 20, item 3)
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_clip_search_never_worse_per_group_and_default_unchanged(sym):
+    from llmeasyquant.methods.gptq import ClipSearch, gptq_quantize
+    from llmeasyquant.methods.gptq.solver import _group_params
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=g)
+    W[:, 3] *= 8  # outliers: clipping pays
+    qmin, qmax = qrange(3)
+    wg = W[:, :16]
+    for clip in (None, ClipSearch()):
+        s, z = _group_params(wg, 3, sym, torch.float32, clip)
+        q = (torch.round(wg / s[:, None]) + z.float()[:, None]).clamp(qmin, qmax)
+        e = (wg - s[:, None] * (q - z.float()[:, None])).abs().pow(2.4).sum(1)
+        if clip is None:
+            e0 = e
+    assert (e <= e0).all() and (e < e0).any()
+    X = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    a = gptq_quantize(W, H, bits=3, group_size=16, symmetric=sym)
+    b = gptq_quantize(W, H, bits=3, group_size=16, symmetric=sym, clip=None)
+    c = gptq_quantize(W, H, bits=3, group_size=16, symmetric=sym, clip=ClipSearch())
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+    err = lambda r: float(((X.float() @ (W - r.dequantize()).T) ** 2).sum())  # noqa: E731
+    assert err(c) < err(a)  # a property (outlier columns): clipped groups lose less on the layer output
+    config_for("gptq", clip_search=True)
