@@ -222,3 +222,16 @@ def test_gptq_clip_search_never_worse_per_group_and_default_unchanged(sym):
     err = lambda r: float(((X.float() @ (W - r.dequantize()).T) ** 2).sum())  # noqa: E731
     assert err(c) < err(a)  # a property (outlier columns): clipped groups lose less on the layer output
     config_for("gptq", clip_search=True)
+
+
+def test_float_inputs_rounding_only_and_zero_iters():
+    """quantized_input=False (each block fed the float model's stream) and
+    clip=False run; iters=0 is exactly round-to-nearest."""
+    calib = _calib(4)
+    m = _quantize("autoround", calib, w_bits=4, w_group_size=16, iters=5, batch_size=2, quantized_input=False,
+                  clip=False)
+    assert all(kept <= rtn for rtn, kept, _ in m.llmeq_report.pipeline.block_losses)
+    m0 = _quantize("autoround", calib, w_bits=4, w_group_size=16, iters=0)
+    r = _quantize("zeropoint", calib, w_bits=4, w_group_size=16, act=None)
+    for (n, a), (_, b) in zip(_qlinears(m0).items(), _qlinears(r).items()):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.w_scale, b.w_scale), n
