@@ -45,9 +45,13 @@ PRESETS = {p.name: p for p in [
     Preset("rtn-w4-g64", "zeropoint", "W4 g64", {"w_bits": 4, "w_group_size": 64, "act": None}),
     Preset("gptq-w4-g64", "gptq", "W4 g64", {"w_bits": 4, "w_group_size": 64}),
     Preset("awq-w4-g64", "awq", "W4 g64", {"w_bits": 4, "w_group_size": 64}),
+    # AutoRound at its CPU defaults (32 x 256 calibration tokens, 40 SignSGD steps of 4 sequences per block)
+    Preset("autoround-w4-g64", "autoround", "W4 g64", {"w_bits": 4, "w_group_size": 64}),
     Preset("rtn-w3-g64", "zeropoint", "W3 g64", {"w_bits": 3, "w_group_size": 64, "act": None}),
     Preset("gptq-w3-g64", "gptq", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
     Preset("awq-w3-g64", "awq", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
+    Preset("autoround-w3-g64", "autoround", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
+    Preset("autoround-w2-g64", "autoround", "W2 g64", {"w_bits": 2, "w_group_size": 64}),
     Preset("simquant-kv8", "simquant", "KV8", {"k_bits": 8, "v_bits": 8, "residual_length": 0}),
     # 1 % dense-and-sparse outliers, as in KVQuant (SmolLM2, 4 x 2048 tokens: +2.53 % without, +1.95 % with)
     Preset("simquant-kv4", "simquant", "KV4 1% outl.",

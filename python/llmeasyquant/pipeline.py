@@ -136,6 +136,11 @@ class BlockContext:
     batches: int  # calibration batches over all ranks (data-parallel: the union)
     # MoE: routed tokens per expert of this block (path inside it -> rows), this rank's calibration pass
     tokens: dict[str, int] = field(default_factory=dict)
+    # what this block receives for every calibration batch (sequential: from the quantized blocks
+    # before it), for methods that run the block themselves (AutoRound); read-only
+    inputs: Optional[BlockInputs] = None
+    # where the block runs (None: where it is); a method moves what it feeds the block there
+    device: Optional[torch.device] = None
 
     def path(self, name: str) -> str:
         return f"{self.key}.{name}"
@@ -239,16 +244,19 @@ def run_blocks(model: nn.Module, spec: ModelSpec, batches: Sequence[torch.Tensor
     for i, block in enumerate(tqdm(spec.blocks, desc=hooks.desc, disable=not progress)):
         key = f"{prefix}.{i}"
         ctx = BlockContext(i, key, block, [n for n in spec.linears_of(i) if f"{key}.{n}" in targets], shard,
-                           total_batches)
+                           total_batches, inputs=inputs, device=device)
         _move(block, device)
         try:
             observers = hooks.observe(ctx)
             t = time.perf_counter()
             outputs: list[torch.Tensor] = []
+            # a sequential method that observes nothing in a block without experts (AutoRound: it runs
+            # the block itself) needs no calibration pass
+            calib_pass = bool(observers) or bool(spec.experts_of(i)) or not hooks.sequential
             with shard.phase(key, "calib"):
                 handles = _observe_hooks(block, observers) + _count_hooks(block, spec.experts_of(i), ctx.tokens)
                 try:
-                    for j in range(len(inputs.hidden)):
+                    for j in range(len(inputs.hidden) if calib_pass else 0):
                         out = block_forward(block, inputs, j, device)
                         if not hooks.sequential:  # the observation pass is also the forward
                             outputs.append(_to(out, home) if device is not None else out)

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ...quant_format import qrange, scale_from_absmax, scale_zp_from_minmax
 
-__all__ = ["GPTQResult", "gptq_quantize"]
+__all__ = ["ClipSearch", "GPTQResult", "gptq_quantize"]
 
 
 @dataclass
@@ -100,18 +101,63 @@ def _check_common(W: torch.Tensor, bits: int, group_size: int) -> tuple[int, int
     return N, K
 
 
-def _group_params(wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype):
-    """Scale/zero-point (float32 [N], int8 [N]) for each row of wg [N, g]."""
+def _minmax_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype):
     if symmetric:
-        s = scale_from_absmax(wg.abs().amax(dim=1), bits, scale_dtype)
+        s = scale_from_absmax(torch.maximum(-lo, hi), bits, scale_dtype)
         return s, torch.zeros_like(s, dtype=torch.int8)
-    return scale_zp_from_minmax(wg.amin(dim=1), wg.amax(dim=1), bits, scale_dtype)
+    return scale_zp_from_minmax(lo, hi, bits, scale_dtype)
+
+
+def _group_params(wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+                  clip: "ClipSearch | None" = None):
+    """Scale/zero-point (float32 [N], int8 [N]) for each row of wg [N, g].
+
+    ``clip``: the range [min, max] of each row is shrunk by the factor
+    ``p`` in ``1, 1 - 1/grid, ...`` (down to ``1 - max_shrink``) that
+    minimises ``sum |w - dq(w)|^norm`` over the row (the GPTQ reference's
+    ``Quantizer(mse=True)`` search, in our grid conventions); p = 1 is
+    min/max, so the error never exceeds min/max's."""
+    lo = wg.amin(dim=1).float().clamp(max=0.0)
+    hi = wg.amax(dim=1).float().clamp(min=0.0)
+    if symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    s, z = _minmax_params(lo, hi, bits, symmetric, scale_dtype)
+    if clip is None:
+        return s, z
+    qmin, qmax = qrange(bits)
+    w = wg.float()
+
+    def err(s, z):
+        q = (torch.round(w / s[:, None]) + z.float()[:, None]).clamp(qmin, qmax)
+        return (w - s[:, None] * (q - z.float()[:, None])).abs().pow(clip.norm).sum(dim=1)
+
+    best = err(s, z)
+    for i in range(1, int(clip.max_shrink * clip.grid) + 1):
+        p = 1.0 - i / clip.grid
+        s2, z2 = _minmax_params(lo * p, hi * p, bits, symmetric, scale_dtype)
+        e = err(s2, z2)
+        better = e < best
+        best = torch.where(better, e, best)
+        s = torch.where(better, s2, s)
+        z = torch.where(better, z2, z)
+    return s, z
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """Per-group range shrink search (see :func:`_group_params`)."""
+
+    grid: int = 100
+    max_shrink: float = 0.8
+    norm: float = 2.4
 
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int = -1,
                   symmetric: bool = False, block_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False, scale_dtype: torch.dtype = torch.float32) -> GPTQResult:
+                  act_order: bool = False, scale_dtype: torch.dtype = torch.float32,
+                  clip: Optional[ClipSearch] = None) -> GPTQResult:
     """Quantize a linear layer's weight with GPTQ.
 
     Args:
@@ -130,6 +176,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
             Affects speed only, not the result (beyond float rounding).
         damp: relative dampening; ``damp * mean(diag(H))`` is added to the diagonal.
         act_order: quantize columns in order of decreasing ``diag(H)`` (static groups).
+        clip: None (min/max ranges), or a :class:`ClipSearch`: each group's range is
+            shrunk to the factor with the least ``|w - dq|^norm`` before its columns are
+            quantized (MSE-optimal clipping).
         scale_dtype: float32, or float16 for layers that hold float16 scales: each
             scale is rounded to it before its columns are quantized, so the error
             compensation sees the weights the layer will really hold.
@@ -183,7 +232,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
     static = group_size == -1 or act_order
     if static:
         for gi in range(G):
-            scale[:, gi], zero[:, gi] = _group_params(W[:, gi * g:(gi + 1) * g], bits, symmetric, scale_dtype)
+            scale[:, gi], zero[:, gi] = _group_params(W[:, gi * g:(gi + 1) * g], bits, symmetric, scale_dtype, clip)
 
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
@@ -226,7 +275,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: in
                 if j + g > i2:
                     rest = W[:, i2:j + g] - Err1[:, :i] @ Hinv[i1:j, i2:j + g]
                     wg = torch.cat([wg, rest], dim=1)
-                scale[:, gi], zero[:, gi] = _group_params(wg, bits, symmetric, scale_dtype)
+                scale[:, gi], zero[:, gi] = _group_params(wg, bits, symmetric, scale_dtype, clip)
             if gi != cur:
                 cur = gi
                 s32 = scale[:, gi]
