@@ -31,6 +31,28 @@ def _calib():
     return [torch.randint(1, tiny_models.VOCAB, (1, 24), generator=g) for _ in range(3)]
 
 
+# architectures beyond the six (tests/test_architectures.py covers them all in
+# PyTorch); one of each kind of block: Gemma's x * (1 + w) norm, Phi-3's fused
+# qkv / gate_up, GPT-NeoX's parallel residual with partial rotary, Cohere's
+# one LayerNorm for attention and MLP, OLMo-2's norms after attention and MLP.
+# (Falcon with ALiBi exports, but ONNX Runtime has no kernel for one of its
+# Mul nodes: docs/architecture.md.)
+DENSE_ONNX = ("gemma", "phi3", "gpt_neox", "cohere", "olmo2")
+
+
+@pytest.mark.parametrize("arch", DENSE_ONNX)
+def test_other_architectures_export_and_match(tmp_path, one_thread, arch):
+    model = tiny_models.build(arch)
+    lq.quantize(model, "absmax", progress=False, act=None)
+    sess = ort_session(export_onnx(model, str(tmp_path / "m.onnx")))
+    for shape in ((2, 9), (1, 17)):
+        ids = torch.randint(1, tiny_models.VOCAB, shape, generator=torch.Generator().manual_seed(shape[1]))
+        out = sess.run(None, {"input_ids": ids.numpy()})[0]
+        with torch.no_grad():
+            ref = model(ids).logits.numpy()
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
 ACT_ORDER = ("llama", "zeropoint", {"w_bits": 4, "w_group_size": 16, "act": None, "act_order": True})
 
 
