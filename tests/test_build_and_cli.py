@@ -150,6 +150,24 @@ def test_bad_choice_is_a_one_line_error_with_the_choices(capsys):
     assert "invalid choice: 'magic'" in err and "gptq" in err
 
 
+def test_quantize_method_options(tmp_path, capsys):
+    from llmeasyquant import cli
+    from llmeasyquant.methods.base import config_for
+
+    opts = cli.method_options(["iters=80", "clip=false", "lr=0.01", "exclude=[\"lm_head\"]"])
+    assert opts == {"iters": 80, "clip": False, "lr": 0.01, "exclude": ["lm_head"]}
+    cfg = config_for("autoround", **opts)
+    assert cfg.iters == 80 and cfg.clip is False and cfg.exclude == ("lm_head",)
+    assert cli.method_options(["base=gptq"]) == {"base": "gptq"}  # not JSON: the text itself
+    # checked before any model is loaded or folder written
+    out = tmp_path / "never"
+    assert cli.main(["quantize", "--method", "autoround", "--option", "itres=80", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) ['itres']" in err and "iters" in err and not out.exists()
+    assert cli.main(["quantize", "--method", "gptq", "--option", "damp", "--out", str(out)]) == 2
+    assert "expected KEY=VALUE, got 'damp'" in capsys.readouterr().err
+
+
 def test_sigterm_runs_the_commands_cleanup(tmp_path):
     # a killed search/compare/quantize must not leave its temporary output folder behind
     code = f"""

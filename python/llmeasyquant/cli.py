@@ -18,6 +18,7 @@ CLI does can be done, and tested, from Python.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -122,6 +123,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_options(pairs: list[str]) -> dict:
+    """``--option KEY=VALUE`` pairs as config overrides: VALUE read as JSON
+    (``80``, ``true``, ``[0.4, 0.6]``), else as the text itself (``base=gptq``)."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option: expected KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import llmeasyquant as lq
     from llmeasyquant.models import load_model
@@ -135,6 +152,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             opts[key] = None if v == "none" else v
     if args.calib_samples is not None:
         opts["n_calib"] = args.calib_samples
+    from .methods.base import config_for
+
+    opts.update(method_options(args.option))
+    config_for(args.method, **opts)  # unknown or bad options fail now, before the model is loaded
     # the destination is checked before the work, not after an hour of it
     out = check_save_destination(args.out, args.overwrite)
     if args.distributed:
@@ -348,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the weight scales held (method default: float32; mixed: float16)")
     s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
     s.add_argument("--calib-samples", type=COUNT, default=None, help="calibration sequences (method default)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other field of the method's config, e.g. --option iters=80 (autoround), "
+                        "--option damp=0.02 (gptq); VALUE is read as JSON (80, true, [0.4, 0.6]) or else as text; "
+                        "repeatable; python -c 'import llmeasyquant as lq; print(lq.config_for(\"gptq\"))' lists them")
     s.add_argument("--out", required=True,
                    help="output folder (created; an existing llmeasyquant model folder is replaced atomically)")
     s.add_argument("--overwrite", action="store_true",
