@@ -83,6 +83,14 @@ def check_meta(meta, qpath) -> None:
     for key in ("method", "kv_cache"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             bad(f"'{key}' must be an object or null, got {type(meta[key]).__name__}")
+    if meta.get("rotation") is not None and not isinstance(meta["rotation"], dict):
+        bad(f"'rotation' must be an object or null, got {type(meta['rotation']).__name__}")
+    online = meta.get("input_rotation", {})
+    if not isinstance(online, dict):
+        bad(f"'input_rotation' must be an object (layer name -> order), got {type(online).__name__}")
+    for name, n in online.items():
+        if not _is_int(n) or not 1 <= n <= 1 << 20:
+            bad(f"input_rotation of {name!r}: expected an integer order in [1, 2**20], got {n!r}")
     layers = meta.get("qlinear")
     if not isinstance(layers, dict):
         bad(f"'qlinear' must be an object (layer name -> spec), got {type(layers).__name__}")

@@ -52,6 +52,18 @@ PRESETS = {p.name: p for p in [
     Preset("awq-w3-g64", "awq", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
     Preset("autoround-w3-g64", "autoround", "W3 g64", {"w_bits": 3, "w_group_size": 64}),
     Preset("autoround-w2-g64", "autoround", "W2 g64", {"w_bits": 2, "w_group_size": 64}),
+    # the same after a Hadamard rotation of the residual stream + online before down_proj (models/rotate.py)
+    Preset("rtn-w4-g64-rot", "zeropoint", "W4 g64 rot", {"w_bits": 4, "w_group_size": 64, "act": None,
+                                                         "rotate": "hadamard"}),
+    Preset("gptq-w4-g64-rot", "gptq", "W4 g64 rot", {"w_bits": 4, "w_group_size": 64, "rotate": "hadamard"}),
+    Preset("gptq-w3-g64-rot", "gptq", "W3 g64 rot", {"w_bits": 3, "w_group_size": 64, "rotate": "hadamard"}),
+    Preset("zeroquant-w4a8-rot", "zeroquant", "W4A8 g64 rot", {"w_bits": 4, "w_group_size": 64,
+                                                               "rotate": "hadamard"}),
+    Preset("gptq-w4a8-g64-rot", "gptq", "W4A8 g64 rot", {"w_bits": 4, "w_group_size": 64, "act": "dynamic",
+                                                         "rotate": "hadamard"}),
+    Preset("absmax-w8a8-static-rot", "absmax", "W8A8 static rot", {"act": "static", "rotate": "hadamard"}),
+    Preset("smoothquant-w8a8-static-rot", "smoothquant", "W8A8 static rot", {"act": "static",
+                                                                             "rotate": "hadamard"}),
     Preset("simquant-kv8", "simquant", "KV8", {"k_bits": 8, "v_bits": 8, "residual_length": 0}),
     # 1 % dense-and-sparse outliers, as in KVQuant (SmolLM2, 4 x 2048 tokens: +2.53 % without, +1.95 % with)
     Preset("simquant-kv4", "simquant", "KV4 1% outl.",

@@ -32,12 +32,17 @@ from .checkpoint_checks import (FolderError, check_folder_files, check_layer_cou
                                 compare_with_header, read_safetensors_header)
 from . import formats
 from .models.experts import match_checkpoint
+from .models.rotate import rotated
+from .nn import input_rotation
 from .nn.qlinear import QLinear
 from .outdir import check_destination, recover, replace_atomically
 
 FORMAT = "llmeasyquant"
 # 2: 2- and 3-bit weights packed as bit streams (version 1 kept them in the 4-bit container)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# version 3 adds "input_rotation" (layers rotating their input online); a
+# folder without any is written as version 2, which older releases still read
+_ROTATION_VERSION = 3
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 _MAX_JSON_BYTES = 64 * 2**20  # quantization.json: a few hundred bytes per layer
@@ -100,9 +105,15 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False, for
             layers[name] = m.spec()
     kv = getattr(model, "llmeq_kv_config", None)
     cfg = getattr(model, "llmeq_config", None)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
+    online = input_rotation.rotated_inputs(model)
+    meta = {"format": FORMAT, "format_version": _ROTATION_VERSION if online else 2,
+            "library_version": _library_version(),
             "torch_version": torch.__version__, "method": None if cfg is None else cfg.to_dict(),
             "kv_cache": None if kv is None else kv.to_dict(), "qlinear": layers}
+    if online:
+        meta["input_rotation"] = online
+    if rotated(model) is not None:
+        meta["rotation"] = rotated(model)
     with replace_atomically(dest) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "llmeasyquant": "1"})
         model.config.save_pretrained(tmp)
@@ -251,6 +262,23 @@ def _build(path: Path, meta: dict, trust_remote_code: bool):
     return build(), wpath
 
 
+def _restore_rotation(model: nn.Module, meta: dict, qpath: Path) -> None:
+    """Re-attach the online input rotations ``quantization.json`` lists (types
+    checked by check_meta; the layers and orders are checked here)."""
+    for name, n in meta.get("input_rotation", {}).items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise FolderError(f"load: {qpath} rotates the input of layer {name!r}, which this model does not "
+                              "have") from err
+        try:
+            input_rotation.attach(layer, n)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise FolderError(f"load: {qpath}, input_rotation of {name!r}: {err}") from err
+    if meta.get("rotation") is not None:
+        model.llmeq_rotation = meta["rotation"]
+
+
 def load(path, *, device: Optional[str] = None, with_tokenizer: bool = False, trust_remote_code: bool = False):
     """Restore a model written by :func:`save`: same modules, same tensors, so
     the same logits bit for bit; no calibration data needed. Returns the model
@@ -316,6 +344,7 @@ def _load(path: Path, device, with_tokenizer: bool, trust_remote_code: bool):
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FolderError(f"load: {wpath}: tensor {name!r} holds NaN or Inf values")
+    _restore_rotation(model, meta, path / QUANT_FILE)
     model.eval()
     if method is not None:
         model.llmeq_config = method

@@ -158,6 +158,7 @@ class RowParallelQLinear(nn.Module):
 def shard_block(block: nn.Module, model_type: str, rank: int, world: int, group=None) -> nn.Module:
     """Replace the block's QLinears by their tensor-parallel shards, in place."""
     from ..methods._common import swap
+    from ..nn import input_rotation
 
     layout = tp_layout(model_type)
     moe = [a for a in declared_variants(model_type) if a.moe is not None]
@@ -177,6 +178,9 @@ def shard_block(block: nn.Module, model_type: str, rank: int, world: int, group=
                      "num_key_value_heads")
     for name in cols + rows:
         ql = block.get_submodule(name)
+        if input_rotation.size_of(ql) is not None:
+            raise ValueError(f"tensor parallelism: {name} rotates its input online (a rotated model); the "
+                             "rotation mixes every input channel, so a row split over ranks cannot apply it")
         if not isinstance(ql, QLinear):
             raise TypeError(f"shard_block: {name} is a {type(ql).__name__}; quantize the model first")
         new = (ColumnParallelQLinear.from_qlinear(ql, rank, world, group=group) if name in cols

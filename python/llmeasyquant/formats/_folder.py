@@ -25,6 +25,7 @@ from torch import nn
 from ..checkpoint_checks import (FolderError, check_folder_files, check_layer_count, compare_with_header,
                                  read_safetensors_header)
 from ..models.experts import moe_facts
+from ..nn import input_rotation
 from ..nn.qlinear import QLinear
 
 CONFIG_FILE = "config.json"
@@ -48,6 +49,12 @@ def quantized_layers(model: nn.Module, fmt: str) -> dict[str, QLinear]:
                          "(experts.0.gate_proj, ...), while transformers 5 (and so this format's readers) hold "
                          "them fused as 3-D parameters (experts.gate_up_proj); the per-expert layers have no "
                          "place in the format: save it in the native format")
+    online = input_rotation.rotated_inputs(model)
+    if online:
+        raise ValueError(f"save(format={fmt!r}): {len(online)} layer(s) rotate their input online (a rotated "
+                         f"model: {next(iter(online))}, ...); {fmt} has no way to say so, and its readers would run "
+                         "those layers on unrotated inputs. Rotate with rotate_online=False (only offline, folded "
+                         "rotations: exportable) or save in the native format")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if not layers:
         raise ValueError(f"save(format={fmt!r}): the model holds no QLinear layer; quantize it first")

@@ -12,6 +12,7 @@ from ..models.extract import ModelSpec
 from ..models.fold import divide_output_channels, fold_scales, scale_input_channels  # noqa: F401
 from ..pipeline import BlockHooks, PipelineReport, run_blocks
 from ..sharding import Shard
+from ..nn import input_rotation
 from ..nn.qlinear import QLinear, _is_conv1d
 
 
@@ -24,8 +25,11 @@ def target_paths(model: nn.Module, spec: ModelSpec, exclude: Iterable[str]) -> l
 
 
 def swap(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path``; it keeps the old module's online input rotation."""
     parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    input_rotation.carry(getattr(owner, child), new)
+    setattr(owner, child, new)
 
 
 def weight_nk(module: nn.Module) -> torch.Tensor:

@@ -24,6 +24,8 @@ from typing import Callable, ClassVar, Optional, Union
 
 from ..quant_format import SCALE_DTYPES
 
+ROTATIONS = (None, "hadamard")
+
 
 @dataclass
 class QuantConfig:
@@ -46,11 +48,20 @@ class QuantConfig:
     # weight scales held as "float32" or "float16" (0.25 bits per weight less
     # at group 64; GPTQ/AWQ checkpoints elsewhere use float16)
     w_scale_dtype: str = "float32"
+    # a pre-transform before the method: "hadamard" rotates the residual stream
+    # (models/rotate.py; random signs from rotate_seed) and, with
+    # rotate_online, down_proj's input at run time
+    rotate: Optional[str] = None
+    rotate_seed: int = 0
+    rotate_online: bool = True
 
     def __post_init__(self):
         if self.w_scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"{self.method}: w_scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
                              f"got {self.w_scale_dtype!r}")
+        if self.rotate not in ROTATIONS:
+            raise ValueError(f"{self.method}: rotate must be one of {', '.join(map(repr, ROTATIONS))}, "
+                             f"got {self.rotate!r}")
 
     def qlinear_kwargs(self) -> dict:
         return dict(w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,
@@ -69,7 +80,8 @@ class QuantConfig:
         w += "" if self.w_symmetric else " asym"
         w += "" if self.w_scale_dtype == "float32" else " fp16-scales"
         a = "A16" if self.act is None else f"A8 {self.act}"
-        return f"{self.method} {w} {a}"
+        r = "" if self.rotate is None else f" +{self.rotate}" + ("" if self.rotate_online else " (no online)")
+        return f"{self.method}{r} {w} {a}"
 
 
 @dataclass(frozen=True)

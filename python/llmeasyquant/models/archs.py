@@ -135,6 +135,27 @@ class MoEFacts:
 
 
 @dataclass(frozen=True)
+class RotationFacts:
+    """What rotating the residual stream by an orthogonal ``R`` needs
+    (QuaRot; :mod:`.rotate`). The stream ``x`` becomes ``x R``: the embedding's
+    rows and the readers' input columns (the norm groups' linears and the LM
+    head, norms folded into them first) are multiplied by ``R``, the writers'
+    output rows by ``R^T``. Exact only when every norm is an RMSNorm (no mean,
+    no bias: ``|x R| = |x|``) and nothing else touches the stream."""
+
+    embed: str  # token embedding (path in the model)
+    writers: tuple[str, ...]  # block linears whose outputs are added into the stream
+    head: str = "lm_head"
+    norm_offset: float = 0.0  # the norms compute normalize(x) * (offset + w) (Gemma: 1)
+    # block linears whose input rotation cannot be folded into the op before
+    # them (down_proj reads act(gate) * up): rotated online (nn/input_rotation.py)
+    online: tuple[str, ...] = ()
+    # (v, o): each head's values rotated by a head_dim Hadamard, undone in o's
+    # input columns; exact because attention mixes value rows per head linearly
+    v_o: Optional[tuple[str, str]] = None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     model_types: tuple[str, ...]
     layers_path: str  # path of the ModuleList of decoder blocks
@@ -156,6 +177,7 @@ class ArchSpec:
     # mixture of experts: then ``linears`` / ``groups`` are those every block
     # has (attention), and the MLP's come from ``moe`` per block
     moe: Optional[MoEFacts] = None
+    rotation: Optional[RotationFacts] = None  # None: ``rotate`` refuses the type
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -176,6 +198,8 @@ _LLAMA_LIKE = ArchSpec(
     tp=TPLayout(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
                 ("self_attn.o_proj", "mlp.down_proj")),
     representative="mlp.down_proj",
+    rotation=RotationFacts(embed="model.embed_tokens", writers=("self_attn.o_proj", "mlp.down_proj"),
+                           online=("mlp.down_proj",), v_o=("self_attn.v_proj", "self_attn.o_proj")),
 )
 
 _OPT = ArchSpec(
@@ -228,14 +252,21 @@ _GEMMA = ArchSpec(
     final=("model.norm",),
     kv=KVFacts(rotary_path="model.rotary_emb"),
     representative="mlp.down_proj",
+    # the embedding's sqrt(hidden) multiplier is a scalar: it commutes with R
+    rotation=RotationFacts(embed="model.embed_tokens", writers=("self_attn.o_proj", "mlp.down_proj"),
+                           norm_offset=1.0, online=("mlp.down_proj",),
+                           v_o=("self_attn.v_proj", "self_attn.o_proj")),
 )
 
 # Gemma 2/3 norm the attention and MLP *outputs* too (post_attention_layernorm,
 # post_feedforward_layernorm): those feed the residual sum, not a linear. The
 # MLP's input comes from pre_feedforward_layernorm.
+# The output norms sit between the writers and the stream: normalize(y R) * w
+# is not normalize(y) * w R, so no rotation.
 _GEMMA2 = replace(
     _GEMMA,
     model_types=("gemma2",),
+    rotation=None,
     groups=(
         ScaleGroup("input_layernorm", "norm", _QKV, weight_offset=1.0),
         ScaleGroup("pre_feedforward_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj"), weight_offset=1.0),
@@ -264,6 +295,9 @@ _PHI3 = ArchSpec(
     fused=(FusedLinear("self_attn.qkv_proj", ("q", "k", "v")), FusedLinear("mlp.gate_up_proj", ("gate", "up"))),
     kv=KVFacts(rotary_path="model.rotary_emb"),
     representative="mlp.down_proj",
+    # v's rows are the last part of the fused qkv_proj: no per-head V/O rotation declared
+    rotation=RotationFacts(embed="model.embed_tokens", writers=("self_attn.o_proj", "mlp.down_proj"),
+                           online=("mlp.down_proj",)),
 )
 
 # parallel residual or not, attention reads input_layernorm and the MLP

@@ -24,6 +24,7 @@ from typing import Optional
 from torch import nn
 
 from ..log import logger
+from ..nn import input_rotation
 from ..nn.qlinear import QLinear
 from ..nn.replace import is_quantizable
 from .archs import ARCHITECTURES, SUPPORTED_MODEL_TYPES, ArchSpec, ScaleGroup, declared_variants
@@ -179,6 +180,17 @@ def _fallback(model: nn.Module, mtype: str) -> tuple[ArchSpec, list[nn.Module]]:
     return arch, blocks
 
 
+def _without_rotated_folds(groups, block: nn.Module):
+    """A linear -> linear group whose readers rotate their input online (a
+    rotated model's down_proj) folds no longer: the rotation mixes the channels
+    the scales would divide. Norm groups still fold (the norm precedes it all)."""
+    def rotated(g):
+        return g.prev_kind == "linear" and any(
+            _has(block, n) and input_rotation.size_of(block.get_submodule(n)) is not None for n in g.linears)
+
+    return tuple(g for g in groups if not rotated(g))
+
+
 def extract(model: nn.Module) -> ModelSpec:
     """Find the decoder blocks, their quantizable linears and scale groups:
     from the declared spec of the model's type, else by the generic fallback.
@@ -197,6 +209,8 @@ def extract(model: nn.Module) -> ModelSpec:
     else:
         arch, blocks = _fallback(model, mtype)
         groups = None
+    if groups is not None and blocks:
+        groups = _without_rotated_folds(groups, blocks[0])
     per_block = layout[0] if layout else [arch.linears] * len(blocks)
     inside = {f"{arch.layers_path}.{i}.{n}" for i in range(len(blocks)) for n in per_block[i]}
     # gates declared float (Qwen2-MoE's shared_expert_gate) are no target
