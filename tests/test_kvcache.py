@@ -290,6 +290,50 @@ def test_generate_2bit_runs(model_type):
     assert m["tokens"] == 17 and m["outliers_bytes"] > 0 and m["residual_bytes"] > 0
 
 
+@pytest.mark.parametrize("D", [16, 12])  # a Sylvester (symmetric) and a Paley (not symmetric) order
+def test_hadamard_cache_stores_rotated_ints_and_returns_the_original_basis(D):
+    from llmeasyquant import hadamard
+
+    cfg = SimQuantConfig(k_bits=4, v_bits=4, chunk_size=8, residual_length=0, hadamard=True)
+    layer = SimQuantLayer(cfg)  # no rope table: keys as given
+    k, v = _kv(1, 2, 16, D, seed=4), _kv(1, 2, 16, D, seed=5)
+    k_out, v_out = layer.update(k, v)
+    Q = hadamard.matrix(D, torch.float64)
+    for x, out, quant, stored in ((k, k_out, quantize_keys, layer.blocks[0].keys),
+                                  (v, v_out, quantize_values, layer.blocks[0].values)):
+        xr = (x.double() @ Q.T).float().reshape(1, 2, 2, 8, D)
+        ref = quant(xr, 4)
+        assert torch.allclose(stored.scale, ref.scale, rtol=1e-5)  # the rotated coordinates were quantized
+        back = (stored.dequantize().double() @ Q).float().reshape(1, 2, 16, D)
+        assert torch.allclose(out, back, atol=1e-5)  # and rotated back for attention
+    # 8-bit through the rotation stays close to the float cache
+    layer8 = SimQuantLayer(SimQuantConfig(k_bits=8, v_bits=8, chunk_size=8, residual_length=0, hadamard=True))
+    k8, v8 = layer8.update(k, v)
+    assert (k8 - k).abs().max() < 0.02 * k.abs().max() and (v8 - v).abs().max() < 0.02 * v.abs().max()
+
+
+def test_hadamard_cache_spreads_an_outlier_channel():
+    """One huge channel: per-token values lose every other channel to its range; rotated they do not."""
+    v = _kv(1, 2, 64, 16, seed=6)
+    v[..., 3] *= 30.0
+    errs = {}
+    for had in (False, True):
+        layer = SimQuantLayer(SimQuantConfig(k_bits=4, v_bits=4, chunk_size=64, residual_length=0, hadamard=had))
+        _, v_out = layer.update(v.clone(), v.clone())
+        errs[had] = (v_out - v).pow(2).mean().item()
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_hadamard_needs_a_buildable_head_dim():
+    model = tiny_models.build("llama")  # head_dim 16: fine
+    simquant.apply(model, None, SimQuantConfig(hadamard=True), [])
+    model.config.head_dim = 10
+    with pytest.raises(ValueError, match="order head_dim = 10"):
+        simquant.apply(model, None, SimQuantConfig(hadamard=True), [])
+    with pytest.raises(ValueError, match="hadamard must be true or false"):
+        simquant.apply(model, None, SimQuantConfig(hadamard=1), [])
+
+
 def test_explicit_cache_forward_matches_float_at_8bit():
     model = tiny_models.build("llama")
     ids = torch.randint(1, tiny_models.VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))

@@ -61,6 +61,7 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import Cache
 
+from . import hadamard
 from . import quant_format as qf
 
 try:  # transformers >= 5: base of the layers that store KV in a quantized form
@@ -221,7 +222,7 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 # config
 # --------------------------------------------------------------------------
 _CONFIG_FIELDS = ("k_bits", "v_bits", "k_symmetric", "v_symmetric", "chunk_size", "v_group_size",
-                  "outlier_fraction", "residual_length", "sink_tokens", "pre_rope")
+                  "outlier_fraction", "residual_length", "sink_tokens", "pre_rope", "hadamard")
 
 
 @dataclass
@@ -236,6 +237,11 @@ class KVCacheConfig:
     most recent ``residual_length`` tokens and the first ``sink_tokens`` stay in
     full precision. ``residual_length=0`` (and ``sink_tokens=0``): attention sees
     every K/V quantized, the setting for perplexity measurements.
+    ``hadamard``: each head's keys (before RoPE where they are quantized so) and
+    values are rotated by the orthonormal head_dim Hadamard before quantizing
+    and rotated back after (QuaRot's online K/V rotation, done inside the
+    cache: attention sees the original basis, the error is that of the
+    rotated, outlier-free coordinates).
     """
 
     k_bits: int = 4
@@ -248,6 +254,7 @@ class KVCacheConfig:
     residual_length: int = 32
     sink_tokens: int = 0
     pre_rope: bool = True
+    hadamard: bool = False
 
 
 def default_kv_config() -> KVCacheConfig:
@@ -271,6 +278,8 @@ def check_kv_config(cfg) -> None:
         raise ValueError(f"outlier_fraction must be in [0, 1), got {cfg.outlier_fraction!r}")
     if isinstance(cfg.sink_tokens, bool) or not isinstance(cfg.sink_tokens, int) or cfg.sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an integer >= 0, got {cfg.sink_tokens!r}")
+    if not isinstance(cfg.hadamard, bool):
+        raise ValueError(f"hadamard must be true or false, got {cfg.hadamard!r}")
 
 
 # --------------------------------------------------------------------------
@@ -379,21 +388,36 @@ class SimQuantLayer(_LayerBase):
             raise ValueError(f"rotary dim {cos.shape[-1]} != head_dim {shape[-1]}; use pre_rope=False")
         return cos.reshape(*shape[2:]), sin.reshape(*shape[2:])
 
+    def _rot(self, x: torch.Tensor, back: bool = False) -> torch.Tensor:
+        """x [..., head_dim] -> x Q^T (``back``: x Q) when the config rotates; float32."""
+        if not self.config.hadamard:
+            return x
+        D = x.shape[-1]
+        m = hadamard.small_matrix(D, device=x.device)
+        # Q = kron(H_m, S) / sqrt(D) with S symmetric: x Q = transform with H_m^T
+        return hadamard.transform(x.float(), None if m is None else (m.T if back else m))
+
     def _qk(self, k: torch.Tensor, pos0: int) -> QTensor:
         c = self.config
         if self.rope is not None:
             k = rope_invert(k.float(), *self._cos_sin(pos0, k.shape))
-        return quantize_keys(k, c.k_bits, c.k_symmetric, float(c.outlier_fraction))
+        return quantize_keys(self._rot(k), c.k_bits, c.k_symmetric, float(c.outlier_fraction))
 
     def _dk(self, qt: QTensor, pos0: int, dtype) -> torch.Tensor:
-        k = qt.dequantize(torch.float32 if self.rope is not None else dtype)
+        exact = self.rope is not None or self.config.hadamard
+        k = self._rot(qt.dequantize(torch.float32 if exact else dtype), back=True)
         if self.rope is not None:
-            k = rope_apply(k, *self._cos_sin(pos0, k.shape)).to(dtype)
-        return k
+            k = rope_apply(k, *self._cos_sin(pos0, k.shape))
+        return k.to(dtype)
 
     def _qv(self, v: torch.Tensor) -> QTensor:
         c = self.config
-        return quantize_values(v, c.v_bits, c.v_symmetric, c.v_group_size, float(c.outlier_fraction))
+        return quantize_values(self._rot(v), c.v_bits, c.v_symmetric, c.v_group_size, float(c.outlier_fraction))
+
+    def _dv(self, qt: QTensor, dtype) -> torch.Tensor:
+        if not self.config.hadamard:
+            return qt.dequantize(dtype)
+        return self._rot(qt.dequantize(torch.float32), back=True).to(dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store the new tokens; return (keys, values) of every token so far, as
@@ -426,12 +450,12 @@ class SimQuantLayer(_LayerBase):
         dtype = key_states.dtype
         ks, vs = ([self.sink_keys], [self.sink_values]) if self.sink_keys.shape[-2] else ([], [])
         ks += [self._dk(blk.keys, blk.pos0, dtype).reshape(B, H, blk.n_tokens, D) for blk in self.blocks]
-        vs += [blk.values.dequantize(dtype).reshape(B, H, blk.n_tokens, D) for blk in self.blocks]
+        vs += [self._dv(blk.values, dtype).reshape(B, H, blk.n_tokens, D) for blk in self.blocks]
         r = self.keys.shape[-2]
         n_pend = max(0, r - Rl)
         if n_pend:  # partial chunk: seen as quantized now, re-quantized when it grows
             ks.append(self._dk(self._qk(self.keys[..., :n_pend, :], pos0), pos0, dtype))
-            vs.append(self._qv(self.values[..., :n_pend, :]).dequantize(dtype))
+            vs.append(self._dv(self._qv(self.values[..., :n_pend, :]), dtype))
         if r > n_pend:
             ks.append(self.keys[..., n_pend:, :])
             vs.append(self.values[..., n_pend:, :])

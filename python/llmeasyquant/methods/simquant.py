@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import hadamard
 from ..kvcache import KVCacheConfig, SimQuantCache, check_kv_config
 from ..models.archs import SUPPORTED_MODEL_TYPES as ARCH_TYPES, kv_facts
 from .base import QuantConfig, register_method
@@ -42,6 +43,7 @@ class SimQuantConfig(QuantConfig, KVCacheConfig):
         if self.sink_tokens:
             s += f" sink{self.sink_tokens}"
         s += "" if self.pre_rope else " post-rope"
+        s += " hadamard" if self.hadamard else ""
         return s
 
 
@@ -133,5 +135,11 @@ def apply(model: nn.Module, spec, config, calib, *, progress: bool = True, shard
     are unused (every rank does the same, cheap, setup)."""
     check_supported(model)
     check_kv_config(config)
+    if config.hadamard:
+        text = getattr(model.config, "text_config", None) or model.config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if not hadamard.supported(head_dim):
+            raise ValueError(f"simquant: hadamard=True needs a Hadamard matrix of order head_dim = {head_dim}; "
+                             "none is built here (orders m * 2**k, m = 1, 2 or a Paley order)")
     model.llmeq_kv_config = config
     install_generate_hook(model)
