@@ -15,7 +15,7 @@
 // its order with had * y + acc fused, as in the AVX2 path: the same fp32 result
 // as the CPU kernels for +-1 matrices (up to the device's IEEE conformance).
 #include <algorithm>
-#include <atomic>
+#include <mutex>
 
 #include "common.cuh"
 
@@ -114,16 +114,18 @@ cudaError_t launch(const void* x, int64_t rows, int64_t n, int64_t ldx, const fl
   auto kernel = hadamard_kernel<T>;
   const int smem = static_cast<int>(n) * 4;
   if (smem > 48 * 1024) {
-    // Raise the dynamic shared-memory cap to the largest row once per device.
-    static std::atomic<uint64_t> raised{0};
+    // Raise the kernel's dynamic shared-memory cap when a row needs more than
+    // this device was raised to (a device whose opt-in limit is lower, e.g.
+    // sm_86's 99 KiB, returns the error here: the op reports it).
+    static std::mutex mu;  // the attribute is only ever raised, under the lock
+    static int raised[64] = {};
     int dev = 0;
     cudaGetDevice(&dev);
-    const uint64_t bit = uint64_t(1) << (dev & 63);
-    if (!(raised.load() & bit)) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(kHadamardMaxN * 4));
+    const std::lock_guard<std::mutex> lock(mu);
+    if (raised[dev & 63] < smem) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return e;
-      raised.fetch_or(bit);
+      raised[dev & 63] = smem;
     }
   }
   int log2p = 0;
