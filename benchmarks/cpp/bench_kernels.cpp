@@ -461,7 +461,8 @@ void check_hadamard(int64_t rows, int64_t m, int64_t p, FloatType t, int had_kin
         for (int64_t c = 0; c < m; ++c) {
           const double h = hp ? hp[a * m + c] : 1.0;
           for (int64_t k = 0; k < p; ++k) {
-            const double v = (__builtin_popcountll(static_cast<unsigned long long>(b & k)) & 1 ? -h : h) * xf[c * p + k];
+            const bool neg = __builtin_popcountll(static_cast<unsigned long long>(b & k)) & 1;  // S_p[b, k]
+            const double v = (neg ? -h : h) * xf[c * p + k];
             s += v;
             mag += std::fabs(v);
           }
@@ -469,7 +470,8 @@ void check_hadamard(int64_t rows, int64_t m, int64_t p, FloatType t, int had_kin
         s *= scale;
         mag *= scale;
         const int stages = __builtin_ctzll(static_cast<unsigned long long>(p));
-        const double tol = 4.0 * (stages + m + 2) * 6e-8 * mag + (t == FloatType::BF16 ? std::ldexp(std::fabs(s), -8) : 0.0);
+        const double tol = 4.0 * (stages + m + 2) * 6e-8 * mag +
+                           (t == FloatType::BF16 ? std::ldexp(std::fabs(s), -8) : 0.0);  // + bf16 rounding
         if (!(std::fabs(value(out, j) - s) <= tol)) {
           char b2[200];
           std::snprintf(b2, sizeof b2, "%s j=%lld got %g want %g", ctx, (long long)j, value(out, j), s);

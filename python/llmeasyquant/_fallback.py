@@ -21,7 +21,8 @@ Same numbers as the kernels: bit for bit for quantize / quantize_static /
 dequantize (the same IEEE operations in the same order), up to float summation
 order for weight_only_linear and hadamard_transform's cross-block product
 (without had_m bit for bit: the same butterflies; tests/test_fallback.py and
-tests/test_hadamard_op.py compare them with the CPU kernels). The operations stay on the tensors' device (no host copies).
+tests/test_hadamard_op.py compare them with the CPU kernels). The operations
+stay on the tensors' device (no host copies).
 """
 
 from __future__ import annotations
