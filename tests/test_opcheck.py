@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import lq, rand_int8
+from llmeasyquant import hadamard
 
 ops = torch.ops.llmeasyquant
 
@@ -35,16 +36,19 @@ def _samples(device):
         (ops.dynamic_quant_linear.default, (x, w, ws, wsum, torch.randn(7).to(device), True)),
         (ops.weight_only_linear.default, (xb, qw4, s4, z4, 4, 5, None)),
         (ops.weight_only_linear.default, (x, w, ws.reshape(7, 1), None, 8, -1, torch.randn(7).to(device))),
+        (ops.hadamard_transform.default, (torch.randn(3, 48, generator=g).to(device).to(torch.bfloat16),
+                                          hadamard.small_matrix(48, device=device), 48 ** -0.5)),
+        (ops.hadamard_transform.default, (x[..., :16], None, 0.5)),
     ]
 
 
 def test_every_op_has_an_opcheck_sample():
     covered = {op._schema.name.split("::")[1] for op, _ in _samples("cpu")}
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmeasyquant::")}
-    assert len(defined) == 9 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
+    assert len(defined) == 10 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
 
 
-@pytest.mark.parametrize("i", range(12))
+@pytest.mark.parametrize("i", range(14))
 def test_opcheck(device, i):
     op, args = _samples(device)[i]
     torch.library.opcheck(op, args)

@@ -5,7 +5,8 @@ fp16 / bf16, non-contiguous inputs), once per CPU instruction-set path.
 
 Exact (torch.equal) where the op is exact (quantize family, EMA, integer and
 scaled GEMMs, the fused dynamic linear: the same IEEE ops in the same order);
-``assert_close_to_reference`` for the weight-only linear's float products.
+``assert_close_to_reference`` for the weight-only linear's float products and
+the Hadamard transform.
 Plus ``torch.library.opcheck`` on a few random cases per op. Every case is
 derived from the seed and the case index, so a failure names a reproducible
 case. Bounded: small shapes, ~10 s per ISA path on 2 busy cores."""
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from conftest import R, assert_close_to_reference, lq, noncontig, rand_int8
+from llmeasyquant import hadamard
 
 SEED = 20261201
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -198,6 +200,22 @@ def test_weight_only_linear(cpu_isa, one_thread, i):
     assert_close_to_reference(out, ref, ref64)
 
 
+# ---------------------------------------------------------------- Hadamard transform
+HADAMARD_NS = [1, 2, 4, 8, 12, 20, 24, 40, 48, 64, 96, 128, 160, 192]
+
+
+@pytest.mark.parametrize("i", range(CASES // 2))
+def test_hadamard_transform(cpu_isa, one_thread, i):
+    rng, gen = _rng("hadamard_transform", i)
+    n, dtype = rng.choice(HADAMARD_NS), rng.choice(FLOATS)
+    x = _values(_shape(rng, n), dtype, rng, gen)
+    had = hadamard.small_matrix(n)  # None for a power of two
+    scale = rng.choice([None, 1.0, 0.5, -3.0])
+    out = lq.ops.hadamard_transform(_maybe_noncontig(x, rng), had, scale)
+    s = n ** -0.5 if scale is None else scale
+    assert_close_to_reference(out, hadamard.transform(x, had, s), R.hadamard_transform(x, had, s, torch.float64))
+
+
 # ---------------------------------------------------------------- opcheck
 def _opcheck_samples():
     """Two random argument sets per op (the fuzz generators above, small)."""
@@ -225,6 +243,9 @@ def _opcheck_samples():
         wb = rng.choice([2, 3, 4, 8])
         qw, ws, wz = R.quantize(torch.randn(N, K, generator=gen), wb, False, -1)
         out.append((ops.weight_only_linear.default, (xs, qw, ws, wz, wb, -1, torch.randn(N, generator=gen))))
+        n = rng.choice([4, 12, 40, 64])
+        had = hadamard.small_matrix(n)
+        out.append((ops.hadamard_transform.default, (_values((3, n), rng.choice(FLOATS), rng, gen), had, n ** -0.5)))
     return out
 
 

@@ -14,7 +14,10 @@
 //    and a sample of the benchmark shapes; the scalar path against a naive
 //    int64 reference; gemm_weight_only against a double-precision reference
 //    (tolerance: fp32 accumulation order is free on x86; the Arm tiers keep
-//    the scalar order and are also compared with scalar bit-for-bit).
+//    the scalar order and are also compared with scalar bit-for-bit);
+//    hadamard_transform: tiers bit-for-bit against scalar for +-1 matrices,
+//    within 1e-5 relative for general fp32 ones (AVX2 fuses had * y + acc),
+//    scalar against a naive double sum.
 // 2. Timing (median of >= 20 runs after warm-up, min..max in brackets):
 //    gemm_u8s8_scaled GOP/s (2*M*N*K / t) per ISA; at M <= 16 also GB/s on
 //    weight bytes, "hot" (one weight copy, LLC resident when it fits) and
@@ -39,6 +42,7 @@
 #include <vector>
 
 #include "llmeq/cpu_kernels.h"
+#include "llmeq/quant_math.h"  // bf16 <-> fp32 (the hadamard check)
 
 using namespace llmeq::cpu;
 
@@ -391,6 +395,124 @@ void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, boo
   }
 }
 
+// ---------------------------------------------------------------------------
+// Walsh-Hadamard transform checks
+// ---------------------------------------------------------------------------
+// rows x (m * p) values (row stride n + pad) in type t. With a +-1 matrix (or
+// none) every SIMD tier must equal scalar bit for bit (same butterflies, and
+// had * y + acc fused or not is the same when the product is exact); with a
+// general fp32 matrix the tiers may differ by the FMA rounding: a tolerance.
+// The scalar path is checked against a double-precision naive sum in the
+// one-row cases (n <= 4096: O(n^2)).
+void check_hadamard(int64_t rows, int64_t m, int64_t p, FloatType t, int had_kind, int64_t pad) {
+  // had_kind: 0 none (m must be 1), 1 random +-1, 2 random uniform(-1, 1)
+  const int64_t n = m * p, ldx = n + pad, es = t == FloatType::F32 ? 4 : 2;
+  const size_t xe = static_cast<size_t>(rows > 0 ? (rows - 1) * ldx + n : 0);
+  std::vector<uint8_t> x(xe * es);
+  std::vector<float> xf(xe);
+  fill_float(xf, -4.f, 4.f);
+  std::uniform_int_distribution<int> bits(0, 1023), ex(10, 20), sign(0, 1);
+  for (size_t i = 0; i < xe; ++i) {
+    if (t == FloatType::F32) {
+      std::memcpy(&x[i * 4], &xf[i], 4);
+    } else {
+      uint16_t h;
+      if (t == FloatType::BF16) {
+        h = llmeq::f32_to_bf16(xf[i]);
+        xf[i] = llmeq::bf16_to_f32(h);
+      } else {  // fp16 bit patterns of normal numbers in [2^-5, 2^6): the tiers are compared, not the values
+        h = static_cast<uint16_t>(sign(g_rng) << 15 | ex(g_rng) << 10 | bits(g_rng));
+      }
+      std::memcpy(&x[i * 2], &h, 2);
+    }
+  }
+  std::vector<float> had;
+  if (had_kind == 1) {
+    had.resize(m * m);
+    for (auto& v : had) v = sign(g_rng) ? 1.0f : -1.0f;
+  } else if (had_kind == 2) {
+    had.resize(m * m);
+    fill_float(had, -1.f, 1.f);
+  }
+  const float* hp = had.empty() ? nullptr : had.data();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(n));
+  char ctx[128];
+  std::snprintf(ctx, sizeof ctx, "rows=%lld m=%lld p=%lld type=%d had=%d pad=%lld", (long long)rows, (long long)m,
+                (long long)p, static_cast<int>(t), had_kind, (long long)pad);
+  auto value = [&](const std::vector<uint16_t>& o, int64_t i) {
+    if (t == FloatType::F32) {
+      float v;
+      std::memcpy(&v, reinterpret_cast<const char*>(o.data()) + i * 4, 4);
+      return v;
+    }
+    return t == FloatType::BF16 ? llmeq::bf16_to_f32(o[i]) : 0.0f;
+  };
+  std::vector<uint16_t> scalar_out;
+  for (Isa isa : all_isas()) {
+    set_isa(isa);
+    std::vector<uint16_t> out(static_cast<size_t>(rows * n * es / 2), 0xa5a5);
+    hadamard_transform(x.data(), t, rows, n, ldx, hp, m, scale, out.data(), g_threads);
+    if (isa == Isa::Scalar) {
+      scalar_out = out;
+      if (rows != 1 || n > 4096 || t == FloatType::F16) continue;
+      for (int64_t j = 0; j < n; ++j) {  // against the naive double sum
+        const int64_t a = j / p, b = j % p;
+        double s = 0, mag = 0;
+        for (int64_t c = 0; c < m; ++c) {
+          const double h = hp ? hp[a * m + c] : 1.0;
+          for (int64_t k = 0; k < p; ++k) {
+            const bool neg = __builtin_popcountll(static_cast<unsigned long long>(b & k)) & 1;  // S_p[b, k]
+            const double v = (neg ? -h : h) * xf[c * p + k];
+            s += v;
+            mag += std::fabs(v);
+          }
+        }
+        s *= scale;
+        mag *= scale;
+        const int stages = __builtin_ctzll(static_cast<unsigned long long>(p));
+        const double tol = 4.0 * (stages + m + 2) * 6e-8 * mag +
+                           (t == FloatType::BF16 ? std::ldexp(std::fabs(s), -8) : 0.0);  // + bf16 rounding
+        if (!(std::fabs(value(out, j) - s) <= tol)) {
+          char b2[200];
+          std::snprintf(b2, sizeof b2, "%s j=%lld got %g want %g", ctx, (long long)j, value(out, j), s);
+          fail("scalar hadamard vs naive double", b2);
+          break;
+        }
+      }
+      continue;
+    }
+    if (had_kind != 2) {
+      if (out != scalar_out) fail((std::string(isa_name(isa)) + " hadamard != scalar (bits)").c_str(), ctx);
+      continue;
+    }
+    for (int64_t i = 0; i < rows * n; ++i) {  // general matrix: the fused rounding differs, slightly
+      const float a = value(out, i), b = value(scalar_out, i);
+      if (!(std::fabs(a - b) <= 1e-5f * (std::fabs(b) + 1.0f))) {
+        char b2[200];
+        std::snprintf(b2, sizeof b2, "%s i=%lld got %g scalar %g", ctx, (long long)i, a, b);
+        fail((std::string(isa_name(isa)) + " hadamard vs scalar").c_str(), b2);
+        break;
+      }
+    }
+  }
+}
+
+void check_hadamard_all() {
+  const int64_t mp[][2] = {{1, 1},  {1, 2},   {1, 4},   {1, 8},  {1, 16},  {1, 64},  {1, 4096}, {2, 8},
+                           {3, 32}, {5, 8},   {12, 1},  {12, 4}, {12, 8},  {12, 16}, {12, 128}, {20, 128},
+                           {36, 16}, {28, 512}, {7, 2}, {6, 64}};
+  for (const auto& s : mp)
+    for (FloatType t : {FloatType::F32, FloatType::BF16, FloatType::F16})
+      for (int64_t rows : {1, 3, 40}) {
+        if (rows == 40 && s[0] * s[1] > 2048) continue;
+        const int64_t pad = rows == 3 ? 3 : 0;
+        check_hadamard(rows, s[0], s[1], t, 1, pad);
+        if (s[0] == 1) check_hadamard(rows, 1, s[1], t, 0, pad);
+        if (t == FloatType::F32) check_hadamard(rows, s[0], s[1], t, 2, pad);
+      }
+  check_hadamard(0, 12, 8, FloatType::F32, 1, 0);
+}
+
 // The LLMEQ_CPU_ISA cap rules of cpu_kernels.h, for every name, on this CPU:
 // a cap at or above the detected tier is the detected tier, a lower tier of
 // its chain is that tier, the other chain's tiers cap to scalar, an unknown
@@ -488,6 +610,7 @@ void self_check() {
   check_wo(3, 5, 0, 8, 1, false, true);
   check_wo(6, 5, 0, 4, 1, true, true);
   check_wo(2, 5, 0, 3, 1, true, true);
+  check_hadamard_all();
   std::printf("   %s (%d failures)\n", g_failures ? "FAILED" : "ok", g_failures);
 }
 

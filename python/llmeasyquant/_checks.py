@@ -31,6 +31,7 @@ _C10_NAMES = {
 }
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = 65536  # checks.h kMaxK: |acc| <= 255 * 128 * K must fit int32
+CUDA_HADAMARD_MAX_N = 32768  # cuda_kernels.h kHadamardMaxN: one row in shared memory
 
 
 def dtype_name(d: torch.dtype) -> str:
@@ -327,3 +328,30 @@ def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=KE
     else:  # the C++ side checks a zero tensor shaped like scale
         check_scale_shapes(op, [N, K], scale, torch.empty(scale.shape, dtype=torch.int8, device="meta"), group_size)
     _bias(op, bias, N, dev)
+
+
+def hadamard_transform(x, had_m: Optional[torch.Tensor], rule=KERNEL) -> int:
+    """Returns m (1 without had_m). ``rule``: KERNEL adds the CUDA kernel's
+    row-length limit; ops.py (ANY_DEVICE) runs longer rows in PyTorch."""
+    op = "llmeasyquant.hadamard_transform"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension, got a scalar")
+    m = 1
+    if had_m is not None:
+        check_device(op, "had_m", had_m, dev)
+        check_dtype(op, "had_m", had_m, torch.float32)
+        torch._check_value(had_m.dim() == 2 and had_m.shape[0] == had_m.shape[1] and had_m.shape[0] >= 1, lambda: (
+            f"{op}: expected had_m a square 2-D matrix [m, m], got {shape_str(had_m)}"))
+        m = had_m.shape[0]
+    n = x.shape[-1]
+    p = n // m
+    torch._check_value(n % m == 0 and p >= 1 and (p & (p - 1)) == 0, lambda: (
+        f"{op}: expected the last dim of x to be m * 2**k with m = {m}"
+        f"{' (the size of had_m)' if had_m is not None else ' (no had_m)'}, got {n} (x {shape_str(x)})"))
+    if rule == KERNEL and _is_cuda(dev):
+        torch._check_value(n <= CUDA_HADAMARD_MAX_N, lambda: (
+            f"{op}: the CUDA kernel takes rows of at most {CUDA_HADAMARD_MAX_N} values (one row in shared memory), "
+            f"got {n}; llmeasyquant.ops.hadamard_transform runs longer rows in PyTorch"))
+    return m

@@ -79,3 +79,9 @@ def _dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric):
 def _weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias):
     _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)
     return x.new_empty([*x.shape[:-1], qw.shape[0]])
+
+
+@torch.library.register_fake("llmeasyquant::hadamard_transform")
+def _hadamard_transform(x, had_m, scale):
+    _checks.hadamard_transform(x, had_m)
+    return x.new_empty(x.shape)

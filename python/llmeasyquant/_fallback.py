@@ -19,8 +19,10 @@ the KV cache) never ask which device they run on:
 
 Same numbers as the kernels: bit for bit for quantize / quantize_static /
 dequantize (the same IEEE operations in the same order), up to float summation
-order for weight_only_linear (tests/test_fallback.py compares both with the
-CPU kernels). The operations stay on the tensors' device (no host copies).
+order for weight_only_linear and hadamard_transform's cross-block product
+(without had_m bit for bit: the same butterflies; tests/test_fallback.py and
+tests/test_hadamard_op.py compare them with the CPU kernels). The operations
+stay on the tensors' device (no host copies).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, hadamard
 from . import _native  # noqa: F401  (the schemas must exist before the kernels are registered)
 from ._checks import scale_shape
 from .quant_format import (group_view, pack_bits, quantize_values, scale_from_absmax, scale_zp_from_minmax,
@@ -119,14 +121,20 @@ def _weight_only_linear_kernel(x, qw, scale, zero_point, bits, group_size, bias)
     return weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)
 
 
+def _hadamard_transform_kernel(x, had_m, scale):
+    _checks.hadamard_transform(x, had_m)
+    return hadamard.transform(x, had_m, scale)
+
+
 # The ops a weight-only QLinear needs (plus quantize_static for set_weight with
-# given scales). The int8-GEMM ops and the activation statistics keep compiled
+# given scales, and the online input rotation before such a layer). The int8-GEMM ops and the activation statistics keep compiled
 # kernels only: ops.py names the missing build for them.
 KERNELS = {
     "quantize": _quantize_kernel,
     "quantize_static": _quantize_static_kernel,
     "dequantize": _dequantize_kernel,
     "weight_only_linear": _weight_only_linear_kernel,
+    "hadamard_transform": _hadamard_transform_kernel,
 }
 
 # Kept at module level: dropping the Library object would unregister the kernels.

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, hadamard
 from .quant_format import (SCALE_DTYPES, SUPPORTED_BITS, group_view, pack_bits, pack_int4,  # noqa: F401
                            packed_len, qrange, quantize_values, scale_dtype_of, scale_from_absmax,
                            scale_zp_from_minmax, storable_scale, unpack_bits, unpack_int4)
@@ -248,3 +248,16 @@ def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bia
     w = _dequantize(qw, scale, zp, bits, group_size, K, torch.float32)
     out = F.linear(x.float(), w, None if bias is None else bias.float())
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def hadamard_transform(x, had_m, scale: float, dtype=None):
+    """``scale * x @ kron(had_m, S_p)^T`` along the last dim, as one dense
+    float64 product (``S_p`` the natural-order Sylvester matrix of ``p = n / m``;
+    ``had_m`` None for ``m = 1``). Returns ``dtype`` (default ``x.dtype``;
+    float64 for the error bound of a comparison)."""
+    m = _checks.hadamard_transform(x, had_m, rule=_checks.ANY_DEVICE)
+    n = x.shape[-1]
+    hm = torch.ones(1, 1, dtype=torch.float64) if had_m is None else had_m.detach().double().cpu()
+    Q = torch.kron(hm, hadamard.sylvester(n // m)).to(x.device)
+    y = (x.double() @ Q.T) * scale
+    return y.to(x.dtype if dtype is None else dtype)

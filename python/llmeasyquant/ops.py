@@ -7,17 +7,19 @@ The wrappers own every "this device has no kernel for this case" decision, so
 no caller branches on devices: 2- and 3-bit values on CUDA (whose kernels take
 4 and 8 bits) and float16-scale quantization go to the PyTorch fallback
 (:mod:`llmeasyquant._fallback`), which is also the weight-path ops' kernel on
-devices this build has none for. The int8-GEMM ops and the activation
+devices this build has none for, and the Hadamard transform of rows longer
+than the CUDA kernel takes. The int8-GEMM ops and the activation
 statistics have compiled kernels only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from . import _checks, _fallback, _native
+from . import _checks, _fallback, _native, hadamard
 from .quant_format import SUPPORTED_BITS, pack_int4, scale_dtype_of, unpack_int4  # noqa: F401  (re-exported)
 
 _ops = torch.ops.llmeasyquant
@@ -177,3 +179,24 @@ def weight_only_linear(x, qw, scale, zero_point=None, bits: int = 8, group_size:
 def weight_row_sums(w: torch.Tensor) -> torch.Tensor:
     """``sum_k w[n, k]`` as int32 (needed by the zero-point correction)."""
     return w.to(torch.int32).sum(dim=1, dtype=torch.int32)
+
+
+def hadamard_transform(x: torch.Tensor, had_m: Optional[torch.Tensor] = None,
+                       scale: Optional[float] = None) -> torch.Tensor:
+    """``scale * x @ kron(had_m, S_p)^T`` along the last dim ``n = m * 2**k``
+    (:mod:`llmeasyquant.hadamard`: ``had_m = hadamard.small_matrix(n)``, None
+    when ``m = 1``; ``scale`` defaults to ``1 / sqrt(n)``, which makes the
+    transform orthonormal for a Hadamard ``had_m``). Fast Walsh-Hadamard
+    butterflies in float32, ``x.dtype`` out. ``had_m`` (float32 ``[m, m]``) is
+    moved to ``x``'s device, a no-op when it is there already: keep it there
+    for decode. Rows longer than the CUDA kernel takes
+    (``_checks.CUDA_HADAMARD_MAX_N``) run in PyTorch (``hadamard.transform``)."""
+    n = x.shape[-1] if x.dim() else 0
+    if scale is None:
+        scale = 1.0 / math.sqrt(n) if n > 0 else 1.0  # n = 0: the op's check says what is wrong
+    if had_m is not None and had_m.device != x.device:
+        had_m = had_m.to(x.device)
+    if x.is_cuda and n > _checks.CUDA_HADAMARD_MAX_N:
+        _checks.hadamard_transform(x, had_m, rule=_checks.ANY_DEVICE)
+        return hadamard.transform(x, had_m, scale)
+    return _ops.hadamard_transform(x, had_m, float(scale))

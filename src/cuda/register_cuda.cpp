@@ -383,6 +383,25 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
   return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
+// Compiled, not yet validated on a GPU (src/cuda/hadamard.cu).
+at::Tensor hadamard_transform_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& had_m, double scale) {
+  const char* op = "llmeasyquant.hadamard_transform";
+  const at::Device dev = cuda_device(op, x, "x");
+  const int64_t m = check_hadamard_args(op, x, had_m, dev);
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(n <= cuda::kHadamardMaxN, msg(op, ": the CUDA kernel takes rows of at most ", cuda::kHadamardMaxN,
+                                                  " values (one row in shared memory), got ", n,
+                                                  "; llmeasyquant.ops.hadamard_transform runs longer rows in PyTorch"));
+  const c10::cuda::CUDAGuard guard(dev);
+  const at::Tensor xv = rows_view(x);
+  const at::Tensor h = had_m.has_value() ? had_m->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({xv.size(0), n}, x.options());
+  check_cuda_ok(op, cuda::hadamard_transform(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), n, xv.stride(0),
+                                             h.defined() ? h.data_ptr<float>() : nullptr, m,
+                                             static_cast<float>(scale), out.data_ptr(), stream()));
+  return shaped_result(out, x.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmeasyquant, CUDA, m) {
@@ -395,6 +414,7 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CUDA, m) {
   m.impl("scaled_int8_gemm", &scaled_int8_gemm_cuda);
   m.impl("dynamic_quant_linear", &dynamic_quant_linear_cuda);
   m.impl("weight_only_linear", &weight_only_linear_cuda);
+  m.impl("hadamard_transform", &hadamard_transform_cuda);
 }
 
 }  // namespace llmeq

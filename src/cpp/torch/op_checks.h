@@ -142,6 +142,30 @@ inline void check_weight_only_args(const char* op, const at::Tensor& x, const at
   check_group_size(op, group_size, K);
 }
 
+// hadamard_transform: x [..., n] float, had_m float32 [m, m] (or none: m = 1),
+// n = m * 2**k. Returns m.
+inline int64_t check_hadamard_args(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& had_m,
+                                   const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension, got a scalar"));
+  int64_t m = 1;
+  if (had_m.has_value()) {
+    check_device(op, "had_m", *had_m, dev);
+    check_dtype(op, "had_m", *had_m, at::kFloat);
+    TORCH_CHECK_VALUE(had_m->dim() == 2 && had_m->size(0) == had_m->size(1) && had_m->size(0) >= 1,
+                      msg(op, ": expected had_m a square 2-D matrix [m, m], got ", shape_str(*had_m)));
+    m = had_m->size(0);
+  }
+  const int64_t n = x.size(-1);
+  const int64_t p = n / m;
+  TORCH_CHECK_VALUE(n % m == 0 && p >= 1 && (p & (p - 1)) == 0,
+                    msg(op, ": expected the last dim of x to be m * 2**k with m = ", m,
+                        had_m.has_value() ? " (the size of had_m)" : " (no had_m)", ", got ", n, " (x ",
+                        shape_str(x), ")"));
+  return m;
+}
+
 // bias as contiguous fp32 (undefined when absent).
 inline at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N, const at::Device& dev) {
   if (!bias.has_value()) return at::Tensor();

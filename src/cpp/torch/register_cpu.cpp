@@ -302,6 +302,19 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
+at::Tensor hadamard_transform_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& had_m, double scale) {
+  const char* op = "llmeasyquant.hadamard_transform";
+  const int64_t m = check_hadamard_args(op, x, had_m, kCpu);
+  const int64_t n = x.size(-1);
+  const at::Tensor xv = rows_view(x);
+  const at::Tensor h = had_m.has_value() ? had_m->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({xv.size(0), n}, x.options());
+  cpu::hadamard_transform(xv.data_ptr(), float_type(x.scalar_type()), xv.size(0), n, xv.stride(0),
+                          h.defined() ? h.data_ptr<float>() : nullptr, m, static_cast<float>(scale), out.data_ptr(),
+                          nthreads());
+  return shaped_result(out, x.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
@@ -314,6 +327,7 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
   m.impl("scaled_int8_gemm", &scaled_int8_gemm_cpu);
   m.impl("dynamic_quant_linear", &dynamic_quant_linear_cpu);
   m.impl("weight_only_linear", &weight_only_linear_cpu);
+  m.impl("hadamard_transform", &hadamard_transform_cpu);
 }
 
 }  // namespace llmeq

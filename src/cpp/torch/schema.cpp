@@ -35,4 +35,8 @@ TORCH_LIBRARY(llmeasyquant, m) {
   m.def(
       "weight_only_linear(Tensor x, Tensor qw, Tensor scale, Tensor? zero_point, int bits, int group_size, "
       "Tensor? bias) -> Tensor");
+  // Walsh-Hadamard transform along the last dim, n = m * 2**k:
+  // scale * x @ kron(had_m, S_p)^T (had_m float32 [m, m], None for m = 1);
+  // fp32 arithmetic, x's dtype out. llmeasyquant/hadamard.py builds had_m.
+  m.def("hadamard_transform(Tensor x, Tensor? had_m, float scale) -> Tensor");
 }

@@ -135,5 +135,20 @@ void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const voi
                       int64_t group_size, const float* scale, const int8_t* zero_point,
                       const float* bias, float* out, int num_threads);
 
+// ---------------------------------------------------------------------------
+// Walsh-Hadamard transform (src/cpp/kernels/hadamard.cpp)
+// ---------------------------------------------------------------------------
+// Each of `rows` rows of x (n = m * p values, p a power of two, row stride
+// ldx elements of type t) is mapped to
+//   out[r, a*p + b] = scale * sum_{a', b'} had[a*m + a'] * S_p[b, b'] * x[r, a'*p + b']
+// (S_p the natural-order Sylvester matrix: log2 p butterfly stages per block
+// of p, then the m x m fp32 row-major `had` across blocks; had null means
+// m = 1 and no cross-block product). fp32 arithmetic; out [rows, n]
+// contiguous, type t. The tiers (scalar, AVX2) do the same fp32 operations in
+// the same order, except that AVX2 fuses had * y + acc into one FMA: equal
+// bit for bit when had holds +-1 (products exact), which a Hadamard matrix does.
+void hadamard_transform(const void* x, FloatType t, int64_t rows, int64_t n, int64_t ldx,
+                        const float* had, int64_t m, float scale, void* out, int num_threads);
+
 }  // namespace cpu
 }  // namespace llmeq

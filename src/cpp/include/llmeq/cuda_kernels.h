@@ -99,5 +99,15 @@ cudaError_t weight_only_gemm(int64_t M, int64_t N, int64_t K, const void* x, Flo
                              int bits, int64_t g, const float* scale, const int8_t* zp, const float* bias, void* out,
                              WoPath path, cudaStream_t stream);
 
+// ---- hadamard.cu ----------------------------------------------------------------
+// The Walsh-Hadamard transform of cpu_kernels.h (same arguments; had is an
+// m x m fp32 device matrix or null), one CTA per row with the row in shared
+// memory as fp32: n <= kHadamardMaxN (128 KiB, within the opt-in limit of
+// sm_80 and sm_90; llmeasyquant/ops.py runs longer rows in PyTorch).
+// Compiled, not yet validated on a GPU.
+constexpr int64_t kHadamardMaxN = 32768;
+cudaError_t hadamard_transform(const void* x, FloatType t, int64_t rows, int64_t n, int64_t ldx, const float* had,
+                               int64_t m, float scale, void* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace llmeq
