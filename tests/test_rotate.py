@@ -245,3 +245,19 @@ def test_offline_rotation_exports_and_loads_in_transformers(tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), local_files_only=True).eval()
     with torch.no_grad():
         assert max_rel(theirs(ids).logits, ours) < 1e-4
+
+
+def test_rotated_model_exports_to_onnx_with_its_online_rotation(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from llmeasyquant.onnx_export import check_against_torch, export_onnx
+    from tiny_models import byte_tokenizer
+
+    model = build("llama")
+    lq.quantize(model, "absmax", act=None, rotate="hadamard", progress=False)
+    path = export_onnx(model, str(tmp_path / "m.onnx"), seq_len=12)
+    check = check_against_torch(model, byte_tokenizer(), path, seq_len=12)
+    assert 0 <= check.max_abs_diff < 1e-4
+    # the online rotation is in the graph: without it the logits would differ
+    for name in input_rotation.rotated_inputs(model):
+        input_rotation.detach(model.get_submodule(name))
+    assert check_against_torch(model, byte_tokenizer(), path, seq_len=12).max_abs_diff > 1e-3

@@ -62,6 +62,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import hadamard
+from . import ops
 from . import quant_format as qf
 
 try:  # transformers >= 5: base of the layers that store KV in a quantized form
@@ -395,7 +396,7 @@ class SimQuantLayer(_LayerBase):
         D = x.shape[-1]
         m = hadamard.small_matrix(D, device=x.device)
         # Q = kron(H_m, S) / sqrt(D) with S symmetric: x Q = transform with H_m^T
-        return hadamard.transform(x.float(), None if m is None else (m.T if back else m))
+        return ops.hadamard_transform(x.float(), None if m is None else (m.T.contiguous() if back else m))
 
     def _qk(self, k: torch.Tensor, pos0: int) -> QTensor:
         c = self.config

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import hadamard
+from .. import ops
 
 _ATTR = "llmeq_input_hadamard"
 _HANDLE = "_llmeq_input_hadamard_hook"
@@ -56,7 +57,10 @@ def attach(module: nn.Module, n: int) -> None:
             m = cache.get(x.device)
             if m is None:
                 m = cache[x.device] = had_m.to(x.device)
-        return (hadamard.transform(x, m),) + tuple(args[1:])
+        if torch.onnx.is_in_onnx_export():
+            # ONNX has no Hadamard op: export the PyTorch butterflies (plain ops)
+            return (hadamard.transform(x, m),) + tuple(args[1:])
+        return (ops.hadamard_transform(x, m),) + tuple(args[1:])
 
     setattr(module, _ATTR, n)
     setattr(module, _HANDLE, module.register_forward_pre_hook(rotate, prepend=True))
