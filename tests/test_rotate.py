@@ -261,3 +261,20 @@ def test_rotated_model_exports_to_onnx_with_its_online_rotation(tmp_path):
     for name in input_rotation.rotated_inputs(model):
         input_rotation.detach(model.get_submodule(name))
     assert check_against_torch(model, byte_tokenizer(), path, seq_len=12).max_abs_diff > 1e-3
+
+
+@pytest.mark.parametrize("base", ["rtn", "gptq"])
+def test_search_on_a_rotated_model_keeps_the_online_rotation(base):
+    from llmeasyquant.search import search
+
+    model = _outlier_llama()
+    ids = token_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    lq.rotate(model)
+    search(model, calib=calib_batches(4, 32), budget_bits=6.0, group_size=16, base=base, max_evals=6,
+           progress=False)
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, lq.QLinear) and input_rotation.size_of(down) == 96
+    with torch.no_grad():
+        assert max_rel(model(ids).logits, ref) < 0.1  # a 6-bit average stays close to the float model

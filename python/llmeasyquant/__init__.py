@@ -12,6 +12,7 @@ from .nn import QLinear, replace_linear
 from .api import quantize
 from .methods import available_methods, config_for
 from .io import load, save
+from .models.rotate import rotate
 
 
 def export_onnx(model, path, **kwargs):
@@ -24,4 +25,4 @@ def export_onnx(model, path, **kwargs):
 __version__ = build_info()["version"]
 
 __all__ = ["QLinear", "available_methods", "build_info", "config_for", "export_onnx", "load", "ops", "quantize", "replace_linear",
-           "save", "__version__"]
+           "rotate", "save", "__version__"]
