@@ -4,8 +4,13 @@ Run with a Python that has llmcompressor installed (never the package's own
 environment; llmcompressor pins its own transformers / compressed-tensors):
 
     python3.11 -m venv /work/lc-venv
-    /work/lc-venv/bin/pip install <torch CPU wheel> llmcompressor
+    /work/lc-venv/bin/pip install torch-2.13.0+cpu-...whl    # a CPU torch first (else pip pulls the CUDA build)
+    /work/lc-venv/bin/pip install llmcompressor "torch==2.13.0+cpu"
     /work/lc-venv/bin/python scripts/make_peer_fixtures.py [--out tests/fixtures/llmcompressor]
+
+The fixtures were written with llmcompressor 0.14.0.1, compressed-tensors
+0.19.0 (llmcompressor's pin), transformers 5.17.0, torch 2.13.0+cpu; a rerun
+with those versions writes them byte for byte.
 
 For each scheme it builds the same tiny random Llama from a config (nothing
 downloaded), runs llm-compressor's ``oneshot`` on a few random token
@@ -121,7 +126,8 @@ def make(name: str, recipe, out: Path) -> dict:
     loaded = tf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
         logits = loaded(ids).logits.float().contiguous()
-    save_file({"input_ids": ids.contiguous(), "logits": logits, "float_logits": float_logits}, str(out / "ref_logits.safetensors"))
+    save_file({"input_ids": ids.contiguous(), "logits": logits, "float_logits": float_logits},
+              str(out / "ref_logits.safetensors"))
     qc = json.load(open(out / "config.json"))["quantization_config"]
     return {"name": name, "format": qc.get("format"), "fake_vs_loaded": float((fake - logits).abs().max()),
             "quant_error": float((float_logits - logits).abs().max()),
