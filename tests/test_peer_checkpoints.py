@@ -190,7 +190,7 @@ def test_w8a8_logits_match_llmcompressor(loaded, one_thread):
 
 def test_peer_config_variants_refused_or_read(tmp_path):
     """Fields llm-compressor writes that change the meaning are checked, not
-    skipped: an actorder that needs a g_idx (removed in compressed-tensors
+    skipped: an actorder that needs a g_idx (gone from compressed-tensors by
     0.19, present in older llm-compressor output) is refused with its name;
     actorder false (compressed-tensors reads it as null) is read."""
     import shutil

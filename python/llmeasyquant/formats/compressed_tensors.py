@@ -199,7 +199,7 @@ def _parse_weights(path, gname: str, w) -> tuple[int, int, bool]:
     else:
         _bad(path, f"group {gname!r}: weight strategy {strat!r} is not read here (expected 'channel' or 'group')")
     # compressed-tensors (validate_actorder) reads false as null and refuses true / "group" / "dynamic"
-    # (the g_idx orderings, removed in 0.19): so do we
+    # (the g_idx orderings, gone by 0.19.0): so do we
     actorder = w.get("actorder")
     if actorder is not False and actorder not in (None, "weight", "static"):
         _bad(path, f"group {gname!r}: actorder {actorder!r} (a g_idx column order) is not read here; "
