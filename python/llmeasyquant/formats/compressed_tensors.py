@@ -198,9 +198,12 @@ def _parse_weights(path, gname: str, w) -> tuple[int, int, bool]:
             _bad(path, f"group {gname!r}: strategy 'group' needs a positive group_size, got {g!r}")
     else:
         _bad(path, f"group {gname!r}: weight strategy {strat!r} is not read here (expected 'channel' or 'group')")
-    if w.get("actorder") not in (None, "weight", "static"):
-        _bad(path, f"group {gname!r}: actorder {w.get('actorder')!r} (a g_idx column order) is not read here; "
-                   "actorder 'weight' / 'static' (calibration order only) and null are")
+    # compressed-tensors (validate_actorder) reads false as null and refuses true / "group" / "dynamic"
+    # (the g_idx orderings, gone by 0.19.0): so do we
+    actorder = w.get("actorder")
+    if actorder is not False and actorder not in (None, "weight", "static"):
+        _bad(path, f"group {gname!r}: actorder {actorder!r} (a g_idx column order) is not read here; "
+                   "actorder 'weight' / 'static' (calibration order only), false and null are")
     zp = w.get("zp_dtype")
     if zp not in (None, "torch.int8", "int8"):
         _bad(path, f"group {gname!r}: expected int8 zero-points, got zp_dtype {zp!r}")
