@@ -294,7 +294,7 @@ def test_generate_2bit_runs(model_type):
 def test_hadamard_cache_stores_rotated_ints_and_returns_the_original_basis(D):
     from llmeasyquant import hadamard
 
-    cfg = SimQuantConfig(k_bits=4, v_bits=4, chunk_size=8, residual_length=0, hadamard=True)
+    cfg = SimQuantConfig(k_bits=4, v_bits=4, chunk_size=8, residual_length=0, k_hadamard=True, v_hadamard=True)
     layer = SimQuantLayer(cfg)  # no rope table: keys as given
     k, v = _kv(1, 2, 16, D, seed=4), _kv(1, 2, 16, D, seed=5)
     k_out, v_out = layer.update(k, v)
@@ -307,9 +307,18 @@ def test_hadamard_cache_stores_rotated_ints_and_returns_the_original_basis(D):
         back = (stored.dequantize().double() @ Q).float().reshape(1, 2, 16, D)
         assert torch.allclose(out, back, atol=1e-5)  # and rotated back for attention
     # 8-bit through the rotation stays close to the float cache
-    layer8 = SimQuantLayer(SimQuantConfig(k_bits=8, v_bits=8, chunk_size=8, residual_length=0, hadamard=True))
+    layer8 = SimQuantLayer(SimQuantConfig(k_bits=8, v_bits=8, chunk_size=8, residual_length=0, k_hadamard=True,
+                                          v_hadamard=True))
     k8, v8 = layer8.update(k, v)
     assert (k8 - k).abs().max() < 0.02 * k.abs().max() and (v8 - v).abs().max() < 0.02 * v.abs().max()
+
+
+def test_value_hadamard_alone_leaves_the_keys_alone():
+    cfg = SimQuantConfig(k_bits=4, v_bits=4, chunk_size=8, residual_length=0, v_hadamard=True)
+    layer = SimQuantLayer(cfg)
+    k, v = _kv(1, 2, 16, 16, seed=4), _kv(1, 2, 16, 16, seed=5)
+    k_out, _ = layer.update(k, v)
+    assert torch.equal(k_out, quantize_keys(k.reshape(1, 2, 2, 8, 16), 4).dequantize().reshape(1, 2, 16, 16))
 
 
 def test_hadamard_cache_spreads_an_outlier_channel():
@@ -318,7 +327,7 @@ def test_hadamard_cache_spreads_an_outlier_channel():
     v[..., 3] *= 30.0
     errs = {}
     for had in (False, True):
-        layer = SimQuantLayer(SimQuantConfig(k_bits=4, v_bits=4, chunk_size=64, residual_length=0, hadamard=had))
+        layer = SimQuantLayer(SimQuantConfig(k_bits=4, v_bits=4, chunk_size=64, residual_length=0, v_hadamard=had))
         _, v_out = layer.update(v.clone(), v.clone())
         errs[had] = (v_out - v).pow(2).mean().item()
     assert errs[True] < 0.5 * errs[False], errs
@@ -326,12 +335,12 @@ def test_hadamard_cache_spreads_an_outlier_channel():
 
 def test_hadamard_needs_a_buildable_head_dim():
     model = tiny_models.build("llama")  # head_dim 16: fine
-    simquant.apply(model, None, SimQuantConfig(hadamard=True), [])
+    simquant.apply(model, None, SimQuantConfig(v_hadamard=True), [])
     model.config.head_dim = 10
     with pytest.raises(ValueError, match="order head_dim = 10"):
-        simquant.apply(model, None, SimQuantConfig(hadamard=True), [])
-    with pytest.raises(ValueError, match="hadamard must be true or false"):
-        simquant.apply(model, None, SimQuantConfig(hadamard=1), [])
+        simquant.apply(model, None, SimQuantConfig(k_hadamard=True), [])
+    with pytest.raises(ValueError, match="v_hadamard must be true or false"):
+        simquant.apply(model, None, SimQuantConfig(v_hadamard=1), [])
 
 
 def test_explicit_cache_forward_matches_float_at_8bit():

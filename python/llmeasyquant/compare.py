@@ -70,13 +70,14 @@ PRESETS = {p.name: p for p in [
            {"k_bits": 4, "v_bits": 4, "residual_length": 0, "outlier_fraction": 0.01}),
     Preset("simquant-kv2", "simquant", "KV2 1% outl.",
            {"k_bits": 2, "v_bits": 2, "residual_length": 0, "outlier_fraction": 0.01}),
-    # keys and values rotated per head by a Hadamard inside the cache before quantizing
-    Preset("simquant-kv4-had", "simquant", "KV4 had.", {"k_bits": 4, "v_bits": 4, "residual_length": 0,
-                                                         "hadamard": True}),
-    Preset("simquant-kv4-had-outl", "simquant", "KV4 had. 1% outl.",
-           {"k_bits": 4, "v_bits": 4, "residual_length": 0, "hadamard": True, "outlier_fraction": 0.01}),
-    Preset("simquant-kv2-had-outl", "simquant", "KV2 had. 1% outl.",
-           {"k_bits": 2, "v_bits": 2, "residual_length": 0, "hadamard": True, "outlier_fraction": 0.01}),
+    # values (and keys) rotated per head by a Hadamard inside the cache before quantizing
+    Preset("simquant-kv4-vhad", "simquant", "KV4 1% outl. V-had.",
+           {"k_bits": 4, "v_bits": 4, "residual_length": 0, "outlier_fraction": 0.01, "v_hadamard": True}),
+    Preset("simquant-kv4-kvhad", "simquant", "KV4 1% outl. KV-had.",
+           {"k_bits": 4, "v_bits": 4, "residual_length": 0, "outlier_fraction": 0.01, "k_hadamard": True,
+            "v_hadamard": True}),
+    Preset("simquant-kv2-vhad", "simquant", "KV2 1% outl. V-had.",
+           {"k_bits": 2, "v_bits": 2, "residual_length": 0, "outlier_fraction": 0.01, "v_hadamard": True}),
 ]}
 
 # Named sets for --methods: a few-minute default, the accuracy bar, everything.

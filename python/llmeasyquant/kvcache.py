@@ -223,7 +223,8 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 # config
 # --------------------------------------------------------------------------
 _CONFIG_FIELDS = ("k_bits", "v_bits", "k_symmetric", "v_symmetric", "chunk_size", "v_group_size",
-                  "outlier_fraction", "residual_length", "sink_tokens", "pre_rope", "hadamard")
+                  "outlier_fraction", "residual_length", "sink_tokens", "pre_rope", "k_hadamard",
+                  "v_hadamard")
 
 
 @dataclass
@@ -238,11 +239,14 @@ class KVCacheConfig:
     most recent ``residual_length`` tokens and the first ``sink_tokens`` stay in
     full precision. ``residual_length=0`` (and ``sink_tokens=0``): attention sees
     every K/V quantized, the setting for perplexity measurements.
-    ``hadamard``: each head's keys (before RoPE where they are quantized so) and
-    values are rotated by the orthonormal head_dim Hadamard before quantizing
-    and rotated back after (QuaRot's online K/V rotation, done inside the
-    cache: attention sees the original basis, the error is that of the
-    rotated, outlier-free coordinates).
+    ``v_hadamard`` / ``k_hadamard``: each head's values / keys (before RoPE where
+    they are quantized so) are rotated by the orthonormal head_dim Hadamard
+    before quantizing and rotated back after (QuaRot's online K/V rotation,
+    inside the cache: attention sees the original basis, the error is that of
+    the rotated coordinates). Values gain (per-token quantization, outlier
+    channels spread); keys lose on the default model (per-channel quantization
+    already isolates their outlier channels, the rotation mixes them back):
+    docs/results.md.
     """
 
     k_bits: int = 4
@@ -255,7 +259,8 @@ class KVCacheConfig:
     residual_length: int = 32
     sink_tokens: int = 0
     pre_rope: bool = True
-    hadamard: bool = False
+    k_hadamard: bool = False
+    v_hadamard: bool = False
 
 
 def default_kv_config() -> KVCacheConfig:
@@ -279,8 +284,9 @@ def check_kv_config(cfg) -> None:
         raise ValueError(f"outlier_fraction must be in [0, 1), got {cfg.outlier_fraction!r}")
     if isinstance(cfg.sink_tokens, bool) or not isinstance(cfg.sink_tokens, int) or cfg.sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an integer >= 0, got {cfg.sink_tokens!r}")
-    if not isinstance(cfg.hadamard, bool):
-        raise ValueError(f"hadamard must be true or false, got {cfg.hadamard!r}")
+    for f in ("k_hadamard", "v_hadamard"):
+        if not isinstance(getattr(cfg, f), bool):
+            raise ValueError(f"{f} must be true or false, got {getattr(cfg, f)!r}")
 
 
 # --------------------------------------------------------------------------
@@ -389,9 +395,9 @@ class SimQuantLayer(_LayerBase):
             raise ValueError(f"rotary dim {cos.shape[-1]} != head_dim {shape[-1]}; use pre_rope=False")
         return cos.reshape(*shape[2:]), sin.reshape(*shape[2:])
 
-    def _rot(self, x: torch.Tensor, back: bool = False) -> torch.Tensor:
-        """x [..., head_dim] -> x Q^T (``back``: x Q) when the config rotates; float32."""
-        if not self.config.hadamard:
+    def _rot(self, x: torch.Tensor, on: bool, back: bool = False) -> torch.Tensor:
+        """x [..., head_dim] -> x Q^T (``back``: x Q) when ``on``; float32."""
+        if not on:
             return x
         D = x.shape[-1]
         m = hadamard.small_matrix(D, device=x.device)
@@ -402,23 +408,23 @@ class SimQuantLayer(_LayerBase):
         c = self.config
         if self.rope is not None:
             k = rope_invert(k.float(), *self._cos_sin(pos0, k.shape))
-        return quantize_keys(self._rot(k), c.k_bits, c.k_symmetric, float(c.outlier_fraction))
+        return quantize_keys(self._rot(k, c.k_hadamard), c.k_bits, c.k_symmetric, float(c.outlier_fraction))
 
     def _dk(self, qt: QTensor, pos0: int, dtype) -> torch.Tensor:
-        exact = self.rope is not None or self.config.hadamard
-        k = self._rot(qt.dequantize(torch.float32 if exact else dtype), back=True)
+        exact = self.rope is not None or self.config.k_hadamard
+        k = self._rot(qt.dequantize(torch.float32 if exact else dtype), self.config.k_hadamard, back=True)
         if self.rope is not None:
             k = rope_apply(k, *self._cos_sin(pos0, k.shape))
         return k.to(dtype)
 
     def _qv(self, v: torch.Tensor) -> QTensor:
         c = self.config
-        return quantize_values(self._rot(v), c.v_bits, c.v_symmetric, c.v_group_size, float(c.outlier_fraction))
+        return quantize_values(self._rot(v, c.v_hadamard), c.v_bits, c.v_symmetric, c.v_group_size, float(c.outlier_fraction))
 
     def _dv(self, qt: QTensor, dtype) -> torch.Tensor:
-        if not self.config.hadamard:
+        if not self.config.v_hadamard:
             return qt.dequantize(dtype)
-        return self._rot(qt.dequantize(torch.float32), back=True).to(dtype)
+        return self._rot(qt.dequantize(torch.float32), True, back=True).to(dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store the new tokens; return (keys, values) of every token so far, as

@@ -43,7 +43,8 @@ class SimQuantConfig(QuantConfig, KVCacheConfig):
         if self.sink_tokens:
             s += f" sink{self.sink_tokens}"
         s += "" if self.pre_rope else " post-rope"
-        s += " hadamard" if self.hadamard else ""
+        s += " hadamard-" + ("kv" if self.k_hadamard and self.v_hadamard else "k" if self.k_hadamard else "v") \
+            if self.k_hadamard or self.v_hadamard else ""
         return s
 
 
@@ -135,11 +136,11 @@ def apply(model: nn.Module, spec, config, calib, *, progress: bool = True, shard
     are unused (every rank does the same, cheap, setup)."""
     check_supported(model)
     check_kv_config(config)
-    if config.hadamard:
+    if config.k_hadamard or config.v_hadamard:
         text = getattr(model.config, "text_config", None) or model.config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         if not hadamard.supported(head_dim):
-            raise ValueError(f"simquant: hadamard=True needs a Hadamard matrix of order head_dim = {head_dim}; "
+            raise ValueError(f"simquant: k_hadamard / v_hadamard need a Hadamard matrix of order head_dim = {head_dim}; "
                              "none is built here (orders m * 2**k, m = 1, 2 or a Paley order)")
     model.llmeq_kv_config = config
     install_generate_hook(model)
