@@ -282,3 +282,18 @@ def test_search_on_a_rotated_model_keeps_the_online_rotation(base):
     # ... with integers quantized from the rotated weight, not from the original one
     w_orig = w_rot @ hadamard.matrix(96)
     assert (wq - w_rot).norm() < 0.5 * (wq - w_orig).norm()
+
+
+def test_rotated_tied_model_saves_and_loads_untied(tmp_path):
+    model = build("gemma")  # tied embedding: rotation unties it, the saved config must say so
+    _perturb_norms(model)
+    ids = token_ids()
+    lq.quantize(model, "absmax", act=None, rotate="hadamard", progress=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    lq.save(model, tmp_path / "m")
+    back = lq.load(tmp_path / "m")
+    assert back.config.tie_word_embeddings is False
+    assert back.lm_head.weight.data_ptr() != back.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, out)
