@@ -78,6 +78,11 @@ PRESETS = {p.name: p for p in [
             "v_hadamard": True}),
     Preset("simquant-kv2-vhad", "simquant", "KV2 1% outl. V-had.",
            {"k_bits": 2, "v_bits": 2, "residual_length": 0, "outlier_fraction": 0.01, "v_hadamard": True}),
+    Preset("simquant-kv4-outl2", "simquant", "KV4 2% outl.",
+           {"k_bits": 4, "v_bits": 4, "residual_length": 0, "outlier_fraction": 0.02}),
+    Preset("simquant-kv2-outl5-vhad", "simquant", "KV2 5% outl. V-had. chunk32",
+           {"k_bits": 2, "v_bits": 2, "residual_length": 0, "outlier_fraction": 0.05, "v_hadamard": True,
+            "chunk_size": 32}),
 ]}
 
 # Named sets for --methods: a few-minute default, the accuracy bar, everything.
