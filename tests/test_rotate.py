@@ -270,8 +270,8 @@ def test_search_on_a_rotated_model_keeps_the_online_rotation(base):
     model = _outlier_llama()
     lq.rotate(model)
     w_rot = model.model.layers[1].mlp.down_proj.weight.detach().clone()  # W Q^T, the float rotated weight
-    search(model, calib=calib_batches(4, 32), budget_bits=6.0, group_size=16, base=base, max_evals=6,
-           progress=False)
+    res = search(model, calib=calib_batches(4, 32), budget_bits=6.0, group_size=16, base=base, max_evals=6,
+                 progress=False, rotate="hadamard")  # already rotated: not again
     down = model.model.layers[1].mlp.down_proj
     assert isinstance(down, lq.QLinear) and input_rotation.size_of(down) == 96
     x = torch.randn(8, 96, generator=torch.Generator().manual_seed(2))
@@ -282,6 +282,14 @@ def test_search_on_a_rotated_model_keeps_the_online_rotation(base):
     # ... with integers quantized from the rotated weight, not from the original one
     w_orig = w_rot @ hadamard.matrix(96)
     assert (wq - w_rot).norm() < 0.5 * (wq - w_orig).norm()
+    # the recorded config reproduces it from the float model
+    assert model.llmeq_config.rotate == "hadamard"
+    again = _outlier_llama()
+    lq.quantize(again, "mixed", calib=calib_batches(4, 32), bitmap=res.assignment, base=base, w_group_size=16,
+                w_scale_dtype="float16", rotate="hadamard", progress=False)
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
 
 
 def test_rotated_tied_model_saves_and_loads_untied(tmp_path):

@@ -207,7 +207,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     batches, probe = calibration_and_probe(tok, args.calib, args.calib_samples, args.probe_samples,
                                            args.calib_seq_len)
     s = Searcher(model, batches, bits=bits, group_size=args.group_size, base=args.base, probe_batches=probe,
-                 scale_dtype=args.scale_dtype, progress=not args.quiet)
+                 scale_dtype=args.scale_dtype, progress=not args.quiet, rotate="hadamard" if args.rotate else None)
     budget_bytes = None if args.budget_mib is None else int(args.budget_mib * 2**20)
     res = s.run(args.strategy, budget_bits=args.budget_bits, budget_bytes=budget_bytes, lam=args.lam,
                 max_evals=args.max_evals)
@@ -424,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exhaustive per projection type")
     s.add_argument("--base", choices=["rtn", "gptq"], default="rtn", help="quantizer of every candidate")
     s.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
+    s.add_argument("--rotate", action="store_true",
+                   help="Hadamard-rotate the model before building the candidates (pays with --base gptq; "
+                        "docs/results.md)")
     s.add_argument("--group-size", type=int, default=64, help="group size of the 2/3/4-bit candidates (default 64)")
     s.add_argument("--scale-dtype", choices=["float16", "float32"], default="float16",
                    help="dtype the candidates hold their scales in (default float16: 0.25 bits per weight less "

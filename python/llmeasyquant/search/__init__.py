@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from ..calibration import calibration_batches, observe_model
 from ..log import logger
 from ..methods._common import swap, target_paths
+from ..methods.base import ROTATIONS
 from ..models.extract import extract
+from ..models.rotate import rotate as rotate_model, rotated
 from .candidates import BASES, Candidates, build_candidates, collect_hessians
 from .probe import LossProbe
 from .strategies import MIB, Objective, allocate, check_budget, default_groups, distortion, entropy, grid, greedy
@@ -89,8 +91,11 @@ class Searcher:
 
     def __init__(self, model: nn.Module, batches: list[torch.Tensor], *, bits=(2, 3, 4, 8), group_size: int = 64,
                  base: str = "rtn", exclude=("lm_head",), probe_batches: Optional[list[torch.Tensor]] = None,
-                 sens_batches: int = 1, sens_tokens: int = 256, scale_dtype: str = "float16", progress: bool = True):
-        """``batches`` calibrate the candidates (GPTQ Hessians); ``probe_batches``
+                 sens_batches: int = 1, sens_tokens: int = 256, scale_dtype: str = "float16", progress: bool = True,
+                 rotate: Optional[str] = None, rotate_seed: int = 0):
+        """``rotate="hadamard"`` rotates the float model first (as
+        ``QuantConfig.rotate`` does; every candidate then quantizes rotated
+        weights). ``batches`` calibrate the candidates (GPTQ Hessians); ``probe_batches``
         (default: ``batches``) measure the loss of assignments. Give held-out
         probe batches when the base quantizer fits its calibration data (GPTQ):
         measured on its own calibration tokens a GPTQ layer looks better than it
@@ -100,7 +105,12 @@ class Searcher:
         bits = tuple(sorted(set(int(b) for b in bits)))
         if len(bits) < 2:
             raise ValueError(f"a search needs at least two candidate bit widths, got {bits}")
+        if rotate not in ROTATIONS:
+            raise ValueError(f"search: rotate must be one of {', '.join(map(repr, ROTATIONS))}, got {rotate!r}")
         self.model, self.batches, self.progress = model, batches, progress
+        self.rotate, self.rotate_seed = rotate, rotate_seed
+        if rotate is not None and rotated(model) is None:
+            rotate_model(model, seed=rotate_seed)
         self.spec = extract(model)
         self.paths = target_paths(model, self.spec, exclude)
         if not self.paths:
@@ -217,7 +227,8 @@ class Searcher:
         for p, b in a.items():
             swap(self.model, p, self.cands.table[p][b].layer)
         self.model.llmeq_config = MixedConfig(bitmap=dict(a), base=self.base, w_group_size=self.group_size,
-                                              w_scale_dtype=self.scale_dtype)
+                                              w_scale_dtype=self.scale_dtype, rotate=self.rotate,
+                                              rotate_seed=self.rotate_seed)
         return self.model
 
 
@@ -225,7 +236,8 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
            budget_bytes: Optional[int] = None, lam: Optional[float] = None, strategy: str = "greedy",
            bits=(2, 3, 4, 8), group_size: int = 64, base: str = "rtn", calib=None, n_calib: int = 16,
            n_probe: int = 4, calib_seq_len: int = 512, exclude=("lm_head",), max_evals: int = 60,
-           scale_dtype: str = "float16", apply: bool = True, progress: bool = True) -> SearchResult:
+           scale_dtype: str = "float16", apply: bool = True, progress: bool = True,
+           rotate: Optional[str] = None) -> SearchResult:
     """Search a bit width per layer and (``apply``) quantize the model with it.
 
     Give one of ``budget_bits`` (average bits per weight, scales and
@@ -236,6 +248,8 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
     (another seed) measure assignments; token tensors serve both.
     ``scale_dtype``: what the candidates hold their scales in (float16 by
     default: 0.25 bits per weight less than float32 at group 64).
+    ``rotate="hadamard"``: rotate the model first (docs/results.md: with GPTQ
+    candidates it pays; with RTN ones it can hurt).
     """
     probe = None
     if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], torch.Tensor):
@@ -246,7 +260,7 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
                              "list of token tensors")
         batches, probe = calibration_and_probe(tokenizer, calib, n_calib, n_probe, calib_seq_len)
     s = Searcher(model, batches, bits=bits, group_size=group_size, base=base, exclude=exclude, probe_batches=probe,
-                 scale_dtype=scale_dtype, progress=progress)
+                 scale_dtype=scale_dtype, progress=progress, rotate=rotate)
     res = s.run(strategy, budget_bits=budget_bits, budget_bytes=budget_bytes, lam=lam, max_evals=max_evals)
     if apply:
         s.apply(res.assignment)
