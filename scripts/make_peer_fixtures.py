@@ -74,18 +74,13 @@ def ref_ids():
 
 
 def tokenizer():
-    """A local byte-level tokenizer of exactly VOCAB ids (tests/tiny_models.byte_tokenizer): oneshot wants a
-    processor when given a dataset, although the calibration set here is already token ids."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """The tests' local byte-level tokenizer of exactly VOCAB ids: oneshot wants a processor when given a
+    dataset, although the calibration set here is already token ids. (tests/tiny_models.py imports only
+    torch and transformers, so the peer environment can import it.)"""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import byte_tokenizer
 
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk)
-    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
-    return tok
+    return byte_tokenizer()
 
 
 def build():
