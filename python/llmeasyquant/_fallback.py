@@ -127,8 +127,9 @@ def _hadamard_transform_kernel(x, had_m, scale):
 
 
 # The ops a weight-only QLinear needs (plus quantize_static for set_weight with
-# given scales, and the online input rotation before such a layer). The int8-GEMM ops and the activation statistics keep compiled
-# kernels only: ops.py names the missing build for them.
+# given scales, and the online input rotation before such a layer). The
+# int8-GEMM ops and the activation statistics keep compiled kernels only:
+# ops.py names the missing build for them.
 KERNELS = {
     "quantize": _quantize_kernel,
     "quantize_static": _quantize_static_kernel,

@@ -13,7 +13,7 @@ from .calibration import calibration_batches
 from .log import logger
 from .methods import QuantConfig, config_for, method_for
 from .models.extract import extract
-from .models.rotate import rotate, rotated
+from .models.rotate import ensure_rotated
 from .peak_memory import PeakMemory, measure_peak
 from .pipeline import PipelineReport
 from .sharding import Shard
@@ -76,12 +76,9 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
         config = config_for(method_or_config, **options)
     method = method_for(config.method)
     spec = extract(model)
-    if config.rotate is not None:
-        if rotated(model) is None:
-            rotate(model, spec, seed=config.rotate_seed, online=config.rotate_online)
-            spec = extract(model)  # the folds the rotation leaves
-        else:
-            logger.info("%s: the model is already rotated (%s); not rotating again", config.method, rotated(model))
+    if ensure_rotated(model, config.rotate, spec, seed=config.rotate_seed, online=config.rotate_online,
+                      who=config.method):
+        spec = extract(model)  # the folds the rotation leaves
     needs = method.needs_calibration(config)
     batches = _calibration(config, calib, tokenizer) if needs else []
     shard = shard or Shard()

@@ -151,7 +151,8 @@ def transform(x: torch.Tensor, had_m: Optional[torch.Tensor] = None, scale: Opti
     """``scale * x @ kron(had_m, S_p)^T`` along the last dim, in PyTorch (fast
     Walsh-Hadamard butterflies on the power-of-two factor). The CPU / CUDA
     kernels compute the same (``ops.hadamard_transform``); this is their
-    fallback on other devices. Accumulates in float32, returns ``x.dtype``."""
+    fallback on other devices. Accumulates in float32 (float64 for a float64
+    ``x``: the offline rotations of weights), returns ``x.dtype``."""
     n = x.shape[-1]
     m = 1 if had_m is None else had_m.shape[0]
     if n % m or (n // m) & (n // m - 1):
@@ -159,7 +160,8 @@ def transform(x: torch.Tensor, had_m: Optional[torch.Tensor] = None, scale: Opti
     p = n // m
     scale = 1.0 / math.sqrt(n) if scale is None else scale
     shape = x.shape
-    y = x.reshape(-1, m, p).float()
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.reshape(-1, m, p).to(work)
     h = 1
     while h < p:
         # one butterfly stage: pairs (i, i + h) inside blocks of 2h
@@ -168,5 +170,15 @@ def transform(x: torch.Tensor, had_m: Optional[torch.Tensor] = None, scale: Opti
         h *= 2
     y = y.reshape(-1, m, p)
     if had_m is not None:
-        y = torch.einsum("ab,rbp->rap", had_m.to(device=y.device, dtype=torch.float32), y)
+        y = torch.einsum("ab,rbp->rap", had_m.to(device=y.device, dtype=work), y)
     return (y * scale).reshape(shape).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``x @ Q^T`` (``inverse``: ``x @ Q``) along the last dim, ``Q = matrix(n)``,
+    without forming ``Q``: ``Q^T = kron(H_m^T, S_p) / sqrt(n)`` (``S_p`` is
+    symmetric), so both are :func:`transform` with ``H_m`` or its transpose.
+    For folding rotations into weights, where the dense product would cost
+    ``n`` times more (and ``n^2`` memory) on wide models."""
+    m = small_matrix(x.shape[-1], torch.float64, x.device)
+    return transform(x, None if m is None else (m.T if inverse else m))

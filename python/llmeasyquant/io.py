@@ -39,10 +39,11 @@ from .outdir import check_destination, recover, replace_atomically
 
 FORMAT = "llmeasyquant"
 # 2: 2- and 3-bit weights packed as bit streams (version 1 kept them in the 4-bit container)
+# 3: "input_rotation" (layers rotating their input online). The newest version
+# load reads; save writes it only for a folder that needs it, else version 2,
+# which older releases still read
 FORMAT_VERSION = 3
-# version 3 adds "input_rotation" (layers rotating their input online); a
-# folder without any is written as version 2, which older releases still read
-_ROTATION_VERSION = 3
+_VERSION_WITHOUT_ROTATION = 2
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 _MAX_JSON_BYTES = 64 * 2**20  # quantization.json: a few hundred bytes per layer
@@ -106,7 +107,7 @@ def save(model: nn.Module, path, tokenizer=None, *, overwrite: bool = False, for
     kv = getattr(model, "llmeq_kv_config", None)
     cfg = getattr(model, "llmeq_config", None)
     online = input_rotation.rotated_inputs(model)
-    meta = {"format": FORMAT, "format_version": _ROTATION_VERSION if online else 2,
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION if online else _VERSION_WITHOUT_ROTATION,
             "library_version": _library_version(),
             "torch_version": torch.__version__, "method": None if cfg is None else cfg.to_dict(),
             "kv_cache": None if kv is None else kv.to_dict(), "qlinear": layers}

@@ -369,6 +369,7 @@ class SimQuantLayer(_LayerBase):
         self.cumulative_length = 0
         self.blocks: list[_Block] = []
         self.n_committed = 0
+        self._had: dict = {}  # (device, back) -> the op's had_m for head_dim (None: a power of two)
 
     # BaseQuantizedLayer's abstract hooks
     def _quantize(self, tensor, axis=None):  # pragma: no cover - not used by update
@@ -399,10 +400,12 @@ class SimQuantLayer(_LayerBase):
         """x [..., head_dim] -> x Q^T (``back``: x Q) when ``on``; float32."""
         if not on:
             return x
-        D = x.shape[-1]
-        m = hadamard.small_matrix(D, device=x.device)
-        # Q = kron(H_m, S) / sqrt(D) with S symmetric: x Q = transform with H_m^T
-        return ops.hadamard_transform(x.float(), None if m is None else (m.T.contiguous() if back else m))
+        key = (x.device, back)
+        if key not in self._had:  # built once per layer, not per call: every step dequantizes every block
+            m = hadamard.small_matrix(x.shape[-1], device=x.device)
+            # Q = kron(H_m, S) / sqrt(D) with S symmetric: x Q = transform with H_m^T
+            self._had[key] = None if m is None else (m.T.contiguous() if back else m)
+        return ops.hadamard_transform(x.float(), self._had[key])
 
     def _qk(self, k: torch.Tensor, pos0: int) -> QTensor:
         c = self.config

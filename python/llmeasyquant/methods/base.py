@@ -22,9 +22,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional, Union
 
+from ..models.rotate import check_kind as check_rotation
 from ..quant_format import SCALE_DTYPES
-
-ROTATIONS = (None, "hadamard")
 
 
 @dataclass
@@ -59,9 +58,7 @@ class QuantConfig:
         if self.w_scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"{self.method}: w_scale_dtype must be one of {', '.join(SCALE_DTYPES)}, "
                              f"got {self.w_scale_dtype!r}")
-        if self.rotate not in ROTATIONS:
-            raise ValueError(f"{self.method}: rotate must be one of {', '.join(map(repr, ROTATIONS))}, "
-                             f"got {self.rotate!r}")
+        check_rotation(self.rotate, self.method)
 
     def qlinear_kwargs(self) -> dict:
         return dict(w_bits=self.w_bits, w_group_size=self.w_group_size, w_symmetric=self.w_symmetric,

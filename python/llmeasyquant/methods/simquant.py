@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import hadamard
 from ..kvcache import KVCacheConfig, SimQuantCache, check_kv_config
-from ..models.archs import SUPPORTED_MODEL_TYPES as ARCH_TYPES, kv_facts
+from ..models.archs import SUPPORTED_MODEL_TYPES as ARCH_TYPES, head_dim, kv_facts
 from .base import QuantConfig, register_method
 
 
@@ -99,9 +99,7 @@ def rotary_embedding(model: nn.Module):
     rope_type = str(getattr(emb, "rope_type", "default"))
     if "dynamic" in rope_type or "longrope" in rope_type:  # frequencies depend on the sequence length
         return None
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    if getattr(emb, "inv_freq", None) is None or 2 * emb.inv_freq.numel() != head_dim:
+    if getattr(emb, "inv_freq", None) is None or 2 * emb.inv_freq.numel() != head_dim(model.config):
         return None  # partial rotary
     return emb
 
@@ -136,11 +134,8 @@ def apply(model: nn.Module, spec, config, calib, *, progress: bool = True, shard
     are unused (every rank does the same, cheap, setup)."""
     check_supported(model)
     check_kv_config(config)
-    if config.k_hadamard or config.v_hadamard:
-        text = getattr(model.config, "text_config", None) or model.config
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if not hadamard.supported(head_dim):
-            raise ValueError(f"simquant: k_hadamard / v_hadamard need a Hadamard matrix of order head_dim = {head_dim}; "
-                             "none is built here (orders m * 2**k, m = 1, 2 or a Paley order)")
+    if (config.k_hadamard or config.v_hadamard) and not hadamard.supported(hd := head_dim(model.config)):
+        raise ValueError(f"simquant: k_hadamard / v_hadamard need a Hadamard matrix of order head_dim = {hd}; "
+                         "none is built here (orders m * 2**k, m = 1, 2 or a Paley order)")
     model.llmeq_kv_config = config
     install_generate_hook(model)

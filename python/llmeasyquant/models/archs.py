@@ -480,6 +480,14 @@ def declared_variants(model_type: str) -> list[ArchSpec]:
     return [a for a in ARCHITECTURES if model_type in a.model_types]
 
 
+def head_dim(config) -> int:
+    """Channels per attention head of a transformers config (its text config for
+    multimodal ones): ``head_dim`` when set, else ``hidden_size / heads``."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hd = getattr(text, "head_dim", None)
+    return int(hd) if hd else text.hidden_size // text.num_attention_heads
+
+
 def kv_facts(model_type: str) -> Optional[KVFacts]:
     """SimQuant's facts for ``model_type``; None when it is not declared.
     (Variants of one type share them.)"""

@@ -30,10 +30,11 @@ from torch import nn
 from .. import hadamard
 from ..log import logger
 from ..nn import input_rotation
-from .archs import ARCHITECTURES
+from .archs import ARCHITECTURES, head_dim
 from .extract import ModelSpec, extract
 
 _MARK = "llmeq_rotation"  # on the model: how it was rotated (a dict), once rotated
+ROTATIONS = (None, "hadamard")  # what QuantConfig.rotate / search(rotate=) take
 
 
 def rotated(model: nn.Module) -> Optional[dict]:
@@ -86,25 +87,25 @@ def _untie_head(model: nn.Module, embed: nn.Module, head: nn.Module) -> bool:
     return True
 
 
-def _head_dim(model: nn.Module) -> int:
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None)
-    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+def _times_r(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``x @ R`` along the last dim, ``R = diag(signs) Q`` (``Q = hadamard.matrix(n)``)."""
+    return hadamard.rotate(x * signs, inverse=True)
 
 
 @torch.no_grad()
-def _rotate_v_o(v: nn.Linear, o: nn.Linear, M: torch.Tensor, where: str) -> None:
-    """Each head's values ``v_h -> v_h M``; ``o_proj``'s columns of head h ``-> W_h M``."""
-    hd = M.shape[0]
+def _rotate_v_o(v: nn.Linear, o: nn.Linear, hd: int, where: str) -> None:
+    """Each head's values ``v_h -> v_h M``; ``o_proj``'s columns of head h ``-> W_h M``
+    (``M = hadamard.matrix(head_dim)``)."""
     if v.weight.shape[0] % hd or o.weight.shape[1] % hd:
         raise ValueError(f"rotate: {where}: v rows {v.weight.shape[0]} / o columns {o.weight.shape[1]} are not "
                          f"whole heads of {hd}")
     Wv = v.weight.double().reshape(-1, hd, v.weight.shape[1])  # [kv heads, hd, in]
-    _set(v.weight, torch.einsum("dj,hdi->hji", M, Wv).reshape(v.weight.shape))  # M^T W_h
+    # M^T W_h = (W_h^T M)^T
+    _set(v.weight, hadamard.rotate(Wv.transpose(1, 2), inverse=True).transpose(1, 2).reshape(v.weight.shape))
     if v.bias is not None:
-        _set(v.bias, (v.bias.double().reshape(-1, hd) @ M).reshape(-1))
+        _set(v.bias, hadamard.rotate(v.bias.double().reshape(-1, hd), inverse=True).reshape(-1))
     Wo = o.weight.double().reshape(o.weight.shape[0], -1, hd)  # [out, heads, hd]
-    _set(o.weight, (Wo @ M).reshape(o.weight.shape))
+    _set(o.weight, hadamard.rotate(Wo, inverse=True).reshape(o.weight.shape))
 
 
 @torch.no_grad()
@@ -130,14 +131,20 @@ def rotate(model: nn.Module, spec: Optional[ModelSpec] = None, *, seed: int = 0,
     if not hadamard.supported(n):
         raise ValueError(f"rotate: hidden size {n} has no Hadamard matrix here (orders m * 2**k, m = 1, 2 or "
                          "a Paley order)")
-    dev = embed.weight.device
-    R = hadamard.random_signs(n, seed, dev).unsqueeze(1) * hadamard.matrix(n, torch.float64, dev)
+    hd = head_dim(model.config)
+    if facts.v_o is not None and not hadamard.supported(hd):
+        raise ValueError(f"rotate: head_dim {hd} has no Hadamard matrix here (orders m * 2**k, m = 1, 2 or a "
+                         "Paley order)")
+    online_orders = {f"{spec.arch.layers_path}.{i}.{p}": _weight(block.get_submodule(p)).shape[1]
+                     for i, block in enumerate(spec.blocks) for p in facts.online} if online else {}
+    for path, k in online_orders.items():  # every check before the first weight changes
+        if not hadamard.supported(k):
+            raise ValueError(f"rotate: {path} reads {k} channels, an order with no Hadamard matrix "
+                             "here; pass online=False to rotate without the online rotation")
+    signs = hadamard.random_signs(n, seed, embed.weight.device)  # R = diag(signs) Q, applied as butterflies
     untied = _untie_head(model, embed, head)
 
     norm_groups = [g for g in spec.arch.groups if g.prev_kind == "norm"]
-    hd = _head_dim(model)
-    M = hadamard.matrix(hd, torch.float64, dev) if facts.v_o is not None else None
-    online_orders: dict[str, int] = {}
     for i, block in enumerate(spec.blocks):
         where = f"{spec.arch.layers_path}.{i}"
         for g in norm_groups:
@@ -148,32 +155,47 @@ def rotate(model: nn.Module, spec: Optional[ModelSpec] = None, *, seed: int = 0,
                 _weight(lin)
             _fold_norm(norm, readers, facts.norm_offset)
             for lin in readers:
-                _set(lin.weight, lin.weight.double() @ R)
+                _set(lin.weight, _times_r(lin.weight.double(), signs))
         for p in facts.writers:
             lin = block.get_submodule(p)
-            _set(_weight(lin), R.T @ lin.weight.double())
+            _set(_weight(lin), _times_r(lin.weight.double().T, signs).T)  # R^T W = (W^T R)^T
             if lin.bias is not None:
-                _set(lin.bias, lin.bias.double() @ R)
-        if M is not None:
-            _rotate_v_o(block.get_submodule(facts.v_o[0]), block.get_submodule(facts.v_o[1]), M, where)
-        if online:
-            for p in facts.online:
-                lin = block.get_submodule(p)
-                k = _weight(lin).shape[1]
-                if not hadamard.supported(k):
-                    raise ValueError(f"rotate: {where}.{p} reads {k} channels, an order with no Hadamard matrix "
-                                     "here; pass online=False to rotate without the online rotation")
-                input_rotation.rotate_weight_inputs(lin, k)
-                input_rotation.attach(lin, k)
-                online_orders[f"{where}.{p}"] = k
+                _set(lin.bias, _times_r(lin.bias.double(), signs))
+        if facts.v_o is not None:
+            _rotate_v_o(block.get_submodule(facts.v_o[0]), block.get_submodule(facts.v_o[1]), hd, where)
+        for p in facts.online if online else ():
+            lin = block.get_submodule(p)
+            k = online_orders[f"{where}.{p}"]
+            input_rotation.rotate_weight_inputs(lin, k)
+            input_rotation.attach(lin, k)
     _fold_norm(final, [head], facts.norm_offset)
-    _set(_weight(head), head.weight.double() @ R)
-    _set(embed.weight, embed.weight.double() @ R)
+    _set(_weight(head), _times_r(head.weight.double(), signs))
+    _set(embed.weight, _times_r(embed.weight.double(), signs))
 
-    done = {"kind": "hadamard", "seed": seed, "hidden": n, "online": online, "head_dim_v_o": M is not None,
-            "untied_head": untied}
+    done = {"kind": "hadamard", "seed": seed, "hidden": n, "online": online,
+            "head_dim_v_o": facts.v_o is not None, "untied_head": untied}
     setattr(model, _MARK, done)
     logger.info("rotate: %s residual stream (order %d = %s), %d online rotations, values per head: %s%s",
-                spec.model_type, n, "x".join(map(str, hadamard.factor(n))), len(online_orders), M is not None,
+                spec.model_type, n, "x".join(map(str, hadamard.factor(n))), len(online_orders), facts.v_o is not None,
                 "; LM head untied from the embedding" if untied else "")
     return done
+
+
+def check_kind(kind, who: str) -> None:
+    if kind not in ROTATIONS:
+        raise ValueError(f"{who}: rotate must be one of {', '.join(map(repr, ROTATIONS))}, got {kind!r}")
+
+
+def ensure_rotated(model: nn.Module, kind: Optional[str], spec: Optional[ModelSpec] = None, *, seed: int = 0,
+                   online: bool = True, who: str = "rotate") -> bool:
+    """The pre-transform step of ``quantize`` and ``search``: rotate ``model``
+    as ``kind`` says unless it already is (then logged, not rotated twice).
+    True when it rotated now (the caller's ModelSpec is then stale)."""
+    check_kind(kind, who)
+    if kind is None:
+        return False
+    if rotated(model) is not None:
+        logger.info("%s: the model is already rotated (%s); not rotating again", who, rotated(model))
+        return False
+    rotate(model, spec, seed=seed, online=online)
+    return True

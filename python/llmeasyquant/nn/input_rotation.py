@@ -90,8 +90,11 @@ def rotated_inputs(model: nn.Module) -> dict[str, int]:
 @torch.no_grad()
 def rotate_weight_inputs(module: nn.Module, n: int) -> None:
     """``W <- W Q^T`` along the input dim: the offline half of :func:`attach`."""
-    Q = hadamard.matrix(n, torch.float64, module.weight.device)
+    if module.weight.shape[-1 if hasattr(module, "in_features") else 0] != n:
+        raise ValueError(f"online Hadamard: expected the order to equal the layer's input width "
+                         f"{_in_features(module)}, got {n}")
+    w = module.weight.double()
     if hasattr(module, "in_features"):
-        module.weight.copy_((module.weight.double() @ Q.T).to(module.weight.dtype))
-    else:  # Conv1D [in, out]
-        module.weight.copy_((Q @ module.weight.double()).to(module.weight.dtype))
+        module.weight.copy_(hadamard.rotate(w).to(module.weight.dtype))
+    else:  # Conv1D [in, out]: Q W = (W^T Q^T)^T
+        module.weight.copy_(hadamard.rotate(w.T).T.to(module.weight.dtype))

@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 from ..calibration import calibration_batches, observe_model
 from ..log import logger
 from ..methods._common import swap, target_paths
-from ..methods.base import ROTATIONS
 from ..models.extract import extract
-from ..models.rotate import rotate as rotate_model, rotated
+from ..models.rotate import ensure_rotated
 from .candidates import BASES, Candidates, build_candidates, collect_hessians
 from .probe import LossProbe
 from .strategies import MIB, Objective, allocate, check_budget, default_groups, distortion, entropy, grid, greedy
@@ -105,12 +104,9 @@ class Searcher:
         bits = tuple(sorted(set(int(b) for b in bits)))
         if len(bits) < 2:
             raise ValueError(f"a search needs at least two candidate bit widths, got {bits}")
-        if rotate not in ROTATIONS:
-            raise ValueError(f"search: rotate must be one of {', '.join(map(repr, ROTATIONS))}, got {rotate!r}")
         self.model, self.batches, self.progress = model, batches, progress
         self.rotate, self.rotate_seed = rotate, rotate_seed
-        if rotate is not None and rotated(model) is None:
-            rotate_model(model, seed=rotate_seed)
+        ensure_rotated(model, rotate, seed=rotate_seed, who="search")
         self.spec = extract(model)
         self.paths = target_paths(model, self.spec, exclude)
         if not self.paths:
