@@ -312,5 +312,12 @@ def test_sass_has_tensor_core_and_dp4a_instructions(arch):
         assert "IDP.4A.S8.S8" in sass[k], k
     for k in wo:
         assert "HMMA.16816.F32" in sass[k], k
-    for k in mma + gemv + wo_gemv:  # register arrays stayed in registers (no local-memory spills)
+    # the W4A16 panel kernel: tensor cores, ldmatrix, cp.async, the LOP3 unpacking, 16-bit sub/mul
+    panel = [k for k in sass if "w4_panel_kernel" in k]
+    assert len(panel) == 6, sorted(sass)
+    for k in panel:
+        assert "HMMA.16816.F32" in sass[k] and "LDSM" in sass[k] and "LDGSTS" in sass[k], k
+        assert "LOP3" in sass[k] and re.search(r"\bLDS\.128\b", sass[k]), k
+        assert re.search(r"\bHFMA2|\bHADD2|\bHMUL2", sass[k]), k  # the dequantize stays in 16-bit pairs
+    for k in mma + gemv + wo_gemv + panel:  # register arrays stayed in registers (no local-memory spills)
         assert not re.search(r"\b(LDL|STL)\b", sass[k]), f"{k} spills to local memory"

@@ -355,3 +355,34 @@ def hadamard_transform(x, had_m: Optional[torch.Tensor], rule=KERNEL) -> int:
             f"{op}: the CUDA kernel takes rows of at most {CUDA_HADAMARD_MAX_N} values (one row in shared memory), "
             f"got {n}; llmeasyquant.ops.hadamard_transform runs longer rows in PyTorch"))
     return m
+
+
+def weight_only_linear_panel(x, qpanel, gparams, out_features: int, group_size: int, bias) -> None:
+    """The panel op (C++: op_checks.h check_panel_args): x bf16/fp16 [..., K],
+    K % 16 == 0, the shapes :mod:`llmeasyquant.panel` makes."""
+    op = "llmeasyquant.weight_only_linear_panel"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    torch._check_value(x.dtype in (torch.bfloat16, torch.float16), lambda: (
+        f"{op}: expected x bfloat16 or float16 (a 16-bit kernel), got {x.dtype}"))
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    K = x.shape[-1]
+    torch._check_value(K > 0 and K % 16 == 0, lambda: (
+        f"{op}: expected K (the last dim of x) a positive multiple of 16, got {K} (x {shape_str(x)})"))
+    torch._check_value(out_features >= 0, lambda: f"{op}: expected out_features >= 0, got {out_features}")
+    g = K if group_size == -1 else group_size
+    torch._check_value(g == K or (g > 0 and g % 64 == 0 and K % g == 0), lambda: (
+        f"{op}: expected group_size -1, K or a multiple of 64 dividing K={K}, got {group_size}"))
+    check_device(op, "qpanel", qpanel, dev)
+    check_dtype(op, "qpanel", qpanel, torch.int32)
+    P, K16 = -(-out_features // 64), -(-K // 64) * 4
+    torch._check_value(tuple(qpanel.shape) == (P, K16, 32, 4), lambda: (
+        f"{op}: expected qpanel of shape [{P}, {K16}, 32, 4] for out_features={out_features}, K={K}, "
+        f"got {shape_str(qpanel)}"))
+    check_device(op, "gparams", gparams, dev)
+    check_dtype(op, "gparams", gparams, torch.float32)
+    torch._check_value(tuple(gparams.shape) == (P, K // g, 2, 8, 8), lambda: (
+        f"{op}: expected gparams of shape [{P}, {K // g}, 2, 8, 8] for out_features={out_features}, K={K}, "
+        f"group size {g}, got {shape_str(gparams)}"))
+    _bias(op, bias, out_features, dev)
+

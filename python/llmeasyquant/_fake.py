@@ -85,3 +85,10 @@ def _weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias):
 def _hadamard_transform(x, had_m, scale):
     _checks.hadamard_transform(x, had_m)
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("llmeasyquant::weight_only_linear_panel")
+def _weight_only_linear_panel(x, qpanel, gparams, out_features, group_size, bias):
+    _checks.weight_only_linear_panel(x, qpanel, gparams, out_features, group_size, bias)
+    return x.new_empty([*x.shape[:-1], out_features])
+

@@ -126,6 +126,13 @@ def _hadamard_transform_kernel(x, had_m, scale):
     return hadamard.transform(x, had_m, scale)
 
 
+def _weight_only_linear_panel_kernel(x, qpanel, gparams, out_features, group_size, bias):
+    from . import panel
+
+    _checks.weight_only_linear_panel(x, qpanel, gparams, out_features, group_size, bias)
+    return panel.linear(x, qpanel, gparams, out_features, bias)
+
+
 # The ops a weight-only QLinear needs (plus quantize_static for set_weight with
 # given scales, and the online input rotation before such a layer). The
 # int8-GEMM ops and the activation statistics keep compiled kernels only:
@@ -136,6 +143,9 @@ KERNELS = {
     "dequantize": _dequantize_kernel,
     "weight_only_linear": _weight_only_linear_kernel,
     "hadamard_transform": _hadamard_transform_kernel,
+    # the CUDA W4A16 panel layout's op: a compiled kernel on CUDA only; this
+    # is its kernel on the CPU (tests, reference) and on other devices
+    "weight_only_linear_panel": _weight_only_linear_panel_kernel,
 }
 
 # Kept at module level: dropping the Library object would unregister the kernels.

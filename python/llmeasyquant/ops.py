@@ -200,3 +200,13 @@ def hadamard_transform(x: torch.Tensor, had_m: Optional[torch.Tensor] = None,
         _checks.hadamard_transform(x, had_m, rule=_checks.ANY_DEVICE)
         return hadamard.transform(x, had_m, scale)
     return _ops.hadamard_transform(x, had_m, float(scale))
+
+
+def weight_only_linear_panel(x: torch.Tensor, qpanel: torch.Tensor, gparams: torch.Tensor, out_features: int,
+                             group_size: int = PER_ROW, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W4A16 from the CUDA panel layout (:mod:`llmeasyquant.panel`: ``pack``
+    makes ``qpanel`` / ``gparams`` from a 4-bit layer). bf16/fp16 ``x``; the
+    weight formed in x's dtype, ``(q - z) * scale`` rounded once, float32
+    accumulation. The tensor-core kernel on CUDA (compiled, not yet validated on
+    a GPU); ``panel.linear`` (PyTorch) on every other device."""
+    return _ops.weight_only_linear_panel(x, qpanel, gparams, int(out_features), int(group_size), bias)

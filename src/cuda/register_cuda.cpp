@@ -383,6 +383,31 @@ at::Tensor weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& qw, co
   return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
+// Compiled, not yet validated on a GPU (src/cuda/gemm_w4_panel.cu).
+at::Tensor weight_only_linear_panel_cuda(const at::Tensor& x, const at::Tensor& qpanel, const at::Tensor& gparams,
+                                         int64_t out_features, int64_t group_size,
+                                         const c10::optional<at::Tensor>& bias) {
+  const char* op = "llmeasyquant.weight_only_linear_panel";
+  const at::Device dev = cuda_device(op, x, "x");
+  check_panel_args(op, x, qpanel, gparams, out_features, group_size, dev);
+  const c10::cuda::CUDAGuard guard(dev);
+  const int64_t K = x.size(-1), N = out_features;
+  const int64_t g = group_size == -1 ? K : group_size;
+  const at::Tensor bias32 = bias_f32(op, bias, N, dev);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
+  if (M == 0 || N == 0) return at::empty(out_shape, x.options());
+  const at::Tensor xv = aligned16(x.reshape({-1, K}).contiguous());
+  const at::Tensor qv = aligned16(qpanel.contiguous()), gv = aligned16(gparams.contiguous());
+  at::Tensor out = at::empty({M, N}, x.options());
+  check_cuda_ok(op, cuda::w4_panel_gemm(M, N, K, xv.data_ptr(), float_type(x.scalar_type()), K, qv.data_ptr<int32_t>(),
+                                        gv.data_ptr<float>(), g, bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+                                        out.data_ptr(), stream()));
+  return shaped_result(out, out_shape);
+}
+
 // Compiled, not yet validated on a GPU (src/cuda/hadamard.cu).
 at::Tensor hadamard_transform_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& had_m, double scale) {
   const char* op = "llmeasyquant.hadamard_transform";
@@ -415,6 +440,7 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CUDA, m) {
   m.impl("dynamic_quant_linear", &dynamic_quant_linear_cuda);
   m.impl("weight_only_linear", &weight_only_linear_cuda);
   m.impl("hadamard_transform", &hadamard_transform_cuda);
+  m.impl("weight_only_linear_panel", &weight_only_linear_panel_cuda);
 }
 
 }  // namespace llmeq

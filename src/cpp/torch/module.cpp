@@ -42,6 +42,15 @@ static py::tuple mma_layout(const std::string& what, int lane, int i) {
   else if (what == "ldsm_s8_b") r = ldsm_s8_b(lane, i);
   else if (what == "ldsm_h_a") r = ldsm_h_a(lane, i);
   else if (what == "swz64") return py::make_tuple(lane, swz64(lane, i));
+  else if (what == "swz128") return py::make_tuple(lane, swz128(lane, i));
+  // w4 panel: i = word * 8 + nibble -> (k, n) inside the k16 x n64 tile
+  else if (what == "w4_panel_elem") r = w4_panel_elem(lane, i >> 3, i & 7);
+  // w4 panel: lane = k, i = n (inside the tile) -> (lane, word * 8 + nibble)
+  else if (what == "w4_panel_slot") {
+    const PanelSlot s = w4_panel_slot(lane, i);
+    return py::make_tuple(s.lane, s.word * 8 + s.nibble);
+  }
+  else if (what == "w4_panel_param") return py::make_tuple(lane, w4_panel_param(lane, i));
   else throw py::value_error("unknown layout '" + what + "'");
   return py::make_tuple(r.row, r.col);
 }

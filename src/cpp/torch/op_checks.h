@@ -166,6 +166,36 @@ inline int64_t check_hadamard_args(const char* op, const at::Tensor& x, const c1
   return m;
 }
 
+// weight_only_linear_panel: x bf16/fp16 [..., K] with K % 16 == 0; qpanel
+// int32 [ceil(N/64), ceil(K/64) * 4, 32, 4]; gparams float32
+// [ceil(N/64), K/g, 2, 8, 8]; g = K (group_size -1 or K) or g % 64 == 0
+// dividing K (llmeasyquant/panel.py makes both).
+inline void check_panel_args(const char* op, const at::Tensor& x, const at::Tensor& qpanel, const at::Tensor& gparams,
+                             int64_t out_features, int64_t group_size, const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                    msg(op, ": expected x bfloat16 or float16 (a 16-bit kernel), got ", x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(K > 0 && K % 16 == 0, msg(op, ": expected K (the last dim of x) a positive multiple of 16, got ",
+                                              K, " (x ", shape_str(x), ")"));
+  TORCH_CHECK_VALUE(out_features >= 0, msg(op, ": expected out_features >= 0, got ", out_features));
+  const int64_t g = group_size == -1 ? K : group_size;
+  TORCH_CHECK_VALUE(g == K || (g > 0 && g % 64 == 0 && K % g == 0),
+                    msg(op, ": expected group_size -1, K or a multiple of 64 dividing K=", K, ", got ", group_size));
+  check_device(op, "qpanel", qpanel, dev);
+  check_dtype(op, "qpanel", qpanel, at::kInt);
+  const int64_t P = (out_features + 63) / 64, K16 = (K + 63) / 64 * 4;
+  TORCH_CHECK_VALUE(qpanel.sizes() == at::IntArrayRef({P, K16, 32, 4}),
+                    msg(op, ": expected qpanel of shape [", P, ", ", K16, ", 32, 4] for out_features=", out_features,
+                        ", K=", K, ", got ", shape_str(qpanel)));
+  check_device(op, "gparams", gparams, dev);
+  check_dtype(op, "gparams", gparams, at::kFloat);
+  TORCH_CHECK_VALUE(gparams.sizes() == at::IntArrayRef({P, K / g, 2, 8, 8}),
+                    msg(op, ": expected gparams of shape [", P, ", ", K / g, ", 2, 8, 8] for out_features=",
+                        out_features, ", K=", K, ", group size ", g, ", got ", shape_str(gparams)));
+}
+
 // bias as contiguous fp32 (undefined when absent).
 inline at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias, int64_t N, const at::Device& dev) {
   if (!bias.has_value()) return at::Tensor();

@@ -39,4 +39,9 @@ TORCH_LIBRARY(llmeasyquant, m) {
   // scale * x @ kron(had_m, S_p)^T (had_m float32 [m, m], None for m = 1);
   // fp32 arithmetic, x's dtype out. llmeasyquant/hadamard.py builds had_m.
   m.def("hadamard_transform(Tensor x, Tensor? had_m, float scale) -> Tensor");
+  // W4A16 from the CUDA panel layout (llmeasyquant/panel.py, mma_layout.h):
+  // weights formed in x's 16-bit dtype, fp32 accumulation. CUDA kernel; the
+  // PyTorch kernel (panel.linear) everywhere else.
+  m.def("weight_only_linear_panel(Tensor x, Tensor qpanel, Tensor gparams, int out_features, int group_size, "
+        "Tensor? bias) -> Tensor");
 }

@@ -99,6 +99,19 @@ cudaError_t weight_only_gemm(int64_t M, int64_t N, int64_t K, const void* x, Flo
                              int bits, int64_t g, const float* scale, const int8_t* zp, const float* bias, void* out,
                              WoPath path, cudaStream_t stream);
 
+// ---- gemm_w4_panel.cu -----------------------------------------------------------
+// W4A16 on the tensor cores from the panel layout (mma_layout.h; made by
+// llmeasyquant/panel.py): x bf16/fp16 [M, K] (row stride ldx, 16-byte aligned
+// rows), qpanel int32 [N64][K16][32][4] with K16 = ceil(K / 64) * 4, gparams
+// float32 [N64][K / g][2][8][8]; bias fp32 or null; out x's dtype [M, N].
+// Takes K % 16 == 0 and g == K or g % 64 == 0. Meant for M above the GEMV's
+// kWoGemvMaxM; ops.py / QLinear choose it (kPanelMaxM is an untimed guess of
+// the crossover with dequantize + cuBLAS). Compiled, not yet validated on a GPU.
+bool w4_panel_supported(int64_t K, int64_t g, FloatType t);
+cudaError_t w4_panel_gemm(int64_t M, int64_t N, int64_t K, const void* x, FloatType t, int64_t ldx,
+                          const int32_t* qpanel, const float* gparams, int64_t g, const float* bias, void* out,
+                          cudaStream_t stream);
+
 // ---- hadamard.cu ----------------------------------------------------------------
 // The Walsh-Hadamard transform of cpu_kernels.h (same arguments; had is an
 // m x m fp32 device matrix or null), one CTA per row with the row in shared
