@@ -10,6 +10,9 @@ method quantizes:
   W8A16       llmeasyquant weight_only_linear, 8-bit per-channel weights
   W4A16       llmeasyquant weight_only_linear, 4-bit g=128 weights (auto path)
   W4A16-mma   the same forced onto the tensor-core kernel (LLMEQ_CUDA_WO=mma)
+  W4A16-panel the same weights on the panel kernel (gemm_w4_panel.cu, weights
+              re-laid out once by llmeasyquant.panel.pack; what QLinear runs
+              on CUDA for panel.MIN_M <= M <= panel.MAX_M), every M
 and the quantize kernel's bandwidth on a 64 MiB bf16 activation.
 
 Weights are rotated over enough copies to exceed the L2 cache; times are the
@@ -152,6 +155,17 @@ def bench_shape(N, K, M, l2, quick):
             row["W4A16-graph"] = _time_graph(fn, sets)
         del sets
         del os.environ["LLMEQ_CUDA_WO"]
+    from llmeasyquant import panel
+
+    qwb, sb, _ = lq.ops.quantize(w, 4, True, 128)
+    pk = panel.pack(qwb, sb, None, 128, K)
+    out = lq.ops.weight_only_linear_panel(x, pk.qpanel, pk.gparams, N, 128)
+    errs["W4A16-panel"] = _rel_err(out, ref)
+    sets = [(x, pk.qpanel.clone(), pk.gparams) for _ in range(_copies(pk.qpanel.numel() * 4, l2))]
+    fn = lambda x, q, gp: lq.ops.weight_only_linear_panel(x, q, gp, N, 128)  # noqa: E731
+    row["W4A16-panel"] = _time(fn, sets)
+    row["W4A16-panel-graph"] = _time_graph(fn, sets)
+    del sets
     row["err"] = errs
     return row
 
@@ -199,21 +213,24 @@ def main():
              "Eager (batches of back-to-back calls):",
              "",
              "| N x K | M | bf16 µs | W8A8 µs | W8A8 / bf16 | W8A8-mma µs | int_mm+q µs | W8A16 µs | W4A16 µs "
-             "| W4A16 / bf16 | W4A16-mma µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| W4A16 / bf16 | W4A16-mma µs | W4A16-panel µs | panel / bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {f(r['bf16'])} | {f(r['W8A8'])} | "
                      f"{r['bf16'] / r['W8A8']:.2f}x | {f(r.get('W8A8-mma'))} | {f(r['int_mm+q'])} | "
-                     f"{f(r['W8A16'])} | {f(r['W4A16'])} | {r['bf16'] / r['W4A16']:.2f}x | {f(r['W4A16-mma'])} |")
+                     f"{f(r['W8A16'])} | {f(r['W4A16'])} | {r['bf16'] / r['W4A16']:.2f}x | {f(r['W4A16-mma'])} | "
+                     f"{f(r['W4A16-panel'])} | {r['bf16'] / r['W4A16-panel']:.2f}x |")
     lines += ["", "CUDA graphs (replayed; no host dispatch cost):", "",
-              "| N x K | M | bf16 µs | W8A8 µs | W8A8 / bf16 | W8A8 weight GB/s (% of copy) | W4A16 µs | W4A16 / bf16 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| N x K | M | bf16 µs | W8A8 µs | W8A8 / bf16 | W8A8 weight GB/s (% of copy) | W4A16 µs | W4A16 / bf16 "
+              "| W4A16-panel µs | panel / bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wbw = r["N"] * r["K"] / r["W8A8-graph"] / 1e3
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['bf16-graph']:.1f} | {r['W8A8-graph']:.1f} | "
                      f"{r['bf16-graph'] / r['W8A8-graph']:.2f}x | {wbw:.0f} ({100 * wbw / copy_bw:.0f}%) | "
-                     f"{r['W4A16-graph']:.1f} | {r['bf16-graph'] / r['W4A16-graph']:.2f}x |")
+                     f"{r['W4A16-graph']:.1f} | {r['bf16-graph'] / r['W4A16-graph']:.2f}x | "
+                     f"{r['W4A16-panel-graph']:.1f} | {r['bf16-graph'] / r['W4A16-panel-graph']:.2f}x |")
     lines += ["", f"Quantize (8192x4096 bf16 = 64 MiB): per-token int8 {qb['per_token_int8_us']:.1f} µs = "
               f"{qb['per_token_int8_GBps']:.0f} GB/s ({100 * qb['per_token_int8_GBps'] / copy_bw:.0f}% of copy); "
               f"g=128 int4 asym {qb['g128_int4_us']:.1f} µs = {qb['g128_int4_GBps']:.0f} GB/s "

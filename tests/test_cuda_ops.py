@@ -153,6 +153,69 @@ def test_weight_only_linear(wo_path, M, bits, dtype, _):
         assert_close_to_reference(out, ref, ref64)
 
 
+# The W4A16 panel kernel (gemm_w4_panel.cu) against its PyTorch kernel on the
+# CPU (panel.linear: the same 16-bit weights, so only the float32 summation
+# order differs). (K, N, group size, symmetric): one and several panels, N off
+# 64, K off the 64-value stage (per row), g = 64 / 128, a K long enough for
+# every pipeline stage to be reused many times.
+PANEL_SHAPES = [(64, 64, 64, True), (192, 100, 64, False), (80, 33, -1, False), (256, 130, 128, True),
+                (4096, 200, 128, False), (1024, 1, -1, True)]
+
+
+@pytest.mark.parametrize("M", [1, 9, 16, 17, 32, 33, 64, 65, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
+def test_weight_only_linear_panel(M, dtype, _):
+    from llmeasyquant import panel
+
+    g = _gen("panel", M, str(dtype))
+    for K, N, gs, sym in PANEL_SHAPES:
+        w = torch.randn(N, K, generator=g)
+        qw, s, z = lq.ops.quantize(w, 4, sym, gs)
+        p = panel.pack(qw, s, None if sym else z, gs, K)
+        assert p is not None, (K, N, gs)
+        x = torch.randn(M, K, generator=g).to(dtype)
+        bias = torch.randn(N, generator=g) if not sym else None
+        _poison()
+        pd = panel.pack(qw.to(DEV), s.to(DEV), None if sym else z.to(DEV), gs, K)
+        assert torch.equal(pd.qpanel.cpu(), p.qpanel) and torch.equal(pd.gparams.cpu(), p.gparams)
+        out = lq.ops.weight_only_linear_panel(x.to(DEV), pd.qpanel, pd.gparams, N, gs,
+                                              None if bias is None else bias.to(DEV)).cpu()
+        ref = lq.ops.weight_only_linear_panel(x, p.qpanel, p.gparams, N, gs, bias)  # panel.linear on the CPU
+        assert not out.isnan().any(), f"unwritten outputs K={K} N={N} g={gs}"
+        wd = panel.dequantize(p.qpanel, p.gparams, N, K, torch.float64)
+        ref64 = x.double() @ wd.T + (0 if bias is None else bias.double())
+        assert_close_to_reference(out, ref, ref64.to(dtype).double())
+        if M > 1:  # non-contiguous activations: the op makes them contiguous
+            xs = noncontig(x.to(DEV))
+            assert torch.equal(lq.ops.weight_only_linear_panel(xs, pd.qpanel, pd.gparams, N, gs).cpu(),
+                               lq.ops.weight_only_linear_panel(xs.contiguous(), pd.qpanel, pd.gparams, N, gs).cpu())
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
+def test_qlinear_takes_the_panel_kernel_and_rebuilds_it_when_weights_change(_, monkeypatch):
+    from llmeasyquant import panel
+    from llmeasyquant.nn import QLinear
+
+    g = _gen("qlinear-panel")
+    lin = torch.nn.Linear(256, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=g) / 16)
+    q = QLinear.from_linear(lin.to(DEV), w_bits=4, w_group_size=64, act=None, w_symmetric=False)
+    x = torch.randn(16, 256, generator=g).to(torch.bfloat16).to(DEV)
+    out = q(x)
+    p = q._cuda_panel(q.qweight)
+    assert p is not None
+    assert torch.equal(out, lq.ops.weight_only_linear_panel(x, p.qpanel, p.gparams, 96, 64, q.bias))
+    assert "_panel_cache" not in "".join(q.state_dict())  # a derived cache, never saved
+    with torch.no_grad():
+        q.qweight.zero_()  # in place: the version counter changes, the cache is rebuilt
+    assert q._cuda_panel(q.qweight) is not p
+    monkeypatch.setenv("LLMEQ_CUDA_WO", "dequant")  # a forced canonical path is respected
+    assert not panel.wanted(x, 4)
+    torch.testing.assert_close(q(x), lq.ops.weight_only_linear(x, q.qweight, q.scales(), q.w_zero, 4, 64, q.bias))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])

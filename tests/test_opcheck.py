@@ -39,16 +39,26 @@ def _samples(device):
         (ops.hadamard_transform.default, (torch.randn(3, 48, generator=g).to(device).to(torch.bfloat16),
                                           hadamard.small_matrix(48, device=device), 48 ** -0.5)),
         (ops.hadamard_transform.default, (x[..., :16], None, 0.5)),
+        (ops.weight_only_linear_panel.default, (*_panel_args(device, g), torch.randn(70, generator=g).to(device))),
     ]
+
+
+def _panel_args(device, g):
+    from llmeasyquant import panel
+
+    qw, s, z = lq.ops.quantize(torch.randn(70, 128, generator=g), 4, False, 64)
+    p = panel.pack(qw, s, z, 64, 128)
+    x = torch.randn(2, 3, 128, generator=g).to(torch.bfloat16)
+    return x.to(device), p.qpanel.to(device), p.gparams.to(device), 70, 64
 
 
 def test_every_op_has_an_opcheck_sample():
     covered = {op._schema.name.split("::")[1] for op, _ in _samples("cpu")}
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmeasyquant::")}
-    assert len(defined) == 10 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
+    assert len(defined) == 11 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
 
 
-@pytest.mark.parametrize("i", range(14))
+@pytest.mark.parametrize("i", range(15))
 def test_opcheck(device, i):
     op, args = _samples(device)[i]
     torch.library.opcheck(op, args)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import R, assert_close_to_reference, lq, noncontig, rand_int8
-from llmeasyquant import hadamard
+from llmeasyquant import hadamard, panel
 
 SEED = 20261201
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -246,6 +246,13 @@ def _opcheck_samples():
         n = rng.choice([4, 12, 40, 64])
         had = hadamard.small_matrix(n)
         out.append((ops.hadamard_transform.default, (_values((3, n), rng.choice(FLOATS), rng, gen), had, n ** -0.5)))
+        pk, pg = rng.choice([(64, 64), (192, 64), (256, 128), (48, -1), (80, -1)])
+        pn = rng.randint(1, 130)
+        qw, ws, wz = R.quantize(torch.randn(pn, pk, generator=gen), 4, rng.random() < 0.5, pg)
+        p = panel.pack(qw, ws, wz, pg, pk)
+        px = _values((rng.randint(1, 20), pk), rng.choice([torch.bfloat16, torch.float16]), rng, gen)
+        out.append((ops.weight_only_linear_panel.default, (px, p.qpanel, p.gparams, pn, pg,
+                                                           torch.randn(pn, generator=gen))))
     return out
 
 

@@ -31,6 +31,7 @@ canonical kernel.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +40,13 @@ import torch.nn.functional as F
 
 from .quant_format import unpack_int4
 
+# QLinear takes the panel kernel on CUDA for MIN_M <= M <= MAX_M: at M <= 8
+# the canonical GEMV (gemm_wo.cu) streams the weights once and wins; above
+# MAX_M dequantize + cuBLAS. MAX_M is a guess until a GPU measures the
+# crossover (bench_gemm_cuda.py prints both); LLMEQ_CUDA_WO=panel forces the
+# panel kernel at every M, any other forced path keeps the canonical op.
+MIN_M = 9
+MAX_M = 256
 PANEL_N = 64  # output channels per panel
 TILE_K = 16  # K values per tile (one mma k16 step)
 STAGE_K = 64  # K values per pipeline stage: the panel is padded to a multiple
@@ -60,6 +68,17 @@ def _tile_index():
 
 
 _K_IDX, _N_IDX = _tile_index()
+
+
+def wanted(x: torch.Tensor, bits: int) -> bool:
+    """Whether a 4-bit weight-only layer should run ``x`` on the panel kernel."""
+    if not x.is_cuda or bits != 4 or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() == 0:
+        return False
+    setting = os.environ.get("LLMEQ_CUDA_WO") or "auto"
+    if setting == "panel":
+        return True
+    M = x.numel() // max(1, x.shape[-1])
+    return setting == "auto" and MIN_M <= M <= MAX_M
 
 
 @dataclass(frozen=True)

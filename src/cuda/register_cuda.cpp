@@ -212,7 +212,10 @@ cuda::WoPath wo_path() {
   if (std::strcmp(v, "mma") == 0) return cuda::WoPath::Mma;
   if (std::strcmp(v, "gemv") == 0) return cuda::WoPath::Gemv;
   if (std::strcmp(v, "dequant") == 0) return cuda::WoPath::Dequant;
-  TORCH_CHECK_VALUE(false, msg("LLMEQ_CUDA_WO must be auto, mma, gemv or dequant, got '", v, "'"));
+  // panel: QLinear's choice of the panel op (llmeasyquant/panel.py); a call
+  // of this canonical op has no panel layout to run on, so it goes by auto.
+  if (std::strcmp(v, "panel") == 0) return cuda::WoPath::Auto;
+  TORCH_CHECK_VALUE(false, msg("LLMEQ_CUDA_WO must be auto, mma, gemv, dequant or panel, got '", v, "'"));
 }
 
 cuda::OutKind out_kind(at::ScalarType d) {

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops, quant_format
+from .. import ops, panel, quant_format
 
 ACT_MODES = (None, "dynamic", "static", "ema")
 # Buffers whose dtype is part of the layer's definition: a module cast
@@ -376,6 +376,24 @@ class QLinear(nn.Module):
                           RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ misc
+    def _cuda_panel(self, qw: torch.Tensor):
+        """This 4-bit layer in the CUDA panel layout (:mod:`llmeasyquant.panel`),
+        or None when the panel kernel cannot take it. Derived on the first call
+        that wants it and again whenever qweight, the scales or the zero-points
+        change (their data pointers and version counters are the key: .to(),
+        load_state_dict and in-place edits all invalidate it). A plain
+        attribute, not a buffer: never in state_dict, never saved. It holds a
+        second copy of the 4-bit weights on the GPU (0.5 byte per weight)."""
+        b = self._buffers
+        parts = (qw, b["w_scale"], b["w_zero"])
+        key = tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version) for t in parts)
+        cache = self.__dict__.get("_panel_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, panel.pack(qw, self.scales(), b["w_zero"], self.w_group_size, self.in_features))
+            self.__dict__["_panel_cache"] = cache
+        return cache[1]
+
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out, in]`` this layer actually multiplies with."""
