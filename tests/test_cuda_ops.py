@@ -382,5 +382,8 @@ def test_sass_has_tensor_core_and_dp4a_instructions(arch):
         assert "HMMA.16816.F32" in sass[k] and "LDSM" in sass[k] and "LDGSTS" in sass[k], k
         assert "LOP3" in sass[k] and re.search(r"\bLDS\.128\b", sass[k]), k
         assert re.search(r"\bHFMA2|\bHADD2|\bHMUL2", sass[k]), k  # the dequantize stays in 16-bit pairs
-    for k in mma + gemv + wo_gemv + panel:  # register arrays stayed in registers (no local-memory spills)
+    # the vectorised dequantize: 16-byte stores of 8 values
+    deq = [k for k in sass if "dequantize_vec8_kernel" in k]
+    assert len(deq) == 1 and re.search(r"\bSTG\.E\.128\b", sass[deq[0]]), sorted(sass)
+    for k in mma + gemv + wo_gemv + panel + deq:  # register arrays stayed in registers (no local-memory spills)
         assert not re.search(r"\b(LDL|STL)\b", sass[k]), f"{k} spills to local memory"

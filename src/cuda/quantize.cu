@@ -253,6 +253,65 @@ __global__ void dequantize_kernel(const void* __restrict__ q, int64_t rows, int6
   }
 }
 
+// The same, 8 consecutive values of one row per thread on a 2-D grid (x
+// along the row, y over rows): the per-element 64-bit division and modulo of
+// dequantize_kernel (most of its time on H100, docs/benchmarks.md) become one
+// multiply-add per 8 values, the weights come in one 8-byte (int8) or 4-byte
+// (int4) load and the output goes out in 16-byte stores. Needs K % 8 == 0,
+// g % 8 == 0 (the 8 values share a scale) and aligned rows; dequantize()
+// picks the scalar kernel otherwise. The same float operations per element:
+// bit-exact with dequantize_kernel. Compiled, not yet validated on a GPU.
+constexpr int kVecThreads = 256;
+__global__ void __launch_bounds__(kVecThreads)
+    dequantize_vec8_kernel(const void* __restrict__ q, int64_t rows, int64_t K, int bits, int64_t g,
+                           const float* __restrict__ scale, const int8_t* __restrict__ zp, int64_t sstride,
+                           void* __restrict__ out, FloatType t) {
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kVecThreads + threadIdx.x) * 8;
+  if (c0 >= K) return;
+  const int64_t Kq = bits == 4 ? K / 2 : K;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    int v[8];
+    if (bits == 8) {
+      const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const int8_t*>(q) + row * Kq + c0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] = static_cast<int8_t>(((j < 4 ? u.x : u.y) >> (8 * (j & 3))) & 0xffu);
+    } else {
+      // value 2b is the low nibble of byte b: nibble j of the word is value j
+      const uint32_t u = *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(q) + row * Kq + c0 / 2);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int nib = static_cast<int>((u >> (4 * j)) & 0xfu);
+        v[j] = nib >= 8 ? nib - 16 : nib;
+      }
+    }
+    const int64_t si = row * sstride + c0 / g;
+    const float sc = scale[si];
+    const int z = zp[si];
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = __fmul_rn(sc, static_cast<float>(v[j] - z));
+    const int64_t o = row * K + c0;
+    if (t == FloatType::F32) {
+      float4* p = reinterpret_cast<float4*>(static_cast<float*>(out) + o);
+      p[0] = make_float4(f[0], f[1], f[2], f[3]);
+      p[1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+      uint32_t w[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (t == FloatType::BF16) {
+          const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+          w[j] = *reinterpret_cast<const uint32_t*>(&h);
+        } else {
+          const __half2 h = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+          w[j] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+      }
+      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + o) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  }
+}
+
 constexpr int kStatCols = 32, kStatRows = 8, kRowsPerChunk = 256;
 
 // Partial per-channel stats of a chunk of rows: block (32 columns, 8 row lanes).
@@ -358,6 +417,13 @@ cudaError_t ema_update_scale(const float* partial, int blocks, float* state, flo
 cudaError_t dequantize(const void* q, int64_t rows, int64_t K, int bits, int64_t g, const float* scale,
                        const int8_t* zp, int64_t sstride, void* out, FloatType t, cudaStream_t stream) {
   if (rows * K == 0) return cudaSuccess;
+  const uintptr_t qa = reinterpret_cast<uintptr_t>(q), oa = reinterpret_cast<uintptr_t>(out);
+  if (K % 8 == 0 && g % 8 == 0 && qa % 8 == 0 && oa % 16 == 0 && (bits == 8 || bits == 4)) {
+    const int64_t per_row = (K / 8 + kVecThreads - 1) / kVecThreads;
+    const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+    dequantize_vec8_kernel<<<grid, kVecThreads, 0, stream>>>(q, rows, K, bits, g, scale, zp, sstride, out, t);
+    return cudaGetLastError();
+  }
   dequantize_kernel<<<grid_for(rows * K, kThreads), kThreads, 0, stream>>>(q, rows, K, bits, g, scale, zp, sstride,
                                                                            out, t);
   return cudaGetLastError();
