@@ -92,13 +92,15 @@ def test_scaled_int8_gemm_exact(gemm_path, M, out_dtype, _):
             assert torch.equal(out.cpu(), ref), f"K={K} N={N} zero={zero is not None}"
 
 
-@pytest.mark.parametrize("M", [1, 7, 33, 300])
+# M = 1-4 with K % 16 == 0 run the fused quantize + GEMV (one launch), the
+# rest the quantize pre-pass + GEMM; both must equal the reference exactly
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 7, 33, 300])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("act_symmetric", [True, False])
 @pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
 def test_dynamic_quant_linear_exact(M, dtype, act_symmetric, _):
     g = _gen(M, str(dtype), act_symmetric)
-    for K, N in ((17, 5), (256, 33), (1024, 130)):
+    for K, N in ((17, 5), (256, 33), (1024, 130), (4096, 70), (11008, 9)):
         x = (torch.randn(M, K, generator=g) * 3 + 0.5).to(dtype)
         w = rand_int8(N, K, lo=-127, gen=g)
         w_s = torch.rand(N, generator=g) / 100
@@ -382,8 +384,11 @@ def test_sass_has_tensor_core_and_dp4a_instructions(arch):
         assert "HMMA.16816.F32" in sass[k] and "LDSM" in sass[k] and "LDGSTS" in sass[k], k
         assert "LOP3" in sass[k] and re.search(r"\bLDS\.128\b", sass[k]), k
         assert re.search(r"\bHFMA2|\bHADD2|\bHMUL2", sass[k]), k  # the dequantize stays in 16-bit pairs
+    # decode W8A8 in one launch: the fused quantize + dp4a GEMV
+    fused = [k for k in sass if "gemv_s8_fused_quant_kernel" in k]
+    assert len(fused) == 1 and "IDP.4A.S8.S8" in sass[fused[0]], sorted(sass)
     # the vectorised dequantize: 16-byte stores of 8 values
     deq = [k for k in sass if "dequantize_vec8_kernel" in k]
     assert len(deq) == 1 and re.search(r"\bSTG\.E\.128\b", sass[deq[0]]), sorted(sass)
-    for k in mma + gemv + wo_gemv + panel + deq:  # register arrays stayed in registers (no local-memory spills)
+    for k in mma + gemv + wo_gemv + panel + deq + fused:  # register arrays stayed in registers (no local-memory spills)
         assert not re.search(r"\b(LDL|STL)\b", sass[k]), f"{k} spills to local memory"

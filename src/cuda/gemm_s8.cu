@@ -250,6 +250,129 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 }
 
+// Decode W8A8 in one launch: the dp4a GEMV above with the per-token
+// activation quantization fused in. Today's two launches (quantize_segments,
+// then the GEMV) cost a launch and an int8 round trip through memory, which at
+// M = 1 is most of the gap to bf16 (docs/benchmarks.md). Here every CTA
+// quantizes the M <= kFusedMaxM activation rows itself into shared memory
+// (each row is K 16-bit values, read from L2 by every CTA: ~6 % of the weight
+// bytes a CTA streams at M = 1) and then streams kFusedChannels weight rows.
+// The reductions are max/min (order-free, NaN-propagating) and the scale and
+// rounding are quant_math.h's, so the int8 activations, the scales and hence
+// the output are bit-identical to the two-launch path.
+// Compiled, not yet validated on a GPU.
+constexpr int kFusedThreads = 256, kFusedWarps = kFusedThreads / 32, kFusedChannels = 32;
+__global__ void __launch_bounds__(kFusedThreads)
+    gemv_s8_fused_quant_kernel(int M, int N, int K, const void* __restrict__ X, FloatType t, int64_t ldx,
+                               bool symmetric, const int8_t* __restrict__ B, int64_t ldb, Epilogue ep) {
+  extern __shared__ __align__(16) int8_t qa[];  // [M][K] int8
+  __shared__ float red[3][kFusedWarps];
+  __shared__ float a_scale[kFusedMaxM];
+  __shared__ int8_t a_zero[kFusedMaxM];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int m = 0; m < M; ++m) {
+    const int64_t base = m * ldx;
+    const bool vec = reinterpret_cast<uintptr_t>(static_cast<const char*>(X) + base * elem_bytes(t)) % 16 == 0;
+    float amax = 0.0f, mn = INFINITY, mx = -INFINITY;
+    for (int k = tid * 8; k < K; k += kFusedThreads * 8) {  // K % 16 == 0: whole chunks of 8
+      float v[8];
+      load8(X, base + k, t, vec, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        amax = nan_max(amax, fabsf(v[e]));
+        mn = nan_min(mn, v[e]);
+        mx = nan_max(mx, v[e]);
+      }
+    }
+    amax = warp_max(amax);
+    mn = warp_min(mn);
+    mx = warp_max(mx);
+    if (lane == 0) {
+      red[0][warp] = amax;
+      red[1][warp] = mn;
+      red[2][warp] = mx;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      float a = red[0][0], lo = red[1][0], hi = red[2][0];
+      for (int w = 1; w < kFusedWarps; ++w) {
+        a = nan_max(a, red[0][w]);
+        lo = nan_min(lo, red[1][w]);
+        hi = nan_max(hi, red[2][w]);
+      }
+      float sc;
+      int8_t z = 0;
+      if (symmetric)
+        sc = scale_from_absmax(a, 8);
+      else
+        scale_zp_from_minmax(lo, hi, 8, &sc, &z);
+      a_scale[m] = sc;
+      a_zero[m] = z;
+    }
+    __syncthreads();
+    const float sc = a_scale[m];
+    const int z = a_zero[m];
+    for (int k = tid * 8; k < K; k += kFusedThreads * 8) {
+      float v[8];
+      int q[8];
+      load8(X, base + k, t, vec, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) q[e] = quantize_value(v[e], sc, z, 8);
+      uint32_t lo = 0, hi = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        lo |= (static_cast<uint32_t>(q[e]) & 0xffu) << (8 * e);
+        hi |= (static_cast<uint32_t>(q[e + 4]) & 0xffu) << (8 * e);
+      }
+      *reinterpret_cast<uint2*>(qa + static_cast<int64_t>(m) * K + k) = make_uint2(lo, hi);
+    }
+  }
+  __syncthreads();
+  // the epilogue reads this CTA's scales / zero-points (generic pointers to shared memory)
+  Epilogue e = ep;
+  e.a_scale = a_scale;
+  e.a_scale_stride = 1;
+  e.a_zero = symmetric ? nullptr : a_zero;  // asymmetric: the zero-point correction needs ep.b_sum
+  e.a_zero_stride = 1;
+  const int kv = K / 16;
+  for (int c = warp; c < kFusedChannels; c += kFusedWarps) {
+    const int n = blockIdx.x * kFusedChannels + c;
+    if (n >= N) break;
+    const int4* brow = reinterpret_cast<const int4*>(B + static_cast<int64_t>(n) * ldb);
+    int acc[kFusedMaxM];
+#pragma unroll
+    for (int m = 0; m < kFusedMaxM; ++m) acc[m] = 0;
+    constexpr int U = 4;  // weight vectors in flight per lane
+    for (int k0 = lane; k0 < kv; k0 += 32 * U) {
+      int4 w[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) w[u] = k0 + 32 * u < kv ? __ldg(brow + k0 + 32 * u) : make_int4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + 32 * u;
+        if (k >= kv) break;
+#pragma unroll
+        for (int m = 0; m < kFusedMaxM; ++m) {
+          if (m < M) {
+            const int4 a = reinterpret_cast<const int4*>(qa + static_cast<int64_t>(m) * K)[k];
+            acc[m] = __dp4a(a.x, w[u].x, acc[m]);
+            acc[m] = __dp4a(a.y, w[u].y, acc[m]);
+            acc[m] = __dp4a(a.z, w[u].z, acc[m]);
+            acc[m] = __dp4a(a.w, w[u].w, acc[m]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kFusedMaxM; ++m) {
+      if (m < M) {
+        const int v = warp_sum(acc[m]);
+        if (lane == m) epi_store(e, m, n, v, 0, false);
+      }
+    }
+  }
+}
+
 struct TileCfg {
   int bm, bn;
 };
@@ -339,6 +462,20 @@ cudaError_t gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t ld
   if (e != cudaSuccess || splits == 1) return e;
   const int64_t pairs = (M * N + 1) / 2;
   splitk_epilogue_kernel<<<ceil_div(pairs, 256) < 4096 ? ceil_div(pairs, 256) : 4096, 256, 0, stream>>>(m, n, ws, ep);
+  return cudaGetLastError();
+}
+
+bool gemv_s8_fused_supported(int64_t M, int64_t K) {
+  return M >= 1 && M <= kFusedMaxM && K > 0 && K % 16 == 0 && M * K <= kFusedMaxSmem;
+}
+
+cudaError_t gemv_s8_fused_quant(int64_t M, int64_t N, int64_t K, const void* x, FloatType t, int64_t ldx,
+                                bool symmetric, const int8_t* B, int64_t ldb, const Epilogue& ep,
+                                cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  if (!gemv_s8_fused_supported(M, K)) return cudaErrorInvalidValue;
+  gemv_s8_fused_quant_kernel<<<ceil_div(N, kFusedChannels), kFusedThreads, static_cast<size_t>(M * K), stream>>>(
+      static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), x, t, ldx, symmetric, B, ldb, ep);
   return cudaGetLastError();
 }
 

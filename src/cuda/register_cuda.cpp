@@ -307,6 +307,25 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
   out_shape.back() = N;
   if (M == 0 || N == 0) return at::empty(out_shape, x.options());
   if (K == 0) return shaped_result(empty_k_output(bias32, M, N, x.options(), x.scalar_type()), out_shape);
+  const at::Tensor ws = w_scale.contiguous(), wsum = w_sum.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  cuda::Epilogue ep;
+  ep.b_scale = ws.data_ptr<float>();
+  if (!act_symmetric) ep.b_sum = wsum.data_ptr<int32_t>();
+  ep.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  ep.out = out.data_ptr();
+  ep.ldo = N;
+  ep.kind = out_kind(x.scalar_type());
+  // Decode sizes: quantize + dp4a GEMV in one launch (bit-identical to the
+  // two-launch path below; LLMEQ_CUDA_GEMM=mma keeps the tensor-core path).
+  const cuda::GemmPath path = gemm_path();
+  if (M <= cuda::kDp4aAutoMaxM && path != cuda::GemmPath::Mma && cuda::gemv_s8_fused_supported(M, K) &&
+      xv.stride(1) == 1) {
+    const at::Tensor wv = aligned16(w.contiguous());
+    check_cuda_ok(op, cuda::gemv_s8_fused_quant(M, N, K, xv.data_ptr(), float_type(x.scalar_type()), xv.stride(0),
+                                                act_symmetric, wv.data_ptr<int8_t>(), K, ep, stream()));
+    return shaped_result(out, out_shape);
+  }
   // Per-token quantization pre-pass (one launch), then the GEMM with the
   // scales, zero-point correction and bias in its epilogue.
   at::Tensor qa = at::empty({M, K}, x.options().dtype(at::kChar));
@@ -315,19 +334,8 @@ at::Tensor dynamic_quant_linear_cuda(const at::Tensor& x, const at::Tensor& w, c
   check_cuda_ok(op, cuda::quantize_segments(xv.data_ptr(), float_type(x.scalar_type()), M, K, xv.stride(0), 8,
                                             act_symmetric, K, true, qa.data_ptr(), as.data_ptr<float>(),
                                             az.data_ptr<int8_t>(), stream()));
-  const at::Tensor ws = w_scale.contiguous(), wsum = w_sum.contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
-  cuda::Epilogue ep;
   ep.a_scale = as.data_ptr<float>();
-  if (!act_symmetric) {
-    ep.a_zero = az.data_ptr<int8_t>();
-    ep.b_sum = wsum.data_ptr<int32_t>();
-  }
-  ep.b_scale = ws.data_ptr<float>();
-  ep.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
-  ep.out = out.data_ptr();
-  ep.ldo = N;
-  ep.kind = out_kind(x.scalar_type());
+  if (!act_symmetric) ep.a_zero = az.data_ptr<int8_t>();
   run_gemm(op, qa, w, ep);
   return shaped_result(out, out_shape);
 }

@@ -81,6 +81,19 @@ int64_t gemm_s8_workspace(int64_t M, int64_t N, int64_t K, int sm_count, GemmPat
 cudaError_t gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb,
                     const Epilogue& ep, int32_t* workspace, int sm_count, GemmPath path, cudaStream_t stream);
 
+// Decode W8A8 in one launch: per-token quantization of x (bf16/fp16/fp32
+// [M, K], row stride ldx) fused into the dp4a GEMV; bit-identical to
+// quantize_segments + gemm_s8 (the epilogue's a_scale / a_zero are the
+// kernel's own; ep.b_sum is needed for asymmetric activations).
+// M <= kFusedMaxM, K % 16 == 0, M * K <= kFusedMaxSmem (the int8 rows live in
+// shared memory). Compiled, not yet validated on a GPU.
+constexpr int kFusedMaxM = 4;
+constexpr int64_t kFusedMaxSmem = 48 * 1024;
+bool gemv_s8_fused_supported(int64_t M, int64_t K);
+cudaError_t gemv_s8_fused_quant(int64_t M, int64_t N, int64_t K, const void* x, FloatType t, int64_t ldx,
+                                bool symmetric, const int8_t* B, int64_t ldb, const Epilogue& ep,
+                                cudaStream_t stream);
+
 // ---- gemm_wo.cu ---------------------------------------------------------------
 // Weight-only W8A16 / W4A16: x bf16/fp16 [M, K] (row stride ldx), qw int8
 // [N, K] or packed uint8 [N, K/2], scales/zero-points [N, K/g]; (q - z) is
