@@ -300,14 +300,12 @@ __global__ void __launch_bounds__(kFusedThreads)
         lo = nan_min(lo, red[1][w]);
         hi = nan_max(hi, red[2][w]);
       }
-      float sc;
-      int8_t z = 0;
-      if (symmetric)
-        sc = scale_from_absmax(a, 8);
-      else
-        scale_zp_from_minmax(lo, hi, 8, &sc, &z);
-      a_scale[m] = sc;
-      a_zero[m] = z;
+      if (symmetric) {
+        a_scale[m] = scale_from_absmax(a, 8);
+        a_zero[m] = 0;
+      } else {
+        scale_zp_from_minmax(lo, hi, 8, &a_scale[m], &a_zero[m]);
+      }
     }
     __syncthreads();
     const float sc = a_scale[m];
@@ -328,12 +326,6 @@ __global__ void __launch_bounds__(kFusedThreads)
     }
   }
   __syncthreads();
-  // the epilogue reads this CTA's scales / zero-points (generic pointers to shared memory)
-  Epilogue e = ep;
-  e.a_scale = a_scale;
-  e.a_scale_stride = 1;
-  e.a_zero = symmetric ? nullptr : a_zero;  // asymmetric: the zero-point correction needs ep.b_sum
-  e.a_zero_stride = 1;
   const int kv = K / 16;
   for (int c = warp; c < kFusedChannels; c += kFusedWarps) {
     const int n = blockIdx.x * kFusedChannels + c;
@@ -367,7 +359,22 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int m = 0; m < kFusedMaxM; ++m) {
       if (m < M) {
         const int v = warp_sum(acc[m]);
-        if (lane == m) epi_store(e, m, n, v, 0, false);
+        if (lane == m) {
+          // epi_value's operations in its order, with this CTA's activation
+          // scale / zero-point (asymmetric: the correction needs ep.b_sum)
+          const int c = symmetric ? v : v - static_cast<int>(a_zero[m]) * ep.b_sum[n];
+          float o = __fmul_rn(__fmul_rn(a_scale[m], ep.b_scale[n]), __int2float_rn(c));
+          if (ep.bias) o = __fadd_rn(o, ep.bias[n]);
+          const int64_t i = static_cast<int64_t>(m) * ep.ldo + n;
+          if (ep.kind == OutKind::F32)
+            static_cast<float*>(ep.out)[i] = o;
+          else if (ep.kind == OutKind::BF16)
+            static_cast<__nv_bfloat16*>(ep.out)[i] = __float2bfloat16_rn(o);
+          else if (ep.kind == OutKind::F16)
+            static_cast<__half*>(ep.out)[i] = __float2half_rn(o);
+          else
+            static_cast<int*>(ep.out)[i] = v;  // raw accumulator, as epi_store's I32
+        }
       }
     }
   }
