@@ -58,7 +58,15 @@ t0=$(date +%s)
 timeout 200 $PY benchmarks/bench_gemm_cuda.py $QUICK --out "$OUT/bench_gemm_cuda.md" 2>&1 | grep -v '^{' \
   || { log "bench_gemm_cuda failed"; status=1; }
 log "bench_gemm_cuda done in $(( $(date +%s) - t0 )) s"
+# end to end (issue 16 item 5): a 1.1B random-weight LLaMA, bf16 / W8A8 / W4A16
+if [ -z "$QUICK" ]; then
+  t0=$(date +%s)
+  timeout 240 $PY benchmarks/bench_e2e_cuda.py --model llama-1b --batches 1,8 --prefill 512 --decode 64 --reps 2 \
+    --out "$OUT/bench_e2e_cuda.md" > "$OUT/bench_e2e_cuda.log" 2>&1 || { log "bench_e2e_cuda rc=$?"; status=1; }
+  log "bench_e2e_cuda done in $(( $(date +%s) - t0 )) s"
+fi
 cat "$OUT/bench_cuda.txt" 2>/dev/null
+cat "$OUT/bench_e2e_cuda.md" 2>/dev/null
 
 # 4. optional: Nsight Compute on the prefill-sized int8 GEMM (GPU_CHECK_NCU=1)
 if [ "${GPU_CHECK_NCU:-0}" = 1 ] && [ -x /tmp/bench_cuda ] && command -v ncu >/dev/null; then
