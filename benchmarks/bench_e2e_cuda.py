@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         where = f"{props.name}, {props.multi_processor_count} SMs"
     else:
         where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    head = (f"bench_e2e_cuda: {args.model} ({str(dtype).replace('torch.', '')} float baseline) on {where}; torch {torch.__version__}; llmeasyquant "
+    head = (f"bench_e2e_cuda: {args.model} ({str(dtype).replace('torch.', '')} float baseline) on {where}; "
+            f"torch {torch.__version__}; llmeasyquant "
             f"{lq.__version__}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
             f"command: {' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:]))}")
     print(head, flush=True)

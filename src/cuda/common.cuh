@@ -62,6 +62,29 @@ __device__ __forceinline__ void load8(const void* p, int64_t i, FloatType t, boo
   }
 }
 
+// ---- 16-bit float bits (bf16 or fp16 by template; the GEMMs' outputs) -------
+// Round to nearest even, as torch's .to(dtype). pack_pair: low half = lo.
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+template <bool BF16>
+__device__ __forceinline__ uint16_t half_bits(float v) {
+  if constexpr (BF16) {
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    return *reinterpret_cast<const uint16_t*>(&h);
+  } else {
+    const __half h = __float2half_rn(v);
+    return *reinterpret_cast<const uint16_t*>(&h);
+  }
+}
+
 // ---- reductions (NaN-propagating, like torch.maximum) -----------------------
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

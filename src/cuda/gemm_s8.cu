@@ -205,6 +205,38 @@ __global__ void splitk_epilogue_kernel(int M, int N, const int32_t* __restrict__
   }
 }
 
+// acc[m] = sum_k A[m, k] * B[n, k] (m < M) over one weight row that the warp
+// streams in 16-byte vectors, U of them in flight per lane; a_at(m, k) is the
+// k-th 16-byte vector of activation row m (global or shared memory). The
+// lanes' partial sums still need a warp_sum.
+template <int MMAX, typename AAt>
+__device__ __forceinline__ void dp4a_row(const int4* __restrict__ brow, int kv, int lane, int M, AAt a_at,
+                                         int acc[MMAX]) {
+#pragma unroll
+  for (int m = 0; m < MMAX; ++m) acc[m] = 0;
+  constexpr int U = 4;
+  for (int k0 = lane; k0 < kv; k0 += 32 * U) {
+    int4 w[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) w[u] = k0 + 32 * u < kv ? __ldg(brow + k0 + 32 * u) : make_int4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + 32 * u;
+      if (k >= kv) break;
+#pragma unroll
+      for (int m = 0; m < MMAX; ++m) {
+        if (m < M) {
+          const int4 a = a_at(m, k);
+          acc[m] = __dp4a(a.x, w[u].x, acc[m]);
+          acc[m] = __dp4a(a.y, w[u].y, acc[m]);
+          acc[m] = __dp4a(a.z, w[u].z, acc[m]);
+          acc[m] = __dp4a(a.w, w[u].w, acc[m]);
+        }
+      }
+    }
+  }
+}
+
 // dp4a GEMV for M <= kDp4aMaxM: one warp per output channel n streams the
 // weight row in 16-byte vectors (memory-bound on the weights); the few
 // activation rows stay in L1/L2.
@@ -216,31 +248,8 @@ __global__ void __launch_bounds__(kGemvThreads)
   const int lane = threadIdx.x & 31;
   if (n >= N) return;
   int acc[kDp4aMaxM];
-#pragma unroll
-  for (int m = 0; m < kDp4aMaxM; ++m) acc[m] = 0;
-  const int4* brow = reinterpret_cast<const int4*>(B + static_cast<int64_t>(n) * ldb);
-  const int kv = K / 16;
-  constexpr int U = 4;  // weight vectors in flight per lane
-  for (int k0 = lane; k0 < kv; k0 += 32 * U) {
-    int4 w[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) w[u] = k0 + 32 * u < kv ? __ldg(brow + k0 + 32 * u) : make_int4(0, 0, 0, 0);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + 32 * u;
-      if (k >= kv) break;
-#pragma unroll
-      for (int m = 0; m < kDp4aMaxM; ++m) {
-        if (m < M) {
-          const int4 a = __ldg(reinterpret_cast<const int4*>(A + m * lda) + k);
-          acc[m] = __dp4a(a.x, w[u].x, acc[m]);
-          acc[m] = __dp4a(a.y, w[u].y, acc[m]);
-          acc[m] = __dp4a(a.z, w[u].z, acc[m]);
-          acc[m] = __dp4a(a.w, w[u].w, acc[m]);
-        }
-      }
-    }
-  }
+  dp4a_row<kDp4aMaxM>(reinterpret_cast<const int4*>(B + static_cast<int64_t>(n) * ldb), K / 16, lane, M,
+                      [&](int m, int k) { return __ldg(reinterpret_cast<const int4*>(A + m * lda) + k); }, acc);
 #pragma unroll
   for (int m = 0; m < kDp4aMaxM; ++m) {
     if (m < M) {
@@ -330,31 +339,9 @@ __global__ void __launch_bounds__(kFusedThreads)
   for (int c = warp; c < kFusedChannels; c += kFusedWarps) {
     const int n = blockIdx.x * kFusedChannels + c;
     if (n >= N) break;
-    const int4* brow = reinterpret_cast<const int4*>(B + static_cast<int64_t>(n) * ldb);
     int acc[kFusedMaxM];
-#pragma unroll
-    for (int m = 0; m < kFusedMaxM; ++m) acc[m] = 0;
-    constexpr int U = 4;  // weight vectors in flight per lane
-    for (int k0 = lane; k0 < kv; k0 += 32 * U) {
-      int4 w[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) w[u] = k0 + 32 * u < kv ? __ldg(brow + k0 + 32 * u) : make_int4(0, 0, 0, 0);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int k = k0 + 32 * u;
-        if (k >= kv) break;
-#pragma unroll
-        for (int m = 0; m < kFusedMaxM; ++m) {
-          if (m < M) {
-            const int4 a = reinterpret_cast<const int4*>(qa + static_cast<int64_t>(m) * K)[k];
-            acc[m] = __dp4a(a.x, w[u].x, acc[m]);
-            acc[m] = __dp4a(a.y, w[u].y, acc[m]);
-            acc[m] = __dp4a(a.z, w[u].z, acc[m]);
-            acc[m] = __dp4a(a.w, w[u].w, acc[m]);
-          }
-        }
-      }
-    }
+    const auto a_at = [&](int m, int k) { return reinterpret_cast<const int4*>(qa + static_cast<int64_t>(m) * K)[k]; };
+    dp4a_row<kFusedMaxM>(reinterpret_cast<const int4*>(B + static_cast<int64_t>(n) * ldb), kv, lane, M, a_at, acc);
 #pragma unroll
     for (int m = 0; m < kFusedMaxM; ++m) {
       if (m < M) {

@@ -39,17 +39,8 @@ constexpr int kStages = 4;
 constexpr int kTileBytes = 512;                  // one k16 x n64 panel tile
 constexpr int kStageWBytes = 4 * kTileBytes;     // four k16 tiles per stage
 constexpr int kParamFloats = 128;                // [2][8][8] per panel and group
-__host__ __device__ constexpr int stage_bytes(int bm) { return bm * mma::kRowBytes128 + kStageWBytes + kParamFloats * 4; }
-
-template <bool BF16>
-__device__ __forceinline__ uint32_t pair(float lo, float hi) {
-  if constexpr (BF16) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
+__host__ __device__ constexpr int stage_bytes(int bm) {
+  return bm * mma::kRowBytes128 + kStageWBytes + kParamFloats * 4;
 }
 
 // (w >> shift) & 0x000f000f | MAGIC in one LOP3 after the shift
@@ -156,8 +147,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int p = 0; p < 4; ++p) {
         // nibbles p and p + 4: n8 tile 2 wd + (p >> 1), register p & 1
         const int j = 2 * wd + (p >> 1);
-        const uint32_t zz = pair<BF16>(kMagicValue + zv[j], kMagicValue + zv[j]);
-        const uint32_t sc = pair<BF16>(sv[j], sv[j]);
+        const uint32_t zz = pack_pair<BF16>(kMagicValue + zv[j], kMagicValue + zv[j]);
+        const uint32_t sc = pack_pair<BF16>(sv[j], sv[j]);
         bf[j][p & 1] = dequant_pair<BF16>(nibble_pair<BF16>(words[wd], 4 * p), zz, sc);
       }
 
@@ -215,13 +206,7 @@ __global__ void __launch_bounds__(kThreads)
         if (m >= M || n >= N) continue;
         float v = acc[i][j][e];
         if (bias) v += bias[n];
-        if constexpr (BF16) {
-          const __nv_bfloat16 h = __float2bfloat16_rn(v);
-          out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
-        } else {
-          const __half h = __float2half_rn(v);
-          out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
-        }
+        out[static_cast<int64_t>(m) * N + n] = half_bits<BF16>(v);
       }
 }
 

@@ -23,17 +23,6 @@ struct WTile {
   static constexpr int kStride = BITS == 8 ? 48 : 16;
 };
 
-template <bool BF16>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (BF16) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
-
 template <int BITS>
 __device__ __forceinline__ void load_q2(const uint8_t* row, int k, int& q0, int& q1) {
   if constexpr (BITS == 8) {
@@ -149,8 +138,8 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
         load_q2<BITS>(row, ks * 16 + b0.row, q0, q1);
         load_q2<BITS>(row, ks * 16 + b2.row, q2, q3);
         const int z = zcol[j];
-        bf[j][0] = pack2<BF16>(static_cast<float>(q0 - z), static_cast<float>(q1 - z));
-        bf[j][1] = pack2<BF16>(static_cast<float>(q2 - z), static_cast<float>(q3 - z));
+        bf[j][0] = pack_pair<BF16>(static_cast<float>(q0 - z), static_cast<float>(q1 - z));
+        bf[j][1] = pack_pair<BF16>(static_cast<float>(q2 - z), static_cast<float>(q3 - z));
       }
 #pragma unroll
       for (int i = 0; i < MT; ++i)
@@ -177,13 +166,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
         if (m >= M || n >= N) continue;
         float v = acc[i][j][e];
         if (bias) v = __fadd_rn(v, bias[n]);
-        if constexpr (BF16) {
-          const __nv_bfloat16 h = __float2bfloat16_rn(v);
-          out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
-        } else {
-          const __half h = __float2half_rn(v);
-          out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
-        }
+        out[static_cast<int64_t>(m) * N + n] = half_bits<BF16>(v);
       }
 }
 
@@ -265,13 +248,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     const float v = warp_sum(acc[m]);
     if (lane == 0) {
       const float o = bias ? v + bias[n] : v;
-      if constexpr (BF16) {
-        const __nv_bfloat16 h = __float2bfloat16_rn(o);
-        out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
-      } else {
-        const __half h = __float2half_rn(o);
-        out[static_cast<int64_t>(m) * N + n] = *reinterpret_cast<const uint16_t*>(&h);
-      }
+      out[static_cast<int64_t>(m) * N + n] = half_bits<BF16>(o);
     }
   }
 }
