@@ -218,6 +218,22 @@ def test_qlinear_takes_the_panel_kernel_and_rebuilds_it_when_weights_change(_, m
     torch.testing.assert_close(q(x), lq.ops.weight_only_linear(x, q.qweight, q.scales(), q.w_zero, 4, 64, q.bias))
 
 
+# groups of 8..128 take g / 8 lanes each (several groups per warp); odd row
+# counts leave the last warp with lanes past the end
+@pytest.mark.parametrize("g", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])
+def test_quantize_sub_warp_groups_exact(g, bits, symmetric, _):
+    gen = _gen("subwarp", g, bits, symmetric)
+    for rows, K in ((1, g), (3, 4 * g), (37, 2 * g), (129, 512)):
+        x = (torch.randn(rows, K, generator=gen) * 2).to(torch.bfloat16)
+        _poison()
+        q, s, z = lq.ops.quantize(x.to(DEV), bits, symmetric, g)
+        rq, rs, rz = R.quantize(x, bits, symmetric, g)
+        assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(z.cpu(), rz), (rows, K)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("_", [pytest.param(0, marks=cuda)])

@@ -26,26 +26,45 @@ __device__ __forceinline__ void write_q8(int8_t* q, int64_t i, const int v[8], b
   }
 }
 
-// One warp per segment: reduce (absmax or min/max), derive the scale, then
-// quantize the segment, re-reading it (from L1/L2) in 8-value chunks.
+// Max / min over the lps lanes of an aligned sub-group (lps a power of two;
+// 32 = the whole warp). Every lane of the warp must call it.
+__device__ __forceinline__ float group_max(float v, int lps) {
+  for (int o = lps >> 1; o; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float group_min(float v, int lps) {
+  for (int o = lps >> 1; o; o >>= 1) v = nan_min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// lps lanes per segment (a whole warp for long segments; g / 8 lanes for
+// groups of g <= 128, so that a g = 64 group does not leave 24 of 32 lanes
+// idle): reduce (absmax or min/max), derive the scale, then quantize the
+// segment, re-reading it (from L1/L2) in 8-value chunks. The reductions are
+// max / min, whose result does not depend on the lane count.
 __global__ void __launch_bounds__(kThreads) quantize_segments_kernel(const void* __restrict__ x, FloatType t,
                                                                      int64_t rows, int64_t K, int64_t ldx, int bits,
                                                                      bool symmetric, int64_t g, bool write_q,
                                                                      void* __restrict__ q, float* __restrict__ scale,
-                                                                     int8_t* __restrict__ zp) {
-  const int lane = threadIdx.x & 31;
+                                                                     int8_t* __restrict__ zp, int lps) {
+  const int lane = threadIdx.x & 31, sub = lane & (lps - 1), per_warp = 32 / lps;
   const int64_t G = K / g;
   const int64_t nseg = rows * G;
   const int64_t Kq = bits == 4 ? (K + 1) / 2 : K;
-  for (int64_t seg = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); seg < nseg;
-       seg += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t row = seg / G, c0 = (seg % G) * g;
+  // the loop is uniform over the warp (shuffles need every lane); a lane
+  // whose segment is past the end only joins the reductions
+  for (int64_t first = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * per_warp; first < nseg;
+       first += static_cast<int64_t>(gridDim.x) * kWarps * per_warp) {
+    const int64_t seg = first + lane / lps;
+    const bool valid = seg < nseg;
+    const int64_t row = valid ? seg / G : 0, c0 = valid ? (seg % G) * g : 0;
     const int64_t base = row * ldx + c0;
     const bool vec = (g % 8 == 0) &&
                      (reinterpret_cast<uintptr_t>(static_cast<const char*>(x) + base * elem_bytes(t)) % 16 == 0);
     float amax = 0.0f, mn = INFINITY, mx = -INFINITY;
+    const int end = valid ? static_cast<int>(g) : 0, step = 8 * lps;
 #pragma unroll 4
-    for (int64_t j = lane * 8; j < g; j += 256) {
+    for (int j = sub * 8; j < end; j += step) {
       float v[8];
       const bool full = j + 8 <= g;
       if (full) {
@@ -65,17 +84,17 @@ __global__ void __launch_bounds__(kThreads) quantize_segments_kernel(const void*
     float s;
     int8_t z = 0;
     if (symmetric) {
-      s = scale_from_absmax(warp_max(amax), bits);
+      s = scale_from_absmax(group_max(amax, lps), bits);
     } else {
-      scale_zp_from_minmax(warp_min(mn), warp_max(mx), bits, &s, &z);
+      scale_zp_from_minmax(group_min(mn, lps), group_max(mx, lps), bits, &s, &z);
     }
-    if (lane == 0) {
+    if (valid && sub == 0) {
       scale[seg] = s;
       zp[seg] = z;
     }
     if (!write_q) continue;
 #pragma unroll 4
-    for (int64_t j = lane * 8; j < g; j += 256) {
+    for (int j = sub * 8; j < end; j += step) {
       float v[8];
       int qv[8];
       const bool full = j + 8 <= g;
@@ -374,9 +393,12 @@ cudaError_t quantize_segments(const void* x, FloatType t, int64_t rows, int64_t 
                               bool symmetric, int64_t g, bool write_q, void* q, float* scale, int8_t* zp,
                               cudaStream_t stream) {
   if (rows * K == 0) return cudaSuccess;
-  quantize_segments_kernel<<<grid_for(rows * (K / g), kWarps), kThreads, 0, stream>>>(x, t, rows, K, ldx, bits,
-                                                                                      symmetric, g, write_q, q,
-                                                                                      scale, zp);
+  if (g > (int64_t{1} << 30)) return cudaErrorInvalidValue;  // the kernel indexes a segment with int
+  // g / 8 lanes per group for power-of-two groups of 8..128 values, else a warp
+  const int lps = (g <= 128 && g >= 8 && (g & (g - 1)) == 0) ? static_cast<int>(g / 8) : 32;
+  const int64_t warps = (rows * (K / g) + 32 / lps - 1) / (32 / lps);
+  quantize_segments_kernel<<<grid_for(warps, kWarps), kThreads, 0, stream>>>(x, t, rows, K, ldx, bits, symmetric, g,
+                                                                             write_q, q, scale, zp, lps);
   return cudaGetLastError();
 }
 
