@@ -406,5 +406,7 @@ def test_sass_has_tensor_core_and_dp4a_instructions(arch):
     # the vectorised dequantize: 16-byte stores of 8 values
     deq = [k for k in sass if "dequantize_vec8_kernel" in k]
     assert len(deq) == 1 and re.search(r"\bSTG\.E\.128\b", sass[deq[0]]), sorted(sass)
-    for k in mma + gemv + wo_gemv + panel + deq + fused:  # register arrays stayed in registers (no local-memory spills)
+    quant = [k for k in sass if "quantize_segments_kernel" in k]
+    assert len(quant) == 1, sorted(sass)
+    for k in mma + gemv + wo_gemv + panel + deq + fused + quant:  # register arrays stayed in registers (no local-memory spills)
         assert not re.search(r"\b(LDL|STL)\b", sass[k]), f"{k} spills to local memory"
