@@ -89,3 +89,26 @@ def test_throughput_times_the_lean_loop_by_default():
     gen = throughput(model, ids, prefill_tokens=16, decode_tokens=3, reps=1, warmup=False, decode_loop="generate")
     assert (lean.decode_loop, gen.decode_loop) == ("lean", "generate")
     assert lean.generated == gen.generated and lean.to_dict()["decode_loop"] == "lean"
+
+
+def test_lm_head_w8_option():
+    """quantize(..., lm_head="w8"): after the method, the float head becomes
+    QLinear.from_linear(head, w_bits=8, act=None) (RTN W8A16), the tied input
+    embedding stays as it was; opt-in, and refused when the method quantizes
+    the head itself."""
+    model = tiny_models.build("llama", seed=2)
+    head = torch.nn.Linear(64, tiny_models.VOCAB, bias=False)
+    head.weight.data.copy_(model.lm_head.weight)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    lq.quantize(model, "absmax", act="dynamic", lm_head="w8", progress=False)
+    assert isinstance(model.lm_head, lq.QLinear) and model.lm_head.act is None and model.lm_head.w_bits == 8
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(model.lm_head(x), lq.QLinear.from_linear(head, w_bits=8, act=None)(x))
+    assert "lm_head W8A16" in model.llmeq_config.describe()
+    assert lq.config_for("smoothquant").lm_head is None  # the default: the head stays float
+    with pytest.raises(ValueError, match=r"keep 'lm_head' in exclude \(got exclude=\[\]\)"):
+        lq.config_for("absmax", lm_head="w8", exclude=())
+    with pytest.raises(ValueError, match=r"lm_head must be one of \(None, 'w8'\), got 'w4'"):
+        lq.config_for("absmax", lm_head="w4")
