@@ -6,7 +6,7 @@ Decode runs :func:`greedy_decode`, a plain loop of ``model.forward`` calls
 (one token each, the cache ``generate`` would build, EOS suppressed as
 ``min_new_tokens`` does), which generates the tokens ``generate`` does
 without its per-token bookkeeping (stopping criteria, logits processors,
-kwargs updates: ~8 % of a decode token for the 135M default model on one CPU
+kwargs updates: ~5-8 % of a decode token for the 135M default model on one CPU
 thread, docs/benchmarks.md). Models whose generation config asks for
 anything more (a repetition penalty, suppressed tokens, beams, ...) are timed
 through ``generate`` (:func:`lean_decode_unsupported` says why)."""

@@ -59,7 +59,7 @@ class QuantConfig:
     # the output head after the method: None keeps what exclude says (float by
     # default); "w8" quantizes it to 8-bit per-channel symmetric weights, float
     # activations (RTN, W8A16; llama.cpp's Q8_0 files hold the output matrix in
-    # 8 bits too): on the 135M default model decode ~1.13x faster, perplexity
+    # 8 bits too): on the 135M default model decode ~1.1x faster, perplexity
     # +0.08 % (docs/benchmarks.md). Opt-in: no method's default changes.
     lm_head: Optional[str] = None
 
