@@ -35,6 +35,9 @@ Run:
         --gguf-q8 /work/e2e-gguf/smollm2-135m-q8_0.gguf --gguf-q4 /work/e2e-gguf/smollm2-135m-q4_0.gguf \\
         [--gguf-f32 /work/e2e-gguf/smollm2-135m-f32.gguf] [--rounds 5] [--batches 1,8] [--breakdown]
 
+``--lm-head`` adds W8A8 with an 8-bit weight-only output head
+(``quantize --lm-head w8``); ``--generate-too`` adds W8A8 decoded through HF
+``generate`` instead of eval/speed.py's lean loop (what decode ran before).
 ``--breakdown`` adds where a decode token's time goes at batch 1 for fp32 and
 W8A8 (torch.profiler self times: linear kernels, lm_head, attention, other
 ops, and time in no op at all, i.e. Python / HF / dispatch).
@@ -73,7 +76,13 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calib-samples", type=int, default=2,
                     help="SmoothQuant calibration windows (speed does not depend on them)")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds of pause between timed entries")
-    ap.add_argument("--breakdown", action="store_true", help="also profile one decode token (fp32, W8A8, batch 1)")
+    ap.add_argument("--breakdown", action="store_true", help="also profile one decode token (fp32, W8A8 [, W8A8 +lm_head W8], batch 1)")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="add W8A8 with an 8-bit weight-only lm_head (quantize --lm-head w8; llama.cpp's Q8_0 "
+                         "output matrix is 8-bit too)")
+    ap.add_argument("--generate-too", action="store_true",
+                    help="add W8A8 decoded through HF generate (throughput(decode_loop='generate')): the decode "
+                         "loop before eval/speed.py's lean one")
     ap.add_argument("--json", type=Path, help="write every round's figures here")
     return ap.parse_args(argv)
 
@@ -180,6 +189,9 @@ def _run(args, batches, worker) -> int:
     t0 = time.perf_counter()
     ours["W8A8"] = lq.quantize(copy.deepcopy(model), "smoothquant", tokenizer=tok, n_calib=args.calib_samples,
                                progress=False)
+    if args.lm_head:
+        ours["W8A8 +lm_head W8"] = lq.quantize(copy.deepcopy(model), "smoothquant", tokenizer=tok,
+                                               n_calib=args.calib_samples, lm_head="w8", progress=False)
     ours["W4 g64"] = lq.quantize(copy.deepcopy(model), "absmax", w_bits=4, w_group_size=64, act=None,
                                  progress=False)
     print(f"quantized W8A8 ({ours['W8A8'].llmeq_config.describe()}) and W4 "
@@ -203,6 +215,10 @@ def _run(args, batches, worker) -> int:
         raise SystemExit(f"bench_e2e_cpu: next-token agreement with our fp32 model too low ({', '.join(bad)}): "
                          f"not the same model (wrong GGUF or conversion?)")
 
+    loops = {k: "auto" for k in ours}
+    if args.generate_too:  # the same model object, decoded through generate
+        ours["W8A8 (generate)"] = ours["W8A8"]
+        loops["W8A8 (generate)"] = "generate"
     prefill_ids = ids[: args.prefill].tolist()
     prompt_ids = ids[:64].tolist()
     entries = [(k, b) for k in ours for b in batches] + [(k, 1) for k in gguf]
@@ -213,7 +229,7 @@ def _run(args, batches, worker) -> int:
             time.sleep(args.settle)
             if name in ours:
                 sp = throughput(ours[name], ids, prefill_tokens=args.prefill, decode_tokens=args.decode,
-                                reps=1, batch=b, warmup=r == 0)
+                                reps=1, batch=b, warmup=r == 0, decode_loop=loops[name])
                 pf, dc = sp.prefill_tokens_per_s, sp.decode_tokens_per_s
             else:
                 rep = worker.ask(cmd="round", name=name, prefill_ids=prefill_ids, prompt_ids=prompt_ids,
@@ -228,7 +244,8 @@ def _run(args, batches, worker) -> int:
     def ratio(a, b, what):
         return statistics.median(x / y for x, y in zip(rows[a][what], rows[b][what]))
 
-    anchor = {"W8A8": "llama.cpp Q8_0", "W4 g64": "llama.cpp Q4_0"}
+    anchor = {"W8A8": "llama.cpp Q8_0", "W8A8 +lm_head W8": "llama.cpp Q8_0", "W8A8 (generate)": "llama.cpp Q8_0",
+              "W4 g64": "llama.cpp Q4_0"}
     lines = [f"\n| model | batch | prefill tok/s ({args.prefill} tokens) | decode tok/s ({args.decode} tokens) | "
              f"prefill vs our fp32 | decode vs our fp32 | prefill vs llama.cpp | decode vs llama.cpp |",
              "|---|---|---|---|---|---|---|---|"]
@@ -249,7 +266,7 @@ def _run(args, batches, worker) -> int:
         args.json.write_text(json.dumps({"header": head, "agreement": agree,
                                          "rows": {f"{k}|b{b}": v for (k, b), v in rows.items()}}, indent=1))
     if args.breakdown:
-        for name in ("fp32", "W8A8"):
+        for name in [n for n in ("fp32", "W8A8", "W8A8 +lm_head W8") if n in ours]:
             print(format_breakdown(name, decode_breakdown(ours[name], ids)), flush=True)
     return 0
 
@@ -267,15 +284,17 @@ def _category(e) -> str:
 
 def decode_breakdown(model, ids, n: int = 33) -> dict:
     """ms per decode token (batch 1, after a 64-token prompt) by category:
-    profiler self times of generate(n) minus generate(1), over n - 1 tokens."""
+    profiler self times of the decode loop eval/speed.py times
+    (``greedy_decode``) for n tokens minus 1 token, over n - 1 tokens."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from llmeasyquant.eval.speed import greedy_decode
+
     short = ids[:64].reshape(1, -1)
-    kw = dict(do_sample=False, attention_mask=torch.ones_like(short), pad_token_id=model.config.eos_token_id or 0)
 
     def gen(k):
-        return model.generate(short, max_new_tokens=k, min_new_tokens=k, **kw)
+        return greedy_decode(model, short, k)
 
     def walls(k, reps=3):
         ts = []
@@ -300,7 +319,7 @@ def decode_breakdown(model, ids, n: int = 33) -> dict:
             res[k] = (wall * 1e3, cats)
     wall = (res[n][0] - res[1][0]) / (n - 1)
     cats = {c: (res[n][1].get(c, 0.0) - res[1][1].get(c, 0.0)) / (n - 1) for c in set(res[n][1]) | set(res[1][1])}
-    cats["in no op (Python, HF generate, dispatch)"] = wall - sum(cats.values())
+    cats["in no op (Python: HF modules, our wrappers, dispatch)"] = wall - sum(cats.values())
     return {"plain_ms": plain, "profiled_ms": wall, "cats": cats}
 
 

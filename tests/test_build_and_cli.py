@@ -214,3 +214,38 @@ def test_bench_e2e_fails_clearly_without_its_prepared_inputs(tmp_path):
     assert "missing prepared inputs" in r.stderr and "nothing is downloaded" in r.stderr
     assert "--bench-python" in r.stderr and "missing.gguf: no such file" in r.stderr
     assert "q4.gguf: not a GGUF file" in r.stderr
+
+
+def test_quantize_lm_head_flag(tmp_path, monkeypatch):
+    """--lm-head: float keeps the method's exclude list; method drops lm_head
+    from it (the head in the method's layer format); w8 makes it an 8-bit
+    weight-only layer after the method. The saved folder says so."""
+    import llmeasyquant.models
+    import tiny_models
+    from llmeasyquant import cli
+
+    built = {}
+
+    def fake_load(path, trust_remote_code=False):
+        built["model"] = tiny_models.build("llama")
+        return built["model"], None
+
+    monkeypatch.setattr(llmeasyquant.models, "load_model", fake_load)
+    for mode, act in (("float", None), ("method", "dynamic"), ("w8", None)):
+        out = tmp_path / mode
+        assert cli.main(["quantize", "tiny", "--method", "absmax", "--act", "dynamic", "--quiet", "--out", str(out),
+                         "--lm-head", mode]) == 0
+        model, loaded = built["model"], lq.load(out)
+        for m in (model, loaded):
+            assert isinstance(m.lm_head, lq.QLinear) is (mode != "float")
+            if mode != "float":
+                assert m.lm_head.act == act and m.lm_head.w_bits == 8
+            assert ("lm_head" in m.llmeq_config.exclude) is (mode != "method")
+            assert m.llmeq_config.lm_head == (mode if mode == "w8" else None)
+
+
+def test_bench_decode_call_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode_call.py"), "--rounds", "1",
+                        "--calls", "2", "--shapes", "64x64"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| QLinear() W8A8 dynamic |" in r.stdout and "| QLinear() W4 g64 |" in r.stdout

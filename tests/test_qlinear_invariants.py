@@ -121,3 +121,41 @@ def test_linear_outputs_are_tensors_of_their_own(shape, dtype):
             ref = y.detach().clone()
             y += 1.0  # raises when y is a view created inside a custom op
         assert torch.equal(y.detach(), ref + 1.0)
+
+
+_O = torch.ops.llmeasyquant
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_forward_is_the_op_on_the_held_tensors(scale_dtype):
+    """forward reads its buffers straight from the module's buffer dict and
+    passes the scales [N, G] as held (float32: no copy): the result is the
+    op's on the flat float32 scales, bit for bit, and a buffer replaced by
+    assignment (or by a cast, a load) is the one used next call."""
+    x = torch.randn(1, 1, 64)
+    q8 = _layer(act="dynamic", w_scale_dtype=scale_dtype)
+    q4 = _layer(act=None, w_bits=4, w_group_size=16, w_symmetric=False, w_scale_dtype=scale_dtype)
+    s8, s4 = q8.w_scale.float().view(-1), q4.w_scale.float()
+    if scale_dtype == "float32":
+        assert q8.scales() is q8.w_scale
+    assert torch.equal(q8(x), _O.dynamic_quant_linear(x, q8.qweight, s8, lq.ops.weight_row_sums(q8.qweight),
+                                                      q8.bias, True))
+    assert torch.equal(q4(x), _O.weight_only_linear(x, q4.qweight, s4, q4.w_zero, 4, 16, q4.bias))
+    q8.qweight = -q8.qweight  # a new tensor: its row sums are recomputed
+    q8.bias = torch.zeros(24)
+    assert torch.equal(q8(x), _O.dynamic_quant_linear(x, q8.qweight, s8, lq.ops.weight_row_sums(q8.qweight),
+                                                      None, True))
+
+
+def test_forward_still_names_bad_inputs():
+    q8, q4 = _layer(act="dynamic"), _layer(act=None, w_bits=4, w_group_size=16)
+    with pytest.raises(ValueError, match=r"dynamic_quant_linear: K mismatch: x has K=63"):
+        q8(torch.randn(1, 63))
+    with pytest.raises(TypeError, match=r"dynamic_quant_linear: expected x of dtype float32, bfloat16 or float16, "
+                                        r"got Double"):
+        q8(torch.randn(1, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight_only_linear: K mismatch: x has K=48"):
+        q4(torch.randn(2, 48))
+    q8.w_scale = torch.ones(23, 1)  # a wrong buffer put in by hand is the op's to refuse
+    with pytest.raises(ValueError, match=r"expected w_scale with 24 elements \(one per output channel\)"):
+        q8(torch.randn(1, 64))

@@ -48,6 +48,20 @@ class QuantizeReport:
         return s + (f"; {self.pipeline.summary()}" if self.pipeline is not None else "")
 
 
+def _quantize_lm_head(model: nn.Module, mode: str) -> None:
+    """``QuantConfig.lm_head``: the output head (still float: the config
+    keeps it in exclude) becomes an 8-bit weight-only QLinear (RTN)."""
+    from .methods._common import swap
+    from .nn.qlinear import QLinear
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    path = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if path is None or not isinstance(head, nn.Linear):
+        raise ValueError(f"quantize: lm_head={mode!r}, but {type(model).__name__} has no nn.Linear output head "
+                         f"(get_output_embeddings() gave {type(head).__name__})")
+    swap(model, path, QLinear.from_linear(head, w_bits=8, act=None))
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquant", calib=None, *,
              tokenizer=None, progress: bool = True, shard=None, device=None, **options) -> nn.Module:
@@ -95,6 +109,8 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
     t0 = time.perf_counter()
     with measure_peak(cuda=on_cuda) as peak:
         result = method.apply(model, spec, config, batches, progress=progress, shard=shard, device=device)
+        if config.lm_head is not None:
+            _quantize_lm_head(model, config.lm_head)
     report = QuantizeReport(config.method, config.describe(), time.perf_counter() - t0, len(batches), peak,
                             result if isinstance(result, PipelineReport) else None)
     logger.info("%s: done; %s", config.method, report.summary())

@@ -1,12 +1,23 @@
 """Tokens per second of a causal LM: prefill (one forward over a prompt) and
 decode (greedy generation through the model's own cache, a quantized KV cache
-included). Wall-clock medians on whatever device the model is on."""
+included). Wall-clock medians on whatever device the model is on.
+
+Decode runs :func:`greedy_decode`, a plain loop of ``model.forward`` calls
+(one token each, the cache ``generate`` would build, EOS suppressed as
+``min_new_tokens`` does), which generates the tokens ``generate`` does
+without its per-token bookkeeping (stopping criteria, logits processors,
+kwargs updates: ~5-8 % of a decode token for the 135M default model on one CPU
+thread, docs/benchmarks.md). Models whose generation config asks for
+anything more (a repetition penalty, suppressed tokens, beams, ...) are timed
+through ``generate`` (:func:`lean_decode_unsupported` says why)."""
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,6 +34,8 @@ class SpeedResult:
     threads: int
     device: str
     batch: int = 1
+    # how decode ran: "lean" (greedy_decode) or "generate" (HF generate)
+    decode_loop: str = "lean"
     # greedy tokens of the timed decode, [batch, 1 + decode_tokens]: lets a caller check that a
     # faster decode path generates the same tokens
     generated: list = field(default_factory=list, repr=False)
@@ -51,6 +64,93 @@ def _median_s(fn, reps: int, device: torch.device, warmup: bool = True) -> float
     return statistics.median(ts)
 
 
+# GenerationConfig fields that make greedy ``generate`` do more than argmax
+# over EOS-suppressed logits (logits processors, beams, chunked prefill);
+# a model whose generation config sets any of them to a non-default value is
+# decoded through ``generate``. The sampling warpers (temperature, top_k, ...)
+# are off with do_sample=False; min_length only suppresses EOS, as
+# min_new_tokens does already.
+_GREEDY_CHANGING = ("bad_words_ids", "begin_suppress_tokens", "encoder_no_repeat_ngram_size",
+                    "encoder_repetition_penalty", "exponential_decay_length_penalty", "forced_bos_token_id",
+                    "forced_eos_token_id", "guidance_scale", "no_repeat_ngram_size", "num_beams",
+                    "remove_invalid_values", "renormalize_logits", "repetition_penalty", "sequence_bias",
+                    "suppress_tokens", "watermarking_config", "prefill_chunk_size", "num_assistant_tokens",
+                    "prompt_lookup_num_tokens", "assistant_confidence_threshold")
+
+
+def _forward_params(model) -> set:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def lean_decode_unsupported(model) -> Optional[str]:
+    """Why :func:`greedy_decode` would not generate what greedy ``generate``
+    does for ``model`` (None when it does)."""
+    from transformers import GenerationConfig
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return "not a decoder-only Hugging Face model"
+    params = _forward_params(model)
+    if not ({"cache", "past_key_values"} & params) or "attention_mask" not in params:
+        return f"{type(model).__name__}.forward takes no cache / attention_mask argument"
+    gen = getattr(model, "generation_config", None) or GenerationConfig()
+    if getattr(gen, "cache_implementation", None) not in (None, "dynamic"):
+        return f"its generation config asks for cache_implementation={gen.cache_implementation!r}"
+    base = GenerationConfig()
+    changed = [k for k in _GREEDY_CHANGING if getattr(gen, k, None) != getattr(base, k, None)]
+    if changed:
+        return "its generation config sets " + ", ".join(f"{k}={getattr(gen, k)!r}" for k in changed)
+    return None
+
+
+def _new_cache(model):
+    """The cache greedy ``generate`` builds: a DynamicCache, or the SimQuant
+    cache when the model carries a KV-cache config (methods/simquant.py swaps
+    it in the same way)."""
+    from transformers import DynamicCache
+
+    if getattr(model, "llmeq_kv_config", None) is not None:
+        from ..methods.simquant import make_cache
+
+        return make_cache(model)
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``[batch, prompt + new_tokens]``: what ``model.generate(prompt,
+    do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    attention_mask=ones)`` returns, by a plain loop of forwards (the prompt
+    unpadded: every row as long). Raises ``ValueError`` for a model
+    :func:`lean_decode_unsupported` names."""
+    why = lean_decode_unsupported(model)
+    if why is not None:
+        raise ValueError(f"greedy_decode: {why}; use model.generate")
+    if new_tokens < 1:
+        raise ValueError(f"greedy_decode: new_tokens must be >= 1, got {new_tokens}")
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    B, L = prompt.shape
+    mask = torch.ones(B, L + new_tokens, dtype=torch.long, device=prompt.device)
+    kw = {cache_kw: _new_cache(model), "use_cache": True, **keep}
+    out = model(input_ids=prompt, attention_mask=mask[:, :L], **kw)
+    toks = [prompt]
+    for i in range(new_tokens):
+        # generate's greedy step: float32 logits of the last position, EOS
+        # masked (min_new_tokens), first maximum
+        logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)
+        if eos:
+            logits[:, eos] = -float("inf")
+        nxt = logits.argmax(-1, keepdim=True)
+        toks.append(nxt)
+        if i + 1 < new_tokens:
+            out = model(input_ids=nxt, attention_mask=mask[:, :L + i + 1], **kw)
+    return torch.cat(toks, dim=1)
+
+
 def _rows(ids: torch.Tensor, n: int, batch: int) -> torch.Tensor:
     """``batch`` different consecutive slices of ``n`` tokens of ``ids``, [batch, n]."""
     return ids[: n * batch].reshape(batch, n)
@@ -58,14 +158,18 @@ def _rows(ids: torch.Tensor, n: int, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def throughput(model, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_tokens: int = 32,
-               reps: int = 3, batch: int = 1, warmup: bool = True) -> SpeedResult:
+               reps: int = 3, batch: int = 1, warmup: bool = True, decode_loop: str = "auto") -> SpeedResult:
     """Prefill: median time of one forward over ``prefill_tokens`` tokens of
     ``ids`` per sequence (no cache). Decode: ``decode_tokens`` / (time of greedy
     generation of 1 + decode_tokens new tokens - time of 1 new token) after a
     64-token prompt, so the prompt's prefill cancels out. ``batch`` sequences
     (different slices of ``ids``) run together; tokens/s count all of them.
     ``warmup=False`` skips the untimed first call of each measurement (for a
-    caller that repeats rounds on a model already warm)."""
+    caller that repeats rounds on a model already warm). ``decode_loop``:
+    "lean" (:func:`greedy_decode`), "generate" (HF ``generate``) or "auto"
+    (lean where :func:`lean_decode_unsupported` allows it)."""
+    if decode_loop not in ("auto", "lean", "generate"):
+        raise ValueError(f"throughput: decode_loop must be 'auto', 'lean' or 'generate', got {decode_loop!r}")
     need = batch * max(prefill_tokens, DECODE_PROMPT_TOKENS)
     if batch < 1:
         raise ValueError(f"throughput: batch must be >= 1, got {batch}")
@@ -83,10 +187,17 @@ def throughput(model, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_to
     kw = dict(do_sample=False, attention_mask=torch.ones_like(short),
               pad_token_id=getattr(model.config, "eos_token_id", None) or 0)
     out = []
+    why = lean_decode_unsupported(model)
+    if decode_loop == "lean" and why is not None:
+        raise ValueError(f"throughput: decode_loop='lean' cannot decode this model: {why}")
+    loop = "lean" if decode_loop != "generate" and why is None else "generate"
 
     def gen(n):
         def run():
-            out[:] = [model.generate(short, max_new_tokens=n, min_new_tokens=n, **kw)]
+            if loop == "lean":
+                out[:] = [greedy_decode(model, short, n)]
+            else:
+                out[:] = [model.generate(short, max_new_tokens=n, min_new_tokens=n, **kw)]
         return run
 
     t1 = _median_s(gen(1), reps, device, warmup)
@@ -94,5 +205,5 @@ def throughput(model, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_to
     return SpeedResult(prefill_tokens_per_s=batch * prefill_tokens / t_prefill,
                        decode_tokens_per_s=batch * decode_tokens / max(tn - t1, 1e-9),
                        prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-                       threads=torch.get_num_threads(), device=str(device), batch=batch,
+                       threads=torch.get_num_threads(), device=str(device), batch=batch, decode_loop=loop,
                        generated=out[0][:, short.shape[1]:].tolist())

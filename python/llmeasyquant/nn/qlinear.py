@@ -247,15 +247,19 @@ class QLinear(nn.Module):
         q = self.qweight
         return (q.data_ptr(), None if q.is_inference() else q._version)
 
-    def _row_sums(self) -> torch.Tensor:
-        """``w_sum``, recomputed first if ``qweight`` changed since (an in-place
-        edit bumps the tensor's version counter), so it can never go stale.
-        Under torch.compile the check is skipped (the traced graph cannot
-        read version counters); the layer is set up before compiling."""
-        if not torch.compiler.is_compiling() and self._w_sum_of != self._qweight_key():
-            with torch.no_grad():
-                self._refresh_w_sum()
-        return self.w_sum
+    def _row_sums(self, q: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``w_sum``, recomputed first if ``qweight`` (``q``: the held qweight,
+        passed by forward, which has fetched it already) changed since (an
+        in-place edit bumps the tensor's version counter), so it can never go
+        stale. Under torch.compile the check is skipped (the traced graph
+        cannot read version counters); the layer is set up before compiling."""
+        if not torch.compiler.is_compiling():
+            if q is None:
+                q = self._buffers["qweight"]
+            if self._w_sum_of != (q.data_ptr(), None if q.is_inference() else q._version):
+                with torch.no_grad():
+                    self._refresh_w_sum()
+        return self._buffers["w_sum"]
 
     def _after_load(self) -> None:
         self._refresh_w_sum()
@@ -331,21 +335,29 @@ class QLinear(nn.Module):
     # ---------------------------------------------------------------- forward
     def scales(self) -> torch.Tensor:
         """Weight scales as the kernels take them (float32; no copy when held so)."""
-        return self.w_scale.float()
+        s = self._buffers["w_scale"]
+        return s if s.dtype == torch.float32 else s.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_perm is not None:
-            x = x.index_select(-1, self.in_perm)
-        if self.act is None:
-            return ops.weight_only_linear(x, self.qweight, self.scales(), self.w_zero, self.storage_bits,
-                                          self.w_group_size, self.bias)
-        if self.act == "dynamic" and self.int8_gemm:
-            return ops.dynamic_quant_linear(x, self.qweight, self.scales().view(-1), self._row_sums(), self.bias,
-                                            self.act_symmetric)
+        # Decode calls this ~200 times per token at M = 1, where Python time is
+        # most of a call: the buffers come from one dict (nn.Module.__getattr__
+        # costs ~0.5 us per buffer), the scales are passed [N, G] as held (every
+        # op checks their element count, not their shape) and float32 scales
+        # are not converted. The ops still check every argument in C++.
+        buf = self._buffers
+        perm = buf["in_perm"]
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        qw, bias, act = buf["qweight"], buf["bias"], self.act
+        if act is None:
+            return ops.weight_only_linear(x, qw, self.scales(), buf["w_zero"], self.storage_bits,
+                                          self.w_group_size, bias)
+        if act == "dynamic" and self.int8_gemm:
+            return ops.dynamic_quant_linear(x, qw, self.scales(), self._row_sums(qw), bias, self.act_symmetric)
         x2 = x.reshape(-1, self.in_features)
-        if self.act == "dynamic":
+        if act == "dynamic":
             qx, scale, zero = ops.quantize(x2, 8, self.act_symmetric, -1)
-        elif self.act == "static":
+        elif act == "static":
             qx = ops.quantize_static(x2, self.act_scale, self.act_zero, 8, 0)
             scale, zero = self.act_scale, self.act_zero
         else:
@@ -355,13 +367,12 @@ class QLinear(nn.Module):
             if before is not None:
                 self._count_ema_skip(ops.ema_skipped(before, self.ema_state))
         if not self.int8_gemm:
-            xq = ops.dequantize(qx, scale, zero, 8, -1 if self.act == "dynamic" else 0, self.in_features, x.dtype)
-            out = ops.weight_only_linear(xq, self.qweight, self.scales(), self.w_zero, self.storage_bits,
-                                         self.w_group_size, self.bias)
+            xq = ops.dequantize(qx, scale, zero, 8, -1 if act == "dynamic" else 0, self.in_features, x.dtype)
+            out = ops.weight_only_linear(xq, qw, self.scales(), buf["w_zero"], self.storage_bits,
+                                         self.w_group_size, bias)
             return out.reshape(*x.shape[:-1], self.out_features)
-        out = ops.scaled_int8_gemm(qx, scale, self.qweight, self.scales().view(-1),
-                                   a_zero=None if self.act_symmetric else zero, b_sum=self._row_sums(),
-                                   bias=self.bias, out_dtype=x.dtype)
+        out = ops.scaled_int8_gemm(qx, scale, qw, self.scales(), a_zero=None if self.act_symmetric else zero,
+                                   b_sum=self._row_sums(qw), bias=bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _count_ema_skip(self, skipped: torch.Tensor) -> None:
