@@ -350,6 +350,11 @@ class QLinear(nn.Module):
             x = x.index_select(-1, perm)
         qw, bias, act = buf["qweight"], buf["bias"], self.act
         if act is None:
+            if x.is_cuda and panel.wanted(x, self.storage_bits) and not torch.compiler.is_compiling():
+                p = self._cuda_panel(qw)  # the tensor-core W4A16 layout, derived once (None: not this layer)
+                if p is not None:
+                    return ops.weight_only_linear_panel(x, p.qpanel, p.gparams, self.out_features,
+                                                        self.w_group_size, bias)
             return ops.weight_only_linear(x, qw, self.scales(), buf["w_zero"], self.storage_bits,
                                           self.w_group_size, bias)
         if act == "dynamic" and self.int8_gemm:
