@@ -38,6 +38,7 @@ import time
 import torch
 
 import llmeasyquant as lq
+from llmeasyquant.bench import write_text_atomic
 from llmeasyquant.eval import throughput
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -178,10 +179,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, text)
     return 0
 
 

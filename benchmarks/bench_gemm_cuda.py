@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import llmeasyquant as lq
+from llmeasyquant.bench import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import LLAMA_7B, TOKENS  # noqa: E402
@@ -242,10 +243,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, text)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "quantize": qb, "copy_GBps": copy_bw, "device": props.name}, fh, indent=1)

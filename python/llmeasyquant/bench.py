@@ -21,6 +21,7 @@ Run:  OMP_WAIT_POLICY=ACTIVE llmeasyquant bench [--shapes smollm2] [--tokens 1,1
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -46,6 +47,16 @@ CPU_SHAPES = {
 }
 
 LLC_BYTES = 32 * 2**20  # this machine's L3 (lscpu); rotate weights beyond 3x of it
+
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a benchmark's table: to a sibling temp file, then renamed over
+    ``path``, so an interrupted run never leaves a half-written table."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text if text.endswith("\n") else text + "\n")
+    os.replace(tmp, path)
 
 
 def _cpu_name() -> str:
