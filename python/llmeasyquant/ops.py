@@ -30,19 +30,14 @@ PER_ROW = -1
 
 def _kernels_lack(bits: int, device: torch.device) -> bool:
     """Whether ``device``'s kernels lack ``bits``-bit values that the ops take on
-    every device (2/3 bits on CUDA): those calls go to ``_fallback``. Only CUDA
-    lacks any (``_checks.kernel_bits``): other devices answer without the call."""
-    return device.type == "cuda" and bits in SUPPORTED_BITS and bits not in _checks.kernel_bits(device)
-
-
-# Whether this build has CUDA kernels is fixed once the extension is loaded.
-_CUDA_BUILT = _native.has_cuda_kernels()
+    every device (2/3 bits on CUDA): those calls go to ``_fallback``. (No
+    device-type shortcut: tests/test_fallback.py runs the CUDA rules on the CPU
+    through ``_checks.kernel_bits``.)"""
+    return bits in SUPPORTED_BITS and bits not in _checks.kernel_bits(device)
 
 
 def _check_device(op: str, *tensors: Optional[torch.Tensor]) -> None:
     # the ops without a PyTorch fallback kernel: say which build is missing
-    if _CUDA_BUILT:
-        return
     for t in tensors:
         if t is not None and t.is_cuda and not _native.has_cuda_kernels():
             raise RuntimeError(
