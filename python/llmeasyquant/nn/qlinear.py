@@ -341,9 +341,9 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode calls this ~200 times per token at M = 1, where Python time is
         # most of a call: the buffers come from one dict (nn.Module.__getattr__
-        # costs ~0.5 us per buffer), the scales are passed [N, G] as held (every
-        # op checks their element count, not their shape) and float32 scales
-        # are not converted. The ops still check every argument in C++.
+        # costs ~0.5 us per buffer) and float32 scales are not converted (the
+        # weight-only ops take them [N, G] as held; the int8 GEMMs a free
+        # [N] view). The ops still check every argument in C++.
         buf = self._buffers
         perm = buf["in_perm"]
         if perm is not None:
@@ -358,7 +358,9 @@ class QLinear(nn.Module):
             return ops.weight_only_linear(x, qw, self.scales(), buf["w_zero"], self.storage_bits,
                                           self.w_group_size, bias)
         if act == "dynamic" and self.int8_gemm:
-            return ops.dynamic_quant_linear(x, qw, self.scales(), self._row_sums(qw), bias, self.act_symmetric)
+            # w_scale as [N] (a free view): the ONNX export's translation of this op broadcasts it per column
+            return ops.dynamic_quant_linear(x, qw, self.scales().view(-1), self._row_sums(qw), bias,
+                                            self.act_symmetric)
         x2 = x.reshape(-1, self.in_features)
         if act == "dynamic":
             qx, scale, zero = ops.quantize(x2, 8, self.act_symmetric, -1)
@@ -376,7 +378,7 @@ class QLinear(nn.Module):
             out = ops.weight_only_linear(xq, qw, self.scales(), buf["w_zero"], self.storage_bits,
                                          self.w_group_size, bias)
             return out.reshape(*x.shape[:-1], self.out_features)
-        out = ops.scaled_int8_gemm(qx, scale, qw, self.scales(), a_zero=None if self.act_symmetric else zero,
+        out = ops.scaled_int8_gemm(qx, scale, qw, self.scales().view(-1), a_zero=None if self.act_symmetric else zero,
                                    b_sum=self._row_sums(qw), bias=bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
