@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from . import panel
 from .quant_format import SUPPORTED_BITS, packed_len, qrange
 
 # c10::toString(ScalarType): the names the C++ messages print.
@@ -370,9 +371,9 @@ def weight_only_linear_panel(x, qpanel, gparams, out_features: int, group_size: 
     torch._check_value(K > 0 and K % 16 == 0, lambda: (
         f"{op}: expected K (the last dim of x) a positive multiple of 16, got {K} (x {shape_str(x)})"))
     torch._check_value(out_features >= 0, lambda: f"{op}: expected out_features >= 0, got {out_features}")
-    g = K if group_size == -1 else group_size
-    torch._check_value(g == K or (g > 0 and g % 64 == 0 and K % g == 0), lambda: (
+    torch._check_value(panel.supported(K, group_size), lambda: (
         f"{op}: expected group_size -1, K or a multiple of 64 dividing K={K}, got {group_size}"))
+    g = K if group_size == -1 else group_size
     check_device(op, "qpanel", qpanel, dev)
     check_dtype(op, "qpanel", qpanel, torch.int32)
     P, K16 = -(-out_features // 64), -(-K // 64) * 4

@@ -49,7 +49,6 @@ CPU_SHAPES = {
 LLC_BYTES = 32 * 2**20  # this machine's L3 (lscpu); rotate weights beyond 3x of it
 
 
-
 def write_text_atomic(path, text: str) -> None:
     """Write a benchmark's table: to a sibling temp file, then renamed over
     ``path``, so an interrupted run never leaves a half-written table."""

@@ -87,9 +87,6 @@ class Panel:
 
     qpanel: torch.Tensor  # int32 [N64, K16, 32, 4]
     gparams: torch.Tensor  # float32 [N64, G, 2, 8, 8]
-    out_features: int
-    in_features: int
-    group_size: int  # as the layer holds it (-1 per row, or g)
 
 
 def supported(in_features: int, group_size: int) -> bool:
@@ -132,7 +129,7 @@ def pack(qweight: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.
     # column n = 8 j + (n & 7) of a panel -> [.., (n & 7), j]
     order = lambda t: t.view(P, 8, 8, G).permute(0, 3, 2, 1)  # noqa: E731  [P, G, n&7, j]
     gparams = torch.stack([order(sp), order(zp)], dim=2).contiguous()
-    return Panel(words.contiguous(), gparams, N, K, group_size)
+    return Panel(words.contiguous(), gparams)
 
 
 def unpack(qpanel: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:

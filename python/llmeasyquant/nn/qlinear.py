@@ -33,6 +33,12 @@ from torch import nn
 from .. import ops, panel, quant_format
 
 ACT_MODES = (None, "dynamic", "static", "ema")
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What a cache derived from ``t`` is valid for: its storage and, outside
+    inference mode (no version counters there), its in-place edit count."""
+    return (t.data_ptr(), None if t.is_inference() else t._version)
 # Buffers whose dtype is part of the layer's definition: a module cast
 # (model.half(), model.to(torch.bfloat16)) moves them but never changes their
 # dtype (fp16 would flush small scales to 0; the kernels take fp32 state).
@@ -244,8 +250,7 @@ class QLinear(nn.Module):
     def _qweight_key(self):
         # Inference tensors (made under torch.inference_mode) have no version
         # counter: for them only a new storage is noticed.
-        q = self.qweight
-        return (q.data_ptr(), None if q.is_inference() else q._version)
+        return _tensor_key(self.qweight)
 
     def _row_sums(self, q: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``w_sum``, recomputed first if ``qweight`` (``q``: the held qweight,
@@ -256,7 +261,7 @@ class QLinear(nn.Module):
         if not torch.compiler.is_compiling():
             if q is None:
                 q = self._buffers["qweight"]
-            if self._w_sum_of != (q.data_ptr(), None if q.is_inference() else q._version):
+            if self._w_sum_of != _tensor_key(q):
                 with torch.no_grad():
                     self._refresh_w_sum()
         return self._buffers["w_sum"]
@@ -404,7 +409,7 @@ class QLinear(nn.Module):
         second copy of the 4-bit weights on the GPU (0.5 byte per weight)."""
         b = self._buffers
         parts = (qw, b["w_scale"], b["w_zero"])
-        key = tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version) for t in parts)
+        key = tuple(None if t is None else _tensor_key(t) for t in parts)
         cache = self.__dict__.get("_panel_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
