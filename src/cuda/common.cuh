@@ -108,6 +108,48 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// absmax / min / max over a block of WARPS warps; the result is in warp 0.
+// Starts with no barrier: a caller reusing it in a loop needs one between
+// warp 0's read of the previous result and the next call.
+template <int WARPS>
+__device__ __forceinline__ void block_reduce3(float& a, float& mn, float& mx) {
+  __shared__ float sh[3][WARPS];
+  a = warp_max(a);
+  mn = warp_min(mn);
+  mx = warp_max(mx);
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) {
+    sh[0][w] = a;
+    sh[1][w] = mn;
+    sh[2][w] = mx;
+  }
+  __syncthreads();
+  if (w == 0) {
+    a = lane < WARPS ? sh[0][lane] : 0.0f;
+    mn = lane < WARPS ? sh[1][lane] : INFINITY;
+    mx = lane < WARPS ? sh[2][lane] : -INFINITY;
+    a = warp_max(a);
+    mn = warp_min(mn);
+    mx = warp_max(mx);
+  }
+}
+
+// Eight int8 values (in int) to q + i: one 8-byte store when `vec` (aligned).
+__device__ __forceinline__ void write_q8(int8_t* q, int64_t i, const int v[8], bool vec) {
+  if (vec) {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      lo |= (static_cast<uint32_t>(v[j]) & 0xffu) << (8 * j);
+      hi |= (static_cast<uint32_t>(v[j + 4]) & 0xffu) << (8 * j);
+    }
+    *reinterpret_cast<uint2*>(q + i) = make_uint2(lo, hi);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) q[i + j] = static_cast<int8_t>(v[j]);
+  }
+}
+
 // ---- PTX wrappers -------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -20,13 +20,18 @@ constexpr int kBK = 64;  // bytes of K per pipeline stage (two k32 mma steps)
 // The epilogue of one output element; fp32 ops spelled out so that no FMA
 // contraction changes the rounding against the reference
 // out = (a_scale * b_scale) * float(acc - a_zero * b_sum) + bias.
-__device__ __forceinline__ float epi_value(const Epilogue& ep, int64_t m, int64_t n, int acc) {
-  int v = acc;
-  if (ep.a_zero) v -= static_cast<int>(ep.a_zero[m * ep.a_zero_stride]) * ep.b_sum[n];
-  const float s = __fmul_rn(ep.a_scale[m * ep.a_scale_stride], ep.b_scale[n]);
-  float o = __fmul_rn(s, __int2float_rn(v));
+// The fused epilogue for one output with activation scale a_s and zero-point
+// a_z (a_z != 0 needs ep.b_sum): (acc - a_z * b_sum[n]) * (a_s * b_scale[n]) + bias[n].
+__device__ __forceinline__ float epi_math(const Epilogue& ep, float a_s, int a_z, int64_t n, int acc) {
+  const int v = a_z ? acc - a_z * ep.b_sum[n] : acc;
+  float o = __fmul_rn(__fmul_rn(a_s, ep.b_scale[n]), __int2float_rn(v));
   if (ep.bias) o = __fadd_rn(o, ep.bias[n]);
   return o;
+}
+
+__device__ __forceinline__ float epi_value(const Epilogue& ep, int64_t m, int64_t n, int acc) {
+  return epi_math(ep, ep.a_scale[m * ep.a_scale_stride],
+                  ep.a_zero ? static_cast<int>(ep.a_zero[m * ep.a_zero_stride]) : 0, n, acc);
 }
 
 // Writes out[m, n] (and out[m, n + 1] when two) from raw accumulators.
@@ -275,7 +280,6 @@ __global__ void __launch_bounds__(kFusedThreads)
     gemv_s8_fused_quant_kernel(int M, int N, int K, const void* __restrict__ X, FloatType t, int64_t ldx,
                                bool symmetric, const int8_t* __restrict__ B, int64_t ldb, Epilogue ep) {
   extern __shared__ __align__(16) int8_t qa[];  // [M][K] int8
-  __shared__ float red[3][kFusedWarps];
   __shared__ float a_scale[kFusedMaxM];
   __shared__ int8_t a_zero[kFusedMaxM];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -293,27 +297,13 @@ __global__ void __launch_bounds__(kFusedThreads)
         mx = nan_max(mx, v[e]);
       }
     }
-    amax = warp_max(amax);
-    mn = warp_min(mn);
-    mx = warp_max(mx);
-    if (lane == 0) {
-      red[0][warp] = amax;
-      red[1][warp] = mn;
-      red[2][warp] = mx;
-    }
-    __syncthreads();
+    block_reduce3<kFusedWarps>(amax, mn, mx);  // the barrier after the scale below separates the rows' calls
     if (tid == 0) {
-      float a = red[0][0], lo = red[1][0], hi = red[2][0];
-      for (int w = 1; w < kFusedWarps; ++w) {
-        a = nan_max(a, red[0][w]);
-        lo = nan_min(lo, red[1][w]);
-        hi = nan_max(hi, red[2][w]);
-      }
       if (symmetric) {
-        a_scale[m] = scale_from_absmax(a, 8);
+        a_scale[m] = scale_from_absmax(amax, 8);
         a_zero[m] = 0;
       } else {
-        scale_zp_from_minmax(lo, hi, 8, &a_scale[m], &a_zero[m]);
+        scale_zp_from_minmax(mn, mx, 8, &a_scale[m], &a_zero[m]);
       }
     }
     __syncthreads();
@@ -325,13 +315,7 @@ __global__ void __launch_bounds__(kFusedThreads)
       load8(X, base + k, t, vec, v);
 #pragma unroll
       for (int e = 0; e < 8; ++e) q[e] = quantize_value(v[e], sc, z, 8);
-      uint32_t lo = 0, hi = 0;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        lo |= (static_cast<uint32_t>(q[e]) & 0xffu) << (8 * e);
-        hi |= (static_cast<uint32_t>(q[e + 4]) & 0xffu) << (8 * e);
-      }
-      *reinterpret_cast<uint2*>(qa + static_cast<int64_t>(m) * K + k) = make_uint2(lo, hi);
+      write_q8(qa, static_cast<int64_t>(m) * K + k, q, true);  // K % 16 == 0: 8-byte aligned
     }
   }
   __syncthreads();
@@ -347,11 +331,8 @@ __global__ void __launch_bounds__(kFusedThreads)
       if (m < M) {
         const int v = warp_sum(acc[m]);
         if (lane == m) {
-          // epi_value's operations in its order, with this CTA's activation
-          // scale / zero-point (asymmetric: the correction needs ep.b_sum)
-          const int c = symmetric ? v : v - static_cast<int>(a_zero[m]) * ep.b_sum[n];
-          float o = __fmul_rn(__fmul_rn(a_scale[m], ep.b_scale[n]), __int2float_rn(c));
-          if (ep.bias) o = __fadd_rn(o, ep.bias[n]);
+          // with this CTA's activation scale / zero-point (asymmetric: ep.b_sum)
+          const float o = epi_math(ep, a_scale[m], symmetric ? 0 : a_zero[m], n, v);
           const int64_t i = static_cast<int64_t>(m) * ep.ldo + n;
           if (ep.kind == OutKind::F32)
             static_cast<float*>(ep.out)[i] = o;

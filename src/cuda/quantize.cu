@@ -11,21 +11,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ void write_q8(int8_t* q, int64_t i, const int v[8], bool vec) {
-  if (vec) {
-    uint32_t lo = 0, hi = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      lo |= (static_cast<uint32_t>(v[j]) & 0xffu) << (8 * j);
-      hi |= (static_cast<uint32_t>(v[j + 4]) & 0xffu) << (8 * j);
-    }
-    *reinterpret_cast<uint2*>(q + i) = make_uint2(lo, hi);
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) q[i + j] = static_cast<int8_t>(v[j]);
-  }
-}
-
 // Max / min over the lps lanes of an aligned sub-group (lps a power of two;
 // 32 = the whole warp). Every lane of the warp must call it.
 __device__ __forceinline__ float group_max(float v, int lps) {
@@ -161,28 +146,6 @@ __global__ void quantize_with_scale_kernel(const void* __restrict__ x, FloatType
   }
 }
 
-__device__ void block_reduce3(float& a, float& mn, float& mx) {
-  __shared__ float sh[3][kWarps];
-  a = warp_max(a);
-  mn = warp_min(mn);
-  mx = warp_max(mx);
-  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) {
-    sh[0][w] = a;
-    sh[1][w] = mn;
-    sh[2][w] = mx;
-  }
-  __syncthreads();
-  if (w == 0) {
-    a = lane < kWarps ? sh[0][lane] : 0.0f;
-    mn = lane < kWarps ? sh[1][lane] : INFINITY;
-    mx = lane < kWarps ? sh[2][lane] : -INFINITY;
-    a = warp_max(a);
-    mn = warp_min(mn);
-    mx = warp_max(mx);
-  }
-}
-
 __global__ void __launch_bounds__(kThreads) tensor_minmax_kernel(const void* __restrict__ x, FloatType t, int64_t rows,
                                                                  int64_t K, int64_t ldx, float* __restrict__ partial) {
   float a = 0.0f, mn = INFINITY, mx = -INFINITY;
@@ -194,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) tensor_minmax_kernel(const void* __r
     mn = nan_min(mn, v);
     mx = nan_max(mx, v);
   }
-  block_reduce3(a, mn, mx);
+  block_reduce3<kWarps>(a, mn, mx);
   if (threadIdx.x == 0) {
     partial[3 * blockIdx.x] = a;
     partial[3 * blockIdx.x + 1] = mn;
