@@ -1,7 +1,7 @@
 // Torch-free microbenchmark + self-check of the CPU kernels.
 //
 //   OMP_WAIT_POLICY=ACTIVE ./bench_kernels [--threads N] [--quick] [--check-only]
-//                                          [--only gemm|wo|quant] [--isa NAME]
+//                                          [--only gemm|wo|w4a8|quant|peak] [--isa NAME]
 //                                          [--expect-isa NAME]
 //
 // --expect-isa NAME: exit 2 unless the tier in use (detected, capped by
@@ -15,6 +15,8 @@
 //    int64 reference; gemm_weight_only against a double-precision reference
 //    (tolerance: fp32 accumulation order is free on x86; the Arm tiers keep
 //    the scalar order and are also compared with scalar bit-for-bit);
+//    gemm_w4a8: every tier bit-for-bit against the contract written out here
+//    (exact int64 group products, the fp32 steps one rounding each);
 //    hadamard_transform: tiers bit-for-bit against scalar for +-1 matrices,
 //    within 1e-5 relative for general fp32 ones (AVX2 fuses had * y + acc),
 //    scalar against a naive double sum.
@@ -23,7 +25,7 @@
 //    weight bytes, "hot" (one weight copy, LLC resident when it fits) and
 //    "cold" (rotating copies whose total exceeds the 32 MiB L3);
 //    gemm_weight_only GB/s on weight bytes at M = 1, 16, 128 (scalar: 1, 16
-//    only) and GFLOP/s; quantize_dynamic GB/s
+//    only) and GFLOP/s; gemm_w4a8 GOP/s at M = 1, 16, 128, 512; quantize_dynamic GB/s
 //    on input bytes (per-row symmetric 8-bit, fp32 [M, K]).
 //
 // Build without src/cpp/kernels/quantize.cpp: -DLLMEQ_BENCH_NO_QUANTIZE.
@@ -396,6 +398,73 @@ void check_wo(int64_t M, int64_t N, int64_t K, int bits, int64_t g, bool zp, boo
 }
 
 // ---------------------------------------------------------------------------
+// W4A8 checks
+// ---------------------------------------------------------------------------
+// Expected output written out from the contract in cpu_kernels.h (exact int64
+// group products, then the fp32 steps one rounding each): every tier must
+// equal it bit for bit.  extreme: activations +-128 / 127 and weights at
+// -8 / 7 with zero-points at the far end, the largest |u * a| sums the AVX2
+// tier's int16 accumulation must hold.
+void check_w4a8(int64_t M, int64_t N, int64_t K, int64_t g, bool zp, bool bias, bool extreme = false) {
+  WoCase c = make_wo(M, N, K, 4, g, zp);
+  const int64_t G = K / g, rb = wo_row_bytes(K, 4);
+  std::vector<int8_t> a(M * K);
+  std::vector<float> as(M);
+  fill_int(a, -128, 127);
+  fill_float(as, 1e-3f, 3e-2f);
+  if (extreme) {
+    for (auto& v : a) v = (v & 1) ? 127 : -128;
+    for (auto& b : c.W) b = (b & 1) ? 0x77 : 0x88;  // 7 | 7 or -8 | -8
+    for (auto& z : c.zp) z = (z & 1) ? 7 : -8;
+  }
+  std::vector<float> want(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float acc = 0.0f;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        int64_t p = 0;
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k)
+          p += int64_t(a[m * K + k]) * (wo_value(c.W.data() + n * rb, k, 4) - (zp ? c.zp[n * G + gi] : 0));
+        const volatile float prod = c.scale[n * G + gi] * static_cast<float>(p);
+        acc = acc + prod;
+      }
+      const volatile float y = as[m] * acc;
+      want[m * N + n] = bias ? y + c.bias[n] : y;
+    }
+  for (Isa isa : all_isas()) {
+    set_isa(isa);
+    std::vector<float> out(M * N, 1e30f);
+    gemm_w4a8(M, N, K, a.data(), K, as.data(), c.W.data(), g, c.scale.data(), zp ? c.zp.data() : nullptr,
+              bias ? c.bias.data() : nullptr, out.data(), g_threads);
+    if (std::memcmp(out.data(), want.data(), out.size() * sizeof(float)) != 0) {
+      int64_t i = 0;
+      while (i < M * N && std::memcmp(&out[i], &want[i], sizeof(float)) == 0) ++i;
+      char b[200];
+      std::snprintf(b, sizeof b, "%s g=%lld zp=%d bias=%d extreme=%d i=%lld got %.9g want %.9g",
+                    shape_str(M, N, K).c_str(), (long long)g, zp, bias, extreme, (long long)i, out[i], want[i]);
+      fail((std::string(isa_name(isa)) + " w4a8").c_str(), b);
+    }
+  }
+}
+
+void check_w4a8_all() {
+  for (int64_t M : {1, 2, 3, 4, 5, 7, 13})
+    for (int64_t N : {1, 3, 4, 5, 9}) {
+      check_w4a8(M, N, 64, 32, true, true);
+      check_w4a8(M, N, 256, 64, M % 2 == 0, N % 2 == 1);
+      check_w4a8(M, N, 96, 96, true, false);  // per channel, 3 blocks
+    }
+  check_w4a8(3, 7, 100, 20, true, true);     // group off the 32-value grid: scalar path
+  check_w4a8(2, 5, 99, 99, true, true);      // odd K
+  check_w4a8(40, 37, 640, 64, true, true);   // several row tiles, unpacked panel
+  check_w4a8(70, 11, 2048, 2048, false, true);  // per channel, > 8 blocks per group
+  check_w4a8(9, 6, 1536, 512, true, true, true);
+  check_w4a8(2, 6, 8192, 8192, true, true, true);
+  check_w4a8(0, 5, 64, 32, true, true);
+  check_w4a8(3, 0, 64, 32, true, true);
+}
+
+// ---------------------------------------------------------------------------
 // Walsh-Hadamard transform checks
 // ---------------------------------------------------------------------------
 // rows x (m * p) values (row stride n + pad) in type t. With a +-1 matrix (or
@@ -610,6 +679,7 @@ void self_check() {
   check_wo(3, 5, 0, 8, 1, false, true);
   check_wo(6, 5, 0, 4, 1, true, true);
   check_wo(2, 5, 0, 3, 1, true, true);
+  check_w4a8_all();
   check_hadamard_all();
   std::printf("   %s (%d failures)\n", g_failures ? "FAILED" : "ok", g_failures);
 }
@@ -769,6 +839,44 @@ void bench_weight_only() {
   }
 }
 
+void bench_w4a8() {
+  std::printf("\n== gemm_w4a8 (int8 a x int4 g128 +zp), threads=%d: GOP/s (2 x multiply-adds / s), GB/s on weight bytes\n",
+              g_threads);
+  std::printf("%-22s %4s %-12s %10s %9s %9s\n", "shape (N x K)", "M", "isa", "median ms", "GOP/s", "GB/s");
+  for (const Shape& s : kShapes) {
+    if (g_quick && s.N == 11008) continue;
+    const int64_t N = s.N, K = s.K, g = 128, G = K / g;
+    avec<uint8_t> W(N * K / 2);
+    fill_int(W, 0, 255);
+    std::vector<float> scale(N * G), bias(N);
+    std::vector<int8_t> zp(N * G);
+    fill_float(scale, 1e-3f, 1e-2f);
+    fill_int(zp, -3, 3);
+    fill_float(bias, -1.f, 1.f);
+    for (int64_t M : {1, 16, 128, 512}) {
+      avec<int8_t> a(M * K);
+      avec<float> as(M), out(M * N);
+      fill_int(a, -127, 127);
+      fill_float(as, 1e-3f, 1e-2f);
+      for (Isa isa : timed_isas()) {
+        if (isa == Isa::Scalar && M > 16) continue;
+        set_isa(isa);
+        auto call = [&](int) {
+          gemm_w4a8(M, N, K, a.data(), K, as.data(), W.data(), g, scale.data(), zp.data(), bias.data(),
+                    out.data(), g_threads);
+        };
+        const auto t0 = std::chrono::steady_clock::now();
+        call(0);
+        const double est = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const Timing t = time_it(call, isa == Isa::Scalar ? 5 : runs_for(est));
+        std::printf("%-22s %4lld %-12s %10.3f %9.1f %9.1f\n", s.name, (long long)M, isa_name(isa), t.med * 1e3,
+                    2.0 * M * N * K / t.med / 1e9, N * K / 2 / t.med / 1e9);
+        std::fflush(stdout);
+      }
+    }
+  }
+}
+
 void bench_quantize() {
 #ifdef LLMEQ_BENCH_NO_QUANTIZE
   std::printf("\n== quantize_dynamic: skipped (built with LLMEQ_BENCH_NO_QUANTIZE)\n");
@@ -844,7 +952,7 @@ void bench_peak() { std::printf("\n== peaks: measured on x86-64 (AVX2) only\n");
 
 int main(int argc, char** argv) {
   bool check_only = false;
-  std::string only;  // gemm | wo | quant | peak
+  std::string only;  // gemm | wo | w4a8 | quant | peak
   std::string expect_isa;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) {
@@ -860,7 +968,7 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--expect-isa") && i + 1 < argc) {
       expect_isa = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|quant|peak]\n"
+      std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|w4a8|quant|peak]\n"
                    "       [--isa scalar|avx2|avx512_vnni|neon|neon_dotprod] [--expect-isa NAME]\n", argv[0]);
       return 2;
     }
@@ -879,6 +987,7 @@ int main(int argc, char** argv) {
   if (!check_only) {
     if (only.empty() || only == "gemm") bench_gemm();
     if (only.empty() || only == "wo") bench_weight_only();
+    if (only.empty() || only == "w4a8") bench_w4a8();
     if (only.empty() || only == "quant") bench_quantize();
     if (only.empty() || only == "peak") bench_peak();
   }

@@ -305,7 +305,19 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
 
 
 def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=KERNEL):
-    op = "llmeasyquant.weight_only_linear"
+    _weight_linear("llmeasyquant.weight_only_linear", x, qw, scale, zero_point, bits, group_size, bias, rule)
+
+
+def w4a8_linear(x, qw, w_scale, w_zero, group_size, bias):
+    """weight_only_linear's rules at 4 bits (C++: op_checks.h check_w4a8_args),
+    K within the int32-exact limit of the group products."""
+    op = "llmeasyquant.w4a8_linear"
+    _weight_linear(op, x, qw, w_scale, w_zero, 4, group_size, bias, KERNEL)
+    K = x.shape[-1]
+    torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
+
+
+def _weight_linear(op, x, qw, scale, zero_point, bits, group_size, bias, rule):
     dev = x.device
     check_device(op, "x", x, dev)
     check_float(op, "x", x)

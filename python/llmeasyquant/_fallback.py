@@ -27,6 +27,8 @@ stay on the tensors' device (no host copies).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +89,30 @@ def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bia
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
+def w4a8_linear(x, qw, w_scale, w_zero, group_size: int, bias) -> torch.Tensor:
+    """The CPU kernel's operations (cpu_kernels.h gemm_w4a8) on any device:
+    per-token symmetric int8 activations; each group's product in float64,
+    exact for |P| < 2^53 (the op's K limit keeps it < 2^31); then fp32
+    ``acc = acc + s * float(P)`` group by group, ``a_scale * acc + bias``."""
+    K, N = x.shape[-1], qw.shape[0]
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    M = x2.shape[0]
+    acc = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    if K > 0 and M > 0 and N > 0:
+        g = K if group_size == -1 else group_size
+        qa, sa, _ = quantize(x2, 8, True, -1)
+        w = unpack_bits(qw, 4, K).to(torch.float64)
+        s = w_scale.float().reshape(N, K // g)
+        for gi in range(K // g):
+            cols = slice(gi * g, (gi + 1) * g)
+            wg = w[:, cols] if w_zero is None else w[:, cols] - w_zero.reshape(N, K // g)[:, gi:gi + 1].double()
+            acc = acc + s[:, gi] * (qa[:, cols].double() @ wg.T).float()
+        acc = sa.reshape(M, 1) * acc
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 # --------------------------------------------------------------------------
 # through the 8-bit kernel (2/3-bit values where the kernels take 4 and 8)
 # --------------------------------------------------------------------------
@@ -121,6 +147,11 @@ def _weight_only_linear_kernel(x, qw, scale, zero_point, bits, group_size, bias)
     return weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)
 
 
+def _w4a8_linear_kernel(x, qw, w_scale, w_zero, group_size, bias):
+    _checks.w4a8_linear(x, qw, w_scale, w_zero, group_size, bias)
+    return w4a8_linear(x, qw, w_scale, w_zero, group_size, bias)
+
+
 def _hadamard_transform_kernel(x, had_m, scale):
     _checks.hadamard_transform(x, had_m)
     return hadamard.transform(x, had_m, scale)
@@ -146,6 +177,8 @@ KERNELS = {
     # the CUDA W4A16 panel layout's op: a compiled kernel on CUDA only; this
     # is its kernel on the CPU (tests, reference) and on other devices
     "weight_only_linear_panel": _weight_only_linear_panel_kernel,
+    # W4A8: a compiled kernel on the CPU only; this runs it on CUDA and elsewhere
+    "w4a8_linear": _w4a8_linear_kernel,
 }
 
 # Kept at module level: dropping the Library object would unregister the kernels.

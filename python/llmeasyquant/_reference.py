@@ -250,6 +250,36 @@ def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bia
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
+def w4a8_linear(x, qw, w_scale, w_zero, group_size: int, bias):
+    """W4A8: per-token symmetric 8-bit activations ``a = q_a * s_a`` x 4-bit
+    group-wise weights ``s * (q - z)``. Each group's product is an exact
+    integer ``P[m, n, g] = sum_{k in g} q_a[m, k] * (q[n, k] - z[n, g])``;
+    then in fp32, every operation rounded on its own:
+    ``acc = acc + s[n, g] * float(P)`` over the groups in order,
+    ``out = s_a[m] * acc + bias[n]``, x.dtype out. The same real number as
+    quantize -> dequantize -> weight_only_linear, with fewer roundings."""
+    _checks.w4a8_linear(x, qw, w_scale, w_zero, group_size, bias)
+    K, N = x.shape[-1], qw.shape[0]
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    M = x2.shape[0]
+    acc = torch.zeros(M, N, dtype=torch.float32)
+    if K > 0 and M > 0 and N > 0:
+        g = K if group_size == -1 else group_size
+        G = K // g
+        qa, sa, _ = _quantize(x2.cpu(), 8, True, -1)
+        w = unpack_int4(qw.cpu(), K).long().reshape(N, G, g)
+        if w_zero is not None:
+            w = w - w_zero.cpu().long().reshape(N, G, 1)
+        P = (qa.long().reshape(M, 1, G, g) * w.reshape(1, N, G, g)).sum(-1)  # int64 [M, N, G]
+        s = w_scale.cpu().float().reshape(N, G)
+        for gi in range(G):
+            acc = acc + s[:, gi] * P[:, :, gi].float()
+        acc = sa.reshape(M, 1) * acc
+    if bias is not None:
+        acc = acc + bias.cpu().float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], N).to(x.device)
+
+
 def hadamard_transform(x, had_m, scale: float, dtype=None):
     """``scale * x @ kron(had_m, S_p)^T`` along the last dim, as one dense
     float64 product (``S_p`` the natural-order Sylvester matrix of ``p = n / m``;

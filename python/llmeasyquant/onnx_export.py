@@ -16,7 +16,7 @@
 Every quantized weight is an initializer named ``<layer>.qweight`` with
 ``<layer>.w_scale`` / ``<layer>.w_zero`` beside it, and the model's metadata
 records the method config. Layers with static or EMA activation scales, and
-the simulated W4A8 path, are not exported yet (clear error).
+W4A8 (simulated or on its int8 kernel), are not exported yet (clear error).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def check_exportable(model: nn.Module) -> None:
             if m.act is not None and not (m.act == "dynamic" and m.int8_gemm):
                 raise ValueError(
                     f"export_onnx: layer {name} uses act={m.act!r}"
-                    f"{'' if m.int8_gemm else ' with a simulated W' + str(m.w_bits) + 'A8 path'}; "
+                    f"{'' if m.int8_gemm else ' with a W' + str(m.w_bits) + 'A8 group-wise path'}; "
                     "ONNX export supports W8A8 with dynamic per-token activations (8-bit per-channel symmetric "
                     "weights) and weight-only layers")
             if m.act is None and m.storage_bits < 8 and m.in_features % 2:

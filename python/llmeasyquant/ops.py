@@ -178,6 +178,24 @@ def weight_only_linear(x, qw, scale, zero_point=None, bits: int = 8, group_size:
     return _ops.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)
 
 
+def w4a8_linear(x, qw, w_scale, w_zero=None, group_size: int = PER_ROW, bias=None) -> torch.Tensor:
+    """W4A8: per-token symmetric 8-bit activations (quantized inside) x 4-bit
+    group-wise weights (packed, ``quant_format.pack_int4``), an exact int32
+    product per weight group, the group scales applied in fp32 after it
+    (:func:`llmeasyquant._reference.w4a8_linear` is the definition). A
+    compiled kernel on the CPU (:func:`w4a8_kernel_on`); the PyTorch kernel
+    (``_fallback.w4a8_linear``, same numbers) on other devices."""
+    return _ops.w4a8_linear(x, qw, w_scale, w_zero, int(group_size), bias)
+
+
+def w4a8_kernel_on(device: torch.device) -> bool:
+    """Whether :func:`w4a8_linear` has a compiled kernel on ``device`` (the
+    CPU tiers; CUDA not yet). Elsewhere its PyTorch kernel multiplies each
+    group in float64, slower than quantize -> dequantize -> weight_only_linear,
+    which QLinear then takes instead (same real number, one rounding more)."""
+    return device.type == "cpu"
+
+
 def weight_row_sums(w: torch.Tensor) -> torch.Tensor:
     """``sum_k w[n, k]`` as int32 (needed by the zero-point correction)."""
     return w.to(torch.int32).sum(dim=1, dtype=torch.int32)

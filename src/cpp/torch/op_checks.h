@@ -142,6 +142,15 @@ inline void check_weight_only_args(const char* op, const at::Tensor& x, const at
   check_group_size(op, group_size, K);
 }
 
+// w4a8_linear: weight_only_linear's x / qw / group rules at 4 bits, and K
+// within the int32-exact limit of the group products.
+inline void check_w4a8_args(const char* op, const at::Tensor& x, const at::Tensor& qw, int64_t group_size,
+                            const at::Device& dev) {
+  check_weight_only_args(op, x, qw, 4, group_size, dev);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
+}
+
 // hadamard_transform: x [..., n] float, had_m float32 [m, m] (or none: m = 1),
 // n = m * 2**k. Returns m.
 inline int64_t check_hadamard_args(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& had_m,

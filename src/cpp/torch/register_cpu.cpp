@@ -302,6 +302,39 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
+at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& w_zero, int64_t group_size,
+                           const c10::optional<at::Tensor>& bias) {
+  const char* op = "llmeasyquant.w4a8_linear";
+  check_w4a8_args(op, x, qw, group_size, kCpu);
+  const int64_t K = x.size(-1);
+  const int64_t N = qw.size(0);
+  const at::Tensor zp = w_zero.has_value() ? *w_zero : at::zeros(w_scale.sizes(), w_scale.options().dtype(at::kChar));
+  check_scales(op, {N, K}, w_scale, zp, 4, group_size, false);
+  const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
+  const at::Tensor xv = rows_view(x);
+  const int64_t M = xv.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor out;
+  if (K == 0 || M == 0 || N == 0) {  // no products: the bias (or 0), as the fp32 epilogue would give
+    out = at::zeros({M, N}, x.options().dtype(at::kFloat));
+    if (bias32.defined()) out.add_(bias32.unsqueeze(0));
+  } else {
+    at::Tensor qa = at::empty({M, K}, x.options().dtype(at::kChar));
+    at::Tensor as = at::empty({M}, x.options().dtype(at::kFloat));
+    at::Tensor za = at::empty({M}, x.options().dtype(at::kChar));
+    cpu::quantize_dynamic(xv.data_ptr(), float_type(x.scalar_type()), M, K, xv.stride(0), 8, true, K,
+                          qa.data_ptr(), as.data_ptr<float>(), za.data_ptr<int8_t>(), nthreads());
+    const at::Tensor qc = qw.contiguous(), sc = w_scale.contiguous(), zc = zp.contiguous();
+    out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    cpu::gemm_w4a8(M, N, K, qa.data_ptr<int8_t>(), K, as.data_ptr<float>(), qc.data_ptr<uint8_t>(),
+                   group_len(group_size, K), sc.data_ptr<float>(), w_zero.has_value() ? zc.data_ptr<int8_t>() : nullptr,
+                   bias32.defined() ? bias32.data_ptr<float>() : nullptr, out.data_ptr<float>(), nthreads());
+  }
+  return shaped_result(out.to(x.scalar_type()), out_shape);
+}
+
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& had_m, double scale) {
   const char* op = "llmeasyquant.hadamard_transform";
   const int64_t m = check_hadamard_args(op, x, had_m, kCpu);
@@ -327,6 +360,7 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
   m.impl("scaled_int8_gemm", &scaled_int8_gemm_cpu);
   m.impl("dynamic_quant_linear", &dynamic_quant_linear_cpu);
   m.impl("weight_only_linear", &weight_only_linear_cpu);
+  m.impl("w4a8_linear", &w4a8_linear_cpu);
   m.impl("hadamard_transform", &hadamard_transform_cpu);
 }
 

@@ -35,6 +35,10 @@ TORCH_LIBRARY(llmeasyquant, m) {
   m.def(
       "weight_only_linear(Tensor x, Tensor qw, Tensor scale, Tensor? zero_point, int bits, int group_size, "
       "Tensor? bias) -> Tensor");
+  // W4A8: per-token symmetric 8-bit activations x 4-bit group-wise weights,
+  // an exact int32 product per group, group scales in fp32 after it (see
+  // cpu_kernels.h gemm_w4a8). CPU kernel; the PyTorch kernel elsewhere.
+  m.def("w4a8_linear(Tensor x, Tensor qw, Tensor w_scale, Tensor? w_zero, int group_size, Tensor? bias) -> Tensor");
   // Walsh-Hadamard transform along the last dim, n = m * 2**k:
   // scale * x @ kron(had_m, S_p)^T (had_m float32 [m, m], None for m = 1);
   // fp32 arithmetic, x's dtype out. llmeasyquant/hadamard.py builds had_m.

@@ -136,6 +136,22 @@ void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const voi
                       const float* bias, float* out, int num_threads);
 
 // ---------------------------------------------------------------------------
+// W4A8 GEMM (src/cpp/kernels/gemm_w4a8.cpp)
+// ---------------------------------------------------------------------------
+// int8 activations a [M, K] (row stride lda) with per-row scales a_scale [M]
+// x 4-bit weights w packed [N, ceil(K/2)] (two's-complement nibbles) with
+// group scales w_scale [N, K/group_size] and zero-points w_zero (same shape,
+// null: symmetric). Per group the product is exact in int32,
+//   P[m,n,g] = sum_{k in g} a[m,k] * (w[n,k] - w_zero[n,g]),
+// then, every fp32 operation rounded on its own (no FMA):
+//   acc = 0; for each group in order: acc = acc + w_scale[n,g] * float(P)
+//   out[m,n] = a_scale[m] * acc (+ bias[n])
+// out fp32 [M, N] contiguous. Exact int32 for K <= 65536 (the op's limit).
+void gemm_w4a8(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
+               const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,
+               const float* bias, float* out, int num_threads);
+
+// ---------------------------------------------------------------------------
 // Walsh-Hadamard transform (src/cpp/kernels/hadamard.cpp)
 // ---------------------------------------------------------------------------
 // Each of `rows` rows of x (n = m * p values, p a power of two, row stride
