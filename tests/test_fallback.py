@@ -50,7 +50,7 @@ def test_fallback_is_the_kernel_only_of_devices_without_one(op):
     assert "_fallback.py" not in t["Meta"]  # the fakes still trace
     for dev in ("MPS", "XPU", "PrivateUse1"):
         assert "_fallback.py" in t[dev] and "default backend kernel" in t[dev], t[dev]
-    if lq.build_info()["cuda"]:
+    if lq.build_info()["cuda"] and op != "w4a8_linear":  # W4A8: a CPU kernel only, so far
         assert "register_cuda.cpp" in t["CUDA"]
     else:
         assert "_fallback.py" in t["CUDA"]
@@ -259,3 +259,16 @@ def test_production_modules_do_not_import_the_reference(path):
               if isinstance(n, ast.ImportFrom) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert not [m for m in names if "_reference" in m], f"{path} imports the test oracle"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape,g", [((1, 64), 32), ((5, 96), -1), ((2, 3, 100), 20), ((4, 0), -1), ((0, 64), 64)])
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_w4a8_fallback_matches_the_cpu_kernel_bit_for_bit(dtype, shape, g, zero_points):
+    K = shape[-1]
+    qw, s, z = lq.ops.quantize(_x((7, K), seed=3), 4, not zero_points, g)
+    bias = torch.randn(7)
+    x = _x(shape, dtype)
+    got = _fallback.KERNELS["w4a8_linear"](x, qw, s, z if zero_points else None, g, bias)
+    want = _o.w4a8_linear(x, qw, s, z if zero_points else None, g, bias)
+    assert got.dtype == want.dtype == dtype and torch.equal(got, want)

@@ -40,7 +40,14 @@ def _samples(device):
                                           hadamard.small_matrix(48, device=device), 48 ** -0.5)),
         (ops.hadamard_transform.default, (x[..., :16], None, 0.5)),
         (ops.weight_only_linear_panel.default, (*_panel_args(device, g), torch.randn(70, generator=g).to(device))),
+        (ops.w4a8_linear.default, _w4a8_args(device, g)),
     ]
+
+
+def _w4a8_args(device, g):
+    qw, s, z = lq.ops.quantize(torch.randn(9, 64, generator=g), 4, False, 32)
+    x = torch.randn(2, 5, 64, generator=g).to(torch.bfloat16)
+    return x.to(device), qw.to(device), s.to(device), z.to(device), 32, torch.randn(9, generator=g).to(device)
 
 
 def _panel_args(device, g):
@@ -55,10 +62,10 @@ def _panel_args(device, g):
 def test_every_op_has_an_opcheck_sample():
     covered = {op._schema.name.split("::")[1] for op, _ in _samples("cpu")}
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmeasyquant::")}
-    assert len(defined) == 11 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
+    assert len(defined) == 12 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
 
 
-@pytest.mark.parametrize("i", range(15))
+@pytest.mark.parametrize("i", range(16))
 def test_opcheck(device, i):
     op, args = _samples(device)[i]
     torch.library.opcheck(op, args)
