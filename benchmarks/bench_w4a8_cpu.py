@@ -1,0 +1,116 @@
+"""W4A8 QLinear on its int8 kernel vs the simulated W4A8 path it replaced,
+W4A16 weight-only, W8A8 dynamic and fp32 F.linear, on the CPU; one process,
+interleaved rounds (protocol: PERF.md).
+
+W4A8 = 4-bit group-wise weights (zero-points) x per-token symmetric 8-bit
+activations (ZeroQuant / rotated GPTQ W4A8). "simulated" is the same layer
+through quantize -> dequantize -> weight_only_linear (what QLinear runs for
+W4A8 where the kernel is not compiled, and ran everywhere before it). Every
+layer is checked before it is timed: W4A8 bit for bit against
+_reference.w4a8_linear, the others against float math on their own weights.
+Weight copies rotate past 3x the LLC (cold weights). The ISA tier is what the
+library picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
+
+Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_w4a8_cpu.py \\
+          [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,16,128,512] [--group 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llmeasyquant as lq
+from llmeasyquant import _reference as R
+from llmeasyquant.bench import LLC_BYTES, _cpu_name, _time
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(16, -(-3 * LLC_BYTES // max(nbytes, 1))))
+
+
+def _simulated(layer: lq.QLinear) -> lq.QLinear:
+    layer.w4a8 = False  # the quantize -> dequantize -> weight-only route
+    return layer
+
+
+def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(N * 31 + K)
+    x = torch.randn(M, K, generator=g)
+
+    def linear():
+        lin = nn.Linear(K, N).requires_grad_(False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(N, K, generator=g) / K**0.5)
+            lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
+        return lin
+
+    w4 = dict(w_bits=4, w_group_size=group, w_symmetric=False)
+    methods = {
+        "fp32": (lambda: (lambda l: (lambda t: F.linear(t, l.weight, l.bias)))(linear()), 4 * N * K),
+        f"W4A8 g{group} int8 kernel": (lambda: lq.QLinear.from_linear(linear(), act="dynamic", **w4), N * K // 2),
+        f"W4A8 g{group} simulated": (lambda: _simulated(lq.QLinear.from_linear(linear(), act="dynamic", **w4)),
+                                     N * K // 2),
+        f"W4A16 g{group}": (lambda: lq.QLinear.from_linear(linear(), act=None, **w4), N * K // 2),
+        "W8A8 dynamic": (lambda: lq.QLinear.from_linear(linear()), N * K),
+    }
+    layers = {}
+    with torch.inference_mode():
+        for name, (make, nbytes) in methods.items():
+            layers[name] = [make() for _ in range(_copies(nbytes))]
+            layer = layers[name][0]
+            if not isinstance(layer, lq.QLinear):
+                continue
+            y = layer(x)
+            if layer.w4a8:
+                want = R.w4a8_linear(x, layer.qweight, layer.w_scale, layer.w_zero, group, layer.bias)
+                assert torch.equal(y, want), f"{name} differs from its definition at {N}x{K} M={M}"
+            else:
+                xq = x
+                if layer.act is not None:
+                    qx, sx, zx = lq.ops.quantize(x, 8, layer.act_symmetric, -1)
+                    xq = lq.ops.dequantize(qx, sx, zx, 8, -1, K, torch.float32)
+                check = F.linear(xq, layer.dequantize(), layer.bias)
+                rel = ((y - check).norm() / check.norm()).item()
+                assert rel < 1e-5, f"{name} wrong at {N}x{K} M={M}: {rel:.3g}"
+        times = {k: [] for k in layers}
+        for _ in range(rounds):
+            for name, fns in layers.items():
+                times[name].append(_time(fns, x, reps, warmup=3))
+    return {k: (statistics.median(v), [f / t for f, t in zip(times["fp32"], v)]) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="576x1536,1536x576,4096x4096", help="N x K, comma-separated")
+    p.add_argument("--tokens", default="1,16,128,512")
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    info = lq.build_info()
+    print(f"date {datetime.date.today().isoformat()}; CPU {_cpu_name()}; ISA {info['cpu_isa_active']} "
+          f"(detected {info['cpu_isa_detected']}); threads {args.threads}; cold weights "
+          f"(copies > 3x {LLC_BYTES >> 20} MiB LLC); median of {args.reps} runs x {args.rounds} rounds; "
+          f"vs fp32 = median of the per-round ratios [min-max]")
+    print("| N x K | M | fp32 ms | method | ms | vs fp32 [spread] |")
+    print("|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        N, K = (int(v) for v in shape.lower().split("x"))
+        for M in (int(t) for t in args.tokens.split(",")):
+            r = bench(N, K, M, args.group, args.reps if M < 256 else max(5, args.reps // 5), args.rounds)
+            f, _ = r.pop("fp32")
+            for name, (t, ratios) in r.items():
+                print(f"| {N}x{K} | {M} | {f * 1e3:.3f} | {name} | {t * 1e3:.3f} | "
+                      f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
