@@ -25,14 +25,15 @@
 // call in the same order (each block: its 16 even, then its 16 odd elements),
 // so no weight shuffle is needed.
 //
-// Schedules: tiles of MR <= 3 activation rows x 4 weight rows (12 int16
-// accumulators + the weight vector of 16 ymm; activations are vpmaddubsw
-// memory operands from L1).  Up to 3 rows (decode) the weights are unpacked in
-// registers per tile; from 4 rows on, a panel of 4 weight rows is unpacked
-// once into a per-thread buffer (4 x K bytes, L1/L2) and reused by every row
-// tile, so the unpack is spread over all M rows instead of MR.  Activations
-// are processed in row chunks of <= 96 KiB so that a chunk stays in L2 while
-// the panels stream past it.  At each group end the 4 x MR accumulators are
+// Schedules: tiles of MR <= 2 activation rows x 4 weight rows: 8 int16
+// accumulators, the MR activation vectors of a block loaded once and the
+// weight vector (MR = 3 x 4 needs 16 ymm and GCC spilled the accumulators).
+// Up to 2 rows (decode) the weights are unpacked in registers per tile; from
+// 3 rows on, a panel of 4 weight rows is unpacked once into a per-thread
+// buffer (4 x K bytes, L1/L2) and reused by every row tile, so the unpack is
+// spread over all M rows instead of MR.  Activations are processed in row
+// chunks of <= 256 KiB so that a chunk stays in L2 while the panels stream
+// past it.  At each group end the 4 x MR accumulators are
 // widened, reduced horizontally (vphaddd) into one int32 per output and the
 // group's fp32 step done on 4 outputs at once.
 //
@@ -53,7 +54,7 @@ namespace {
 constexpr int kNR = 4;        // weight rows per tile
 constexpr int64_t kBlock = 32;  // values per vector step (16 packed bytes)
 constexpr int64_t kChunkBlocks = 8;  // int16 blocks per widening (see the bound above)
-constexpr int64_t kRowChunkBytes = 96 * 1024;
+constexpr int64_t kRowChunkBytes = 256 * 1024;
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -166,9 +167,8 @@ template <bool kBuffered>
 void row_tiles(const W4a8Args& A, int64_t m_begin, int64_t m_end, int64_t n0, int nv, const uint8_t* const* wr,
                const uint8_t* wb, PanelParams pp) {
   int64_t m = m_begin;
-  for (; m + 3 <= m_end; m += 3) tile<3, kBuffered>(A, m, n0, nv, wr, wb, pp);
-  if (m_end - m == 2) tile<2, kBuffered>(A, m, n0, nv, wr, wb, pp);
-  if (m_end - m == 1) tile<1, kBuffered>(A, m, n0, nv, wr, wb, pp);
+  for (; m + 2 <= m_end; m += 2) tile<2, kBuffered>(A, m, n0, nv, wr, wb, pp);
+  if (m < m_end) tile<1, kBuffered>(A, m, n0, nv, wr, wb, pp);
 }
 
 // The activations in block order (each 32 values: the 16 even, then the 16
@@ -224,14 +224,14 @@ bool gemm_w4a8_avx2(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t ld
   const W4a8Args A{M, N, K, g, G, ap, asum, a_scale, w, w_scale, w_zero, bias, out};
   const int64_t rb = K / 2;
   const int64_t panels = (N + kNR - 1) / kNR;
-  // rows per chunk: a multiple of the 3-row tile, the chunk within kRowChunkBytes
-  int64_t mc = kRowChunkBytes / K / 3 * 3;
-  if (mc < 3) mc = 3;
+  // rows per chunk: a multiple of the 2-row tile, the chunk within kRowChunkBytes
+  int64_t mc = kRowChunkBytes / K / 2 * 2;
+  if (mc < 2) mc = 2;
   const int nt = num_threads > 0 ? num_threads : 1;
   const bool par = nt > 1 && panels > 1 && M * N * K >= (int64_t{1} << 17);
   for (int64_t mb = 0; mb < M; mb += mc) {
     const int64_t me = imin(M, mb + mc);
-    const bool buffered = me - mb > 3;
+    const bool buffered = me - mb > 2;
 #pragma omp parallel num_threads(nt) if (par)
     {
       static thread_local ThreadBuffer wbuf, sbuf, cbuf;
