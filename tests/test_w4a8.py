@@ -100,6 +100,11 @@ def _qlinear(act_symmetric=True, w_symmetric=False, seed=0):
     return lin, q
 
 
+needs_simd = pytest.mark.skipif(not lq._native.has_w4a8_simd(),
+                                reason="this CPU has no SIMD W4A8 tier: QLinear takes the simulated path")
+
+
+@needs_simd
 @pytest.mark.parametrize("w_symmetric", [True, False])
 def test_qlinear_w4a8_runs_the_op(w_symmetric):
     lin, q = _qlinear(w_symmetric=w_symmetric)
@@ -111,6 +116,7 @@ def test_qlinear_w4a8_runs_the_op(w_symmetric):
     assert rel < 0.15, rel
 
 
+@needs_simd
 def test_qlinear_w4a8_with_act_order_permutes_the_input():
     _, q0 = _qlinear()
     q = lq.QLinear(128, 20, w_bits=4, w_group_size=32, w_symmetric=False, act="dynamic", in_perm=True)
@@ -124,3 +130,15 @@ def test_qlinear_w4a8_with_act_order_permutes_the_input():
 def test_qlinear_asymmetric_activations_stay_simulated():
     _, q = _qlinear(act_symmetric=False)
     assert not q.w4a8 and "simulated" in repr(q)
+
+
+def test_qlinear_w4a8_off_the_kernel_grid_runs_simulated():
+    # groups of 16 are not on the SIMD kernel's 32-value grid: the scalar loop would be slower than simulating
+    gen = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(64, 10)
+    q = lq.QLinear.from_linear(lin, w_bits=4, w_group_size=16, act="dynamic")
+    assert not ops.w4a8_fast(torch.device("cpu"), 64, 16)
+    x = torch.randn(3, 64, generator=gen)
+    qx, sx, zx = ops.quantize(x, 8, True, -1)
+    xq = ops.dequantize(qx, sx, zx, 8, -1, 64, torch.float32)
+    assert torch.equal(q(x), ops.weight_only_linear(xq, q.qweight, q.w_scale, q.w_zero, 4, 16, q.bias))

@@ -33,3 +33,14 @@ def build_info() -> dict:
 
 def has_cuda_kernels() -> bool:
     return bool(_static_build_info()["cuda"])
+
+
+# The CPU tiers with a SIMD W4A8 kernel (gemm_w4a8.cpp: AVX2, which AVX-512
+# CPUs run too); Arm and the scalar tier run its scalar path.
+_W4A8_SIMD_TIERS = ("avx2", "avx512_vnni")
+
+
+def has_w4a8_simd() -> bool:
+    """Whether this CPU runs a SIMD W4A8 kernel (the detected tier; a
+    LLMEQ_CPU_ISA cap below it still gets the scalar path)."""
+    return _static_build_info()["cpu_isa_detected"] in _W4A8_SIMD_TIERS

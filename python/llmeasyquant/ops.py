@@ -183,17 +183,21 @@ def w4a8_linear(x, qw, w_scale, w_zero=None, group_size: int = PER_ROW, bias=Non
     group-wise weights (packed, ``quant_format.pack_int4``), an exact int32
     product per weight group, the group scales applied in fp32 after it
     (:func:`llmeasyquant._reference.w4a8_linear` is the definition). A
-    compiled kernel on the CPU (:func:`w4a8_kernel_on`); the PyTorch kernel
+    compiled kernel on the CPU (SIMD where :func:`w4a8_fast`); the PyTorch kernel
     (``_fallback.w4a8_linear``, same numbers) on other devices."""
     return _ops.w4a8_linear(x, qw, w_scale, w_zero, int(group_size), bias)
 
 
-def w4a8_kernel_on(device: torch.device) -> bool:
-    """Whether :func:`w4a8_linear` has a compiled kernel on ``device`` (the
-    CPU tiers; CUDA not yet). Elsewhere its PyTorch kernel multiplies each
-    group in float64, slower than quantize -> dequantize -> weight_only_linear,
-    which QLinear then takes instead (same real number, one rounding more)."""
-    return device.type == "cpu"
+def w4a8_fast(device: torch.device, K: int, group_size: int) -> bool:
+    """Whether :func:`w4a8_linear` runs a SIMD kernel for a layer of ``K``
+    inputs in groups of ``group_size`` on ``device``: the CPU's AVX2 tier
+    (AVX-512 CPUs included) with groups of a multiple of 32 values. Elsewhere
+    it runs its scalar loop (Arm, other group sizes) or, on CUDA, its PyTorch
+    kernel (each group in float64): slower than quantize -> dequantize ->
+    weight_only_linear, which QLinear then takes (same real number, one
+    rounding more)."""
+    g = K if group_size == PER_ROW else group_size
+    return device.type == "cpu" and g > 0 and g % 32 == 0 and _native.has_w4a8_simd()
 
 
 def weight_row_sums(w: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,9 @@ It holds integer weights with their scales/zero-points and an activation mode:
 
 W8A8 runs on the int8 GEMM with 8-bit per-channel symmetric weights (what its
 epilogue folds in). W4A8 with dynamic symmetric activations (ZeroQuant, rotated
-GPTQ) runs on the W4A8 kernel where it is compiled (``ops.w4a8_kernel_on``: the
-CPU): an exact int32 product per weight group, group scales in fp32 after it.
+GPTQ) runs on the W4A8 kernel where it has a SIMD path (``ops.w4a8_fast``: the
+CPU's AVX2 tier, groups of a multiple of 32): an exact int32 product per
+weight group, group scales in fp32 after it.
 Other weight layouts with quantized activations, and W4A8 elsewhere, are
 simulated (quantize-dequantize activations, then the weight-only kernel: the
 same real number, one rounding more).
@@ -102,7 +103,8 @@ class QLinear(nn.Module):
         # kernel does the product (same math, float accumulation, slower).
         self.int8_gemm = act is not None and w_bits == 8 and w_group_size == -1 and w_symmetric
         # 4-bit weights x per-token symmetric int8 activations: the W4A8 op
-        # (asymmetric activations would need per-group weight sums: simulated)
+        # where its SIMD kernel takes the layer (asymmetric activations would
+        # need per-group weight sums: simulated)
         self.w4a8 = act == "dynamic" and act_symmetric and w_bits == 4
         self.in_features, self.out_features = K, N
         self.w_bits, self.w_group_size, self.w_symmetric = w_bits, w_group_size, w_symmetric
@@ -373,7 +375,7 @@ class QLinear(nn.Module):
             # w_scale as [N] (a free view): the ONNX export's translation of this op broadcasts it per column
             return ops.dynamic_quant_linear(x, qw, self.scales().view(-1), self._row_sums(qw), bias,
                                             self.act_symmetric)
-        if self.w4a8 and ops.w4a8_kernel_on(x.device):
+        if self.w4a8 and ops.w4a8_fast(x.device, self.in_features, self.w_group_size):
             return ops.w4a8_linear(x, qw, self.scales(), buf["w_zero"], self.w_group_size, bias)
         x2 = x.reshape(-1, self.in_features)
         if act == "dynamic":
@@ -456,7 +458,7 @@ class QLinear(nn.Module):
                     "ema": f"EMA per-tensor (alpha={self.ema_alpha})"}[self.act]
             a = f"act=8-bit {kind} {'symmetric' if self.act_symmetric else 'asymmetric'}"
             if self.w4a8:
-                a += " (W4A8 int8 kernel on the CPU; simulated elsewhere)"
+                a += " (W4A8 int8 kernel on x86 CPUs, groups of a multiple of 32; simulated elsewhere)"
             elif not self.int8_gemm:
                 a += " (simulated: no int8 kernel for this weight layout yet)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
