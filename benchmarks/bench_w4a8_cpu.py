@@ -13,6 +13,12 @@ library picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
 
 Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_w4a8_cpu.py \\
           [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,16,128,512] [--group 64] [--threads 2]
+
+``--e2e``: instead, the default model end to end (fp32, W4A8 ZeroQuant RTN g64
+on the kernel, the same model simulated, W4A16 RTN g64): perplexity on
+``--windows`` windows of WikiText-2 test and prefill / decode tokens/s
+(``eval.throughput``: ``--prefill`` tokens, ``--decode`` greedy tokens,
+batch ``--batch``), rounds interleaved.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmeasyquant as lq
-from llmeasyquant import _reference as R
+from llmeasyquant import _fallback
 from llmeasyquant.bench import LLC_BYTES, _cpu_name, _time
 
 
@@ -68,7 +74,7 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int) -> dict:
                 continue
             y = layer(x)
             if layer.w4a8:
-                want = R.w4a8_linear(x, layer.qweight, layer.w_scale, layer.w_zero, group, layer.bias)
+                want = _fallback.w4a8_linear(x, layer.qweight, layer.w_scale, layer.w_zero, group, layer.bias)
                 assert torch.equal(y, want), f"{name} differs from its definition at {N}x{K} M={M}"
             else:
                 xq = x
@@ -85,6 +91,52 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int) -> dict:
     return {k: (statistics.median(v), [f / t for f, t in zip(times["fp32"], v)]) for k, v in times.items()}
 
 
+def e2e(args) -> None:
+    import copy
+    import time
+
+    from llmeasyquant.data import default_eval_file
+    from llmeasyquant.eval import throughput
+    from llmeasyquant.eval.perplexity import perplexity, tokenize_file
+    from llmeasyquant.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    model.eval()
+    ids = tokenize_file(tok, default_eval_file()).reshape(-1)
+    w4 = dict(w_bits=4, w_group_size=args.group, progress=False)
+    ours = {"fp32": model, "W4A8 kernel": lq.quantize(copy.deepcopy(model), "zeroquant", **w4)}
+    sim = copy.deepcopy(ours["W4A8 kernel"])
+    for m in sim.modules():
+        if isinstance(m, lq.QLinear):
+            _simulated(m)
+    ours["W4A8 simulated"] = sim
+    ours["W4A16"] = lq.quantize(copy.deepcopy(model), "absmax", act=None, **w4)
+    took = sum(isinstance(m, lq.QLinear) and m.w4a8 for m in ours["W4A8 kernel"].modules())
+    print(f"W4A8: {ours['W4A8 kernel'].llmeq_config.describe()}; {took} layers on the W4A8 kernel")
+    ppl = {k: perplexity(m, ids=ids, seq_len=2048, max_windows=args.windows, progress=False).ppl
+           for k, m in ours.items()}
+    print("perplexity (" + f"{args.windows} x 2048 tokens of wiki.test): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()), flush=True)
+    rows = {k: {"prefill": [], "decode": []} for k in ours}
+    names = list(ours)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            time.sleep(0.5)
+            sp = throughput(ours[name], ids, prefill_tokens=args.prefill, decode_tokens=args.decode, reps=1,
+                            batch=args.batch, warmup=r == 0)
+            rows[name]["prefill"].append(sp.prefill_tokens_per_s)
+            rows[name]["decode"].append(sp.decode_tokens_per_s)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    print(f"| model | prefill tok/s ({args.prefill} tokens, batch {args.batch}) | decode tok/s ({args.decode}) | "
+          "prefill vs fp32 | decode vs fp32 |")
+    print("|---|---|---|---|---|")
+    for name, row in rows.items():
+        vs = [statistics.median(a / b for a, b in zip(row[w], rows["fp32"][w])) for w in ("prefill", "decode")]
+        print(f"| {name} | {statistics.median(row['prefill']):.1f} [{min(row['prefill']):.1f}-"
+              f"{max(row['prefill']):.1f}] | {statistics.median(row['decode']):.1f} [{min(row['decode']):.1f}-"
+              f"{max(row['decode']):.1f}] | {vs[0]:.2f}x | {vs[1]:.2f}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="576x1536,1536x576,4096x4096", help="N x K, comma-separated")
@@ -93,6 +145,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--e2e", action="store_true", help="the default model end to end instead of single layers")
+    p.add_argument("--windows", type=int, default=2, help="--e2e: perplexity windows (x 2048 tokens)")
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = lq.build_info()
@@ -100,6 +157,8 @@ def main() -> None:
           f"(detected {info['cpu_isa_detected']}); threads {args.threads}; cold weights "
           f"(copies > 3x {LLC_BYTES >> 20} MiB LLC); median of {args.reps} runs x {args.rounds} rounds; "
           f"vs fp32 = median of the per-round ratios [min-max]")
+    if args.e2e:
+        return e2e(args)
     print("| N x K | M | fp32 ms | method | ms | vs fp32 [spread] |")
     print("|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):

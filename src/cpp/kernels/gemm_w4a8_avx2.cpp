@@ -77,12 +77,6 @@ inline __m256i unpack_block(const uint8_t* p, __m256i shift, __m256i m0f, __m256
   return _mm256_xor_si256(_mm256_and_si256(v, m0f), m08);
 }
 
-// Four 8-lane int32 vectors -> their four horizontal sums.
-inline __m128i hsum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
-  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-}
-
 // Per panel and group: the 4 weight rows' scales and offset corrections 8 + z
 // (invalid columns of a last panel: scale 0, so they add nothing).
 struct PanelParams {
@@ -99,25 +93,41 @@ void panel_params(const W4a8Args& A, int64_t n0, int nv, PanelParams pp) {
     }
 }
 
-// One tile: MR activation rows from m0 x the panel's 4 weight rows.
+// Eight 8-lane int32 vectors (rows r = 0, 1 x weight rows j = 0..3, v[r][j])
+// -> [row 0: 4 sums | row 1: 4 sums]: one vphaddd tree for both rows.
+inline __m256i hsum8(const __m256i (&v)[2][kNR]) {
+  const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0][0], v[0][1]), _mm256_hadd_epi32(v[0][2], v[0][3]));
+  const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[1][0], v[1][1]), _mm256_hadd_epi32(v[1][2], v[1][3]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+// One tile: MR (1 or 2) activation rows from m0 x the panel's 4 weight rows.
 // kBuffered: weights from the unpacked panel buffer (wb, 4 rows of K bytes);
-// otherwise unpacked here from the packed rows wr[0..3].
-template <int MR, bool kBuffered>
+// otherwise unpacked here from the packed rows wr[0..3]. The group-end step
+// runs on one ymm holding [row 0 | row 1] x 4 outputs (the upper half 0 when
+// MR = 1): the per-group cost is most of this kernel's overhead at groups of
+// 64 (2 blocks per group).
+// kBpg: blocks per group when the group is 1, 2, 4 or 8 blocks (32..256
+// values: the inner loop unrolls and no chunk loop runs), 0 for any other
+// group length (chunks of up to 8 blocks, widened and summed in int32).
+template <int MR, bool kBuffered, int kBpg>
 void tile(const W4a8Args& A, int64_t m0, int64_t n0, int nv, const uint8_t* const* wr, const uint8_t* wb,
           PanelParams pp) {
+  static_assert(MR == 1 || MR == 2, "tiles of 1 or 2 rows");
   const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   const __m256i m0f = _mm256_set1_epi8(0x0f), m08 = _mm256_set1_epi8(0x08);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* ar[MR];
   for (int i = 0; i < MR; ++i) ar[i] = A.ap + (m0 + i) * A.K;
-  __m128 facc[MR];
-  for (int i = 0; i < MR; ++i) facc[i] = _mm_setzero_ps();
+  const int32_t* asum0 = A.asum + m0 * A.G;
+  const int32_t* asum1 = A.asum + (m0 + MR - 1) * A.G;
+  __m256 facc = _mm256_setzero_ps();
   for (int64_t gi = 0; gi < A.G; ++gi) {
     const int64_t k_end = (gi + 1) * A.g;
-    __m128i pacc[MR];
-    for (int i = 0; i < MR; ++i) pacc[i] = _mm_setzero_si128();
-    for (int64_t kc = gi * A.g; kc < k_end; kc += kChunkBlocks * kBlock) {
-      const int64_t kc_end = imin(kc + kChunkBlocks * kBlock, k_end);
+    __m256i pacc = _mm256_setzero_si256();
+    const int64_t chunk = kBpg > 0 ? kBpg * kBlock : kChunkBlocks * kBlock;
+    for (int64_t kc = gi * A.g; kc < k_end; kc += chunk) {
+      const int64_t kc_end = kBpg > 0 ? kc + chunk : imin(kc + chunk, k_end);
       __m256i acc[MR][kNR];
       for (int i = 0; i < MR; ++i)
         for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
@@ -133,24 +143,29 @@ void tile(const W4a8Args& A, int64_t m0, int64_t n0, int nv, const uint8_t* cons
           for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(wv, av[i]));
         }
       }
+      __m256i v[2][kNR];
       for (int i = 0; i < MR; ++i)
-        pacc[i] = _mm_add_epi32(
-            pacc[i], hsum4(_mm256_madd_epi16(acc[i][0], ones), _mm256_madd_epi16(acc[i][1], ones),
-                           _mm256_madd_epi16(acc[i][2], ones), _mm256_madd_epi16(acc[i][3], ones)));
+        for (int j = 0; j < kNR; ++j) v[i][j] = _mm256_madd_epi16(acc[i][j], ones);
+      if constexpr (MR == 2) {
+        pacc = _mm256_add_epi32(pacc, hsum8(v));
+      } else {  // one row: half the tree, the upper half stays 0
+        const __m256i u = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0][0], v[0][1]), _mm256_hadd_epi32(v[0][2], v[0][3]));
+        pacc = _mm256_add_epi32(
+            pacc, _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1))));
+      }
     }
-    const __m128 sv = _mm_loadu_ps(pp.s + gi * kNR);
-    const __m128i cv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pp.c + gi * kNR));
-    for (int i = 0; i < MR; ++i) {
-      const __m128i corr = _mm_mullo_epi32(cv, _mm_set1_epi32(A.asum[(m0 + i) * A.G + gi]));
-      const __m128 p = _mm_cvtepi32_ps(_mm_sub_epi32(pacc[i], corr));
-      facc[i] = _mm_add_ps(facc[i], _mm_mul_ps(sv, p));
-    }
+    const __m256 sv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pp.s + gi * kNR));
+    const __m256i cv = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pp.c + gi * kNR)));
+    const __m256i as = _mm256_setr_m128i(_mm_set1_epi32(asum0[gi]), _mm_set1_epi32(asum1[gi]));
+    const __m256 p = _mm256_cvtepi32_ps(_mm256_sub_epi32(pacc, _mm256_mullo_epi32(cv, as)));
+    facc = _mm256_add_ps(facc, _mm256_mul_ps(sv, p));
   }
   float bias4[kNR] = {0.f, 0.f, 0.f, 0.f};
   if (A.bias != nullptr)
     for (int j = 0; j < nv; ++j) bias4[j] = A.bias[n0 + j];
+  const __m256 y8 = _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(A.a_scale[m0]), _mm_set1_ps(A.a_scale[m0 + MR - 1])), facc);
   for (int i = 0; i < MR; ++i) {
-    __m128 y = _mm_mul_ps(_mm_set1_ps(A.a_scale[m0 + i]), facc[i]);
+    __m128 y = i == 0 ? _mm256_castps256_ps128(y8) : _mm256_extractf128_ps(y8, 1);
     if (A.bias != nullptr) y = _mm_add_ps(y, _mm_loadu_ps(bias4));
     float* o = A.out + (m0 + i) * A.N + n0;
     if (nv == kNR) {
@@ -163,12 +178,24 @@ void tile(const W4a8Args& A, int64_t m0, int64_t n0, int nv, const uint8_t* cons
   }
 }
 
+template <bool kBuffered, int kBpg>
+void row_tiles_g(const W4a8Args& A, int64_t m_begin, int64_t m_end, int64_t n0, int nv, const uint8_t* const* wr,
+                 const uint8_t* wb, PanelParams pp) {
+  int64_t m = m_begin;
+  for (; m + 2 <= m_end; m += 2) tile<2, kBuffered, kBpg>(A, m, n0, nv, wr, wb, pp);
+  if (m < m_end) tile<1, kBuffered, kBpg>(A, m, n0, nv, wr, wb, pp);
+}
+
 template <bool kBuffered>
 void row_tiles(const W4a8Args& A, int64_t m_begin, int64_t m_end, int64_t n0, int nv, const uint8_t* const* wr,
                const uint8_t* wb, PanelParams pp) {
-  int64_t m = m_begin;
-  for (; m + 2 <= m_end; m += 2) tile<2, kBuffered>(A, m, n0, nv, wr, wb, pp);
-  if (m < m_end) tile<1, kBuffered>(A, m, n0, nv, wr, wb, pp);
+  switch (A.g / kBlock) {
+    case 1: return row_tiles_g<kBuffered, 1>(A, m_begin, m_end, n0, nv, wr, wb, pp);
+    case 2: return row_tiles_g<kBuffered, 2>(A, m_begin, m_end, n0, nv, wr, wb, pp);
+    case 4: return row_tiles_g<kBuffered, 4>(A, m_begin, m_end, n0, nv, wr, wb, pp);
+    case 8: return row_tiles_g<kBuffered, 8>(A, m_begin, m_end, n0, nv, wr, wb, pp);
+    default: return row_tiles_g<kBuffered, 0>(A, m_begin, m_end, n0, nv, wr, wb, pp);
+  }
 }
 
 // The activations in block order (each 32 values: the 16 even, then the 16
