@@ -14,7 +14,8 @@ library picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
 Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_w4a8_cpu.py \\
           [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,16,128,512] [--group 64] [--threads 2]
 
-``--e2e``: instead, the default model end to end (fp32, W4A8 ZeroQuant RTN g64
+``--e2e`` (run it with OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=10000000, as
+bench_e2e_cpu.py does: a passive pool pays a thread wake-up per op): instead, the default model end to end (fp32, W4A8 ZeroQuant RTN g64
 on the kernel, the same model simulated, W4A16 RTN g64): perplexity on
 ``--windows`` windows of WikiText-2 test and prefill / decode tokens/s
 (``eval.throughput``: ``--prefill`` tokens, ``--decode`` greedy tokens,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 
 import torch
@@ -113,10 +115,11 @@ def e2e(args) -> None:
     ours["W4A16"] = lq.quantize(copy.deepcopy(model), "absmax", act=None, **w4)
     took = sum(isinstance(m, lq.QLinear) and m.w4a8 for m in ours["W4A8 kernel"].modules())
     print(f"W4A8: {ours['W4A8 kernel'].llmeq_config.describe()}; {took} layers on the W4A8 kernel")
-    ppl = {k: perplexity(m, ids=ids, seq_len=2048, max_windows=args.windows, progress=False).ppl
-           for k, m in ours.items()}
-    print("perplexity (" + f"{args.windows} x 2048 tokens of wiki.test): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()), flush=True)
+    if args.windows > 0:
+        ppl = {k: perplexity(m, ids=ids, seq_len=2048, max_windows=args.windows, progress=False).ppl
+               for k, m in ours.items()}
+        print("perplexity (" + f"{args.windows} x 2048 tokens of wiki.test): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()), flush=True)
     rows = {k: {"prefill": [], "decode": []} for k in ours}
     names = list(ours)
     for r in range(args.rounds):
@@ -153,12 +156,15 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     info = lq.build_info()
+    if args.e2e:
+        print(f"date {datetime.date.today().isoformat()}; CPU {_cpu_name()}; ISA {info['cpu_isa_active']} "
+              f"(detected {info['cpu_isa_detected']}); threads {args.threads}; {args.rounds} rounds, median "
+              f"[min-max]; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        return e2e(args)
     print(f"date {datetime.date.today().isoformat()}; CPU {_cpu_name()}; ISA {info['cpu_isa_active']} "
           f"(detected {info['cpu_isa_detected']}); threads {args.threads}; cold weights "
           f"(copies > 3x {LLC_BYTES >> 20} MiB LLC); median of {args.reps} runs x {args.rounds} rounds; "
           f"vs fp32 = median of the per-round ratios [min-max]")
-    if args.e2e:
-        return e2e(args)
     print("| N x K | M | fp32 ms | method | ms | vs fp32 [spread] |")
     print("|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
