@@ -31,15 +31,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import llmeasyquant as lq
 from llmeasyquant import _fallback
-from llmeasyquant.bench import LLC_BYTES, _cpu_name, _time
-
-
-def _copies(nbytes: int) -> int:
-    return max(1, min(16, -(-3 * LLC_BYTES // max(nbytes, 1))))
+from llmeasyquant.bench import LLC_BYTES, _cpu_name, cold_copies, interleaved_ratios, seeded_linear
 
 
 def _simulated(layer: lq.QLinear) -> lq.QLinear:
@@ -52,11 +47,7 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int) -> dict:
     x = torch.randn(M, K, generator=g)
 
     def linear():
-        lin = nn.Linear(K, N).requires_grad_(False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(N, K, generator=g) / K**0.5)
-            lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
-        return lin
+        return seeded_linear(N, K, g)
 
     w4 = dict(w_bits=4, w_group_size=group, w_symmetric=False)
     methods = {
@@ -70,7 +61,7 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int) -> dict:
     layers = {}
     with torch.inference_mode():
         for name, (make, nbytes) in methods.items():
-            layers[name] = [make() for _ in range(_copies(nbytes))]
+            layers[name] = [make() for _ in range(cold_copies(nbytes))]
             layer = layers[name][0]
             if not isinstance(layer, lq.QLinear):
                 continue
@@ -86,11 +77,7 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int) -> dict:
                 check = F.linear(xq, layer.dequantize(), layer.bias)
                 rel = ((y - check).norm() / check.norm()).item()
                 assert rel < 1e-5, f"{name} wrong at {N}x{K} M={M}: {rel:.3g}"
-        times = {k: [] for k in layers}
-        for _ in range(rounds):
-            for name, fns in layers.items():
-                times[name].append(_time(fns, x, reps, warmup=3))
-    return {k: (statistics.median(v), [f / t for f, t in zip(times["fp32"], v)]) for k, v in times.items()}
+        return interleaved_ratios(layers, x, reps, rounds)
 
 
 def e2e(args) -> None:

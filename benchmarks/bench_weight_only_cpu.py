@@ -19,14 +19,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import llmeasyquant as lq
-from llmeasyquant.bench import LLC_BYTES, _cpu_name, _time
-
-
-def _copies(nbytes: int) -> int:
-    return max(1, min(16, -(-3 * LLC_BYTES // max(nbytes, 1))))
+from llmeasyquant.bench import LLC_BYTES, _cpu_name, cold_copies, interleaved_ratios, seeded_linear
 
 
 def _dequant_blas(layer: lq.QLinear):
@@ -40,11 +35,7 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int, max_m8: in
     x = torch.randn(M, K, generator=g)
 
     def linear():
-        lin = nn.Linear(K, N).requires_grad_(False)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(N, K, generator=g) / K**0.5)
-            lin.bias.copy_(torch.randn(N, generator=g) * 0.1)
-        return lin
+        return seeded_linear(N, K, g)
 
     methods = {"fp32": (lambda: (lambda l: (lambda t: F.linear(t, l.weight, l.bias)))(linear()), 4 * N * K)}
     if M <= max_m8:
@@ -61,19 +52,14 @@ def bench(N: int, K: int, M: int, group: int, reps: int, rounds: int, max_m8: in
     layers = {}
     with torch.inference_mode():
         for name, (make, nbytes) in methods.items():
-            layers[name] = [make() for _ in range(_copies(nbytes))]
+            layers[name] = [make() for _ in range(cold_copies(nbytes))]
             layer = layers[name][0]
             if isinstance(layer, lq.QLinear):
                 y = layer(x)
                 check = F.linear(x, layer.dequantize(), layer.bias)
                 rel = ((y - check).norm() / check.norm()).item()
                 assert rel < 1e-5, f"{name} wrong at {N}x{K} M={M}: {rel:.3g}"
-        times = {k: [] for k in layers}
-        for _ in range(rounds):
-            for name, fns in layers.items():
-                times[name].append(_time(fns, x, reps, warmup=3))
-    # ratio per round (methods interleaved inside a round, so drift cancels)
-    return {k: (statistics.median(v), [f / t for f, t in zip(times["fp32"], v)]) for k, v in times.items()}
+        return interleaved_ratios(layers, x, reps, rounds)
 
 
 def main() -> None:

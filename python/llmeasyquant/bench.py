@@ -73,10 +73,24 @@ def w4_group(K: int) -> int:
     return next((g for g in (128, 64, 32) if K % g == 0), -1)
 
 
+def cold_copies(nbytes: int, most: int = 16) -> int:
+    """How many copies of ``nbytes`` of weights exceed 3x the LLC (cold
+    weights, what decode sees), at most ``most``."""
+    return max(1, min(most, -(-3 * LLC_BYTES // max(nbytes, 1))))
+
+
+def seeded_linear(N: int, K: int, gen: torch.Generator) -> nn.Linear:
+    """A float ``nn.Linear(K, N)`` with weights ~ N(0, 1/K) and a small bias from ``gen``."""
+    lin = nn.Linear(K, N).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=gen) / K**0.5)
+        lin.bias.copy_(torch.randn(N, generator=gen) * 0.1)
+    return lin
+
+
 def _rotating(make, nbytes: int):
     """Enough independent copies of a layer that their weights exceed the LLC."""
-    n = max(1, min(8, -(-3 * LLC_BYTES // max(nbytes, 1))))
-    return [make() for _ in range(n)]
+    return [make() for _ in range(cold_copies(nbytes, most=8))]
 
 
 def _time(fns, x, reps: int, warmup: int) -> float:
@@ -93,6 +107,17 @@ def _time(fns, x, reps: int, warmup: int) -> float:
         f(x)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def interleaved_ratios(layers: dict, x, reps: int, rounds: int, base: str = "fp32") -> dict:
+    """``{name: (median s, [base time / its time, per round])}`` for the
+    rotated copies in ``layers`` (``{name: [fn, ...]}``), every name timed once
+    per round in turn, so drift between rounds cancels in the ratios."""
+    times = {k: [] for k in layers}
+    for _ in range(rounds):
+        for name, fns in layers.items():
+            times[name].append(_time(fns, x, reps, warmup=3))
+    return {k: (statistics.median(v), [f / t for f, t in zip(times[base], v)]) for k, v in times.items()}
 
 
 def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
