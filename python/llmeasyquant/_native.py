@@ -35,8 +35,10 @@ def has_cuda_kernels() -> bool:
     return bool(_static_build_info()["cuda"])
 
 
-# The CPU tiers with a SIMD W4A8 kernel (gemm_w4a8.cpp: AVX2, which AVX-512
-# CPUs run too); Arm and the scalar tier run its scalar path.
+# The CPU tiers whose W4A8 kernel QLinear takes (gemm_w4a8.cpp: AVX2, which
+# AVX-512 CPUs run too). The Arm tiers have a NEON W4A8 kernel, checked
+# bit-exact under qemu but not timed on Arm hardware: QLinear keeps the
+# simulated route there until it is.
 _W4A8_SIMD_TIERS = ("avx2", "avx512_vnni")
 
 

@@ -24,6 +24,13 @@ bool gemm_w4a8_avx2(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t ld
                     const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,
                     const float* bias, float* out, int num_threads);
 #endif
+#if defined(__aarch64__)
+// AdvSIMD (both Arm tiers): groups of a multiple of 16 values, bit-exact
+// against the scalar path below.
+bool gemm_w4a8_neon(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
+                    const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,
+                    const float* bias, float* out, int num_threads);
+#endif
 }  // namespace detail
 
 namespace {
@@ -67,6 +74,11 @@ void gemm_w4a8(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, co
   // AVX-512 CPUs run the AVX2 tier (they have AVX2); a vpdpbusd variant is not written yet.
   if ((isa == Isa::Avx2 || isa == Isa::Avx512Vnni) &&
       detail::gemm_w4a8_avx2(M, N, K, a, lda, a_scale, w, group_size, w_scale, w_zero, bias, out, nt))
+    return;
+#endif
+#if defined(__aarch64__)
+  if ((isa == Isa::Neon || isa == Isa::NeonDotprod) &&
+      detail::gemm_w4a8_neon(M, N, K, a, lda, a_scale, w, group_size, w_scale, w_zero, bias, out, nt))
     return;
 #endif
   (void)isa;
