@@ -188,16 +188,16 @@ def w4a8_linear(x, qw, w_scale, w_zero=None, group_size: int = PER_ROW, bias=Non
     return _ops.w4a8_linear(x, qw, w_scale, w_zero, int(group_size), bias)
 
 
-def w4a8_fast(device: torch.device, K: int, group_size: int) -> bool:
-    """Whether :func:`w4a8_linear` runs a SIMD kernel for a layer of ``K``
-    inputs in groups of ``group_size`` on ``device``: the CPU's AVX2 tier
-    (AVX-512 CPUs included) with groups of a multiple of 32 values. Elsewhere
-    it runs its scalar loop (other group sizes), its NEON kernel (Arm: not
-    timed on Arm hardware yet) or, on CUDA, its PyTorch kernel (each group in
-    float64); QLinear then takes quantize -> dequantize -> weight_only_linear
-    (same real number, one rounding more)."""
+def w4a8_fast(K: int, group_size: int) -> bool:
+    """Whether :func:`w4a8_linear` runs a SIMD kernel on CPU tensors for a
+    layer of ``K`` inputs in groups of ``group_size``: the AVX2 tier (AVX-512
+    CPUs included) with groups of a multiple of 32 values. The compiled kernel
+    is the CPU's only. Elsewhere the op runs its scalar loop (other group
+    sizes), its NEON kernel (Arm: not timed on Arm hardware yet) or, on CUDA,
+    its PyTorch kernel (each group in float64); QLinear then takes quantize ->
+    dequantize -> weight_only_linear (same real number, one rounding more)."""
     g = K if group_size == PER_ROW else group_size
-    return device.type == "cpu" and g > 0 and g % 32 == 0 and _native.has_w4a8_simd()
+    return g > 0 and g % 32 == 0 and _native.has_w4a8_simd()
 
 
 def weight_row_sums(w: torch.Tensor) -> torch.Tensor:

@@ -102,10 +102,11 @@ class QLinear(nn.Module):
         # dequantized exactly as the integer path would, then the weight-only
         # kernel does the product (same math, float accumulation, slower).
         self.int8_gemm = act is not None and w_bits == 8 and w_group_size == -1 and w_symmetric
-        # 4-bit weights x per-token symmetric int8 activations: the W4A8 op
-        # where its SIMD kernel takes the layer (asymmetric activations would
-        # need per-group weight sums: simulated)
-        self.w4a8 = act == "dynamic" and act_symmetric and w_bits == 4
+        # 4-bit weights x per-token symmetric int8 activations on CPU tensors:
+        # the W4A8 op, where its SIMD kernel takes the layer (decided once
+        # here; forward only asks for the CPU). Asymmetric activations would
+        # need per-group weight sums: simulated.
+        self.w4a8 = act == "dynamic" and act_symmetric and w_bits == 4 and ops.w4a8_fast(K, w_group_size)
         self.in_features, self.out_features = K, N
         self.w_bits, self.w_group_size, self.w_symmetric = w_bits, w_group_size, w_symmetric
         self.act, self.act_symmetric = act, act_symmetric
@@ -375,7 +376,7 @@ class QLinear(nn.Module):
             # w_scale as [N] (a free view): the ONNX export's translation of this op broadcasts it per column
             return ops.dynamic_quant_linear(x, qw, self.scales().view(-1), self._row_sums(qw), bias,
                                             self.act_symmetric)
-        if self.w4a8 and ops.w4a8_fast(x.device, self.in_features, self.w_group_size):
+        if self.w4a8 and x.is_cpu:
             return ops.w4a8_linear(x, qw, self.scales(), buf["w_zero"], self.w_group_size, bias)
         x2 = x.reshape(-1, self.in_features)
         if act == "dynamic":
@@ -458,7 +459,7 @@ class QLinear(nn.Module):
                     "ema": f"EMA per-tensor (alpha={self.ema_alpha})"}[self.act]
             a = f"act=8-bit {kind} {'symmetric' if self.act_symmetric else 'asymmetric'}"
             if self.w4a8:
-                a += " (W4A8 int8 kernel on x86 CPUs, groups of a multiple of 32; simulated elsewhere)"
+                a += " (W4A8 int8 kernel on the CPU; simulated on other devices)"
             elif not self.int8_gemm:
                 a += " (simulated: no int8 kernel for this weight layout yet)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -12,7 +12,8 @@
 // |a| <= 128.  One vpmaddubsw lane is u0 a0 + u1 a1, |.| <= 2 * 15 * 128 =
 // 3840, so 8 of them add in int16 without overflow (30720 < 32767): a group
 // accumulates blocks of 32 values in int16 and widens (vpmaddwd by ones) once
-// per 8 blocks, not once per block as the W8A8 kernels must.  The offset is
+// per group of up to 8 blocks (longer groups: once per 8), not once per block
+// as the W8A8 kernels must.  The offset is
 // removed per group in int32: sum u * a = P + (8 + z) * sum_{k in g} a, with
 // the activation group sums computed once per call.  Every intermediate is
 // below 2^31 for K <= 65536 (the op's limit): |sum u a| <= 1920 K,
@@ -33,9 +34,9 @@
 // buffer (4 x K bytes, L1/L2) and reused by every row tile, so the unpack is
 // spread over all M rows instead of MR.  Activations are processed in row
 // chunks of <= 256 KiB so that a chunk stays in L2 while the panels stream
-// past it.  At each group end the 4 x MR accumulators are
-// widened, reduced horizontally (vphaddd) into one int32 per output and the
-// group's fp32 step done on 4 outputs at once.
+// past it.  At each group end the 4 x MR accumulators are widened, reduced
+// horizontally by one vphaddd tree into [row 0 | row 1] x 4 int32 sums, and
+// the group's int32 correction and fp32 step run on those 8 outputs at once.
 //
 // Internal linkage only and no std:: templates (see gemm_wo_avx2.cpp).
 #include <immintrin.h>

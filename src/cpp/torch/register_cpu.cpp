@@ -256,6 +256,18 @@ int64_t weight_only_direct_max_m(int64_t bits) {
 }
 constexpr int64_t kWeightOnlyBlockN = 256;
 
+// The weight zero-points as given, or zeros shaped like the scales (symmetric).
+at::Tensor zero_points_or_zeros(const c10::optional<at::Tensor>& zero_point, const at::Tensor& scale) {
+  return zero_point.has_value() ? *zero_point : at::zeros(scale.sizes(), scale.options().dtype(at::kChar));
+}
+
+// No products (K, M or N = 0): the bias (or 0) in every row, as the fp32 epilogue would give.
+at::Tensor bias_rows(int64_t M, int64_t N, const at::Tensor& bias32, const at::TensorOptions& f32) {
+  at::Tensor out = at::zeros({M, N}, f32);
+  if (bias32.defined()) out.add_(bias32.unsqueeze(0));
+  return out;
+}
+
 at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale,
                                   const c10::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                                   const c10::optional<at::Tensor>& bias) {
@@ -264,16 +276,15 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   const int64_t K = x.size(-1);
   const int64_t N = qw.size(0);
   const int64_t g = group_len(group_size, K);
-  const at::Tensor zp = zero_point.has_value() ? *zero_point : at::zeros(scale.sizes(), scale.options().dtype(at::kChar));
+  const at::Tensor zp = zero_points_or_zeros(zero_point, scale);
   check_scales(op, {N, K}, scale, zp, bits, group_size, false);
   const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor xf = rows_view(x.to(at::kFloat)).contiguous();
   const int64_t M = xf.size(0);
   const at::Tensor qc = qw.contiguous(), sc = scale.contiguous(), zc = zp.contiguous();
   at::Tensor out;
-  if (K == 0 || M == 0 || N == 0) {  // no products: the bias (or 0), as the fp32 epilogue would give
-    out = at::zeros({M, N}, xf.options());
-    if (bias32.defined()) out.add_(bias32.unsqueeze(0));
+  if (K == 0 || M == 0 || N == 0) {
+    out = bias_rows(M, N, bias32, xf.options());
   } else if (M <= weight_only_direct_max_m(bits)) {
     out = at::empty({M, N}, xf.options());
     cpu::gemm_weight_only(M, N, K, xf.data_ptr<float>(), qc.data_ptr(), bits, g, sc.data_ptr<float>(),
@@ -309,7 +320,7 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::
   check_w4a8_args(op, x, qw, group_size, kCpu);
   const int64_t K = x.size(-1);
   const int64_t N = qw.size(0);
-  const at::Tensor zp = w_zero.has_value() ? *w_zero : at::zeros(w_scale.sizes(), w_scale.options().dtype(at::kChar));
+  const at::Tensor zp = zero_points_or_zeros(w_zero, w_scale);
   check_scales(op, {N, K}, w_scale, zp, 4, group_size, false);
   const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor xv = rows_view(x);
@@ -317,9 +328,8 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor out;
-  if (K == 0 || M == 0 || N == 0) {  // no products: the bias (or 0), as the fp32 epilogue would give
-    out = at::zeros({M, N}, x.options().dtype(at::kFloat));
-    if (bias32.defined()) out.add_(bias32.unsqueeze(0));
+  if (K == 0 || M == 0 || N == 0) {
+    out = bias_rows(M, N, bias32, x.options().dtype(at::kFloat));
   } else {
     at::Tensor qa = at::empty({M, K}, x.options().dtype(at::kChar));
     at::Tensor as = at::empty({M}, x.options().dtype(at::kFloat));
