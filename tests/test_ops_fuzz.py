@@ -21,6 +21,7 @@ import torch
 
 from conftest import R, assert_close_to_reference, lq, noncontig, rand_int8
 from llmeasyquant import hadamard, panel
+from llmeasyquant.cpu_pack import pack_int8_panels
 
 SEED = 20261201
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -177,7 +178,11 @@ def test_dynamic_quant_linear(cpu_isa, one_thread, i):
     w_sum = lq.ops.weight_row_sums(w)
     what = f"case {i}: x {dtype}{tuple(x.shape)} N={N} sym={sym} bias={bias is not None}"
     out = lq.ops.dynamic_quant_linear(_maybe_noncontig(x, rng), w, w_s, w_sum, bias, sym)
-    _eq(out, R.dynamic_quant_linear(x, w, w_s, w_sum, bias, sym), what)
+    ref = R.dynamic_quant_linear(x, w, w_s, w_sum, bias, sym)
+    _eq(out, ref, what)
+    # the same product from the pre-packed panel layout (QLinear's CPU copy), every tier
+    packed = lq.ops.dynamic_quant_linear_packed(_maybe_noncontig(x, rng), pack_int8_panels(w), w_s, w_sum, bias, sym)
+    _eq(packed, ref, what + " (pre-packed)")
 
 
 @pytest.mark.parametrize("i", range(CASES))
@@ -266,6 +271,9 @@ def _opcheck_samples():
                                                    torch.randn(N, generator=gen), rng.choice(FLOATS))))
         out.append((ops.dynamic_quant_linear.default, (xs, b, torch.rand(N, generator=gen) / 50,
                                                        lq.ops.weight_row_sums(b), None, rng.random() < 0.5)))
+        out.append((ops.dynamic_quant_linear_packed.default,
+                    (xs, pack_int8_panels(b), torch.rand(N, generator=gen) / 50, lq.ops.weight_row_sums(b),
+                     torch.randn(N, generator=gen), rng.random() < 0.5)))
         wb = rng.choice([2, 3, 4, 8])
         qw, ws, wz = R.quantize(torch.randn(N, K, generator=gen), wb, False, -1)
         out.append((ops.weight_only_linear.default, (xs, qw, ws, wz, wb, -1, torch.randn(N, generator=gen))))

@@ -154,6 +154,22 @@ GemmCase make_case(int64_t M, int64_t N, int64_t K, int64_t pad, int mode) {
   return c;
 }
 
+// B in the pre-packed panel layout, written out from cpu_kernels.h's formula
+// here (not by pack_s8_panels, which is checked against it).
+std::vector<int8_t> pack_case(const GemmCase& c) {
+  const int64_t pb = s8_panel_bytes(c.K), panels = (c.N + kS8PanelCols - 1) / kS8PanelCols;
+  std::vector<int8_t> Bp(static_cast<size_t>(panels * pb), 0);
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t k = 0; k < c.K; ++k)
+      Bp[(n / 64) * pb + ((k / 4) * 64 + n % 64) * 4 + k % 4] = c.B[n * c.ldb + k];
+  if (c.N > 0) {
+    std::vector<int8_t> lib(Bp.size(), 0x77);
+    pack_s8_panels(c.B.data(), c.N, c.K, c.ldb, lib.data());
+    if (lib != Bp) fail("pack_s8_panels != the layout formula", shape_str(c.M, c.N, c.K));
+  }
+  return Bp;
+}
+
 std::vector<int32_t> run_int(const GemmCase& c, Isa isa) {
   set_isa(isa);
   const size_t csize = static_cast<size_t>(c.M > 0 ? (c.M - 1) * c.ldc + c.N : 0);
@@ -184,10 +200,19 @@ void check_int(int64_t M, int64_t N, int64_t K, int64_t pad, int mode = 0, bool 
     const std::vector<int32_t> got = run_int(c, isa);
     if (got != ref) fail((std::string(isa_name(isa)) + " int32 != scalar").c_str(), ctx);
   }
+  // The pre-packed layout, every tier (scalar included: its own loop), must
+  // give the row-major scalar product exactly.
+  const std::vector<int8_t> Bp = pack_case(c);
+  for (Isa isa : all_isas()) {
+    set_isa(isa);
+    std::vector<int32_t> got(ref.size(), 0x5a5a5a5a);
+    gemm_u8s8s32_prepacked(c.M, c.N, c.K, c.A.data(), c.lda, Bp.data(), got.data(), c.ldc, g_threads);
+    if (got != ref) fail((std::string(isa_name(isa)) + " prepacked int32 != scalar").c_str(), ctx);
+  }
 }
 
 std::vector<uint16_t> run_scaled(const GemmCase& c, Isa isa, const GemmEpilogue& ep0,
-                                 int64_t ldo) {
+                                 int64_t ldo, const std::vector<int8_t>* Bp = nullptr) {
   set_isa(isa);
   const size_t elems = static_cast<size_t>(c.M > 0 ? (c.M - 1) * ldo + c.N : 0);
   const size_t esize = ep0.out_type == FloatType::F32 ? 4 : 2;
@@ -195,7 +220,11 @@ std::vector<uint16_t> run_scaled(const GemmCase& c, Isa isa, const GemmEpilogue&
   GemmEpilogue ep = ep0;
   ep.out = out.data();
   ep.ldo = ldo;
-  gemm_u8s8_scaled(c.M, c.N, c.K, c.A.data(), c.lda, c.B.data(), c.ldb, ep, g_threads);
+  if (Bp != nullptr) {
+    gemm_u8s8_prepacked_scaled(c.M, c.N, c.K, c.A.data(), c.lda, Bp->data(), ep, g_threads);
+  } else {
+    gemm_u8s8_scaled(c.M, c.N, c.K, c.A.data(), c.lda, c.B.data(), c.ldb, ep, g_threads);
+  }
   return out;
 }
 
@@ -218,6 +247,7 @@ void check_scaled(int64_t M, int64_t N, int64_t K, int64_t pad) {
   if (N > 4) bias[3] = std::numeric_limits<float>::quiet_NaN();
   if (N > 5) bias[4] = -std::numeric_limits<float>::infinity();
   const int64_t ldo = N + pad;
+  const std::vector<int8_t> Bp = pack_case(c);
   std::vector<int32_t> C = run_int(c, Isa::Scalar);
   for (int variant = 0; variant < 4; ++variant) {
     for (FloatType ot : {FloatType::F32, FloatType::BF16, FloatType::F16}) {
@@ -254,6 +284,10 @@ void check_scaled(int64_t M, int64_t N, int64_t K, int64_t pad) {
       for (Isa isa : simd_isas()) {
         const std::vector<uint16_t> got = run_scaled(c, isa, ep, ldo);
         if (got != ref) fail((std::string(isa_name(isa)) + " scaled != scalar").c_str(), ctx);
+      }
+      for (Isa isa : all_isas()) {
+        const std::vector<uint16_t> got = run_scaled(c, isa, ep, ldo, &Bp);
+        if (got != ref) fail((std::string(isa_name(isa)) + " prepacked scaled != scalar").c_str(), ctx);
       }
     }
   }
@@ -633,6 +667,11 @@ void self_check() {
   check_int(16, 2304, 768, 0, 0, false);
   check_int(130, 777, 515, 9, 0, false);
   check_int(200, 96, 4096, 0, 0, false);
+  // Pre-packed: past one 384-row block (panel x row-block units), and column
+  // ranges that start and end inside panels (N = 208: 13 vectors, 2 threads).
+  check_int(400, 70, 100, 2, 0, false);
+  check_int(9, 208, 300, 0, 0, false);
+  check_int(777, 17, 33, 0, 0, false);
   for (int64_t M : {1, 3, 5, 16, 17, 48, 61})
     for (int64_t K : {1, 17, 63, 65, 100})
       for (int64_t N : {1, 5, 33, 70}) check_scaled(M, N, K, (M + K) % 2 ? 3 : 0);
@@ -641,6 +680,7 @@ void self_check() {
   check_scaled(100, 200, 300, 2);
   check_scaled(20, 33, 2100, 1);  // dot kernel at 16 < M < 32 (large K)
   check_scaled(40, 70, 2100, 0);
+  check_scaled(390, 81, 130, 1);
   for (int64_t N : {1, 5, 33, 100})
     for (int64_t K : {0, 1, 17, 63, 64, 65, 4097}) check_row_sums(N, K, K % 2 ? 3 : 0);
   for (int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 17, 33})
@@ -784,6 +824,26 @@ void bench_gemm() {
         std::printf("%-22s %5lld %-12s %10.3f %9.1f [%7.1f..%7.1f] %s\n", s.name, (long long)M,
                     isa_name(isa), th.med * 1e3, ops / th.med / 1e9, ops / th.hi / 1e9,
                     ops / th.lo / 1e9, bw);
+        std::fflush(stdout);
+        if (!has_prepacked_s8_simd()) continue;
+        // The same product from QLinear's pre-packed copy of the weights.
+        std::vector<avec<int8_t>> Ps(copies, avec<int8_t>(static_cast<size_t>(
+                                                  (N + kS8PanelCols - 1) / kS8PanelCols * s8_panel_bytes(K))));
+        for (int i = 0; i < copies; ++i) pack_s8_panels(Bs[i].data(), N, K, K, Ps[i].data());
+        auto phot = [&](int) {
+          gemm_u8s8_prepacked_scaled(M, N, K, A.data(), K, Ps[0].data(), ep, g_threads);
+        };
+        const Timing tp = time_it(phot, runs_for(est));
+        char pbw[64] = "";
+        if (M <= 16) {
+          auto pcold = [&](int i) {
+            gemm_u8s8_prepacked_scaled(M, N, K, A.data(), K, Ps[i % copies].data(), ep, g_threads);
+          };
+          const Timing tc = time_it(pcold, std::max(runs_for(est), 2 * copies), copies);
+          std::snprintf(pbw, sizeof pbw, "%6.1f | %6.1f", wbytes / tp.med / 1e9, wbytes / tc.med / 1e9);
+        }
+        std::printf("%-22s %5lld %-12s %10.3f %9.1f [%7.1f..%7.1f] %s\n", s.name, (long long)M,
+                    "  +prepacked", tp.med * 1e3, ops / tp.med / 1e9, ops / tp.hi / 1e9, ops / tp.lo / 1e9, pbw);
         std::fflush(stdout);
       }
     }

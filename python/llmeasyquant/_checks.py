@@ -304,6 +304,35 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
     _bias(op, bias, N, dev)
 
 
+def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias):
+    """dynamic_quant_linear's rules with the weight in the CPU panel layout
+    (C++: op_checks.h check_dynamic_linear_packed_args); N comes from w_scale."""
+    from .cpu_pack import packed_shape
+
+    op = "llmeasyquant.dynamic_quant_linear_packed"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    K = x.shape[-1]
+    torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
+    check_device(op, "w_scale", w_scale, dev)
+    check_device(op, "w_sum", w_sum, dev)
+    check_dtype(op, "w_scale", w_scale, torch.float32)
+    check_dtype(op, "w_sum", w_sum, torch.int32)
+    torch._check_value(w_scale.dim() == 1, lambda: (
+        f"{op}: expected w_scale [N] (one per output channel), got {shape_str(w_scale)}"))
+    N = w_scale.shape[0]
+    check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel")
+    check_device(op, "w_packed", w_packed, dev)
+    check_dtype(op, "w_packed", w_packed, torch.int8)
+    want = packed_shape(N, K)
+    torch._check_value(w_packed.dim() == 2 and tuple(w_packed.shape) == want, lambda: (
+        f"{op}: expected w_packed of shape [{want[0]}, {want[1]}] (the panel layout of an [N={N}, K={K}] "
+        f"weight: llmeasyquant.cpu_pack), got {shape_str(w_packed)}"))
+    _bias(op, bias, N, dev)
+
+
 def weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=KERNEL):
     _weight_linear("llmeasyquant.weight_only_linear", x, qw, scale, zero_point, bits, group_size, bias, rule)
 

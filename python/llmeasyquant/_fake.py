@@ -75,6 +75,12 @@ def _dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric):
     return x.new_empty([*x.shape[:-1], w.shape[0]])
 
 
+@torch.library.register_fake("llmeasyquant::dynamic_quant_linear_packed")
+def _dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias, act_symmetric):
+    _checks.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias)
+    return x.new_empty([*x.shape[:-1], w_scale.shape[0]])
+
+
 @torch.library.register_fake("llmeasyquant::weight_only_linear")
 def _weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias):
     _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)

@@ -239,6 +239,16 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric: bool):
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias, act_symmetric: bool):
+    """:func:`dynamic_quant_linear` of the weight held in the CPU panel layout
+    (:mod:`llmeasyquant.cpu_pack`): the same numbers, bit for bit."""
+    from .cpu_pack import unpack_int8_panels
+
+    _checks.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias)
+    w = unpack_int8_panels(w_packed, w_scale.shape[0], x.shape[-1])
+    return dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric)
+
+
 def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bias):
     """Weight-only quantized linear (W8A16 / W4A16): fp32 math, x.dtype out."""
     _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=_checks.ORACLE)

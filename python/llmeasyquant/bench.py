@@ -5,7 +5,9 @@ Compared per (N, K, M), fp32 activations in and out, quantization included:
   fp32      torch.nn.functional.linear (MKL/oneDNN sgemm)
   ao-dyn    torch.ao.quantization.quantize_dynamic Linear (fbgemm, per-tensor act.)
   int_mm    torch._int_mm on pre-quantized int8 (GEMM only, no quantization)
-  W8A8      llmeasyquant QLinear act="dynamic" (per-token act., per-channel weights)
+  W8A8      llmeasyquant QLinear act="dynamic" (per-token act., per-channel weights;
+            on AVX-512 VNNI CPUs from its pre-packed weight copy, and "W8A8-rm"
+            the same layer on the row-major kernel, for the gain)
   W8A16     llmeasyquant QLinear act=None, 8-bit per-channel weights
   W4A16     llmeasyquant QLinear act=None, 4-bit group-wise weights, g = 128 where it
             divides K, else the largest of 64 / 32 that does (SmolLM2's K = 576: g64)
@@ -128,8 +130,13 @@ def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
     x = torch.randn(M, K, generator=g)
     ref = base(x)
 
-    def q(**cfg):
-        return lambda: lq.QLinear.from_linear(base, **cfg)
+    def q(row_major=False, **cfg):
+        def make():
+            layer = lq.QLinear.from_linear(base, **cfg)
+            if row_major:  # the row-major int8 kernel, without the CPU's pre-packed copy
+                layer.prepack_cpu_weights = False
+            return layer
+        return make
 
     methods = {
         "fp32": (lambda: (lambda l: (lambda t: F.linear(t, l.weight, l.bias)))(
@@ -137,6 +144,7 @@ def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
         "ao-dyn": (lambda: torch.ao.quantization.quantize_dynamic(
             nn.Sequential(base), {nn.Linear}, dtype=torch.qint8), N * K),
         "W8A8": (q(act="dynamic"), N * K),
+        **({"W8A8-rm": (q(act="dynamic", row_major=True), N * K)} if lq.ops.int8_prepacked_fast() else {}),
         "W8A16": (q(act=None), N * K),
         "W4A16": (q(act=None, w_bits=4, w_group_size=w4_group(K)), N * K // 2),
     }
@@ -181,9 +189,9 @@ def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
 
 
 def fmt_table(results: list[dict]) -> str:
-    head = ("| N x K | M | fp32 ms | W8A8 ms | vs fp32 | vs ao-dyn | W8A8 GOP/s | W8A16 vs fp32 | "
-            "W4A16 vs fp32 | ao-dyn vs fp32 | int_mm ms (GEMM only) |")
-    lines = [head, "|" + "|".join("---" for _ in range(11)) + "|"]
+    head = ("| N x K | M | fp32 ms | W8A8 ms | vs fp32 | vs ao-dyn | W8A8 GOP/s | pre-packed vs row-major | "
+            "W8A16 vs fp32 | W4A16 vs fp32 | ao-dyn vs fp32 | int_mm ms (GEMM only) |")
+    lines = [head, "|" + "|".join("---" for _ in range(12)) + "|"]
     for r in results:
         s = r["stats"]
         f, w8 = s["fp32"], s["W8A8"]
@@ -193,9 +201,10 @@ def fmt_table(results: list[dict]) -> str:
         ratio_ao = s["ao-dyn"] / w8
         ratio_ao_rng = f"{ao_lo / hi:.2f}-{ao_hi / lo:.2f}"
         im = f"{s['int_mm'] * 1e3:.3f}" if "int_mm" in s else "n/a"
+        rm = f"{s['W8A8-rm'] / w8:.2f}x" if "W8A8-rm" in s else "n/a (no pre-packed kernel)"
         lines.append(
             f"| {r['N']}x{r['K']} | {r['M']} | {f * 1e3:.3f} | {w8 * 1e3:.3f} | {f / w8:.2f}x | "
-            f"{ratio_ao:.2f}x ({ratio_ao_rng}) | {gops:.0f} | {f / s['W8A16']:.2f}x | {f / s['W4A16']:.2f}x | "
+            f"{ratio_ao:.2f}x ({ratio_ao_rng}) | {gops:.0f} | {rm} | {f / s['W8A16']:.2f}x | {f / s['W4A16']:.2f}x | "
             f"{f / s['ao-dyn']:.2f}x | {im} |")
     return "\n".join(lines)
 

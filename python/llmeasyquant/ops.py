@@ -169,6 +169,24 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias=None, act_symmetric: bool = 
     return _ops.dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric)
 
 
+def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias=None, act_symmetric: bool = True) -> torch.Tensor:
+    """:func:`dynamic_quant_linear` with the weight in the CPU's pre-packed panel
+    layout (:func:`llmeasyquant.cpu_pack.pack_int8_panels`; ``N`` is
+    ``w_scale``'s length): the same numbers, bit for bit, without the per-call
+    packing or lane reductions of the row-major kernel where
+    :func:`int8_prepacked_fast`. CPU tensors only (the layout is the CPU
+    kernel's)."""
+    return _ops.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias, act_symmetric)
+
+
+def int8_prepacked_fast() -> bool:
+    """Whether :func:`dynamic_quant_linear_packed` runs a SIMD kernel here: the
+    AVX-512 VNNI tier in use (an ``LLMEQ_CPU_ISA`` cap below it counts, read
+    on every call). Elsewhere it runs a scalar loop and the row-major op is the
+    fast one."""
+    return _native.has_prepacked_s8_simd()
+
+
 def weight_only_linear(x, qw, scale, zero_point=None, bits: int = 8, group_size: int = PER_ROW,
                        bias=None) -> torch.Tensor:
     """Weight-only linear (W8A16 ... W2A16): float activations, int8 or packed weights."""

@@ -13,7 +13,8 @@ It holds integer weights with their scales/zero-points and an activation mode:
   updated on every forward unless :attr:`ema_update` is False.
 
 W8A8 runs on the int8 GEMM with 8-bit per-channel symmetric weights (what its
-epilogue folds in). W4A8 with dynamic symmetric activations (ZeroQuant, rotated
+epilogue folds in); dynamic W8A8 on AVX-512 VNNI CPUs from a derived copy of
+the weight in the kernel's panel layout (:meth:`QLinear._cpu_packed`). W4A8 with dynamic symmetric activations (ZeroQuant, rotated
 GPTQ) runs on the W4A8 kernel where it has a SIMD path (``ops.w4a8_fast``: the
 CPU's AVX2 tier, groups of a multiple of 32): an exact int32 product per
 weight group, group scales in fp32 after it.
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops, panel, quant_format
+from .. import cpu_pack, ops, panel, quant_format
 
 ACT_MODES = (None, "dynamic", "static", "ema")
 
@@ -76,6 +77,11 @@ class QLinear(nn.Module):
     creates an empty (zero) layer of the right shapes, e.g. for loading a
     ``state_dict``.
     """
+
+    # W8A8 dynamic layers on AVX-512 VNNI CPUs keep a derived copy of their
+    # weight in the kernel's panel layout (:meth:`_cpu_packed`): faster at
+    # every batch size, one more byte per weight in memory.
+    prepack_cpu_weights = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
                  w_group_size: int = -1, w_symmetric: bool = True, act: Optional[str] = "dynamic",
@@ -315,6 +321,9 @@ class QLinear(nn.Module):
         # float16, bfloat16) and keeps its dtype under any other (double()).
         kept = {k: self._buffers[k] for k in (*_FIXED_DTYPE_BUFFERS, "bias") if self._buffers.get(k) is not None}
         super()._apply(fn, recurse)
+        # derived layouts of the old storage (re-derived on the next call that wants one)
+        self.__dict__.pop("_cpu_packed_cache", None)
+        self.__dict__.pop("_panel_cache", None)
         for k, t in kept.items():
             moved = self._buffers[k]
             if moved.dtype != t.dtype and (k != "bias" or moved.dtype not in _BIAS_DTYPES):
@@ -374,6 +383,10 @@ class QLinear(nn.Module):
                                           self.w_group_size, bias)
         if act == "dynamic" and self.int8_gemm:
             # w_scale as [N] (a free view): the ONNX export's translation of this op broadcasts it per column
+            if (x.is_cpu and self.prepack_cpu_weights and not torch.compiler.is_compiling()
+                    and ops.int8_prepacked_fast()):
+                return ops.dynamic_quant_linear_packed(x, self._cpu_packed(qw), self.scales().view(-1),
+                                                       self._row_sums(qw), bias, self.act_symmetric)
             return ops.dynamic_quant_linear(x, qw, self.scales().view(-1), self._row_sums(qw), bias,
                                             self.act_symmetric)
         if self.w4a8 and x.is_cpu:
@@ -411,6 +424,22 @@ class QLinear(nn.Module):
                           RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ misc
+    def _cpu_packed(self, qw: torch.Tensor) -> torch.Tensor:
+        """This W8A8 layer's weight in the CPU panel layout
+        (:mod:`llmeasyquant.cpu_pack`), derived on the first call that wants
+        it and again whenever qweight changes (data pointer and version
+        counter are the key, as for :meth:`_cuda_panel`). A plain attribute:
+        never in state_dict, never saved; one more byte per weight in memory
+        (set ``prepack_cpu_weights = False`` on a layer or the class to trade
+        that for the row-major kernel's speed)."""
+        key = _tensor_key(qw)
+        cache = self.__dict__.get("_cpu_packed_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, cpu_pack.pack_int8_panels(qw))
+            self.__dict__["_cpu_packed_cache"] = cache
+        return cache[1]
+
     def _cuda_panel(self, qw: torch.Tensor):
         """This 4-bit layer in the CUDA panel layout (:mod:`llmeasyquant.panel`),
         or None when the panel kernel cannot take it. Derived on the first call
@@ -458,7 +487,9 @@ class QLinear(nn.Module):
             kind = {"dynamic": "dynamic per-token", "static": "static per-tensor",
                     "ema": f"EMA per-tensor (alpha={self.ema_alpha})"}[self.act]
             a = f"act=8-bit {kind} {'symmetric' if self.act_symmetric else 'asymmetric'}"
-            if self.w4a8:
+            if self.int8_gemm and self.act == "dynamic" and self.prepack_cpu_weights and ops.int8_prepacked_fast():
+                a += " (int8 kernel on pre-packed weights on this CPU)"
+            elif self.w4a8:
                 a += " (W4A8 int8 kernel on the CPU; simulated on other devices)"
             elif not self.int8_gemm:
                 a += " (simulated: no int8 kernel for this weight layout yet)"

@@ -29,6 +29,9 @@ void gemm_u8s8_avx2(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t l
                     const GemmEpilogue* ep, int num_threads);
 void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
                         int num_threads);
+void gemm_u8s8_prepacked_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                                const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
+                                int num_threads);
 #endif
 #if defined(__aarch64__)
 void gemm_u8s8_neon(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
@@ -161,6 +164,45 @@ void gemm_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t ld
   gemm_scalar(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
 }
 
+// The pre-packed layout's scalar path: the same sums in the same order per
+// output as gemm_scalar (exact either way), byte (n, k) addressed through the
+// panel formula of cpu_kernels.h.
+void gemm_prepacked_scalar(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                           const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep, int nt) {
+  const int64_t pstride = s8_panel_bytes(K);
+  const bool par = nt > 1 && M * N * K >= (int64_t{1} << 18);
+#pragma omp parallel for schedule(static) num_threads(nt) if (par)
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* col = Bp + (n / kS8PanelCols) * pstride + (n % kS8PanelCols) * 4;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint8_t* a = A + m * lda;
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k)
+        s += static_cast<int32_t>(a[k]) * static_cast<int32_t>(col[(k / 4) * kS8PanelCols * 4 + k % 4]);
+      if (ep == nullptr) {
+        C[m * ldc + n] = s;
+      } else {
+        store_scaled(*ep, m, n, s);
+      }
+    }
+  }
+}
+
+void gemm_prepacked_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                             const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
+                             int num_threads) {
+  if (M <= 0 || N <= 0) return;
+  if (K < 0) K = 0;
+  const int nt = resolve_threads(num_threads);
+#if defined(__x86_64__)
+  if (active_isa() == Isa::Avx512Vnni) {
+    detail::gemm_u8s8_prepacked_avx512(M, N, K, A, lda, Bp, C, ldc, ep, nt);
+    return;
+  }
+#endif
+  gemm_prepacked_scalar(M, N, K, A, lda, Bp, C, ldc, ep, nt);
+}
+
 }  // namespace
 
 void gemm_u8s8s32(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
@@ -172,6 +214,29 @@ void gemm_u8s8_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t
                       const int8_t* B, int64_t ldb, const GemmEpilogue& ep, int num_threads) {
   gemm_dispatch(M, N, K, A, lda, B, ldb, nullptr, 0, &ep, num_threads);
 }
+
+void pack_s8_panels(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int8_t* dst) {
+  if (N <= 0) return;
+  if (K < 0) K = 0;
+  const int64_t pstride = s8_panel_bytes(K), panels = (N + kS8PanelCols - 1) / kS8PanelCols;
+  std::memset(dst, 0, static_cast<size_t>(panels * pstride));
+  for (int64_t n = 0; n < N; ++n) {
+    int8_t* col = dst + (n / kS8PanelCols) * pstride + (n % kS8PanelCols) * 4;
+    for (int64_t k = 0; k < K; ++k) col[(k / 4) * kS8PanelCols * 4 + k % 4] = B[n * ldb + k];
+  }
+}
+
+void gemm_u8s8s32_prepacked(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                            const int8_t* Bp, int32_t* C, int64_t ldc, int num_threads) {
+  gemm_prepacked_dispatch(M, N, K, A, lda, Bp, C, ldc, nullptr, num_threads);
+}
+
+void gemm_u8s8_prepacked_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                                const int8_t* Bp, const GemmEpilogue& ep, int num_threads) {
+  gemm_prepacked_dispatch(M, N, K, A, lda, Bp, nullptr, 0, &ep, num_threads);
+}
+
+bool has_prepacked_s8_simd() { return active_isa() == Isa::Avx512Vnni; }
 
 void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
                  int num_threads) {

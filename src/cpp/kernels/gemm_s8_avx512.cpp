@@ -20,6 +20,9 @@
 //    accumulators hold a 6x64 tile: no horizontal reductions and the epilogue
 //    works on full 16-column vectors.  The packing reads each weight byte once
 //    per call, which is amortized over the M rows.
+//  * pre-packed B (QLinear packs each layer once into that panel layout,
+//    cpu_kernels.h "panel64"): the broadcast kernel at every M, the threads
+//    splitting 16-column vectors up to one row block of M.
 //
 // Everything below except the two entry points has internal linkage, and no
 // std:: templates are used: an inline function instantiated here with
@@ -357,40 +360,37 @@ inline int32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-// MR rows of A x one packed 64-column panel, full K.
-template <int MR>
+// MR rows of A x NJ 16-column vectors of one packed panel, full K.  Bp
+// points at the first of those vectors in k4-row 0; k4-rows are kPanel * 4
+// bytes apart whatever NJ is (a thread's column range may start or end inside
+// a panel).  Unaligned loads: a pre-packed panel is a tensor's storage.
+template <int MR, int NJ>
 inline void packed_tile(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_t K,
                         const Sink& sink, int64_t m0, int64_t n0, int64_t nvalid) {
-  __m512i acc[MR][4];
+  __m512i acc[MR][NJ];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_si512();
   const int64_t K4 = K / 4;
   for (int64_t k4 = 0; k4 < K4; ++k4) {
     const uint8_t* bp = Bp + k4 * (kPanel * 4);
-    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
-    const __m512i b2 = _mm512_load_si512(bp + 128), b3 = _mm512_load_si512(bp + 192);
+    __m512i b[NJ];
+    for (int j = 0; j < NJ; ++j) b[j] = _mm512_loadu_si512(bp + 64 * j);
     for (int i = 0; i < MR; ++i) {
       const __m512i a = _mm512_set1_epi32(load_u32(A + i * lda + 4 * k4));
-      acc[i][0] = dpbusd(acc[i][0], a, b0);
-      acc[i][1] = dpbusd(acc[i][1], a, b1);
-      acc[i][2] = dpbusd(acc[i][2], a, b2);
-      acc[i][3] = dpbusd(acc[i][3], a, b3);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd(acc[i][j], a, b[j]);
     }
   }
   if (K4 * 4 < K) {  // last 1..3 bytes of each A row: masked load, never past the row
     const __mmask16 km = static_cast<__mmask16>((1u << (K - K4 * 4)) - 1u);
     const uint8_t* bp = Bp + K4 * (kPanel * 4);
-    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
-    const __m512i b2 = _mm512_load_si512(bp + 128), b3 = _mm512_load_si512(bp + 192);
+    __m512i b[NJ];
+    for (int j = 0; j < NJ; ++j) b[j] = _mm512_loadu_si512(bp + 64 * j);
     for (int i = 0; i < MR; ++i) {
       const __m512i a = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(km, A + i * lda + 4 * K4));
-      acc[i][0] = dpbusd(acc[i][0], a, b0);
-      acc[i][1] = dpbusd(acc[i][1], a, b1);
-      acc[i][2] = dpbusd(acc[i][2], a, b2);
-      acc[i][3] = dpbusd(acc[i][3], a, b3);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = dpbusd(acc[i][j], a, b[j]);
     }
   }
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < NJ; ++j) {
     const int64_t cols = nvalid - 16 * j;
     if (cols <= 0) break;
     const __mmask16 nm = tail_mask16(cols);
@@ -398,18 +398,20 @@ inline void packed_tile(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_
   }
 }
 
+// Rows [m_begin, m_end) x NJ vectors of one panel, in row tiles of kPackMR.
+template <int NJ>
 void packed_rows(const uint8_t* A, int64_t lda, const uint8_t* Bp, int64_t K, const Sink& sink,
                  int64_t m_begin, int64_t m_end, int64_t n0, int64_t nvalid) {
   int64_t m = m_begin;
   for (; m + kPackMR <= m_end; m += kPackMR)
-    packed_tile<kPackMR>(A + m * lda, lda, Bp, K, sink, m, n0, nvalid);
+    packed_tile<kPackMR, NJ>(A + m * lda, lda, Bp, K, sink, m, n0, nvalid);
   const uint8_t* a = A + m * lda;
   switch (m_end - m) {
-    case 5: packed_tile<5>(a, lda, Bp, K, sink, m, n0, nvalid); break;
-    case 4: packed_tile<4>(a, lda, Bp, K, sink, m, n0, nvalid); break;
-    case 3: packed_tile<3>(a, lda, Bp, K, sink, m, n0, nvalid); break;
-    case 2: packed_tile<2>(a, lda, Bp, K, sink, m, n0, nvalid); break;
-    case 1: packed_tile<1>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 5: packed_tile<5, NJ>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 4: packed_tile<4, NJ>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 3: packed_tile<3, NJ>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 2: packed_tile<2, NJ>(a, lda, Bp, K, sink, m, n0, nvalid); break;
+    case 1: packed_tile<1, NJ>(a, lda, Bp, K, sink, m, n0, nvalid); break;
     default: break;
   }
 }
@@ -443,7 +445,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
         pack_panel(B + n0 * ldb, ldb, nv, K, buf);
         packed = p;
       }
-      packed_rows(A, lda, buf, K, sink, mb * kPackMBlock, imin(M, (mb + 1) * kPackMBlock), n0, nv);
+      packed_rows<4>(A, lda, buf, K, sink, mb * kPackMBlock, imin(M, (mb + 1) * kPackMBlock), n0, nv);
     }
   }
 }
@@ -479,6 +481,66 @@ void gemm_impl(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, c
   }
 }
 
+// ---------------------------------------------------------------------------
+// Pre-packed B (cpu_kernels.h "panel64", packed once per layer by QLinear):
+// every M takes the broadcast kernel, with no packing pass per call and no
+// per-output lane reductions (the dot kernel's cost at M = 2..31).
+// ---------------------------------------------------------------------------
+
+// Columns vectors [v0, v1) of 16 (all M rows): a panel at a time, a slice of
+// one where the range starts or ends inside it.
+void prepacked_cols(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const uint8_t* B,
+                    int64_t v0, int64_t v1, const Sink& sink) {
+  const int64_t pstride = s8_panel_bytes(K);
+  for (int64_t v = v0; v < v1;) {
+    const int64_t p = v / 4, j0 = v % 4, j1 = imin(4, v1 - p * 4);
+    const int64_t n0 = p * kPanel + j0 * 16, nv = imin(N - n0, (j1 - j0) * 16);
+    const uint8_t* b = B + p * pstride + j0 * 64;
+    switch (j1 - j0) {
+      case 4: packed_rows<4>(A, lda, b, K, sink, 0, M, n0, nv); break;
+      case 3: packed_rows<3>(A, lda, b, K, sink, 0, M, n0, nv); break;
+      case 2: packed_rows<2>(A, lda, b, K, sink, 0, M, n0, nv); break;
+      default: packed_rows<1>(A, lda, b, K, sink, 0, M, n0, nv); break;
+    }
+    v = p * 4 + j1;
+  }
+}
+
+void prepacked_gemm(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda, const int8_t* Bp,
+                    const Sink& sink, int nt) {
+  if (M * N * imax(K, 1) < (int64_t{1} << 16)) nt = 1;
+  const uint8_t* B = reinterpret_cast<const uint8_t*>(Bp);
+  if (M <= kPackMBlock) {
+    // Decode and short prompts: the threads split the 16-column vectors, so
+    // a layer of a few panels (N = 192: 3) still feeds every thread; each
+    // thread's weights come from memory once and are re-read from L2 by its
+    // further row tiles.
+    const int64_t vecs = (N + 15) / 16;
+    if (nt > vecs) nt = static_cast<int>(vecs);
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      prepacked_cols(M, N, K, A, lda, B, vecs * t / T, vecs * (t + 1) / T, sink);
+    }
+    return;
+  }
+  // Long inputs: (panel, row block) units in panel-major order, as packed_gemm.
+  const int64_t pstride = s8_panel_bytes(K);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t mblocks = (M + kPackMBlock - 1) / kPackMBlock;
+  const int64_t units = panels * mblocks;
+  if (nt > units) nt = static_cast<int>(units);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    for (int64_t u = units * t / T, u1 = units * (t + 1) / T; u < u1; ++u) {
+      const int64_t p = u / mblocks, mb = u % mblocks;
+      const int64_t n0 = p * kPanel, nv = imin(kPanel, N - n0);
+      packed_rows<4>(A, lda, B + p * pstride, K, sink, mb * kPackMBlock, imin(M, (mb + 1) * kPackMBlock), n0, nv);
+    }
+  }
+}
+
 }  // namespace
 
 namespace detail {
@@ -488,6 +550,13 @@ void gemm_u8s8_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t
                       const GemmEpilogue* ep, int num_threads) {
   const Sink sink{C, ldc, ep};
   gemm_impl(M, N, K, A, lda, B, ldb, sink, num_threads);
+}
+
+void gemm_u8s8_prepacked_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                                const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
+                                int num_threads) {
+  const Sink sink{C, ldc, ep};
+  prepacked_gemm(M, N, K, A, lda, Bp, sink, num_threads);
 }
 
 void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,

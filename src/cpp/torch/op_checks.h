@@ -124,6 +124,34 @@ inline void check_dynamic_linear_args(const char* op, const at::Tensor& x, const
   check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
 }
 
+// dynamic_quant_linear_packed: dynamic_quant_linear's rules with the weight
+// in the pre-packed panel layout (cpu_kernels.h "panel64"), whose shape
+// [ceil(N/64), s8_panel_bytes(K)] must match N (from w_scale) and x's K.
+inline void check_dynamic_linear_packed_args(const char* op, const at::Tensor& x, const at::Tensor& wp,
+                                             const at::Tensor& w_scale, const at::Tensor& w_sum,
+                                             const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
+  check_device(op, "w_scale", w_scale, dev);
+  check_device(op, "w_sum", w_sum, dev);
+  check_dtype(op, "w_scale", w_scale, at::kFloat);
+  check_dtype(op, "w_sum", w_sum, at::kInt);
+  TORCH_CHECK_VALUE(w_scale.dim() == 1, msg(op, ": expected w_scale [N] (one per output channel), got ",
+                                            shape_str(w_scale)));
+  const int64_t N = w_scale.size(0);
+  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
+  check_device(op, "w_packed", wp, dev);
+  check_dtype(op, "w_packed", wp, at::kChar);
+  const int64_t panels = (N + cpu::kS8PanelCols - 1) / cpu::kS8PanelCols;
+  TORCH_CHECK_VALUE(wp.dim() == 2 && wp.size(0) == panels && wp.size(1) == cpu::s8_panel_bytes(K),
+                    msg(op, ": expected w_packed of shape [", panels, ", ", cpu::s8_panel_bytes(K),
+                        "] (the panel layout of an [N=", N, ", K=", K, "] weight: llmeasyquant.cpu_pack), got ",
+                        shape_str(wp)));
+}
+
 inline void check_weight_only_args(const char* op, const at::Tensor& x, const at::Tensor& qw, int64_t bits,
                                    int64_t group_size, const at::Device& dev) {
   check_device(op, "x", x, dev);

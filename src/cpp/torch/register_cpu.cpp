@@ -207,15 +207,13 @@ at::Tensor scaled_int8_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, 
   return out;
 }
 
-at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                                    const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
-                                    bool act_symmetric) {
-  const char* op = "llmeasyquant.dynamic_quant_linear";
-  check_dynamic_linear_args(op, x, w, w_scale, w_sum, kCpu);
-  const int64_t N = w.size(0), K = w.size(1);
-  const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
+// Per-token quantization of x, then the int8 product with the fused epilogue
+// through `gemm` (row-major or pre-packed weights: the same numbers).
+template <typename Gemm>
+at::Tensor dynamic_linear(const at::Tensor& x, int64_t N, const at::Tensor& w_scale, const at::Tensor& w_sum,
+                          const at::Tensor& bias32, bool act_symmetric, const Gemm& gemm) {
   const at::Tensor xv = rows_view(x);
-  const int64_t M = xv.size(0);
+  const int64_t M = xv.size(0), K = x.size(-1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x.options());
@@ -225,7 +223,7 @@ at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, co
   at::Tensor corr = at::empty({M}, x.options().dtype(at::kInt));
   cpu::quantize_rows_u8(xv.data_ptr(), float_type(x.scalar_type()), M, K, xv.stride(0), act_symmetric,
                         qa.data_ptr<uint8_t>(), K, as.data_ptr<float>(), corr.data_ptr<int32_t>(), nthreads());
-  const at::Tensor wc = w.contiguous(), ws = w_scale.contiguous(), wsum = w_sum.contiguous();
+  const at::Tensor ws = w_scale.contiguous(), wsum = w_sum.contiguous();
   cpu::GemmEpilogue ep;
   ep.a_scale = as.data_ptr<float>();
   ep.a_corr = corr.data_ptr<int32_t>();
@@ -235,8 +233,34 @@ at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, co
   ep.out = out.data_ptr();
   ep.ldo = N;
   ep.out_type = float_type(x.scalar_type());
-  cpu::gemm_u8s8_scaled(M, N, K, qa.data_ptr<uint8_t>(), K, wc.data_ptr<int8_t>(), K, ep, nthreads());
+  gemm(M, K, qa.data_ptr<uint8_t>(), ep);
   return out;
+}
+
+at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                    const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
+                                    bool act_symmetric) {
+  const char* op = "llmeasyquant.dynamic_quant_linear";
+  check_dynamic_linear_args(op, x, w, w_scale, w_sum, kCpu);
+  const int64_t N = w.size(0);
+  const at::Tensor wc = w.contiguous();
+  return dynamic_linear(x, N, w_scale, w_sum, bias_f32(op, bias, N, kCpu), act_symmetric,
+                        [&](int64_t M, int64_t K, const uint8_t* qa, const cpu::GemmEpilogue& ep) {
+                          cpu::gemm_u8s8_scaled(M, N, K, qa, K, wc.data_ptr<int8_t>(), K, ep, nthreads());
+                        });
+}
+
+at::Tensor dynamic_quant_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                           const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
+                                           bool act_symmetric) {
+  const char* op = "llmeasyquant.dynamic_quant_linear_packed";
+  check_dynamic_linear_packed_args(op, x, w_packed, w_scale, w_sum, kCpu);
+  const int64_t N = w_scale.size(0);
+  const at::Tensor wp = w_packed.contiguous();
+  return dynamic_linear(x, N, w_scale, w_sum, bias_f32(op, bias, N, kCpu), act_symmetric,
+                        [&](int64_t M, int64_t K, const uint8_t* qa, const cpu::GemmEpilogue& ep) {
+                          cpu::gemm_u8s8_prepacked_scaled(M, N, K, qa, K, wp.data_ptr<int8_t>(), ep, nthreads());
+                        });
 }
 
 // Up to this many tokens the fused dequantize-in-registers kernel beats fp32
@@ -369,6 +393,7 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
   m.impl("int8_gemm", &int8_gemm_cpu);
   m.impl("scaled_int8_gemm", &scaled_int8_gemm_cpu);
   m.impl("dynamic_quant_linear", &dynamic_quant_linear_cpu);
+  m.impl("dynamic_quant_linear_packed", &dynamic_quant_linear_packed_cpu);
   m.impl("weight_only_linear", &weight_only_linear_cpu);
   m.impl("w4a8_linear", &w4a8_linear_cpu);
   m.impl("hadamard_transform", &hadamard_transform_cpu);

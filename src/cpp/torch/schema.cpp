@@ -31,6 +31,12 @@ TORCH_LIBRARY(llmeasyquant, m) {
   m.def(
       "dynamic_quant_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias, "
       "bool act_symmetric) -> Tensor");
+  // The same with the weight in the CPU's pre-packed panel layout
+  // (llmeasyquant/cpu_pack.py, cpu_kernels.h "panel64"; N from w_scale):
+  // QLinear's derived copy, never saved. CPU kernel only.
+  m.def(
+      "dynamic_quant_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor w_sum, Tensor? bias, "
+      "bool act_symmetric) -> Tensor");
   // W8A16 / W4A16 group-wise weight-only linear.
   m.def(
       "weight_only_linear(Tensor x, Tensor qw, Tensor scale, Tensor? zero_point, int bits, int group_size, "

@@ -120,6 +120,26 @@ void gemm_u8s8s32(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda
 void gemm_u8s8_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
                       const int8_t* B, int64_t ldb, const GemmEpilogue& ep, int num_threads);
 
+// Pre-packed weights ("panel64", derived once per layer by QLinear and never
+// saved): B [N, K] as ceil(N/64) panels of 64 columns, each panel
+// ceil(K/4) rows of 64 x 4 bytes, i.e. byte (n, k) at
+//   (n / 64) * s8_panel_bytes(K) + ((k / 4) * 64 + n % 64) * 4 + k % 4,
+// zero where n >= N or k >= K. It is the layout vpdpbusd consumes with one
+// broadcast activation dword per 64 columns (gemm_s8_avx512.cpp); the same
+// layout in PyTorch: llmeasyquant/cpu_pack.py.
+constexpr int64_t kS8PanelCols = 64;
+inline int64_t s8_panel_bytes(int64_t K) { return (K + 3) / 4 * kS8PanelCols * 4; }
+void pack_s8_panels(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int8_t* dst);
+// The products above with B in that layout; results bit-identical to the
+// row-major entry points (same exact int32 sums, same epilogue).
+void gemm_u8s8s32_prepacked(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                            const int8_t* Bp, int32_t* C, int64_t ldc, int num_threads);
+void gemm_u8s8_prepacked_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                                const int8_t* Bp, const GemmEpilogue& ep, int num_threads);
+// Whether the tier in use has a SIMD kernel for the pre-packed layout
+// (avx512_vnni); elsewhere the entry points above run a scalar loop.
+bool has_prepacked_s8_simd();
+
 // sum_k B[n,k] for each row n (int32).
 void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
                  int num_threads);

@@ -1,0 +1,170 @@
+"""The CPU's pre-packed int8 weights (llmeasyquant.cpu_pack, cpu_kernels.h
+"panel64"): the layout against its index formula, the op
+dynamic_quant_linear_packed against dynamic_quant_linear bit for bit on every
+tier (the AVX-512 VNNI kernel, and the scalar loop the other tiers run), its
+checks, and QLinear deriving, using and re-deriving the copy without ever
+saving it. The random-shape fuzz is tests/test_ops_fuzz.py::test_dynamic_quant_linear."""
+
+import pytest
+import torch
+
+from conftest import R, lq, noncontig, rand_int8
+from llmeasyquant import cpu_pack
+
+ops = lq.ops
+
+
+def _weights(N, K, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = rand_int8(N, K, lo=-127, gen=gen)
+    return w, torch.rand(N, generator=gen) / 100 + 1e-4, ops.weight_row_sums(w), torch.randn(N, generator=gen)
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 3), (64, 4), (65, 7), (130, 129), (192, 576)])
+def test_layout_is_the_index_formula(N, K):
+    w = rand_int8(N, K, gen=torch.Generator().manual_seed(N + K))
+    wp = cpu_pack.pack_int8_panels(w)
+    P, row = cpu_pack.packed_shape(N, K)
+    assert wp.shape == (P, row) and P == -(-N // 64) and row == -(-K // 4) * 256
+    want = torch.zeros(P, row, dtype=torch.int8)
+    for n in range(N):
+        for k in range(K):
+            want[n // 64, ((k // 4) * 64 + n % 64) * 4 + k % 4] = w[n, k]
+    assert torch.equal(wp, want)  # padding included: zero
+    assert torch.equal(cpu_pack.unpack_int8_panels(wp, N, K), w)
+
+
+def test_pack_and_unpack_refuse_what_they_cannot_take():
+    with pytest.raises(ValueError, match=r"expected an int8 \[N, K\] weight, got torch.uint8"):
+        cpu_pack.pack_int8_panels(torch.zeros(3, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"expected int8 \[1, 256\] for an \[3, 4\] weight"):
+        cpu_pack.unpack_int8_panels(torch.zeros(1, 512, dtype=torch.int8), 3, 4)
+
+
+# M past one 384-row block takes the (panel, row block) schedule; N = 208 is 13
+# column vectors: the two threads' ranges start and end inside panels.
+@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (1, 208, 576), (2, 192, 1536), (7, 130, 65), (16, 576, 576),
+                                   (33, 70, 4097), (385, 33, 100), (400, 208, 64)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_same_numbers_as_the_row_major_op(cpu_isa, M, N, K, symmetric):
+    w, s, wsum, bias = _weights(N, K)
+    x = torch.randn(M, K) * 3
+    want = ops.dynamic_quant_linear(x, w, s, wsum, bias, symmetric)
+    got = ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, bias, symmetric)
+    assert torch.equal(got, want)
+    assert torch.equal(got, R.dynamic_quant_linear(x, w, s, wsum, bias, symmetric))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_batch_dims_strided_input_and_no_bias(cpu_isa, dtype):
+    w, s, wsum, bias = _weights(100, 96)
+    wp = cpu_pack.pack_int8_panels(w)
+    x = (torch.randn(2, 5, 96) * 2).to(dtype)
+    for b in (None, bias.to(dtype)):
+        want = ops.dynamic_quant_linear(x, w, s, wsum, b, True)
+        for xin in (x, noncontig(x)):
+            out = ops.dynamic_quant_linear_packed(xin, wp, s, wsum, b, True)
+            assert out.shape == (2, 5, 100) and out.dtype == dtype and torch.equal(out, want)
+
+
+def test_extremes_and_empty_inputs(cpu_isa):
+    K = 65536  # the int32-exact limit: 255 * 128 * K fits
+    w = torch.full((3, K), -128, dtype=torch.int8)
+    x = torch.ones(2, K)
+    wsum, s = ops.weight_row_sums(w), torch.full((3,), 1e-3)
+    want = ops.dynamic_quant_linear(x, w, s, wsum, None, False)
+    assert torch.equal(ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, None, False), want)
+    w, s, wsum, bias = _weights(9, 20)
+    out = ops.dynamic_quant_linear_packed(torch.randn(0, 20), cpu_pack.pack_int8_panels(w), s, wsum, bias, True)
+    assert out.shape == (0, 9)
+
+
+def test_bad_arguments_say_what_was_expected():
+    w, s, wsum, bias = _weights(70, 40)
+    wp = cpu_pack.pack_int8_panels(w)
+    x = torch.randn(3, 40)
+    with pytest.raises(ValueError, match=r"expected w_packed of shape \[2, 2816\].*K=44.*got \[2, 2560\]"):
+        ops.dynamic_quant_linear_packed(torch.randn(3, 44), wp, s, wsum, bias, True)  # another K
+    with pytest.raises(ValueError, match=r"expected w_packed of shape \[1, 2560\]"):
+        ops.dynamic_quant_linear_packed(x, wp, s[:60], wsum[:60], None, True)  # another N
+    with pytest.raises(TypeError, match="expected w_packed of dtype Char, got Byte"):
+        ops.dynamic_quant_linear_packed(x, wp.to(torch.uint8), s, wsum, bias, True)
+    with pytest.raises(ValueError, match=r"expected w_scale \[N\]"):
+        ops.dynamic_quant_linear_packed(x, wp, s.reshape(70, 1), wsum, bias, True)
+    with pytest.raises(ValueError, match="w_sum"):
+        ops.dynamic_quant_linear_packed(x, wp, s, wsum[:5], bias, True)
+    with pytest.raises(ValueError, match="exceeds the int32-exact limit"):
+        big = torch.zeros(1, cpu_pack.packed_shape(1, 65537)[1], dtype=torch.int8)
+        ops.dynamic_quant_linear_packed(torch.randn(1, 65537), big, s[:1], wsum[:1], None, True)
+    # the fake (torch.compile) says the same
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        with pytest.raises(ValueError, match=r"expected w_packed of shape \[2, 2560\].*got \[2, 2816\]"):
+            ops.dynamic_quant_linear_packed(torch.randn(3, 40), torch.zeros(2, 2816, dtype=torch.int8),
+                                            torch.ones(70), torch.zeros(70, dtype=torch.int32), None, True)
+
+
+# ---------------------------------------------------------------- QLinear
+def _w8a8(N=150, K=96, seed=0):
+    torch.manual_seed(seed)
+    return lq.QLinear.from_linear(torch.nn.Linear(K, N), w_bits=8, act="dynamic")
+
+
+needs_vnni = pytest.mark.skipif(not ops.int8_prepacked_fast(),
+                                reason="the pre-packed kernel is the AVX-512 VNNI tier's; this CPU runs another")
+
+
+def test_qlinear_gives_the_row_major_numbers_whichever_route(monkeypatch):
+    q = _w8a8()
+    x = torch.randn(4, 7, 96)
+    want = ops.dynamic_quant_linear(x, q.qweight, q.w_scale.view(-1), q.w_sum, q.bias, True)
+    assert torch.equal(q(x), want)
+    monkeypatch.setattr(lq.QLinear, "prepack_cpu_weights", False)
+    assert torch.equal(q(x), want)
+
+
+@needs_vnni
+def test_qlinear_derives_the_copy_once_and_never_saves_it(monkeypatch):
+    q = _w8a8()
+    calls = []
+    real = ops.dynamic_quant_linear_packed
+    monkeypatch.setattr(ops, "dynamic_quant_linear_packed", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 96)
+    q(x)
+    first = q.__dict__["_cpu_packed_cache"][1]
+    q(x)
+    assert len(calls) == 2 and q.__dict__["_cpu_packed_cache"][1] is first  # derived once
+    assert "pre-packed" in repr(q)
+    assert not any("pack" in k for k in q.state_dict())  # a derived copy, never saved
+    # a capped tier takes the row-major op (what the cap is for: testing that tier)
+    monkeypatch.setenv("LLMEQ_CPU_ISA", "avx2")
+    q(x)
+    assert len(calls) == 2
+
+
+@needs_vnni
+def test_qlinear_rederives_after_the_weights_change():
+    q = _w8a8()
+    x = torch.randn(5, 96)
+    q(x)
+    with torch.no_grad():
+        q.qweight[3:9].neg_()  # in place: the version counter moves
+    q._refresh_w_sum()
+    want = ops.dynamic_quant_linear(x, q.qweight, q.w_scale.view(-1), q.w_sum, q.bias, True)
+    assert torch.equal(q(x), want)
+    other = _w8a8(seed=1)
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q(x), other(x))
+    q.to(torch.float32)  # a module cast drops the derived copy
+    assert "_cpu_packed_cache" not in q.__dict__
+    assert torch.equal(q(x), other(x))
+
+
+@needs_vnni
+def test_qlinear_under_inference_mode_and_compile():
+    q = _w8a8()
+    x = torch.randn(2, 96)
+    with torch.inference_mode():
+        want = q(x)
+    assert torch.equal(q(x), want)
+    compiled = torch.compile(q, backend="eager", fullgraph=True)  # traced: the row-major op, same numbers
+    assert torch.equal(compiled(x), want)
