@@ -10,6 +10,7 @@ import torch
 
 from conftest import R, lq, noncontig, rand_int8
 from llmeasyquant import cpu_pack
+from llmeasyquant.eval import model_memory
 
 ops = lq.ops
 
@@ -135,6 +136,9 @@ def test_qlinear_derives_the_copy_once_and_never_saves_it(monkeypatch):
     assert len(calls) == 2 and q.__dict__["_cpu_packed_cache"][1] is first  # derived once
     assert "pre-packed" in repr(q)
     assert not any("pack" in k for k in q.state_dict())  # a derived copy, never saved
+    assert q.derived_bytes() == first.numel() == 3 * 24 * 256  # counted as held, not as saved
+    mem = model_memory(torch.nn.Sequential(q))
+    assert mem["derived"] == q.derived_bytes() and mem["total"] == q.memory_bytes()
     # a capped tier takes the row-major op (what the cap is for: testing that tier)
     monkeypatch.setenv("LLMEQ_CPU_ISA", "avx2")
     q(x)

@@ -244,7 +244,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"  perplexity {r.ppl:.3f}  ({r.protocol()})")
     if "memory" in want:
         m = model_memory(model)
-        print(f"  memory: linear layers {m['linear'] / 2**20:.1f} MiB, whole model {m['total'] / 2**20:.1f} MiB")
+        extra = (f"; plus {m['derived'] / 2**20:.1f} MiB of kernel layouts derived at run time (not saved)"
+                 if m["derived"] else "")
+        print(f"  memory: linear layers {m['linear'] / 2**20:.1f} MiB, whole model {m['total'] / 2**20:.1f} MiB"
+              + extra)
     if "speed" in want:
         sp = throughput(model, ids, prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                         batch=args.batch)

@@ -10,7 +10,10 @@ from ..nn.qlinear import QLinear
 
 def model_memory(model: nn.Module) -> dict:
     """{'total': bytes of the state_dict, 'linear': bytes of the linear layers
-    (QLinear or float), 'other': the rest}. Tied weights are counted once."""
+    (QLinear or float), 'other': the rest, 'derived': bytes of the kernel
+    layouts QLinear derived so far and holds beside them (the CPU pre-packed
+    and CUDA panel copies: never saved, not in 'total')}. Tied weights are
+    counted once."""
     seen = set()
     total = 0
     for t in model.state_dict().values():
@@ -19,10 +22,11 @@ def model_memory(model: nn.Module) -> dict:
             continue
         seen.add(key)
         total += t.numel() * t.element_size()
-    linear = 0
+    linear = derived = 0
     for name, m in model.named_modules():
         if isinstance(m, QLinear):
             linear += m.memory_bytes()
+            derived += m.derived_bytes()
         elif isinstance(m, nn.Linear) and "lm_head" not in name:
             linear += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-    return {"total": total, "linear": linear, "other": total - linear}
+    return {"total": total, "linear": linear, "other": total - linear, "derived": derived}

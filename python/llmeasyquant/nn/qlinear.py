@@ -474,6 +474,19 @@ class QLinear(nn.Module):
         """Bytes held by the saved tensors (packed weights, scales, zero-points, bias, act. state)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    def derived_bytes(self) -> int:
+        """Bytes of the kernel layouts derived from the weights and held now
+        (the CPU pre-packed copy, the CUDA panel): not saved, not in
+        :meth:`memory_bytes`."""
+        n = 0
+        cpu = self.__dict__.get("_cpu_packed_cache")
+        if cpu is not None:
+            n += cpu[1].numel() * cpu[1].element_size()
+        cuda = self.__dict__.get("_panel_cache")
+        if cuda is not None and cuda[1] is not None:
+            n += sum(t.numel() * t.element_size() for t in (cuda[1].qpanel, cuda[1].gparams))
+        return n
+
     def extra_repr(self) -> str:
         w = (f"w={self.w_bits}-bit {_granularity(self.w_group_size)} "
              f"{'symmetric' if self.w_symmetric else 'asymmetric'}")
