@@ -58,7 +58,7 @@ def test_fallback_is_the_kernel_only_of_devices_without_one(op):
 
 def test_the_other_ops_have_compiled_kernels_only():
     for op in ("channel_stats_", "ema_quantize_", "int8_gemm", "scaled_int8_gemm", "dynamic_quant_linear",
-               "dynamic_quant_linear_packed"):
+               "dynamic_quant_linear_packed", "w4a8_linear_packed"):
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"llmeasyquant::{op}", "CompositeExplicitAutograd")
 
 

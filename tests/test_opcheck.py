@@ -6,7 +6,7 @@ import torch
 
 from conftest import lq, rand_int8
 from llmeasyquant import hadamard
-from llmeasyquant.cpu_pack import pack_int8_panels
+from llmeasyquant.cpu_pack import pack_int8_panels, pack_w4a8
 
 ops = torch.ops.llmeasyquant
 
@@ -36,7 +36,8 @@ def _samples(device):
                                         torch.bfloat16)),
         (ops.dynamic_quant_linear.default, (x, w, ws, wsum, torch.randn(7).to(device), True)),
         *([] if device != "cpu" else  # the CPU's own weight layout: a CPU kernel only
-          [(ops.dynamic_quant_linear_packed.default, (x, pack_int8_panels(w), ws, wsum, None, False))]),
+          [(ops.dynamic_quant_linear_packed.default, (x, pack_int8_panels(w), ws, wsum, None, False)),
+           (ops.w4a8_linear_packed.default, _w4a8_packed_args(g))]),
         (ops.weight_only_linear.default, (xb, qw4, s4, z4, 4, 5, None)),
         (ops.weight_only_linear.default, (x, w, ws.reshape(7, 1), None, 8, -1, torch.randn(7).to(device))),
         (ops.hadamard_transform.default, (torch.randn(3, 48, generator=g).to(device).to(torch.bfloat16),
@@ -53,6 +54,11 @@ def _w4a8_args(device, g):
     return x.to(device), qw.to(device), s.to(device), z.to(device), 32, torch.randn(9, generator=g).to(device)
 
 
+def _w4a8_packed_args(g):
+    x, qw, s, z, gs, bias = _w4a8_args("cpu", g)
+    return (x, *pack_w4a8(qw, s, z, 64), 9, gs, bias)
+
+
 def _panel_args(device, g):
     from llmeasyquant import panel
 
@@ -65,10 +71,10 @@ def _panel_args(device, g):
 def test_every_op_has_an_opcheck_sample():
     covered = {op._schema.name.split("::")[1] for op, _ in _samples("cpu")}
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmeasyquant::")}
-    assert len(defined) == 13 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
+    assert len(defined) == 14 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
 
 
-@pytest.mark.parametrize("i", range(17))
+@pytest.mark.parametrize("i", range(18))
 def test_opcheck(device, i):
     samples = _samples(device)
     if i >= len(samples):

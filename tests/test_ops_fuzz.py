@@ -21,7 +21,7 @@ import torch
 
 from conftest import R, assert_close_to_reference, lq, noncontig, rand_int8
 from llmeasyquant import hadamard, panel
-from llmeasyquant.cpu_pack import pack_int8_panels
+from llmeasyquant.cpu_pack import pack_int8_panels, pack_w4a8
 
 SEED = 20261201
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -228,7 +228,10 @@ def test_w4a8_linear(cpu_isa, one_thread, i):
     x, qw, s, zp, g, bias = _w4a8_case(rng, gen)
     what = f"case {i}: x {x.dtype}{tuple(x.shape)} N={qw.shape[0]} g={g} zp={zp is not None} bias={bias is not None}"
     out = lq.ops.w4a8_linear(_maybe_noncontig(x, rng), qw, s, zp, g, bias)
-    _eq(out, R.w4a8_linear(x, qw, s, zp, g, bias), what)  # integer groups, same fp32 steps: bit for bit
+    ref = R.w4a8_linear(x, qw, s, zp, g, bias)
+    _eq(out, ref, what)  # integer groups, same fp32 steps: bit for bit
+    wp, gp = pack_w4a8(qw, s, zp, x.shape[-1])  # the pre-packed layout (QLinear's CPU copy), every tier
+    _eq(lq.ops.w4a8_linear_packed(_maybe_noncontig(x, rng), wp, gp, qw.shape[0], g, bias), ref, what + " (pre-packed)")
 
 
 # ---------------------------------------------------------------- Hadamard transform
@@ -281,6 +284,8 @@ def _opcheck_samples():
         had = hadamard.small_matrix(n)
         out.append((ops.hadamard_transform.default, (_values((3, n), rng.choice(FLOATS), rng, gen), had, n ** -0.5)))
         out.append((ops.w4a8_linear.default, _w4a8_case(rng, gen)))
+        x4, qw4, s4, z4, g4, b4 = _w4a8_case(rng, gen)
+        out.append((ops.w4a8_linear_packed.default, (x4, *pack_w4a8(qw4, s4, z4, x4.shape[-1]), qw4.shape[0], g4, b4)))
         pk, pg = rng.choice([(64, 64), (192, 64), (256, 128), (48, -1), (80, -1)])
         pn = rng.randint(1, 130)
         qw, ws, wz = R.quantize(torch.randn(pn, pk, generator=gen), 4, rng.random() < 0.5, pg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import R, lq, noncontig, rand_int8
-from llmeasyquant import cpu_pack
+from llmeasyquant import cpu_pack, quant_format
 from llmeasyquant.eval import model_memory
 
 ops = lq.ops
@@ -172,3 +172,110 @@ def test_qlinear_under_inference_mode_and_compile():
     assert torch.equal(q(x), want)
     compiled = torch.compile(q, backend="eager", fullgraph=True)  # traced: the row-major op, same numbers
     assert torch.equal(compiled(x), want)
+
+
+# ---------------------------------------------------------------- W4A8 ("w4panel16")
+def _w4(N, K, g, zero_points, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qw, s, z = ops.quantize(torch.randn(N, K, generator=gen), 4, not zero_points, g)
+    return qw, s, (z if zero_points else None), torch.randn(N, generator=gen)
+
+
+@pytest.mark.parametrize("N,K,g", [(1, 8, 8), (5, 64, 32), (17, 24, 8), (33, 100, 20), (16, 99, -1)])
+def test_w4a8_layout_is_the_index_formula(N, K, g):
+    qw, s, z, _ = _w4(N, K, g, True, seed=N)
+    wp, gp = cpu_pack.pack_w4a8(qw, s, z, K)
+    q = quant_format.unpack_int4(qw, K)
+    G = s.shape[1]
+    P = -(-N // 16)
+    assert wp.shape == (P, -(-K // 8) * 64) and gp.shape == (P, G, 2, 16)
+    want = torch.full(wp.shape, 0x88, dtype=torch.uint8)  # padding: u = 8 (q = 0) in both nibbles
+    for n in range(N):
+        for k in range(K):
+            j = (k // 8) * 64 + (n % 16) * 4 + k % 4
+            u = int(q[n, k]) + 8
+            b = int(want[n // 16, j])
+            want[n // 16, j] = (b & 0xF0) | u if k % 8 < 4 else (b & 0x0F) | (u << 4)
+    assert torch.equal(wp, want)
+    for n in range(N):
+        assert torch.equal(gp[n // 16, :, 0, n % 16], s[n]) and torch.equal(gp[n // 16, :, 1, n % 16], 8.0 + z[n])
+    for n in range(N, P * 16):  # padding columns: scale 1, zero-point 0
+        assert (gp[n // 16, :, 0, n % 16] == 1).all() and (gp[n // 16, :, 1, n % 16] == 8).all()
+    q2, s2, z2 = cpu_pack.unpack_w4a8(wp, gp, N, K)
+    assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(z2, z)
+
+
+# g = 8 is the smallest group the SIMD kernel takes (one 64-byte block); 20 and
+# 99 are off its grid (the scalar loop on the layout); M = 300 spans row chunks.
+@pytest.mark.parametrize("M,N,K,g", [(1, 5, 64, 32), (1, 50, 512, 128), (2, 192, 576, 64), (7, 33, 1024, 8),
+                                     (300, 40, 256, 64), (3, 21, 100, 20), (4, 9, 99, -1), (16, 576, 1536, -1)])
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_w4a8_same_numbers_as_the_canonical_op(cpu_isa, M, N, K, g, zero_points):
+    qw, s, z, bias = _w4(N, K, g, zero_points)
+    x = torch.randn(M, K) * 3
+    want = ops.w4a8_linear(x, qw, s, z, g, bias)
+    wp, gp = cpu_pack.pack_w4a8(qw, s, z, K)
+    assert torch.equal(ops.w4a8_linear_packed(x, wp, gp, N, g, bias), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_w4a8_dtypes_batch_dims_strided_input_and_extremes(cpu_isa, dtype):
+    qw, s, z, bias = _w4(20, 128, 32, True)
+    wp, gp = cpu_pack.pack_w4a8(qw, s, z, 128)
+    x = (torch.randn(2, 5, 128) * 2).to(dtype)
+    for b in (None, bias.to(dtype)):
+        want = ops.w4a8_linear(x, qw, s, z, 32, b)
+        for xin in (x, noncontig(x)):
+            out = ops.w4a8_linear_packed(xin, wp, gp, 20, 32, b)
+            assert out.shape == (2, 5, 20) and out.dtype == dtype and torch.equal(out, want)
+    # the largest group sums: activations at +-127, weights at -8 / 7 against far zero-points
+    K = 8192
+    x = torch.where(torch.arange(K) % 2 == 0, 1.0, -1.0).repeat(3, 1)
+    q = torch.where(torch.arange(K) % 3 == 0, -8, 7).to(torch.int8).repeat(6, 1)
+    qw = quant_format.pack_int4(q)
+    s = torch.full((6, 1), 1e-3)
+    z = torch.tensor([[7], [-8], [0], [7], [-8], [3]], dtype=torch.int8)
+    wp, gp = cpu_pack.pack_w4a8(qw, s, z, K)
+    assert torch.equal(ops.w4a8_linear_packed(x, wp, gp, 6, -1, None), ops.w4a8_linear(x, qw, s, z, -1, None))
+
+
+def test_w4a8_bad_arguments_say_what_was_expected():
+    qw, s, z, bias = _w4(20, 64, 32, True)
+    wp, gp = cpu_pack.pack_w4a8(qw, s, z, 64)
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match=r"expected w_packed of shape \[2, 1024\].*K=128.*got \[2, 512\]"):
+        ops.w4a8_linear_packed(torch.randn(3, 128), wp, gp, 20, 32, bias)
+    with pytest.raises(ValueError, match=r"expected w_packed of shape \[3, 512\].*N=40"):
+        ops.w4a8_linear_packed(x, wp, gp, 40, 32, None)
+    with pytest.raises(ValueError, match=r"expected gparams of shape \[2, 4, 2, 16\], got \[2, 2, 2, 16\]"):
+        ops.w4a8_linear_packed(x, wp, gp, 20, 16, bias)
+    with pytest.raises(ValueError, match="group_size=24 does not divide K=64"):
+        ops.w4a8_linear_packed(x, wp, gp, 20, 24, bias)
+    with pytest.raises(TypeError, match="expected w_packed of dtype Byte, got Char"):
+        ops.w4a8_linear_packed(x, wp.view(torch.int8), gp, 20, 32, bias)
+    with pytest.raises(ValueError, match="bias"):
+        ops.w4a8_linear_packed(x, wp, gp, 20, 32, bias[:5])
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        with pytest.raises(ValueError, match=r"expected gparams of shape \[2, 4, 2, 16\]"):
+            ops.w4a8_linear_packed(torch.randn(3, 64), torch.zeros(2, 512, dtype=torch.uint8),
+                                   torch.zeros(2, 2, 2, 16), 20, 16, None)
+
+
+@needs_vnni
+def test_qlinear_w4a8_takes_the_packed_op_and_rederives_it():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 40)
+    q = lq.QLinear.from_linear(lin, w_bits=4, w_group_size=32, w_symmetric=False, act="dynamic")
+    assert q.w4a8 and "pre-packed" in repr(q)
+    x = torch.randn(3, 7, 128)
+    want = ops.w4a8_linear(x, q.qweight, q.w_scale, q.w_zero, 32, q.bias)
+    assert torch.equal(q(x), want)
+    wp, gp = q.__dict__["_cpu_w4a8_cache"][1]
+    assert q.derived_bytes() == wp.numel() + 4 * gp.numel()
+    assert not any("pack" in k for k in q.state_dict())
+    with torch.no_grad():
+        q.w_zero[2:5] = 0  # a zero-point edit alone re-derives the group parameters
+    want = ops.w4a8_linear(x, q.qweight, q.w_scale, q.w_zero, 32, q.bias)
+    assert torch.equal(q(x), want)
+    q.prepack_cpu_weights = False  # the canonical op: the same numbers
+    assert torch.equal(q(x), want)

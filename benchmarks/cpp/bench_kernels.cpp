@@ -479,6 +479,35 @@ void check_w4a8(int64_t M, int64_t N, int64_t K, int64_t g, bool zp, bool bias, 
       fail((std::string(isa_name(isa)) + " w4a8").c_str(), b);
     }
   }
+  // The pre-packed layout ("w4panel16"), written out here from cpu_kernels.h's
+  // formula, on every tier: the same numbers bit for bit.
+  const int64_t P = (N + kW4PanelCols - 1) / kW4PanelCols, pb = w4_panel_bytes(K);
+  std::vector<uint8_t> wp(static_cast<size_t>(P * pb), 0x88);  // padding u = 8 in both nibbles
+  std::vector<float> gp(static_cast<size_t>(P * G * 2 * kW4PanelCols), 1.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t pi = n / 16, col = n % 16;
+    for (int64_t k = 0; k < K; ++k) {
+      const int u = wo_value(c.W.data() + n * rb, k, 4) + 8;
+      uint8_t& byte = wp[pi * pb + (k / 8) * 64 + col * 4 + k % 4];
+      byte = (k % 8) < 4 ? static_cast<uint8_t>((byte & 0xf0) | u) : static_cast<uint8_t>((byte & 0x0f) | (u << 4));
+    }
+    for (int64_t gi = 0; gi < G; ++gi) {
+      gp[((pi * G + gi) * 2 + 0) * 16 + col] = c.scale[n * G + gi];
+      gp[((pi * G + gi) * 2 + 1) * 16 + col] = 8.0f + (zp ? c.zp[n * G + gi] : 0);
+    }
+  }
+  for (int64_t pi = 0; pi < P; ++pi)  // padding columns: zero-point 8 (u = 8 is q = 0)
+    for (int64_t col = N - pi * 16; col < 16; ++col)
+      for (int64_t gi = 0; gi < G && col >= 0; ++gi) gp[((pi * G + gi) * 2 + 1) * 16 + col] = 8.0f;
+  for (Isa isa : all_isas()) {
+    set_isa(isa);
+    std::vector<float> out(M * N, 1e30f);
+    gemm_w4a8_prepacked(M, N, K, a.data(), K, as.data(), wp.data(), gp.data(), g, bias ? c.bias.data() : nullptr,
+                        out.data(), g_threads);
+    if (std::memcmp(out.data(), want.data(), out.size() * sizeof(float)) != 0)
+      fail((std::string(isa_name(isa)) + " w4a8 prepacked").c_str(),
+           shape_str(M, N, K) + " g=" + std::to_string(g) + " zp=" + std::to_string(zp));
+  }
 }
 
 void check_w4a8_all() {
@@ -494,6 +523,9 @@ void check_w4a8_all() {
   check_w4a8(70, 11, 2048, 2048, false, true);  // per channel, > 8 blocks per group
   check_w4a8(9, 6, 1536, 512, true, true, true);
   check_w4a8(2, 6, 8192, 8192, true, true, true);
+  check_w4a8(1, 50, 512, 128, true, true);   // pre-packed: panel ranges over 2 threads, a half panel
+  check_w4a8(9, 33, 1024, 8, true, false);   // pre-packed: the smallest group it takes (one block)
+  check_w4a8(300, 40, 1024, 64, true, true); // pre-packed: several row chunks
   check_w4a8(0, 5, 64, 32, true, true);
   check_w4a8(3, 0, 64, 32, true, true);
 }
@@ -931,6 +963,25 @@ void bench_w4a8() {
         const Timing t = time_it(call, isa == Isa::Scalar ? 5 : runs_for(est));
         std::printf("%-22s %4lld %-12s %10.3f %9.1f %9.1f\n", s.name, (long long)M, isa_name(isa), t.med * 1e3,
                     2.0 * M * N * K / t.med / 1e9, N * K / 2 / t.med / 1e9);
+        std::fflush(stdout);
+        if (!has_prepacked_w4a8_simd()) continue;
+        // The same shapes from the pre-packed layout (random nibbles; group params as a layer has them).
+        const int64_t P = (N + 15) / 16;
+        avec<uint8_t> Wp(P * w4_panel_bytes(K));
+        fill_int(Wp, 0, 255);
+        std::vector<float> gp(P * G * 32);
+        for (int64_t i = 0; i < P * G; ++i)
+          for (int c = 0; c < 16; ++c) {
+            gp[i * 32 + c] = scale[(i % G) + G * ((i / G * 16 + c) % N)];
+            gp[i * 32 + 16 + c] = 8.0f + zp[(i % G) + G * ((i / G * 16 + c) % N)];
+          }
+        auto pcall = [&](int) {
+          gemm_w4a8_prepacked(M, N, K, a.data(), K, as.data(), Wp.data(), gp.data(), g, bias.data(), out.data(),
+                              g_threads);
+        };
+        const Timing tp = time_it(pcall, runs_for(est / 2));
+        std::printf("%-22s %4lld %-12s %10.3f %9.1f %9.1f\n", s.name, (long long)M, "  +prepacked", tp.med * 1e3,
+                    2.0 * M * N * K / tp.med / 1e9, N * K / 2 / tp.med / 1e9);
         std::fflush(stdout);
       }
     }

@@ -346,6 +346,36 @@ def w4a8_linear(x, qw, w_scale, w_zero, group_size, bias):
     torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
 
 
+def w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias):
+    """x as for w4a8_linear, the weight in the CPU's pre-packed W4A8 layout
+    (C++: op_checks.h check_w4a8_packed_args)."""
+    from .cpu_pack import w4a8_packed_shapes
+
+    op = "llmeasyquant.w4a8_linear_packed"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    K = x.shape[-1]
+    torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
+    torch._check_value(out_features >= 0, lambda: f"{op}: expected out_features >= 0, got {out_features}")
+    torch._check_value(group_size != 0, lambda: (
+        f"{op}: expected per-channel (-1) or group-wise (g > 0) weight scales, got group_size=0 (per tensor)"))
+    check_group_size(op, group_size, K)
+    G = K // group_size if group_size > 0 else 1
+    wshape, gshape = w4a8_packed_shapes(out_features, K, G)
+    check_device(op, "w_packed", w_packed, dev)
+    check_dtype(op, "w_packed", w_packed, torch.uint8)
+    torch._check_value(w_packed.dim() == 2 and tuple(w_packed.shape) == wshape, lambda: (
+        f"{op}: expected w_packed of shape [{wshape[0]}, {wshape[1]}] (the W4A8 layout of an [N={out_features}, "
+        f"K={K}] weight: llmeasyquant.cpu_pack.pack_w4a8), got {shape_str(w_packed)}"))
+    check_device(op, "gparams", gparams, dev)
+    check_dtype(op, "gparams", gparams, torch.float32)
+    torch._check_value(gparams.dim() == 4 and tuple(gparams.shape) == gshape, lambda: (
+        f"{op}: expected gparams of shape [{gshape[0]}, {gshape[1]}, 2, 16], got {shape_str(gparams)}"))
+    _bias(op, bias, out_features, dev)
+
+
 def _weight_linear(op, x, qw, scale, zero_point, bits, group_size, bias, rule):
     dev = x.device
     check_device(op, "x", x, dev)

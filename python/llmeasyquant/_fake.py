@@ -93,6 +93,12 @@ def _w4a8_linear(x, qw, w_scale, w_zero, group_size, bias):
     return x.new_empty([*x.shape[:-1], qw.shape[0]])
 
 
+@torch.library.register_fake("llmeasyquant::w4a8_linear_packed")
+def _w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias):
+    _checks.w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias)
+    return x.new_empty([*x.shape[:-1], out_features])
+
+
 @torch.library.register_fake("llmeasyquant::hadamard_transform")
 def _hadamard_transform(x, had_m, scale):
     _checks.hadamard_transform(x, had_m)

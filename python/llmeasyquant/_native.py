@@ -54,9 +54,10 @@ def has_w4a8_simd() -> bool:
 _BELOW_AVX512 = frozenset(("scalar", "avx2", "neon", "neon_dotprod"))
 
 
-def has_prepacked_s8_simd() -> bool:
-    """Whether the int8 GEMM on pre-packed panels runs its SIMD kernel now:
-    the AVX-512 VNNI tier detected and not capped below by LLMEQ_CPU_ISA (read
-    on every call, like the C++ dispatch, for ~0.1 us: QLinear asks per call)."""
+def has_prepacked_simd() -> bool:
+    """Whether the kernels on pre-packed weights (W8A8 "panel64", W4A8
+    "w4panel16") run their SIMD code now: the AVX-512 VNNI tier detected and
+    not capped below by LLMEQ_CPU_ISA (read on every call, like the C++
+    dispatch, for ~0.1 us: QLinear asks per call)."""
     return (_static_build_info()["cpu_isa_detected"] == "avx512_vnni"
             and os.environ.get("LLMEQ_CPU_ISA") not in _BELOW_AVX512)

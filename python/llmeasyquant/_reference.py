@@ -260,6 +260,16 @@ def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bia
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
+def w4a8_linear_packed(x, w_packed, gparams, out_features: int, group_size: int, bias):
+    """:func:`w4a8_linear` of the weight held in the CPU's pre-packed W4A8 layout
+    (:func:`llmeasyquant.cpu_pack.pack_w4a8`): the same numbers, bit for bit."""
+    from .cpu_pack import unpack_w4a8
+
+    _checks.w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias)
+    q, s, z = unpack_w4a8(w_packed, gparams, out_features, x.shape[-1])
+    return w4a8_linear(x, pack_int4(q), s, z, group_size, bias)
+
+
 def w4a8_linear(x, qw, w_scale, w_zero, group_size: int, bias):
     """W4A8: per-token symmetric 8-bit activations ``a = q_a * s_a`` x 4-bit
     group-wise weights ``s * (q - z)``. Each group's product is an exact

@@ -184,7 +184,7 @@ def int8_prepacked_fast() -> bool:
     AVX-512 VNNI tier in use (an ``LLMEQ_CPU_ISA`` cap below it counts, read
     on every call). Elsewhere it runs a scalar loop and the row-major op is the
     fast one."""
-    return _native.has_prepacked_s8_simd()
+    return _native.has_prepacked_simd()
 
 
 def weight_only_linear(x, qw, scale, zero_point=None, bits: int = 8, group_size: int = PER_ROW,
@@ -204,6 +204,24 @@ def w4a8_linear(x, qw, w_scale, w_zero=None, group_size: int = PER_ROW, bias=Non
     compiled kernel on the CPU (SIMD where :func:`w4a8_fast`); the PyTorch kernel
     (``_fallback.w4a8_linear``, same numbers) on other devices."""
     return _ops.w4a8_linear(x, qw, w_scale, w_zero, int(group_size), bias)
+
+
+def w4a8_linear_packed(x, w_packed, gparams, out_features: int, group_size: int = PER_ROW,
+                       bias=None) -> torch.Tensor:
+    """:func:`w4a8_linear` with the weight in the CPU's pre-packed W4A8 layout
+    (:func:`llmeasyquant.cpu_pack.pack_w4a8`): the same numbers, bit for bit,
+    without horizontal reductions where :func:`w4a8_prepacked_fast`. CPU
+    tensors only (the layout is the CPU kernel's); ``gparams`` is a trusted
+    cache derived from the layer's scales and zero-points."""
+    return _ops.w4a8_linear_packed(x, w_packed, gparams, int(out_features), int(group_size), bias)
+
+
+def w4a8_prepacked_fast(K: int, group_size: int) -> bool:
+    """Whether :func:`w4a8_linear_packed` runs its SIMD kernel now for a layer
+    of ``K`` inputs in groups of ``group_size``: the AVX-512 VNNI tier in use
+    (LLMEQ_CPU_ISA read on every call) and groups of a multiple of 8."""
+    g = K if group_size == PER_ROW else group_size
+    return g > 0 and g % 8 == 0 and _native.has_prepacked_simd()
 
 
 def w4a8_fast(K: int, group_size: int) -> bool:

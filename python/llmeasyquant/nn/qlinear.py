@@ -50,6 +50,9 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 # dtype (fp16 would flush small scales to 0; the kernels take fp32 state).
 _FIXED_DTYPE_BUFFERS = ("w_scale", "act_scale", "ema_state")
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernel layouts derived from the weights (plain attributes, never saved):
+# (key, value) pairs, value a tensor, a tuple of tensors or a Panel.
+_DERIVED_CACHES = ("_cpu_packed_cache", "_cpu_w4a8_cache", "_panel_cache")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -78,9 +81,10 @@ class QLinear(nn.Module):
     ``state_dict``.
     """
 
-    # W8A8 dynamic layers on AVX-512 VNNI CPUs keep a derived copy of their
-    # weight in the kernel's panel layout (:meth:`_cpu_packed`): faster at
-    # every batch size, one more byte per weight in memory.
+    # W8A8 dynamic and W4A8 layers on AVX-512 VNNI CPUs keep a derived copy of
+    # their weight in their kernel's layout (:meth:`_cpu_packed`,
+    # :meth:`_cpu_w4a8_packed`): faster at every batch size, the weight bytes
+    # once more in memory.
     prepack_cpu_weights = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
@@ -322,8 +326,8 @@ class QLinear(nn.Module):
         kept = {k: self._buffers[k] for k in (*_FIXED_DTYPE_BUFFERS, "bias") if self._buffers.get(k) is not None}
         super()._apply(fn, recurse)
         # derived layouts of the old storage (re-derived on the next call that wants one)
-        self.__dict__.pop("_cpu_packed_cache", None)
-        self.__dict__.pop("_panel_cache", None)
+        for cache in _DERIVED_CACHES:
+            self.__dict__.pop(cache, None)
         for k, t in kept.items():
             moved = self._buffers[k]
             if moved.dtype != t.dtype and (k != "bias" or moved.dtype not in _BIAS_DTYPES):
@@ -390,6 +394,10 @@ class QLinear(nn.Module):
             return ops.dynamic_quant_linear(x, qw, self.scales().view(-1), self._row_sums(qw), bias,
                                             self.act_symmetric)
         if self.w4a8 and x.is_cpu:
+            if (self.prepack_cpu_weights and not torch.compiler.is_compiling()
+                    and ops.w4a8_prepacked_fast(self.in_features, self.w_group_size)):
+                wp, gp = self._cpu_w4a8_packed(qw)
+                return ops.w4a8_linear_packed(x, wp, gp, self.out_features, self.w_group_size, bias)
             return ops.w4a8_linear(x, qw, self.scales(), buf["w_zero"], self.w_group_size, bias)
         x2 = x.reshape(-1, self.in_features)
         if act == "dynamic":
@@ -440,6 +448,21 @@ class QLinear(nn.Module):
             self.__dict__["_cpu_packed_cache"] = cache
         return cache[1]
 
+    def _cpu_w4a8_packed(self, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This W4A8 layer's weight, scales and zero-points in the CPU's
+        pre-packed W4A8 layout (:func:`llmeasyquant.cpu_pack.pack_w4a8`),
+        derived and re-derived like :meth:`_cpu_packed` (qweight, the scales
+        and the zero-points are the key); never saved. It holds the 4-bit
+        weights a second time (0.5 byte per weight) plus the group parameters."""
+        b = self._buffers
+        key = tuple(None if t is None else _tensor_key(t) for t in (qw, b["w_scale"], b["w_zero"]))
+        cache = self.__dict__.get("_cpu_w4a8_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, cpu_pack.pack_w4a8(qw, self.scales(), b["w_zero"], self.in_features))
+            self.__dict__["_cpu_w4a8_cache"] = cache
+        return cache[1]
+
     def _cuda_panel(self, qw: torch.Tensor):
         """This 4-bit layer in the CUDA panel layout (:mod:`llmeasyquant.panel`),
         or None when the panel kernel cannot take it. Derived on the first call
@@ -479,12 +502,14 @@ class QLinear(nn.Module):
         (the CPU pre-packed copy, the CUDA panel): not saved, not in
         :meth:`memory_bytes`."""
         n = 0
-        cpu = self.__dict__.get("_cpu_packed_cache")
-        if cpu is not None:
-            n += cpu[1].numel() * cpu[1].element_size()
-        cuda = self.__dict__.get("_panel_cache")
-        if cuda is not None and cuda[1] is not None:
-            n += sum(t.numel() * t.element_size() for t in (cuda[1].qpanel, cuda[1].gparams))
+        for name in _DERIVED_CACHES:
+            cache = self.__dict__.get(name)
+            value = None if cache is None else cache[1]
+            if value is None:
+                continue
+            parts = (value.qpanel, value.gparams) if isinstance(value, panel.Panel) else (
+                value if isinstance(value, tuple) else (value,))
+            n += sum(t.numel() * t.element_size() for t in parts)
         return n
 
     def extra_repr(self) -> str:
@@ -503,7 +528,9 @@ class QLinear(nn.Module):
             if self.int8_gemm and self.act == "dynamic" and self.prepack_cpu_weights and ops.int8_prepacked_fast():
                 a += " (int8 kernel on pre-packed weights on this CPU)"
             elif self.w4a8:
-                a += " (W4A8 int8 kernel on the CPU; simulated on other devices)"
+                packed = self.prepack_cpu_weights and ops.w4a8_prepacked_fast(self.in_features, self.w_group_size)
+                a += (" (W4A8 int8 kernel on pre-packed weights on this CPU" if packed else
+                      " (W4A8 int8 kernel on the CPU") + "; simulated on other devices)"
             elif not self.int8_gemm:
                 a += " (simulated: no int8 kernel for this weight layout yet)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

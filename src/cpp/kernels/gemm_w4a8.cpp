@@ -23,6 +23,10 @@ namespace detail {
 bool gemm_w4a8_avx2(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
                     const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,
                     const float* bias, float* out, int num_threads);
+// Pre-packed layout, groups of a multiple of 8 (else false: the scalar path).
+bool gemm_w4a8_prepacked_avx512(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda,
+                                const float* a_scale, const uint8_t* wp, const float* gparams, int64_t group_size,
+                                const float* bias, float* out, int num_threads);
 #endif
 #if defined(__aarch64__)
 // AdvSIMD (both Arm tiers): groups of a multiple of 16 values, bit-exact
@@ -60,7 +64,58 @@ void gemm_w4a8_scalar(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t 
   }
 }
 
+// The pre-packed layout's scalar path: gemm_w4a8_scalar's operations in its
+// order, each weight read through the layout formula of cpu_kernels.h, the
+// zero-point as (8 + z) - 8 from gparams.
+void gemm_w4a8_prepacked_scalar(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda,
+                                const float* a_scale, const uint8_t* wp, const float* gp, int64_t g,
+                                const float* bias, float* out, int nt) {
+  const int64_t G = K / g;
+  const int64_t pb = w4_panel_bytes(K);
+  const bool par = nt > 1 && M * N * K >= (int64_t{1} << 16);
+#pragma omp parallel for schedule(static) num_threads(nt) if (par)
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t p = n / kW4PanelCols, c = n % kW4PanelCols;
+    const uint8_t* col = wp + p * pb + c * 4;
+    const float* gpp = gp + p * G * 2 * kW4PanelCols + c;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* ar = a + m * lda;
+      float acc = 0.0f;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int32_t z = static_cast<int32_t>(gpp[(gi * 2 + 1) * kW4PanelCols]) - 8;
+        int32_t P = 0;
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
+          const uint8_t byte = col[(k / 8) * 64 + k % 4];
+          const int32_t u = (k % 8) < 4 ? (byte & 0x0f) : (byte >> 4);
+          P += ar[k] * (u - 8 - z);
+        }
+        acc = acc + gpp[gi * 2 * kW4PanelCols] * static_cast<float>(P);
+      }
+      float y = a_scale[m] * acc;
+      if (bias != nullptr) y = y + bias[n];
+      out[m * N + n] = y;
+    }
+  }
+}
+
 }  // namespace
+
+void gemm_w4a8_prepacked(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
+                         const uint8_t* wp, const float* gparams, int64_t group_size, const float* bias, float* out,
+                         int num_threads) {
+  if (M <= 0 || N <= 0) return;
+  if (K < 0) K = 0;
+  if (group_size <= 0 || group_size > K) group_size = K > 0 ? K : 1;
+  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#if defined(__x86_64__)
+  if (active_isa() == Isa::Avx512Vnni &&
+      detail::gemm_w4a8_prepacked_avx512(M, N, K, a, lda, a_scale, wp, gparams, group_size, bias, out, nt))
+    return;
+#endif
+  gemm_w4a8_prepacked_scalar(M, N, K, a, lda, a_scale, wp, gparams, group_size, bias, out, nt);
+}
+
+bool has_prepacked_w4a8_simd() { return active_isa() == Isa::Avx512Vnni; }
 
 void gemm_w4a8(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
                const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,

@@ -124,6 +124,35 @@ inline void check_dynamic_linear_args(const char* op, const at::Tensor& x, const
   check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
 }
 
+// w4a8_linear_packed: x as for w4a8_linear, the weight in the pre-packed
+// W4A8 layout (cpu_kernels.h "w4panel16") of an [out_features, K] weight:
+// w_packed uint8 [ceil(N/16), w4_panel_bytes(K)], gparams float32
+// [ceil(N/16), G, 2, 16].
+inline void check_w4a8_packed_args(const char* op, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& gp,
+                                   int64_t out_features, int64_t group_size, const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
+  TORCH_CHECK_VALUE(out_features >= 0, msg(op, ": expected out_features >= 0, got ", out_features));
+  TORCH_CHECK_VALUE(group_size != 0, msg(op, ": expected per-channel (-1) or group-wise (g > 0) weight scales, got ",
+                                         "group_size=0 (per tensor)"));
+  check_group_size(op, group_size, K);
+  const int64_t P = (out_features + cpu::kW4PanelCols - 1) / cpu::kW4PanelCols;
+  const int64_t G = group_size > 0 ? K / group_size : 1;  // per channel: one group (K = 0 included)
+  check_device(op, "w_packed", wp, dev);
+  check_dtype(op, "w_packed", wp, at::kByte);
+  TORCH_CHECK_VALUE(wp.dim() == 2 && wp.size(0) == P && wp.size(1) == cpu::w4_panel_bytes(K),
+                    msg(op, ": expected w_packed of shape [", P, ", ", cpu::w4_panel_bytes(K), "] (the W4A8 layout of an [N=",
+                        out_features, ", K=", K, "] weight: llmeasyquant.cpu_pack.pack_w4a8), got ", shape_str(wp)));
+  check_device(op, "gparams", gp, dev);
+  check_dtype(op, "gparams", gp, at::kFloat);
+  TORCH_CHECK_VALUE(gp.dim() == 4 && gp.size(0) == P && gp.size(1) == G && gp.size(2) == 2 &&
+                        gp.size(3) == cpu::kW4PanelCols,
+                    msg(op, ": expected gparams of shape [", P, ", ", G, ", 2, 16], got ", shape_str(gp)));
+}
+
 // dynamic_quant_linear_packed: dynamic_quant_linear's rules with the weight
 // in the pre-packed panel layout (cpu_kernels.h "panel64"), whose shape
 // [ceil(N/64), s8_panel_bytes(K)] must match N (from w_scale) and x's K.

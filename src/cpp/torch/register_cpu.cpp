@@ -337,16 +337,11 @@ at::Tensor weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& qw, con
   return shaped_result(out.to(x.scalar_type()), out_shape);
 }
 
-at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& w_scale,
-                           const c10::optional<at::Tensor>& w_zero, int64_t group_size,
-                           const c10::optional<at::Tensor>& bias) {
-  const char* op = "llmeasyquant.w4a8_linear";
-  check_w4a8_args(op, x, qw, group_size, kCpu);
+// Per-token symmetric int8 quantization of x, then the W4A8 product through
+// `gemm` (canonical or pre-packed weights: the same numbers), x's dtype out.
+template <typename Gemm>
+at::Tensor w4a8_linear(const at::Tensor& x, int64_t N, const at::Tensor& bias32, const Gemm& gemm) {
   const int64_t K = x.size(-1);
-  const int64_t N = qw.size(0);
-  const at::Tensor zp = zero_points_or_zeros(w_zero, w_scale);
-  check_scales(op, {N, K}, w_scale, zp, 4, group_size, false);
-  const at::Tensor bias32 = bias_f32(op, bias, N, kCpu);
   const at::Tensor xv = rows_view(x);
   const int64_t M = xv.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -360,13 +355,42 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::
     at::Tensor za = at::empty({M}, x.options().dtype(at::kChar));
     cpu::quantize_dynamic(xv.data_ptr(), float_type(x.scalar_type()), M, K, xv.stride(0), 8, true, K,
                           qa.data_ptr(), as.data_ptr<float>(), za.data_ptr<int8_t>(), nthreads());
-    const at::Tensor qc = qw.contiguous(), sc = w_scale.contiguous(), zc = zp.contiguous();
     out = at::empty({M, N}, x.options().dtype(at::kFloat));
-    cpu::gemm_w4a8(M, N, K, qa.data_ptr<int8_t>(), K, as.data_ptr<float>(), qc.data_ptr<uint8_t>(),
-                   group_len(group_size, K), sc.data_ptr<float>(), w_zero.has_value() ? zc.data_ptr<int8_t>() : nullptr,
-                   bias32.defined() ? bias32.data_ptr<float>() : nullptr, out.data_ptr<float>(), nthreads());
+    gemm(M, K, qa.data_ptr<int8_t>(), as.data_ptr<float>(), bias32.defined() ? bias32.data_ptr<float>() : nullptr,
+         out.data_ptr<float>());
   }
   return shaped_result(out.to(x.scalar_type()), out_shape);
+}
+
+at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& w_zero, int64_t group_size,
+                           const c10::optional<at::Tensor>& bias) {
+  const char* op = "llmeasyquant.w4a8_linear";
+  check_w4a8_args(op, x, qw, group_size, kCpu);
+  const int64_t K = x.size(-1);
+  const int64_t N = qw.size(0);
+  const at::Tensor zp = zero_points_or_zeros(w_zero, w_scale);
+  check_scales(op, {N, K}, w_scale, zp, 4, group_size, false);
+  const at::Tensor qc = qw.contiguous(), sc = w_scale.contiguous(), zc = zp.contiguous();
+  return w4a8_linear(x, N, bias_f32(op, bias, N, kCpu),
+                     [&](int64_t M, int64_t K_, const int8_t* qa, const float* as, const float* b, float* out) {
+                       cpu::gemm_w4a8(M, N, K_, qa, K_, as, qc.data_ptr<uint8_t>(), group_len(group_size, K_),
+                                      sc.data_ptr<float>(), w_zero.has_value() ? zc.data_ptr<int8_t>() : nullptr, b,
+                                      out, nthreads());
+                     });
+}
+
+at::Tensor w4a8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& gparams,
+                                  int64_t out_features, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const char* op = "llmeasyquant.w4a8_linear_packed";
+  check_w4a8_packed_args(op, x, w_packed, gparams, out_features, group_size, kCpu);
+  const int64_t N = out_features;
+  const at::Tensor wp = w_packed.contiguous(), gp = gparams.contiguous();
+  return w4a8_linear(x, N, bias_f32(op, bias, N, kCpu),
+                     [&](int64_t M, int64_t K, const int8_t* qa, const float* as, const float* b, float* out) {
+                       cpu::gemm_w4a8_prepacked(M, N, K, qa, K, as, wp.data_ptr<uint8_t>(), gp.data_ptr<float>(),
+                                                group_len(group_size, K), b, out, nthreads());
+                     });
 }
 
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& had_m, double scale) {
@@ -396,6 +420,7 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
   m.impl("dynamic_quant_linear_packed", &dynamic_quant_linear_packed_cpu);
   m.impl("weight_only_linear", &weight_only_linear_cpu);
   m.impl("w4a8_linear", &w4a8_linear_cpu);
+  m.impl("w4a8_linear_packed", &w4a8_linear_packed_cpu);
   m.impl("hadamard_transform", &hadamard_transform_cpu);
 }
 

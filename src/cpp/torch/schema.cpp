@@ -45,6 +45,11 @@ TORCH_LIBRARY(llmeasyquant, m) {
   // an exact int32 product per group, group scales in fp32 after it (see
   // cpu_kernels.h gemm_w4a8). CPU kernel; the PyTorch kernel elsewhere.
   m.def("w4a8_linear(Tensor x, Tensor qw, Tensor w_scale, Tensor? w_zero, int group_size, Tensor? bias) -> Tensor");
+  // The same with the weight in the CPU's pre-packed W4A8 layout
+  // (llmeasyquant/cpu_pack.py pack_w4a8, cpu_kernels.h "w4panel16"):
+  // QLinear's derived copy, never saved. CPU kernel only.
+  m.def("w4a8_linear_packed(Tensor x, Tensor w_packed, Tensor gparams, int out_features, int group_size, "
+        "Tensor? bias) -> Tensor");
   // Walsh-Hadamard transform along the last dim, n = m * 2**k:
   // scale * x @ kron(had_m, S_p)^T (had_m float32 [m, m], None for m = 1);
   // fp32 arithmetic, x's dtype out. llmeasyquant/hadamard.py builds had_m.

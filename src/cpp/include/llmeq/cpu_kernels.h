@@ -171,6 +171,26 @@ void gemm_w4a8(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, co
                const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,
                const float* bias, float* out, int num_threads);
 
+// The same product with the weights pre-packed ("w4panel16", derived once
+// per layer by QLinear, never saved; llmeasyquant/cpu_pack.py packs it):
+// ceil(N/16) panels of 16 output channels, each ceil(K/8) blocks of 64 bytes;
+// byte j of block b of panel p holds, for n = 16 p + j / 4 and t = j % 4,
+//   low nibble  u(n, 8 b + t),  high nibble  u(n, 8 b + 4 + t),
+// u = q + 8 (offset binary, in [0, 15]); padding (n >= N or k >= K) u = 8.
+// So one 64-byte load, masked and shifted, gives vpdpbusd two k4-steps of 16
+// columns as its unsigned operand (gemm_w4a8_avx512.cpp).  gparams float32
+// [ceil(N/16), G, 2, 16]: [p, g, 0, c] = w_scale[16 p + c, g] and
+// [p, g, 1, c] = 8 + w_zero[16 p + c, g] (an exact small integer; padding
+// columns 1 and 8).  Results bit-identical to gemm_w4a8.
+constexpr int64_t kW4PanelCols = 16;
+inline int64_t w4_panel_bytes(int64_t K) { return (K + 7) / 8 * 64; }
+void gemm_w4a8_prepacked(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
+                         const uint8_t* wp, const float* gparams, int64_t group_size, const float* bias, float* out,
+                         int num_threads);
+// Whether the tier in use has a SIMD kernel for that layout (avx512_vnni,
+// groups of a multiple of 8); elsewhere gemm_w4a8_prepacked runs a scalar loop.
+bool has_prepacked_w4a8_simd();
+
 // ---------------------------------------------------------------------------
 // Walsh-Hadamard transform (src/cpp/kernels/hadamard.cpp)
 // ---------------------------------------------------------------------------
