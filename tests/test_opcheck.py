@@ -36,7 +36,7 @@ def _samples(device):
                                         torch.bfloat16)),
         (ops.dynamic_quant_linear.default, (x, w, ws, wsum, torch.randn(7).to(device), True)),
         *([] if device != "cpu" else  # the CPU's own weight layout: a CPU kernel only
-          [(ops.dynamic_quant_linear_packed.default, (x, pack_int8_panels(w), ws, wsum, None, False)),
+          [(ops.dynamic_quant_linear_packed.default, (x, pack_int8_panels(w), ws, wsum, 20, 7, None, False)),
            (ops.w4a8_linear_packed.default, _w4a8_packed_args(g))]),
         (ops.weight_only_linear.default, (xb, qw4, s4, z4, 4, 5, None)),
         (ops.weight_only_linear.default, (x, w, ws.reshape(7, 1), None, 8, -1, torch.randn(7).to(device))),
@@ -56,7 +56,7 @@ def _w4a8_args(device, g):
 
 def _w4a8_packed_args(g):
     x, qw, s, z, gs, bias = _w4a8_args("cpu", g)
-    return (x, *pack_w4a8(qw, s, z, 64), 9, gs, bias)
+    return (x, *pack_w4a8(qw, s, z, 64), 64, 9, gs, bias)
 
 
 def _panel_args(device, g):

@@ -181,7 +181,8 @@ def test_dynamic_quant_linear(cpu_isa, one_thread, i):
     ref = R.dynamic_quant_linear(x, w, w_s, w_sum, bias, sym)
     _eq(out, ref, what)
     # the same product from the pre-packed panel layout (QLinear's CPU copy), every tier
-    packed = lq.ops.dynamic_quant_linear_packed(_maybe_noncontig(x, rng), pack_int8_panels(w), w_s, w_sum, bias, sym)
+    packed = lq.ops.dynamic_quant_linear_packed(_maybe_noncontig(x, rng), pack_int8_panels(w), w_s, w_sum, K, N, bias,
+                                                sym)
     _eq(packed, ref, what + " (pre-packed)")
 
 
@@ -231,7 +232,8 @@ def test_w4a8_linear(cpu_isa, one_thread, i):
     ref = R.w4a8_linear(x, qw, s, zp, g, bias)
     _eq(out, ref, what)  # integer groups, same fp32 steps: bit for bit
     wp, gp = pack_w4a8(qw, s, zp, x.shape[-1])  # the pre-packed layout (QLinear's CPU copy), every tier
-    _eq(lq.ops.w4a8_linear_packed(_maybe_noncontig(x, rng), wp, gp, qw.shape[0], g, bias), ref, what + " (pre-packed)")
+    packed = lq.ops.w4a8_linear_packed(_maybe_noncontig(x, rng), wp, gp, x.shape[-1], qw.shape[0], g, bias)
+    _eq(packed, ref, what + " (pre-packed)")
 
 
 # ---------------------------------------------------------------- Hadamard transform
@@ -275,7 +277,7 @@ def _opcheck_samples():
         out.append((ops.dynamic_quant_linear.default, (xs, b, torch.rand(N, generator=gen) / 50,
                                                        lq.ops.weight_row_sums(b), None, rng.random() < 0.5)))
         out.append((ops.dynamic_quant_linear_packed.default,
-                    (xs, pack_int8_panels(b), torch.rand(N, generator=gen) / 50, lq.ops.weight_row_sums(b),
+                    (xs, pack_int8_panels(b), torch.rand(N, generator=gen) / 50, lq.ops.weight_row_sums(b), K, N,
                      torch.randn(N, generator=gen), rng.random() < 0.5)))
         wb = rng.choice([2, 3, 4, 8])
         qw, ws, wz = R.quantize(torch.randn(N, K, generator=gen), wb, False, -1)
@@ -285,7 +287,8 @@ def _opcheck_samples():
         out.append((ops.hadamard_transform.default, (_values((3, n), rng.choice(FLOATS), rng, gen), had, n ** -0.5)))
         out.append((ops.w4a8_linear.default, _w4a8_case(rng, gen)))
         x4, qw4, s4, z4, g4, b4 = _w4a8_case(rng, gen)
-        out.append((ops.w4a8_linear_packed.default, (x4, *pack_w4a8(qw4, s4, z4, x4.shape[-1]), qw4.shape[0], g4, b4)))
+        K4 = x4.shape[-1]
+        out.append((ops.w4a8_linear_packed.default, (x4, *pack_w4a8(qw4, s4, z4, K4), K4, qw4.shape[0], g4, b4)))
         pk, pg = rng.choice([(64, 64), (192, 64), (256, 128), (48, -1), (80, -1)])
         pn = rng.randint(1, 130)
         qw, ws, wz = R.quantize(torch.randn(pn, pk, generator=gen), 4, rng.random() < 0.5, pg)

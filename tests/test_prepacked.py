@@ -51,7 +51,7 @@ def test_same_numbers_as_the_row_major_op(cpu_isa, M, N, K, symmetric):
     w, s, wsum, bias = _weights(N, K)
     x = torch.randn(M, K) * 3
     want = ops.dynamic_quant_linear(x, w, s, wsum, bias, symmetric)
-    got = ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, bias, symmetric)
+    got = ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, K, N, bias, symmetric)
     assert torch.equal(got, want)
     assert torch.equal(got, R.dynamic_quant_linear(x, w, s, wsum, bias, symmetric))
 
@@ -64,7 +64,7 @@ def test_dtypes_batch_dims_strided_input_and_no_bias(cpu_isa, dtype):
     for b in (None, bias.to(dtype)):
         want = ops.dynamic_quant_linear(x, w, s, wsum, b, True)
         for xin in (x, noncontig(x)):
-            out = ops.dynamic_quant_linear_packed(xin, wp, s, wsum, b, True)
+            out = ops.dynamic_quant_linear_packed(xin, wp, s, wsum, 96, 100, b, True)
             assert out.shape == (2, 5, 100) and out.dtype == dtype and torch.equal(out, want)
 
 
@@ -74,9 +74,10 @@ def test_extremes_and_empty_inputs(cpu_isa):
     x = torch.ones(2, K)
     wsum, s = ops.weight_row_sums(w), torch.full((3,), 1e-3)
     want = ops.dynamic_quant_linear(x, w, s, wsum, None, False)
-    assert torch.equal(ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, None, False), want)
+    assert torch.equal(ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, K, 3, None, False),
+                       want)
     w, s, wsum, bias = _weights(9, 20)
-    out = ops.dynamic_quant_linear_packed(torch.randn(0, 20), cpu_pack.pack_int8_panels(w), s, wsum, bias, True)
+    out = ops.dynamic_quant_linear_packed(torch.randn(0, 20), cpu_pack.pack_int8_panels(w), s, wsum, 20, 9, bias, True)
     assert out.shape == (0, 9)
 
 
@@ -84,24 +85,31 @@ def test_bad_arguments_say_what_was_expected():
     w, s, wsum, bias = _weights(70, 40)
     wp = cpu_pack.pack_int8_panels(w)
     x = torch.randn(3, 40)
+    op = ops.dynamic_quant_linear_packed
+    # the padded layout cannot tell K = 39 from 40: in_features does
+    with pytest.raises(ValueError, match=r"K mismatch: x has K=39 \(shape \[3, 39\]\) but the weight has K=40"):
+        op(torch.randn(3, 39), wp, s, wsum, 40, 70, bias, True)
     with pytest.raises(ValueError, match=r"expected w_packed of shape \[2, 2816\].*K=44.*got \[2, 2560\]"):
-        ops.dynamic_quant_linear_packed(torch.randn(3, 44), wp, s, wsum, bias, True)  # another K
+        op(torch.randn(3, 44), wp, s, wsum, 44, 70, bias, True)  # another K
+    with pytest.raises(ValueError, match=r"expected w_scale with 60 elements"):
+        op(x, wp, s, wsum, 40, 60, None, True)  # another N
     with pytest.raises(ValueError, match=r"expected w_packed of shape \[1, 2560\]"):
-        ops.dynamic_quant_linear_packed(x, wp, s[:60], wsum[:60], None, True)  # another N
+        op(x, wp, s[:60], wsum[:60], 40, 60, None, True)
     with pytest.raises(TypeError, match="expected w_packed of dtype Char, got Byte"):
-        ops.dynamic_quant_linear_packed(x, wp.to(torch.uint8), s, wsum, bias, True)
-    with pytest.raises(ValueError, match=r"expected w_scale \[N\]"):
-        ops.dynamic_quant_linear_packed(x, wp, s.reshape(70, 1), wsum, bias, True)
+        op(x, wp.to(torch.uint8), s, wsum, 40, 70, bias, True)
     with pytest.raises(ValueError, match="w_sum"):
-        ops.dynamic_quant_linear_packed(x, wp, s, wsum[:5], bias, True)
+        op(x, wp, s, wsum[:5], 40, 70, bias, True)
     with pytest.raises(ValueError, match="exceeds the int32-exact limit"):
         big = torch.zeros(1, cpu_pack.packed_shape(1, 65537)[1], dtype=torch.int8)
-        ops.dynamic_quant_linear_packed(torch.randn(1, 65537), big, s[:1], wsum[:1], None, True)
+        op(torch.randn(1, 65537), big, s[:1], wsum[:1], 65537, 1, None, True)
     # the fake (torch.compile) says the same
     with torch._subclasses.fake_tensor.FakeTensorMode():
         with pytest.raises(ValueError, match=r"expected w_packed of shape \[2, 2560\].*got \[2, 2816\]"):
-            ops.dynamic_quant_linear_packed(torch.randn(3, 40), torch.zeros(2, 2816, dtype=torch.int8),
-                                            torch.ones(70), torch.zeros(70, dtype=torch.int32), None, True)
+            op(torch.randn(3, 40), torch.zeros(2, 2816, dtype=torch.int8), torch.ones(70),
+               torch.zeros(70, dtype=torch.int32), 40, 70, None, True)
+        with pytest.raises(ValueError, match=r"K mismatch: x has K=39"):
+            op(torch.randn(3, 39), torch.zeros(2, 2560, dtype=torch.int8), torch.ones(70),
+               torch.zeros(70, dtype=torch.int32), 40, 70, None, True)
 
 
 # ---------------------------------------------------------------- QLinear
@@ -215,7 +223,7 @@ def test_w4a8_same_numbers_as_the_canonical_op(cpu_isa, M, N, K, g, zero_points)
     x = torch.randn(M, K) * 3
     want = ops.w4a8_linear(x, qw, s, z, g, bias)
     wp, gp = cpu_pack.pack_w4a8(qw, s, z, K)
-    assert torch.equal(ops.w4a8_linear_packed(x, wp, gp, N, g, bias), want)
+    assert torch.equal(ops.w4a8_linear_packed(x, wp, gp, K, N, g, bias), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -226,7 +234,7 @@ def test_w4a8_dtypes_batch_dims_strided_input_and_extremes(cpu_isa, dtype):
     for b in (None, bias.to(dtype)):
         want = ops.w4a8_linear(x, qw, s, z, 32, b)
         for xin in (x, noncontig(x)):
-            out = ops.w4a8_linear_packed(xin, wp, gp, 20, 32, b)
+            out = ops.w4a8_linear_packed(xin, wp, gp, 128, 20, 32, b)
             assert out.shape == (2, 5, 20) and out.dtype == dtype and torch.equal(out, want)
     # the largest group sums: activations at +-127, weights at -8 / 7 against far zero-points
     K = 8192
@@ -236,29 +244,31 @@ def test_w4a8_dtypes_batch_dims_strided_input_and_extremes(cpu_isa, dtype):
     s = torch.full((6, 1), 1e-3)
     z = torch.tensor([[7], [-8], [0], [7], [-8], [3]], dtype=torch.int8)
     wp, gp = cpu_pack.pack_w4a8(qw, s, z, K)
-    assert torch.equal(ops.w4a8_linear_packed(x, wp, gp, 6, -1, None), ops.w4a8_linear(x, qw, s, z, -1, None))
+    assert torch.equal(ops.w4a8_linear_packed(x, wp, gp, K, 6, -1, None), ops.w4a8_linear(x, qw, s, z, -1, None))
 
 
 def test_w4a8_bad_arguments_say_what_was_expected():
     qw, s, z, bias = _w4(20, 64, 32, True)
     wp, gp = cpu_pack.pack_w4a8(qw, s, z, 64)
     x = torch.randn(3, 64)
+    op = ops.w4a8_linear_packed
+    with pytest.raises(ValueError, match=r"K mismatch: x has K=60 \(shape \[3, 60\]\) but the weight has K=64"):
+        op(torch.randn(3, 60), wp, gp, 64, 20, -1, bias)  # 60 and 64 pack alike: in_features tells
     with pytest.raises(ValueError, match=r"expected w_packed of shape \[2, 1024\].*K=128.*got \[2, 512\]"):
-        ops.w4a8_linear_packed(torch.randn(3, 128), wp, gp, 20, 32, bias)
+        op(torch.randn(3, 128), wp, gp, 128, 20, 32, bias)
     with pytest.raises(ValueError, match=r"expected w_packed of shape \[3, 512\].*N=40"):
-        ops.w4a8_linear_packed(x, wp, gp, 40, 32, None)
+        op(x, wp, gp, 64, 40, 32, None)
     with pytest.raises(ValueError, match=r"expected gparams of shape \[2, 4, 2, 16\], got \[2, 2, 2, 16\]"):
-        ops.w4a8_linear_packed(x, wp, gp, 20, 16, bias)
+        op(x, wp, gp, 64, 20, 16, bias)
     with pytest.raises(ValueError, match="group_size=24 does not divide K=64"):
-        ops.w4a8_linear_packed(x, wp, gp, 20, 24, bias)
+        op(x, wp, gp, 64, 20, 24, bias)
     with pytest.raises(TypeError, match="expected w_packed of dtype Byte, got Char"):
-        ops.w4a8_linear_packed(x, wp.view(torch.int8), gp, 20, 32, bias)
+        op(x, wp.view(torch.int8), gp, 64, 20, 32, bias)
     with pytest.raises(ValueError, match="bias"):
-        ops.w4a8_linear_packed(x, wp, gp, 20, 32, bias[:5])
+        op(x, wp, gp, 64, 20, 32, bias[:5])
     with torch._subclasses.fake_tensor.FakeTensorMode():
         with pytest.raises(ValueError, match=r"expected gparams of shape \[2, 4, 2, 16\]"):
-            ops.w4a8_linear_packed(torch.randn(3, 64), torch.zeros(2, 512, dtype=torch.uint8),
-                                   torch.zeros(2, 2, 2, 16), 20, 16, None)
+            op(torch.randn(3, 64), torch.zeros(2, 512, dtype=torch.uint8), torch.zeros(2, 2, 2, 16), 64, 20, 16, None)
 
 
 @needs_vnni

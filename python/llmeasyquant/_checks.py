@@ -304,25 +304,33 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
     _bias(op, bias, N, dev)
 
 
-def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias):
+def _packed_x(op, x, in_features, out_features):
+    """The pre-packed layouts pad K and N: the packed ops take both, and x
+    must have K = in_features (C++: op_checks.h check_packed_x)."""
+    check_device(op, "x", x, x.device)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
+    torch._check_value(in_features >= 0 and out_features >= 0, lambda: (
+        f"{op}: expected in_features, out_features >= 0, got {in_features}, {out_features}"))
+    torch._check_value(x.shape[-1] == in_features, lambda: (
+        f"{op}: K mismatch: x has K={x.shape[-1]} (shape {shape_str(x)}) but the weight has K={in_features} "
+        f"(in_features)"))
+    torch._check_value(in_features <= MAX_K, lambda: f"{op}: K={in_features} exceeds the int32-exact limit {MAX_K}")
+
+
+def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features, out_features, bias):
     """dynamic_quant_linear's rules with the weight in the CPU panel layout
-    (C++: op_checks.h check_dynamic_linear_packed_args); N comes from w_scale."""
+    (C++: op_checks.h check_dynamic_linear_packed_args)."""
     from .cpu_pack import packed_shape
 
     op = "llmeasyquant.dynamic_quant_linear_packed"
-    dev = x.device
-    check_device(op, "x", x, dev)
-    check_float(op, "x", x)
-    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
-    K = x.shape[-1]
-    torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
+    _packed_x(op, x, in_features, out_features)
+    dev, N, K = x.device, out_features, in_features
     check_device(op, "w_scale", w_scale, dev)
     check_device(op, "w_sum", w_sum, dev)
     check_dtype(op, "w_scale", w_scale, torch.float32)
     check_dtype(op, "w_sum", w_sum, torch.int32)
-    torch._check_value(w_scale.dim() == 1, lambda: (
-        f"{op}: expected w_scale [N] (one per output channel), got {shape_str(w_scale)}"))
-    N = w_scale.shape[0]
+    check_numel(op, "w_scale", w_scale, N, "one per output channel")
     check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel")
     check_device(op, "w_packed", w_packed, dev)
     check_dtype(op, "w_packed", w_packed, torch.int8)
@@ -346,19 +354,14 @@ def w4a8_linear(x, qw, w_scale, w_zero, group_size, bias):
     torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
 
 
-def w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias):
-    """x as for w4a8_linear, the weight in the CPU's pre-packed W4A8 layout
-    (C++: op_checks.h check_w4a8_packed_args)."""
+def w4a8_linear_packed(x, w_packed, gparams, in_features, out_features, group_size, bias):
+    """The weight in the CPU's pre-packed W4A8 layout (C++: op_checks.h
+    check_w4a8_packed_args)."""
     from .cpu_pack import w4a8_packed_shapes
 
     op = "llmeasyquant.w4a8_linear_packed"
-    dev = x.device
-    check_device(op, "x", x, dev)
-    check_float(op, "x", x)
-    torch._check_value(x.dim() >= 1, lambda: f"{op}: expected x with at least 1 dimension")
-    K = x.shape[-1]
-    torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
-    torch._check_value(out_features >= 0, lambda: f"{op}: expected out_features >= 0, got {out_features}")
+    _packed_x(op, x, in_features, out_features)
+    dev, K = x.device, in_features
     torch._check_value(group_size != 0, lambda: (
         f"{op}: expected per-channel (-1) or group-wise (g > 0) weight scales, got group_size=0 (per tensor)"))
     check_group_size(op, group_size, K)

@@ -76,9 +76,9 @@ def _dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric):
 
 
 @torch.library.register_fake("llmeasyquant::dynamic_quant_linear_packed")
-def _dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias, act_symmetric):
-    _checks.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias)
-    return x.new_empty([*x.shape[:-1], w_scale.shape[0]])
+def _dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features, out_features, bias, act_symmetric):
+    _checks.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features, out_features, bias)
+    return x.new_empty([*x.shape[:-1], out_features])
 
 
 @torch.library.register_fake("llmeasyquant::weight_only_linear")
@@ -94,8 +94,8 @@ def _w4a8_linear(x, qw, w_scale, w_zero, group_size, bias):
 
 
 @torch.library.register_fake("llmeasyquant::w4a8_linear_packed")
-def _w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias):
-    _checks.w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias)
+def _w4a8_linear_packed(x, w_packed, gparams, in_features, out_features, group_size, bias):
+    _checks.w4a8_linear_packed(x, w_packed, gparams, in_features, out_features, group_size, bias)
     return x.new_empty([*x.shape[:-1], out_features])
 
 

@@ -239,13 +239,14 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric: bool):
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias, act_symmetric: bool):
+def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features: int, out_features: int, bias,
+                                act_symmetric: bool):
     """:func:`dynamic_quant_linear` of the weight held in the CPU panel layout
     (:mod:`llmeasyquant.cpu_pack`): the same numbers, bit for bit."""
     from .cpu_pack import unpack_int8_panels
 
-    _checks.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias)
-    w = unpack_int8_panels(w_packed, w_scale.shape[0], x.shape[-1])
+    _checks.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features, out_features, bias)
+    w = unpack_int8_panels(w_packed, out_features, in_features)
     return dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric)
 
 
@@ -260,13 +261,13 @@ def weight_only_linear(x, qw, scale, zero_point, bits: int, group_size: int, bia
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
-def w4a8_linear_packed(x, w_packed, gparams, out_features: int, group_size: int, bias):
+def w4a8_linear_packed(x, w_packed, gparams, in_features: int, out_features: int, group_size: int, bias):
     """:func:`w4a8_linear` of the weight held in the CPU's pre-packed W4A8 layout
     (:func:`llmeasyquant.cpu_pack.pack_w4a8`): the same numbers, bit for bit."""
     from .cpu_pack import unpack_w4a8
 
-    _checks.w4a8_linear_packed(x, w_packed, gparams, out_features, group_size, bias)
-    q, s, z = unpack_w4a8(w_packed, gparams, out_features, x.shape[-1])
+    _checks.w4a8_linear_packed(x, w_packed, gparams, in_features, out_features, group_size, bias)
+    q, s, z = unpack_w4a8(w_packed, gparams, out_features, in_features)
     return w4a8_linear(x, pack_int4(q), s, z, group_size, bias)
 
 

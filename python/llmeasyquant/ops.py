@@ -169,14 +169,17 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias=None, act_symmetric: bool = 
     return _ops.dynamic_quant_linear(x, w, w_scale, w_sum, bias, act_symmetric)
 
 
-def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias=None, act_symmetric: bool = True) -> torch.Tensor:
-    """:func:`dynamic_quant_linear` with the weight in the CPU's pre-packed panel
-    layout (:func:`llmeasyquant.cpu_pack.pack_int8_panels`; ``N`` is
-    ``w_scale``'s length): the same numbers, bit for bit, without the per-call
+def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features: int, out_features: int, bias=None,
+                                act_symmetric: bool = True) -> torch.Tensor:
+    """:func:`dynamic_quant_linear` with the ``[out_features, in_features]``
+    weight in the CPU's pre-packed panel layout
+    (:func:`llmeasyquant.cpu_pack.pack_int8_panels`, which pads both sizes):
+    the same numbers, bit for bit, without the per-call
     packing or lane reductions of the row-major kernel where
     :func:`int8_prepacked_fast`. CPU tensors only (the layout is the CPU
     kernel's)."""
-    return _ops.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, bias, act_symmetric)
+    return _ops.dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, int(in_features), int(out_features), bias,
+                                            act_symmetric)
 
 
 def int8_prepacked_fast() -> bool:
@@ -206,14 +209,15 @@ def w4a8_linear(x, qw, w_scale, w_zero=None, group_size: int = PER_ROW, bias=Non
     return _ops.w4a8_linear(x, qw, w_scale, w_zero, int(group_size), bias)
 
 
-def w4a8_linear_packed(x, w_packed, gparams, out_features: int, group_size: int = PER_ROW,
+def w4a8_linear_packed(x, w_packed, gparams, in_features: int, out_features: int, group_size: int = PER_ROW,
                        bias=None) -> torch.Tensor:
-    """:func:`w4a8_linear` with the weight in the CPU's pre-packed W4A8 layout
-    (:func:`llmeasyquant.cpu_pack.pack_w4a8`): the same numbers, bit for bit,
+    """:func:`w4a8_linear` with the ``[out_features, in_features]`` weight in the
+    CPU's pre-packed W4A8 layout (:func:`llmeasyquant.cpu_pack.pack_w4a8`, which
+    pads both sizes): the same numbers, bit for bit,
     without horizontal reductions where :func:`w4a8_prepacked_fast`. CPU
     tensors only (the layout is the CPU kernel's); ``gparams`` is a trusted
     cache derived from the layer's scales and zero-points."""
-    return _ops.w4a8_linear_packed(x, w_packed, gparams, int(out_features), int(group_size), bias)
+    return _ops.w4a8_linear_packed(x, w_packed, gparams, int(in_features), int(out_features), int(group_size), bias)
 
 
 def w4a8_prepacked_fast(K: int, group_size: int) -> bool:

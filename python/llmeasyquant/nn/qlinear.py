@@ -390,14 +390,16 @@ class QLinear(nn.Module):
             if (x.is_cpu and self.prepack_cpu_weights and not torch.compiler.is_compiling()
                     and ops.int8_prepacked_fast()):
                 return ops.dynamic_quant_linear_packed(x, self._cpu_packed(qw), self.scales().view(-1),
-                                                       self._row_sums(qw), bias, self.act_symmetric)
+                                                       self._row_sums(qw), self.in_features, self.out_features,
+                                                       bias, self.act_symmetric)
             return ops.dynamic_quant_linear(x, qw, self.scales().view(-1), self._row_sums(qw), bias,
                                             self.act_symmetric)
         if self.w4a8 and x.is_cpu:
             if (self.prepack_cpu_weights and not torch.compiler.is_compiling()
                     and ops.w4a8_prepacked_fast(self.in_features, self.w_group_size)):
                 wp, gp = self._cpu_w4a8_packed(qw)
-                return ops.w4a8_linear_packed(x, wp, gp, self.out_features, self.w_group_size, bias)
+                return ops.w4a8_linear_packed(x, wp, gp, self.in_features, self.out_features, self.w_group_size,
+                                              bias)
             return ops.w4a8_linear(x, qw, self.scales(), buf["w_zero"], self.w_group_size, bias)
         x2 = x.reshape(-1, self.in_features)
         if act == "dynamic":

@@ -124,18 +124,28 @@ inline void check_dynamic_linear_args(const char* op, const at::Tensor& x, const
   check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
 }
 
-// w4a8_linear_packed: x as for w4a8_linear, the weight in the pre-packed
-// W4A8 layout (cpu_kernels.h "w4panel16") of an [out_features, K] weight:
-// w_packed uint8 [ceil(N/16), w4_panel_bytes(K)], gparams float32
-// [ceil(N/16), G, 2, 16].
-inline void check_w4a8_packed_args(const char* op, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& gp,
-                                   int64_t out_features, int64_t group_size, const at::Device& dev) {
+// The pre-packed layouts pad K and N, so the packed ops take in_features and
+// out_features: x must have K = in_features (the padded sizes cannot say).
+inline void check_packed_x(const char* op, const at::Tensor& x, int64_t in_features, int64_t out_features,
+                           const at::Device& dev) {
   check_device(op, "x", x, dev);
   check_float(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
-  const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
-  TORCH_CHECK_VALUE(out_features >= 0, msg(op, ": expected out_features >= 0, got ", out_features));
+  TORCH_CHECK_VALUE(in_features >= 0 && out_features >= 0,
+                    msg(op, ": expected in_features, out_features >= 0, got ", in_features, ", ", out_features));
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, msg(op, ": K mismatch: x has K=", x.size(-1), " (shape ", shape_str(x),
+                                                   ") but the weight has K=", in_features, " (in_features)"));
+  TORCH_CHECK_VALUE(in_features <= kMaxK, msg(op, ": K=", in_features, " exceeds the int32-exact limit ", kMaxK));
+}
+
+// w4a8_linear_packed: the weight in the pre-packed W4A8 layout (cpu_kernels.h
+// "w4panel16") of an [out_features, in_features] weight: w_packed uint8
+// [ceil(N/16), w4_panel_bytes(K)], gparams float32 [ceil(N/16), G, 2, 16].
+inline void check_w4a8_packed_args(const char* op, const at::Tensor& x, const at::Tensor& wp, const at::Tensor& gp,
+                                   int64_t in_features, int64_t out_features, int64_t group_size,
+                                   const at::Device& dev) {
+  check_packed_x(op, x, in_features, out_features, dev);
+  const int64_t K = in_features;
   TORCH_CHECK_VALUE(group_size != 0, msg(op, ": expected per-channel (-1) or group-wise (g > 0) weight scales, got ",
                                          "group_size=0 (per tensor)"));
   check_group_size(op, group_size, K);
@@ -154,23 +164,18 @@ inline void check_w4a8_packed_args(const char* op, const at::Tensor& x, const at
 }
 
 // dynamic_quant_linear_packed: dynamic_quant_linear's rules with the weight
-// in the pre-packed panel layout (cpu_kernels.h "panel64"), whose shape
-// [ceil(N/64), s8_panel_bytes(K)] must match N (from w_scale) and x's K.
+// in the pre-packed panel layout (cpu_kernels.h "panel64") of an
+// [out_features, in_features] weight: [ceil(N/64), s8_panel_bytes(K)].
 inline void check_dynamic_linear_packed_args(const char* op, const at::Tensor& x, const at::Tensor& wp,
-                                             const at::Tensor& w_scale, const at::Tensor& w_sum,
-                                             const at::Device& dev) {
-  check_device(op, "x", x, dev);
-  check_float(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, msg(op, ": expected x with at least 1 dimension"));
-  const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
+                                             const at::Tensor& w_scale, const at::Tensor& w_sum, int64_t in_features,
+                                             int64_t out_features, const at::Device& dev) {
+  check_packed_x(op, x, in_features, out_features, dev);
+  const int64_t N = out_features, K = in_features;
   check_device(op, "w_scale", w_scale, dev);
   check_device(op, "w_sum", w_sum, dev);
   check_dtype(op, "w_scale", w_scale, at::kFloat);
   check_dtype(op, "w_sum", w_sum, at::kInt);
-  TORCH_CHECK_VALUE(w_scale.dim() == 1, msg(op, ": expected w_scale [N] (one per output channel), got ",
-                                            shape_str(w_scale)));
-  const int64_t N = w_scale.size(0);
+  check_numel(op, "w_scale", w_scale, N, "one per output channel");
   check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
   check_device(op, "w_packed", wp, dev);
   check_dtype(op, "w_packed", wp, at::kChar);

@@ -251,11 +251,11 @@ at::Tensor dynamic_quant_linear_cpu(const at::Tensor& x, const at::Tensor& w, co
 }
 
 at::Tensor dynamic_quant_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
-                                           const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
-                                           bool act_symmetric) {
+                                           const at::Tensor& w_sum, int64_t in_features, int64_t out_features,
+                                           const c10::optional<at::Tensor>& bias, bool act_symmetric) {
   const char* op = "llmeasyquant.dynamic_quant_linear_packed";
-  check_dynamic_linear_packed_args(op, x, w_packed, w_scale, w_sum, kCpu);
-  const int64_t N = w_scale.size(0);
+  check_dynamic_linear_packed_args(op, x, w_packed, w_scale, w_sum, in_features, out_features, kCpu);
+  const int64_t N = out_features;
   const at::Tensor wp = w_packed.contiguous();
   return dynamic_linear(x, N, w_scale, w_sum, bias_f32(op, bias, N, kCpu), act_symmetric,
                         [&](int64_t M, int64_t K, const uint8_t* qa, const cpu::GemmEpilogue& ep) {
@@ -381,9 +381,10 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qw, const at::
 }
 
 at::Tensor w4a8_linear_packed_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& gparams,
-                                  int64_t out_features, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+                                  int64_t in_features, int64_t out_features, int64_t group_size,
+                                  const c10::optional<at::Tensor>& bias) {
   const char* op = "llmeasyquant.w4a8_linear_packed";
-  check_w4a8_packed_args(op, x, w_packed, gparams, out_features, group_size, kCpu);
+  check_w4a8_packed_args(op, x, w_packed, gparams, in_features, out_features, group_size, kCpu);
   const int64_t N = out_features;
   const at::Tensor wp = w_packed.contiguous(), gp = gparams.contiguous();
   return w4a8_linear(x, N, bias_f32(op, bias, N, kCpu),

@@ -32,11 +32,12 @@ TORCH_LIBRARY(llmeasyquant, m) {
       "dynamic_quant_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias, "
       "bool act_symmetric) -> Tensor");
   // The same with the weight in the CPU's pre-packed panel layout
-  // (llmeasyquant/cpu_pack.py, cpu_kernels.h "panel64"; N from w_scale):
+  // (llmeasyquant/cpu_pack.py, cpu_kernels.h "panel64", which cannot tell
+  // K or N apart from their padded sizes: hence in_ / out_features):
   // QLinear's derived copy, never saved. CPU kernel only.
   m.def(
-      "dynamic_quant_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor w_sum, Tensor? bias, "
-      "bool act_symmetric) -> Tensor");
+      "dynamic_quant_linear_packed(Tensor x, Tensor w_packed, Tensor w_scale, Tensor w_sum, int in_features, "
+      "int out_features, Tensor? bias, bool act_symmetric) -> Tensor");
   // W8A16 / W4A16 group-wise weight-only linear.
   m.def(
       "weight_only_linear(Tensor x, Tensor qw, Tensor scale, Tensor? zero_point, int bits, int group_size, "
@@ -48,8 +49,8 @@ TORCH_LIBRARY(llmeasyquant, m) {
   // The same with the weight in the CPU's pre-packed W4A8 layout
   // (llmeasyquant/cpu_pack.py pack_w4a8, cpu_kernels.h "w4panel16"):
   // QLinear's derived copy, never saved. CPU kernel only.
-  m.def("w4a8_linear_packed(Tensor x, Tensor w_packed, Tensor gparams, int out_features, int group_size, "
-        "Tensor? bias) -> Tensor");
+  m.def("w4a8_linear_packed(Tensor x, Tensor w_packed, Tensor gparams, int in_features, int out_features, "
+        "int group_size, Tensor? bias) -> Tensor");
   // Walsh-Hadamard transform along the last dim, n = m * 2**k:
   // scale * x @ kron(had_m, S_p)^T (had_m float32 [m, m], None for m = 1);
   // fp32 arithmetic, x's dtype out. llmeasyquant/hadamard.py builds had_m.
