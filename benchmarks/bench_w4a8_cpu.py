@@ -8,6 +8,8 @@ through quantize -> dequantize -> weight_only_linear (what QLinear runs for
 W4A8 where the kernel is not compiled, and ran everywhere before it). Every
 layer is checked before it is timed: W4A8 bit for bit against
 _reference.w4a8_linear, the others against float math on their own weights.
+On AVX-512 VNNI CPUs QLinear runs W4A8 and W8A8 from its pre-packed weight
+copies (llmeasyquant.cpu_pack).
 Weight copies rotate past 3x the LLC (cold weights). The ISA tier is what the
 library picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
 
@@ -16,7 +18,9 @@ Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_w4a8_cpu.py \\
 
 ``--e2e`` (run it with OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=10000000, as
 bench_e2e_cpu.py does: a passive pool pays a thread wake-up per op): instead, the default model end to end (fp32, W4A8 ZeroQuant RTN g64
-on the kernel, the same model simulated, W4A16 RTN g64): perplexity on
+on the kernel, the same model simulated, W4A16 RTN g64, W8A8 RTN dynamic;
+on AVX-512 VNNI CPUs also W4A8 and W8A8 with the pre-packed weight copies
+turned off, "canonical layout"): perplexity on
 ``--windows`` windows of WikiText-2 test and prefill / decode tokens/s
 (``eval.throughput``: ``--prefill`` tokens, ``--decode`` greedy tokens,
 batch ``--batch``), rounds interleaved.
@@ -100,6 +104,14 @@ def e2e(args) -> None:
             _simulated(m)
     ours["W4A8 simulated"] = sim
     ours["W4A16"] = lq.quantize(copy.deepcopy(model), "absmax", act=None, **w4)
+    ours["W8A8"] = lq.quantize(copy.deepcopy(model), "absmax", act="dynamic", w_bits=8, progress=False)
+    if lq.ops.int8_prepacked_fast():  # the same models on the canonical-layout kernels: the pre-packing gain
+        for name in ("W4A8 kernel", "W8A8"):
+            canon = copy.deepcopy(ours[name])
+            for m in canon.modules():
+                if isinstance(m, lq.QLinear):
+                    m.prepack_cpu_weights = False
+            ours[f"{name} (canonical layout)"] = canon
     took = sum(isinstance(m, lq.QLinear) and m.w4a8 for m in ours["W4A8 kernel"].modules())
     print(f"W4A8: {ours['W4A8 kernel'].llmeq_config.describe()}; {took} layers on the W4A8 kernel")
     if args.windows > 0:
