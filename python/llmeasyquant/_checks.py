@@ -281,6 +281,16 @@ def scaled_int8_gemm(a, a_scale, a_zero: Optional[torch.Tensor], b, b_scale, b_s
     _bias(op, bias, N, dev)
 
 
+def _channel_params(op, w_scale, w_sum, N, dev):
+    """The W8A8 linears' per-channel parameters: fp32 scales and int32 row sums, N each."""
+    check_device(op, "w_scale", w_scale, dev)
+    check_device(op, "w_sum", w_sum, dev)
+    check_dtype(op, "w_scale", w_scale, torch.float32)
+    check_dtype(op, "w_sum", w_sum, torch.int32)
+    check_numel(op, "w_scale", w_scale, N, "one per output channel")
+    check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel")
+
+
 def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
     op = "llmeasyquant.dynamic_quant_linear"
     dev = x.device
@@ -295,12 +305,7 @@ def dynamic_quant_linear(x, w, w_scale, w_sum, bias):
         f"(shape {shape_str(w)})"))
     N, K = w.shape
     torch._check_value(K <= MAX_K, lambda: f"{op}: K={K} exceeds the int32-exact limit {MAX_K}")
-    check_device(op, "w_scale", w_scale, dev)
-    check_device(op, "w_sum", w_sum, dev)
-    check_dtype(op, "w_scale", w_scale, torch.float32)
-    check_dtype(op, "w_sum", w_sum, torch.int32)
-    check_numel(op, "w_scale", w_scale, N, "one per output channel")
-    check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel")
+    _channel_params(op, w_scale, w_sum, N, dev)
     _bias(op, bias, N, dev)
 
 
@@ -326,12 +331,7 @@ def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features, out_fe
     op = "llmeasyquant.dynamic_quant_linear_packed"
     _packed_x(op, x, in_features, out_features)
     dev, N, K = x.device, out_features, in_features
-    check_device(op, "w_scale", w_scale, dev)
-    check_device(op, "w_sum", w_sum, dev)
-    check_dtype(op, "w_scale", w_scale, torch.float32)
-    check_dtype(op, "w_sum", w_sum, torch.int32)
-    check_numel(op, "w_scale", w_scale, N, "one per output channel")
-    check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel")
+    _channel_params(op, w_scale, w_sum, N, dev)
     check_device(op, "w_packed", w_packed, dev)
     check_dtype(op, "w_packed", w_packed, torch.int8)
     want = packed_shape(N, K)

@@ -104,6 +104,17 @@ inline void check_scaled_gemm_args(const char* op, int64_t M, int64_t N, const a
   }
 }
 
+// The W8A8 linears' per-channel parameters: fp32 scales and int32 row sums, N each.
+inline void check_channel_params(const char* op, const at::Tensor& w_scale, const at::Tensor& w_sum, int64_t N,
+                                 const at::Device& dev) {
+  check_device(op, "w_scale", w_scale, dev);
+  check_device(op, "w_sum", w_sum, dev);
+  check_dtype(op, "w_scale", w_scale, at::kFloat);
+  check_dtype(op, "w_sum", w_sum, at::kInt);
+  check_numel(op, "w_scale", w_scale, N, "one per output channel");
+  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
+}
+
 inline void check_dynamic_linear_args(const char* op, const at::Tensor& x, const at::Tensor& w,
                                       const at::Tensor& w_scale, const at::Tensor& w_sum, const at::Device& dev) {
   check_device(op, "x", x, dev);
@@ -116,12 +127,7 @@ inline void check_dynamic_linear_args(const char* op, const at::Tensor& x, const
                                                  ") but the weight has K=", w.size(1), " (shape ", shape_str(w), ")"));
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK_VALUE(K <= kMaxK, msg(op, ": K=", K, " exceeds the int32-exact limit ", kMaxK));
-  check_device(op, "w_scale", w_scale, dev);
-  check_device(op, "w_sum", w_sum, dev);
-  check_dtype(op, "w_scale", w_scale, at::kFloat);
-  check_dtype(op, "w_sum", w_sum, at::kInt);
-  check_numel(op, "w_scale", w_scale, N, "one per output channel");
-  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
+  check_channel_params(op, w_scale, w_sum, N, dev);
 }
 
 // The pre-packed layouts pad K and N, so the packed ops take in_features and
@@ -171,12 +177,7 @@ inline void check_dynamic_linear_packed_args(const char* op, const at::Tensor& x
                                              int64_t out_features, const at::Device& dev) {
   check_packed_x(op, x, in_features, out_features, dev);
   const int64_t N = out_features, K = in_features;
-  check_device(op, "w_scale", w_scale, dev);
-  check_device(op, "w_sum", w_sum, dev);
-  check_dtype(op, "w_scale", w_scale, at::kFloat);
-  check_dtype(op, "w_sum", w_sum, at::kInt);
-  check_numel(op, "w_scale", w_scale, N, "one per output channel");
-  check_numel(op, "w_sum", w_sum, N, "sum_k w[n, k] per output channel");
+  check_channel_params(op, w_scale, w_sum, N, dev);
   check_device(op, "w_packed", wp, dev);
   check_dtype(op, "w_packed", wp, at::kChar);
   const int64_t panels = (N + cpu::kS8PanelCols - 1) / cpu::kS8PanelCols;
