@@ -73,9 +73,15 @@ def float_models():
 
 
 @pytest.mark.parametrize("name", MOE)
-def test_unfusing_is_exact(name):
-    """Same logits bit for bit as transformers' eager experts loop (and its
-    default grouped_mm within fp32 rounding), in fp32 and bf16."""
+def test_unfusing_keeps_the_function(name):
+    """The logits of transformers' eager experts loop up to one elementwise
+    rounding (and of its default grouped_mm within fp32 rounding), in fp32 and
+    bf16. Not bit for bit on every CPU: eager applies SiLU to the strided
+    halves of its fused gate_up product, the unfused experts to the contiguous
+    outputs of two linears (the linears themselves agree exactly), and
+    PyTorch's vectorized and strided elementwise loops may round differently:
+    identical on AVX2 CPUs, 3-7e-8 relative in fp32 on an AVX-512 EPYC
+    (2026-12-02; bf16 identical)."""
     for dtype in (torch.float32, torch.bfloat16):
         model = build(name).to(dtype)
         ids = _ids()
@@ -87,10 +93,29 @@ def test_unfusing_is_exact(name):
         assert tuple(blocks) == MOE_BLOCKS[name]
         assert all(isinstance(spec.blocks[i].mlp.experts, UnfusedExperts) for i in blocks)
         out = model(ids).logits
-        assert torch.equal(out, ref), (name, dtype, (out - ref).abs().max())
+        assert max_rel(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2), (name, dtype, max_rel(out, ref))
         # grouped_mm sums in another order: its rounding, relative to the logits' scale
         assert max_rel(out, default) < (1e-5 if dtype == torch.float32 else 2e-2), (name, dtype)
         assert not any(n.endswith("gate_up_proj") for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in MOE if n != "gpt_oss"])  # gpt-oss interleaves gate / up, with biases
+def test_unfused_linears_are_the_fused_products_bit_for_bit(name):
+    """What is exact on every CPU: each expert's gate / up / down linears give
+    the fused gate_up / down products bit for bit (the weights are the fused
+    slices, copied)."""
+    model = build(name)
+    fused = {i: copy.deepcopy(layer.mlp.experts) for i, layer in enumerate(model.model.layers)
+             if i in MOE_BLOCKS[name]}
+    spec = extract(model)
+    x = torch.randn(13, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    for i, f in fused.items():
+        unfused = spec.blocks[i].mlp.experts
+        for e, expert in enumerate(unfused):
+            gate, up = torch.nn.functional.linear(x, f.gate_up_proj[e]).chunk(2, dim=-1)
+            assert torch.equal(expert.gate_proj(x), gate) and torch.equal(expert.up_proj(x), up), (name, i, e)
+            h = torch.randn(13, f.down_proj.shape[-1], generator=torch.Generator().manual_seed(e))
+            assert torch.equal(expert.down_proj(h), torch.nn.functional.linear(h, f.down_proj[e])), (name, i, e)
 
 
 @pytest.mark.parametrize("name", MOE)
