@@ -111,10 +111,19 @@ def _time(fns, x, reps: int, warmup: int) -> float:
     return statistics.median(ts)
 
 
+def _prime(layers: dict, x) -> None:
+    """Call every rotated copy once: what a layer derives on its first call
+    (QLinear's pre-packed CPU weights) is then not timed in the first round."""
+    for fns in layers.values():
+        for f in fns:
+            f(x)
+
+
 def interleaved_ratios(layers: dict, x, reps: int, rounds: int, base: str = "fp32") -> dict:
     """``{name: (median s, [base time / its time, per round])}`` for the
     rotated copies in ``layers`` (``{name: [fn, ...]}``), every name timed once
     per round in turn, so drift between rounds cancels in the ratios."""
+    _prime(layers, x)
     times = {k: [] for k in layers}
     for _ in range(rounds):
         for name, fns in layers.items():
@@ -176,6 +185,7 @@ def bench_shape(N: int, K: int, M: int, reps: int, rounds: int) -> dict:
             int_mm = [lambda t, b=b: torch._int_mm(t, b) for b in qb]
         except RuntimeError as err:  # not available for this shape/device
             out["int_mm_error"] = str(err).splitlines()[0]
+        _prime(layers, x)
         times = {k: [] for k in list(methods) + (["int_mm"] if int_mm else [])}
         for _ in range(rounds):  # rounds interleave methods so drift hits all alike
             for name, fns in layers.items():
