@@ -15,7 +15,7 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # docs/architecture.md
 LAYERS = {
     "_native": 2, "_fake": 2, "_fallback": 2, "_checks": 2, "_reference": 2, "quant_format": 2, "ops": 2, "log": 2,
-    "hadamard": 2, "panel": 2,
+    "hadamard": 2, "panel": 2, "cpu_pack": 2,
     "nn": 3, "kvcache": 3,
     "models": 4, "data": 4,
     "calibration": 5, "sharding": 5, "pipeline": 5, "peak_memory": 5,
