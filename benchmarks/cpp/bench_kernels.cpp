@@ -857,7 +857,7 @@ void bench_gemm() {
                     isa_name(isa), th.med * 1e3, ops / th.med / 1e9, ops / th.hi / 1e9,
                     ops / th.lo / 1e9, bw);
         std::fflush(stdout);
-        if (!has_prepacked_s8_simd()) continue;
+        if (!has_prepacked_simd()) continue;
         // The same product from QLinear's pre-packed copy of the weights.
         std::vector<avec<int8_t>> Ps(copies, avec<int8_t>(static_cast<size_t>(
                                                   (N + kS8PanelCols - 1) / kS8PanelCols * s8_panel_bytes(K))));
@@ -964,7 +964,7 @@ void bench_w4a8() {
         std::printf("%-22s %4lld %-12s %10.3f %9.1f %9.1f\n", s.name, (long long)M, isa_name(isa), t.med * 1e3,
                     2.0 * M * N * K / t.med / 1e9, N * K / 2 / t.med / 1e9);
         std::fflush(stdout);
-        if (!has_prepacked_w4a8_simd()) continue;
+        if (!has_prepacked_simd()) continue;
         // The same shapes from the pre-packed layout (random nibbles; group params as a layer has them).
         const int64_t P = (N + 15) / 16;
         avec<uint8_t> Wp(P * w4_panel_bytes(K));

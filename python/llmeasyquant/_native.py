@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
@@ -49,15 +48,9 @@ def has_w4a8_simd() -> bool:
     return _static_build_info()["cpu_isa_detected"] in _W4A8_SIMD_TIERS
 
 
-# LLMEQ_CPU_ISA values that cap an x86 CPU below avx512_vnni (cpu_kernels.h:
-# an unknown value is ignored; Arm tiers cap x86 to scalar).
-_BELOW_AVX512 = frozenset(("scalar", "avx2", "neon", "neon_dotprod"))
-
-
 def has_prepacked_simd() -> bool:
     """Whether the kernels on pre-packed weights (W8A8 "panel64", W4A8
-    "w4panel16") run their SIMD code now: the AVX-512 VNNI tier detected and
-    not capped below by LLMEQ_CPU_ISA (read on every call, like the C++
-    dispatch, for ~0.1 us: QLinear asks per call)."""
-    return (_static_build_info()["cpu_isa_detected"] == "avx512_vnni"
-            and os.environ.get("LLMEQ_CPU_ISA") not in _BELOW_AVX512)
+    "w4panel16") run their SIMD code now: the AVX-512 VNNI tier in use, the
+    LLMEQ_CPU_ISA cap included (asked of the C++ dispatch on every call:
+    QLinear asks per forward)."""
+    return _C.has_prepacked_simd()

@@ -236,7 +236,7 @@ void gemm_u8s8_prepacked_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* 
   gemm_prepacked_dispatch(M, N, K, A, lda, Bp, nullptr, 0, &ep, num_threads);
 }
 
-bool has_prepacked_s8_simd() { return active_isa() == Isa::Avx512Vnni; }
+bool has_prepacked_simd() { return active_isa() == Isa::Avx512Vnni; }
 
 void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
                  int num_threads) {

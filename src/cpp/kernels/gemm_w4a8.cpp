@@ -115,8 +115,6 @@ void gemm_w4a8_prepacked(int64_t M, int64_t N, int64_t K, const int8_t* a, int64
   gemm_w4a8_prepacked_scalar(M, N, K, a, lda, a_scale, wp, gparams, group_size, bias, out, nt);
 }
 
-bool has_prepacked_w4a8_simd() { return active_isa() == Isa::Avx512Vnni; }
-
 void gemm_w4a8(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
                const uint8_t* w, int64_t group_size, const float* w_scale, const int8_t* w_zero,
                const float* bias, float* out, int num_threads) {

@@ -89,4 +89,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa_active"] = llmeq::cpu::isa_name(llmeq::cpu::active_isa());
     return d;
   });
+  // Per call (QLinear asks on every CPU forward): the active tier, cap included.
+  m.def("has_prepacked_simd", &llmeq::cpu::has_prepacked_simd,
+        "whether the CPU kernels on pre-packed weights run SIMD code now (cpu_kernels.h)");
 }

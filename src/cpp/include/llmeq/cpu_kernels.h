@@ -136,9 +136,10 @@ void gemm_u8s8s32_prepacked(int64_t M, int64_t N, int64_t K, const uint8_t* A, i
                             const int8_t* Bp, int32_t* C, int64_t ldc, int num_threads);
 void gemm_u8s8_prepacked_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
                                 const int8_t* Bp, const GemmEpilogue& ep, int num_threads);
-// Whether the tier in use has a SIMD kernel for the pre-packed layout
-// (avx512_vnni); elsewhere the entry points above run a scalar loop.
-bool has_prepacked_s8_simd();
+// Whether the tier in use (LLMEQ_CPU_ISA cap included) has the SIMD kernels
+// of both pre-packed layouts, this one and "w4panel16" below (avx512_vnni);
+// elsewhere their entry points run a scalar loop.
+bool has_prepacked_simd();
 
 // sum_k B[n,k] for each row n (int32).
 void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
@@ -187,9 +188,8 @@ inline int64_t w4_panel_bytes(int64_t K) { return (K + 7) / 8 * 64; }
 void gemm_w4a8_prepacked(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, const float* a_scale,
                          const uint8_t* wp, const float* gparams, int64_t group_size, const float* bias, float* out,
                          int num_threads);
-// Whether the tier in use has a SIMD kernel for that layout (avx512_vnni,
-// groups of a multiple of 8); elsewhere gemm_w4a8_prepacked runs a scalar loop.
-bool has_prepacked_w4a8_simd();
+// Its SIMD kernel runs where has_prepacked_simd() and the groups are a
+// multiple of 8; elsewhere gemm_w4a8_prepacked runs a scalar loop.
 
 // ---------------------------------------------------------------------------
 // Walsh-Hadamard transform (src/cpp/kernels/hadamard.cpp)
