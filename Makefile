@@ -38,7 +38,7 @@ test: $(INSTALLED) build/kernels/bench_kernels check-arm
 	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 # Torch-free kernels + C++ microbenchmark (self-check first, then timings).
-build/kernels/bench_kernels: $(DEPS) $(SOURCES) benchmarks/cpp/bench_kernels.cpp benchmarks/cpp/peak_avx2.cpp
+build/kernels/bench_kernels: $(DEPS) $(SOURCES) benchmarks/cpp/bench_kernels.cpp benchmarks/cpp/peak_avx2.cpp benchmarks/cpp/peak_amx.cpp
 	$(BIN)/cmake -S . -B build/kernels -G Ninja -DLLMEQ_KERNELS_ONLY=ON -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja
 	$(BIN)/cmake --build build/kernels
 

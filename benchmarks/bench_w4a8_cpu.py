@@ -11,7 +11,7 @@ _reference.w4a8_linear, the others against float math on their own weights.
 On AVX-512 VNNI CPUs QLinear runs W4A8 and W8A8 from its pre-packed weight
 copies (llmeasyquant.cpu_pack).
 Weight copies rotate past 3x the LLC (cold weights). The ISA tier is what the
-library picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
+library picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni|avx512_amx).
 
 Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_w4a8_cpu.py \\
           [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,16,128,512] [--group 64] [--threads 2]

@@ -4,7 +4,7 @@ on the CPU, one process, interleaved rounds (protocol: PERF.md).
 Every layer is checked against float math on the weight it really holds
 before it is timed.  Weight copies rotate so their total exceeds 3x the LLC
 ("cold" weights, what decode sees).  The ISA tier is whatever the library
-picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni).
+picks (cap it with LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni|avx512_amx).
 
 Run:  OMP_WAIT_POLICY=ACTIVE python benchmarks/bench_weight_only_cpu.py \\
           [--shapes 576x1536,1536x576,4096x4096] [--tokens 1,16,128,256,512] [--group 64]

@@ -35,7 +35,7 @@ def device(request):
 
 
 # The tier chains of src/cpp/include/llmeq/cpu_kernels.h (x86-64, aarch64).
-ISA_CHAINS = (("scalar", "avx2", "avx512_vnni"), ("scalar", "neon", "neon_dotprod"))
+ISA_CHAINS = (("scalar", "avx2", "avx512_vnni", "avx512_amx"), ("scalar", "neon", "neon_dotprod"))
 
 
 def _isas():

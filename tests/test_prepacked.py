@@ -43,9 +43,11 @@ def test_pack_and_unpack_refuse_what_they_cannot_take():
 
 
 # M past one 384-row block takes the (panel, row block) schedule; N = 208 is 13
-# column vectors: the two threads' ranges start and end inside panels.
+# column vectors: the two threads' ranges start and end inside panels. On the
+# avx512_amx tier, M >= 16 with K % 64 == 0 takes the tile kernel: (17, 33,
+# 128) and (400, 208, 64) end inside a 32-row group and a 32-column tile.
 @pytest.mark.parametrize("M,N,K", [(1, 5, 3), (1, 208, 576), (2, 192, 1536), (7, 130, 65), (16, 576, 576),
-                                   (33, 70, 4097), (385, 33, 100), (400, 208, 64)])
+                                   (17, 33, 128), (33, 70, 4097), (385, 33, 100), (400, 208, 64)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_same_numbers_as_the_row_major_op(cpu_isa, M, N, K, symmetric):
     w, s, wsum, bias = _weights(N, K)
@@ -57,25 +59,27 @@ def test_same_numbers_as_the_row_major_op(cpu_isa, M, N, K, symmetric):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_dtypes_batch_dims_strided_input_and_no_bias(cpu_isa, dtype):
-    w, s, wsum, bias = _weights(100, 96)
+@pytest.mark.parametrize("T,K", [(5, 96), (9, 128)])  # 18 x 128: the AMX kernel on avx512_amx
+def test_dtypes_batch_dims_strided_input_and_no_bias(cpu_isa, dtype, T, K):
+    w, s, wsum, bias = _weights(100, K)
     wp = cpu_pack.pack_int8_panels(w)
-    x = (torch.randn(2, 5, 96) * 2).to(dtype)
+    x = (torch.randn(2, T, K) * 2).to(dtype)
     for b in (None, bias.to(dtype)):
         want = ops.dynamic_quant_linear(x, w, s, wsum, b, True)
         for xin in (x, noncontig(x)):
-            out = ops.dynamic_quant_linear_packed(xin, wp, s, wsum, 96, 100, b, True)
-            assert out.shape == (2, 5, 100) and out.dtype == dtype and torch.equal(out, want)
+            out = ops.dynamic_quant_linear_packed(xin, wp, s, wsum, K, 100, b, True)
+            assert out.shape == (2, T, 100) and out.dtype == dtype and torch.equal(out, want)
 
 
 def test_extremes_and_empty_inputs(cpu_isa):
     K = 65536  # the int32-exact limit: 255 * 128 * K fits
     w = torch.full((3, K), -128, dtype=torch.int8)
-    x = torch.ones(2, K)
     wsum, s = ops.weight_row_sums(w), torch.full((3,), 1e-3)
-    want = ops.dynamic_quant_linear(x, w, s, wsum, None, False)
-    assert torch.equal(ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, K, 3, None, False),
-                       want)
+    for rows in (2, 17):  # 17: the AMX kernel on avx512_amx
+        x = torch.ones(rows, K)
+        want = ops.dynamic_quant_linear(x, w, s, wsum, None, False)
+        assert torch.equal(ops.dynamic_quant_linear_packed(x, cpu_pack.pack_int8_panels(w), s, wsum, K, 3, None,
+                                                           False), want)
     w, s, wsum, bias = _weights(9, 20)
     out = ops.dynamic_quant_linear_packed(torch.randn(0, 20), cpu_pack.pack_int8_panels(w), s, wsum, 20, 9, bias, True)
     assert out.shape == (0, 9)

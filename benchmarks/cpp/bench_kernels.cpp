@@ -63,11 +63,11 @@ Isa g_cap = Isa::Scalar;
 void set_isa(Isa isa) { setenv("LLMEQ_CPU_ISA", isa_name(isa), 1); }
 
 // Every SIMD tier at or below the cap on its chain (x86-64: avx2,
-// avx512_vnni; aarch64: neon, neon_dotprod); the cap never exceeds what this
+// avx512_vnni, avx512_amx; aarch64: neon, neon_dotprod); the cap never exceeds what this
 // CPU runs, and a build has only its own architecture's tiers.
 std::vector<Isa> simd_isas() {
   std::vector<Isa> v;
-  for (Isa i : {Isa::Avx2, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDotprod})
+  for (Isa i : {Isa::Avx2, Isa::Avx512Vnni, Isa::Avx512Amx, Isa::Neon, Isa::NeonDotprod})
     if (i != Isa::Scalar && isa_within(i, g_cap)) v.push_back(i);
   return v;
 }
@@ -654,14 +654,15 @@ void check_hadamard_all() {
 // name is no cap.
 void check_isa_cap() {
   // Written out independently of isa.cpp: the two chains, lowest first.
-  const Isa chains[2][3] = {{Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni},
-                            {Isa::Scalar, Isa::Neon, Isa::NeonDotprod}};
+  const int lens[2] = {4, 3};
+  const Isa chains[2][4] = {{Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Avx512Amx},
+                            {Isa::Scalar, Isa::Neon, Isa::NeonDotprod, Isa::NeonDotprod}};
   const Isa best = detected_isa();
   for (int c = 0; c < 2; ++c)
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < lens[c]; ++i) {
       const Isa cap = chains[c][i];
       Isa want = Isa::Scalar;  // other chain (or scalar itself)
-      for (int b = 0; b < 3; ++b)
+      for (int b = 0; b < lens[c]; ++b)
         if (chains[c][b] == best && best != Isa::Scalar) want = chains[c][i < b ? i : b];
       setenv("LLMEQ_CPU_ISA", isa_name(cap), 1);
       if (active_isa() != want)
@@ -704,6 +705,17 @@ void self_check() {
   check_int(400, 70, 100, 2, 0, false);
   check_int(9, 208, 300, 0, 0, false);
   check_int(777, 17, 33, 0, 0, false);
+  // The AMX tile kernel (avx512_amx tier; pre-packed, K % 64 == 0, M >= 16):
+  // rows ending inside a 32-row group (the zero-padded copy), columns ending
+  // inside a 16- and a 32-column tile and a panel, K of one and several tile
+  // rows, more than one row block (K = 64: 1024 rows) on both threads, and
+  // the extremes of |acc| (K = 65536 above).
+  for (int64_t M : {16, 17, 31, 32, 33, 70})
+    for (int64_t K : {64, 192})
+      for (int64_t N : {1, 17, 33, 64, 130}) check_int(M, N, K, (M + N) % 2 ? 3 : 0, 0, false);
+  check_int(1100, 90, 64, 1, 0, false);
+  check_int(45, 70, 4096, 0, 1, false);
+  check_int(45, 70, 4096, 0, 2, false);
   for (int64_t M : {1, 3, 5, 16, 17, 48, 61})
     for (int64_t K : {1, 17, 63, 65, 100})
       for (int64_t N : {1, 5, 33, 70}) check_scaled(M, N, K, (M + K) % 2 ? 3 : 0);
@@ -713,6 +725,8 @@ void self_check() {
   check_scaled(20, 33, 2100, 1);  // dot kernel at 16 < M < 32 (large K)
   check_scaled(40, 70, 2100, 0);
   check_scaled(390, 81, 130, 1);
+  check_scaled(16, 33, 64, 0);  // the AMX kernel's epilogue (K % 64 == 0, M >= 16)
+  check_scaled(77, 100, 640, 3);
   for (int64_t N : {1, 5, 33, 100})
     for (int64_t K : {0, 1, 17, 63, 64, 65, 4097}) check_row_sums(N, K, K % 2 ? 3 : 0);
   for (int64_t M : {1, 2, 3, 4, 5, 8, 9, 16, 17, 33})
@@ -1061,6 +1075,41 @@ void bench_peak() {
 void bench_peak() { std::printf("\n== peaks: measured on x86-64 (AVX2) only\n"); }
 #endif
 
+// The AVX-512 tiers' peaks (peak_amx.cpp), each where this CPU has the tier.
+#if defined(LLMEQ_PEAK_AVX2)
+namespace peak {
+double vnni_int8_macs_per_s(long reps);
+double amx_int8_macs_per_s(long reps);
+}  // namespace peak
+
+void bench_peak_avx512() {
+  const Isa best = detected_isa();
+  if (!has_avx512(best)) return;
+  const long reps = g_quick ? 200000 : 1000000;
+  std::printf("\n== AVX-512 tier peaks, GOP/s (2 x multiply-adds / s; best of 5), threads=%d\n", g_threads);
+  struct Row {
+    const char* name;
+    double (*fn)(long);
+    bool run;
+  } rows[] = {{"vpdpbusd: 12 zmm chains (avx512_vnni int8 GEMM)", peak::vnni_int8_macs_per_s, true},
+              {"tdpbusd: 4 C tiles of 16x16, resident A/B (avx512_amx int8 GEMM)", peak::amx_int8_macs_per_s,
+               best == Isa::Avx512Amx}};
+  for (const Row& r : rows) {
+    if (!r.run) continue;
+    double best_s = 0;
+    for (int t = 0; t < 5; ++t) {
+      double sum = 0;
+#pragma omp parallel num_threads(g_threads) reduction(+ : sum)
+      sum += r.fn(reps);
+      best_s = std::max(best_s, sum);
+    }
+    std::printf("  %-78s %8.1f\n", r.name, 2 * best_s / 1e9);
+  }
+}
+#else
+void bench_peak_avx512() {}
+#endif
+
 int main(int argc, char** argv) {
   bool check_only = false;
   std::string only;  // gemm | wo | w4a8 | quant | peak
@@ -1080,7 +1129,7 @@ int main(int argc, char** argv) {
       expect_isa = argv[++i];
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--quick] [--check-only] [--only gemm|wo|w4a8|quant|peak]\n"
-                   "       [--isa scalar|avx2|avx512_vnni|neon|neon_dotprod] [--expect-isa NAME]\n", argv[0]);
+                   "       [--isa scalar|avx2|avx512_vnni|avx512_amx|neon|neon_dotprod] [--expect-isa NAME]\n", argv[0]);
       return 2;
     }
   }
@@ -1100,7 +1149,10 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "wo") bench_weight_only();
     if (only.empty() || only == "w4a8") bench_w4a8();
     if (only.empty() || only == "quant") bench_quantize();
-    if (only.empty() || only == "peak") bench_peak();
+    if (only.empty() || only == "peak") {
+      bench_peak();
+      bench_peak_avx512();
+    }
   }
   if (env) setenv("LLMEQ_CPU_ISA", env_isa.c_str(), 1); else unsetenv("LLMEQ_CPU_ISA");
   if (g_failures) {

@@ -39,7 +39,7 @@ def has_cuda_kernels() -> bool:
 # AVX-512 CPUs run too). The Arm tiers have a NEON W4A8 kernel, checked
 # bit-exact under qemu but not timed on Arm hardware: QLinear keeps the
 # simulated route there until it is.
-_W4A8_SIMD_TIERS = ("avx2", "avx512_vnni")
+_W4A8_SIMD_TIERS = ("avx2", "avx512_vnni", "avx512_amx")
 
 
 def has_w4a8_simd() -> bool:
@@ -50,7 +50,8 @@ def has_w4a8_simd() -> bool:
 
 def has_prepacked_simd() -> bool:
     """Whether the kernels on pre-packed weights (W8A8 "panel64", W4A8
-    "w4panel16") run their SIMD code now: the AVX-512 VNNI tier in use, the
+    "w4panel16") run their SIMD code now: an AVX-512 tier in use (avx512_vnni,
+    avx512_amx), the
     LLMEQ_CPU_ISA cap included (asked of the C++ dispatch on every call:
     QLinear asks per forward)."""
     return _C.has_prepacked_simd()

@@ -32,6 +32,9 @@ void row_sums_s8_avx512(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int3
 void gemm_u8s8_prepacked_avx512(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
                                 const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
                                 int num_threads);
+void gemm_u8s8_prepacked_amx(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
+                             const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
+                             int num_threads);
 #endif
 #if defined(__aarch64__)
 void gemm_u8s8_neon(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
@@ -143,6 +146,7 @@ void gemm_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t ld
   // return it and the cap never raises), so its case is compiled out.
   switch (active_isa()) {
 #if defined(__x86_64__)
+    case Isa::Avx512Amx:
     case Isa::Avx512Vnni:
       detail::gemm_u8s8_avx512(M, N, K, A, lda, B, ldb, C, ldc, ep, nt);
       return;
@@ -188,6 +192,12 @@ void gemm_prepacked_scalar(int64_t M, int64_t N, int64_t K, const uint8_t* A, in
   }
 }
 
+// Where the AMX kernel runs (gemm_s8_amx.cpp): K in whole 64-byte tile rows,
+// and enough rows to fill its 16-row tiles (measured crossover against the
+// VNNI broadcast kernel: see docs/benchmarks.md, "AMX").
+constexpr int64_t kAmxK = 64;
+constexpr int64_t kAmxMinRows = 16;
+
 void gemm_prepacked_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
                              const int8_t* Bp, int32_t* C, int64_t ldc, const GemmEpilogue* ep,
                              int num_threads) {
@@ -195,7 +205,12 @@ void gemm_prepacked_dispatch(int64_t M, int64_t N, int64_t K, const uint8_t* A, 
   if (K < 0) K = 0;
   const int nt = resolve_threads(num_threads);
 #if defined(__x86_64__)
-  if (active_isa() == Isa::Avx512Vnni) {
+  const Isa isa = active_isa();
+  if (isa == Isa::Avx512Amx && K > 0 && K % kAmxK == 0 && M >= kAmxMinRows) {
+    detail::gemm_u8s8_prepacked_amx(M, N, K, A, lda, Bp, C, ldc, ep, nt);
+    return;
+  }
+  if (has_avx512(isa)) {
     detail::gemm_u8s8_prepacked_avx512(M, N, K, A, lda, Bp, C, ldc, ep, nt);
     return;
   }
@@ -236,7 +251,7 @@ void gemm_u8s8_prepacked_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* 
   gemm_prepacked_dispatch(M, N, K, A, lda, Bp, nullptr, 0, &ep, num_threads);
 }
 
-bool has_prepacked_simd() { return active_isa() == Isa::Avx512Vnni; }
+bool has_prepacked_simd() { return has_avx512(active_isa()); }
 
 void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* out,
                  int num_threads) {
@@ -245,7 +260,7 @@ void row_sums_s8(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int32_t* ou
   const int nt = resolve_threads(num_threads);
   const Isa isa = active_isa();
 #if defined(__x86_64__)
-  if (isa == Isa::Avx512Vnni) {
+  if (has_avx512(isa)) {
     detail::row_sums_s8_avx512(B, N, K, ldb, out, nt);
     return;
   }

@@ -108,7 +108,7 @@ void gemm_w4a8_prepacked(int64_t M, int64_t N, int64_t K, const int8_t* a, int64
   if (group_size <= 0 || group_size > K) group_size = K > 0 ? K : 1;
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
 #if defined(__x86_64__)
-  if (active_isa() == Isa::Avx512Vnni &&
+  if (has_avx512(active_isa()) &&
       detail::gemm_w4a8_prepacked_avx512(M, N, K, a, lda, a_scale, wp, gparams, group_size, bias, out, nt))
     return;
 #endif
@@ -125,7 +125,7 @@ void gemm_w4a8(int64_t M, int64_t N, int64_t K, const int8_t* a, int64_t lda, co
   const Isa isa = active_isa();
 #if defined(__x86_64__)
   // AVX-512 CPUs run the AVX2 tier (they have AVX2); a vpdpbusd variant is not written yet.
-  if ((isa == Isa::Avx2 || isa == Isa::Avx512Vnni) &&
+  if ((isa == Isa::Avx2 || has_avx512(isa)) &&
       detail::gemm_w4a8_avx2(M, N, K, a, lda, a_scale, w, group_size, w_scale, w_zero, bias, out, nt))
     return;
 #endif

@@ -73,13 +73,13 @@ void gemm_weight_only(int64_t M, int64_t N, int64_t K, const float* x, const voi
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
   const Isa isa = active_isa();
 #if defined(__x86_64__)
-  if (isa == Isa::Avx512Vnni &&
+  if (has_avx512(isa) &&
       detail::gemm_weight_only_avx512(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
                                       out, nt))
     return;
   // The AVX2 path also takes what the AVX-512 one declines (2/3-bit weights,
   // groups off its 16/32-value chunk grid): AVX-512 CPUs have AVX2 + FMA.
-  if ((isa == Isa::Avx2 || isa == Isa::Avx512Vnni) &&
+  if ((isa == Isa::Avx2 || has_avx512(isa)) &&
       detail::gemm_weight_only_avx2(M, N, K, x, Wq, bits, group_size, scale, zero_point, bias,
                                     out, nt))
     return;

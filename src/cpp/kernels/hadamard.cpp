@@ -82,7 +82,7 @@ void hadamard_transform(const void* x, FloatType t, int64_t rows, int64_t n, int
   const Isa isa = active_isa();
   parallel_rows(rows, nt, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
-    if ((isa == Isa::Avx2 || isa == Isa::Avx512Vnni) &&
+    if ((isa == Isa::Avx2 || has_avx512(isa)) &&
         detail::hadamard_rows_avx2(x, t, r0, r1, n, ldx, had, m, scale, out))
       return;
 #endif

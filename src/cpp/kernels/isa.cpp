@@ -5,6 +5,10 @@
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #endif
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "llmeq/cpu_kernels.h"
 
@@ -12,6 +16,24 @@ namespace llmeq {
 namespace cpu {
 
 namespace {
+
+#if defined(__x86_64__)
+// AMX tile data is an XSAVE state component that Linux (5.16+) leaves off
+// until the process asks for it: without ARCH_REQ_XCOMP_PERM the first tile
+// instruction is SIGILL even where CPUID announces AMX.  The request is
+// process-wide and made once, here; a refusal (older kernel, a hypervisor
+// that hides the state) only means no AMX tier.  The values are the kernel's
+// uapi (arch/x86/include/uapi/asm/prctl.h, XFEATURE_XTILEDATA = 18).
+bool amx_permitted() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
 
 Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -24,6 +46,11 @@ Isa detect() {
                       __builtin_cpu_supports("avx512vnni") &&
                       __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") &&
                       __builtin_cpu_supports("f16c");
+  // The AMX file is compiled with the AVX-512 flags plus -mamx-tile
+  // -mamx-int8: the tier needs the AVX-512 tier too (every AMX CPU has it).
+  if (avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+      amx_permitted())
+    return Isa::Avx512Amx;
   if (avx512) return Isa::Avx512Vnni;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
@@ -52,13 +79,14 @@ int level(Isa isa) {
     case Isa::Scalar: return 0;
     case Isa::Avx2: case Isa::Neon: return 1;
     case Isa::Avx512Vnni: case Isa::NeonDotprod: return 2;
+    case Isa::Avx512Amx: return 3;
   }
   return 0;
 }
 int chain(Isa isa) {  // 0: scalar (on both), 1: x86-64, 2: aarch64
   switch (isa) {
     case Isa::Scalar: return 0;
-    case Isa::Avx2: case Isa::Avx512Vnni: return 1;
+    case Isa::Avx2: case Isa::Avx512Vnni: case Isa::Avx512Amx: return 1;
     case Isa::Neon: case Isa::NeonDotprod: return 2;
   }
   return 0;
@@ -87,6 +115,8 @@ Isa active_isa() {
     cap = Isa::Avx2;
   } else if (std::strcmp(env, "avx512_vnni") == 0) {
     cap = Isa::Avx512Vnni;
+  } else if (std::strcmp(env, "avx512_amx") == 0) {
+    cap = Isa::Avx512Amx;
   } else if (std::strcmp(env, "neon") == 0) {
     cap = Isa::Neon;
   } else if (std::strcmp(env, "neon_dotprod") == 0) {
@@ -104,6 +134,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512Vnni: return "avx512_vnni";
+    case Isa::Avx512Amx: return "avx512_amx";
     case Isa::Neon: return "neon";
     case Isa::NeonDotprod: return "neon_dotprod";
   }

@@ -79,7 +79,7 @@ PYBIND11_MODULE(_C, m) {
     // The tiers compiled for this architecture (CMakeLists.txt: x86-64 and
     // aarch64 each build their own SIMD files only).
 #if defined(__x86_64__)
-    d["cpu_kernels_compiled"] = py::make_tuple("scalar", "avx2", "avx512_vnni");
+    d["cpu_kernels_compiled"] = py::make_tuple("scalar", "avx2", "avx512_vnni", "avx512_amx");
 #elif defined(__aarch64__)
     d["cpu_kernels_compiled"] = py::make_tuple("scalar", "neon", "neon_dotprod");
 #else

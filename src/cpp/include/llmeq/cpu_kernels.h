@@ -23,13 +23,17 @@ namespace cpu {
 // Instruction-set dispatch
 // ---------------------------------------------------------------------------
 // The tiers form two chains that share only the scalar path:
-//   x86-64:  scalar < avx2 < avx512_vnni
+//   x86-64:  scalar < avx2 < avx512_vnni < avx512_amx
 //   aarch64: scalar < neon < neon_dotprod
 // A build compiles the SIMD tiers of its own architecture only.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Neon = 3, NeonDotprod = 4 };
+// avx512_amx is avx512_vnni plus Intel AMX-INT8 tile GEMMs (Sapphire Rapids
+// and later, with the Linux kernel's permission for tile data): every kernel
+// without an AMX variant runs its AVX-512 code there; has_avx512() says
+// whether a tier has those.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, Neon = 3, NeonDotprod = 4, Avx512Amx = 5 };
 
 // The best ISA this CPU supports, capped by the environment variable
-// LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni|neon|neon_dotprod (read on every
+// LLMEQ_CPU_ISA=scalar|avx2|avx512_vnni|avx512_amx|neon|neon_dotprod (read on every
 // call, so tests can exercise each path in one process).  A cap above the
 // CPU's best tier is the best tier; a tier of the other architecture's chain
 // (e.g. neon on x86-64) caps to scalar, the only tier the chains share; an
@@ -41,6 +45,8 @@ const char* isa_name(Isa isa);
 // True when `isa` is `cap` or below it on cap's chain (scalar is below every
 // tier): the tiers a run capped at `cap` may use.
 bool isa_within(Isa isa, Isa cap);
+// The tiers that run the AVX-512 VNNI kernels (avx512_vnni, avx512_amx).
+inline bool has_avx512(Isa isa) { return isa == Isa::Avx512Vnni || isa == Isa::Avx512Amx; }
 
 // Element types the kernels read/write for float tensors.
 enum class FloatType : int { F32 = 0, BF16 = 1, F16 = 2 };
@@ -126,7 +132,9 @@ void gemm_u8s8_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t
 //   (n / 64) * s8_panel_bytes(K) + ((k / 4) * 64 + n % 64) * 4 + k % 4,
 // zero where n >= N or k >= K. It is the layout vpdpbusd consumes with one
 // broadcast activation dword per 64 columns (gemm_s8_avx512.cpp); the same
-// layout in PyTorch: llmeasyquant/cpu_pack.py.
+// layout in PyTorch: llmeasyquant/cpu_pack.py.  It is also an AMX B tile as
+// it stands: 16 rows of k-quads x (16 columns x 4 bytes) at a row stride of
+// 256 bytes (gemm_s8_amx.cpp).
 constexpr int64_t kS8PanelCols = 64;
 inline int64_t s8_panel_bytes(int64_t K) { return (K + 3) / 4 * kS8PanelCols * 4; }
 void pack_s8_panels(const int8_t* B, int64_t N, int64_t K, int64_t ldb, int8_t* dst);
@@ -137,7 +145,8 @@ void gemm_u8s8s32_prepacked(int64_t M, int64_t N, int64_t K, const uint8_t* A, i
 void gemm_u8s8_prepacked_scaled(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64_t lda,
                                 const int8_t* Bp, const GemmEpilogue& ep, int num_threads);
 // Whether the tier in use (LLMEQ_CPU_ISA cap included) has the SIMD kernels
-// of both pre-packed layouts, this one and "w4panel16" below (avx512_vnni);
+// of both pre-packed layouts, this one and "w4panel16" below (avx512_vnni,
+// avx512_amx);
 // elsewhere their entry points run a scalar loop.
 bool has_prepacked_simd();
 
