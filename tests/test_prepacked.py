@@ -44,7 +44,7 @@ def test_pack_and_unpack_refuse_what_they_cannot_take():
 
 # M past one 384-row block takes the (panel, row block) schedule; N = 208 is 13
 # column vectors: the two threads' ranges start and end inside panels. On the
-# avx512_amx tier, M >= 16 with K % 64 == 0 takes the tile kernel: (17, 33,
+# avx512_amx tier, M >= 8 with K % 64 == 0 takes the tile kernel: (17, 33,
 # 128) and (400, 208, 64) end inside a 32-row group and a 32-column tile.
 @pytest.mark.parametrize("M,N,K", [(1, 5, 3), (1, 208, 576), (2, 192, 1536), (7, 130, 65), (16, 576, 576),
                                    (17, 33, 128), (33, 70, 4097), (385, 33, 100), (400, 208, 64)])

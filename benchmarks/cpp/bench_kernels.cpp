@@ -705,12 +705,12 @@ void self_check() {
   check_int(400, 70, 100, 2, 0, false);
   check_int(9, 208, 300, 0, 0, false);
   check_int(777, 17, 33, 0, 0, false);
-  // The AMX tile kernel (avx512_amx tier; pre-packed, K % 64 == 0, M >= 16):
+  // The AMX tile kernel (avx512_amx tier; pre-packed, K % 64 == 0, M >= 8):
   // rows ending inside a 32-row group (the zero-padded copy), columns ending
   // inside a 16- and a 32-column tile and a panel, K of one and several tile
   // rows, more than one row block (K = 64: 1024 rows) on both threads, and
   // the extremes of |acc| (K = 65536 above).
-  for (int64_t M : {16, 17, 31, 32, 33, 70})
+  for (int64_t M : {8, 9, 16, 17, 31, 32, 33, 70})
     for (int64_t K : {64, 192})
       for (int64_t N : {1, 17, 33, 64, 130}) check_int(M, N, K, (M + N) % 2 ? 3 : 0, 0, false);
   check_int(1100, 90, 64, 1, 0, false);
@@ -725,7 +725,7 @@ void self_check() {
   check_scaled(20, 33, 2100, 1);  // dot kernel at 16 < M < 32 (large K)
   check_scaled(40, 70, 2100, 0);
   check_scaled(390, 81, 130, 1);
-  check_scaled(16, 33, 64, 0);  // the AMX kernel's epilogue (K % 64 == 0, M >= 16)
+  check_scaled(16, 33, 64, 0);  // the AMX kernel's epilogue (K % 64 == 0, M >= 8)
   check_scaled(77, 100, 640, 3);
   for (int64_t N : {1, 5, 33, 100})
     for (int64_t K : {0, 1, 17, 63, 64, 65, 4097}) check_row_sums(N, K, K % 2 ? 3 : 0);
