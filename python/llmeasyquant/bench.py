@@ -23,6 +23,7 @@ Run:  OMP_WAIT_POLICY=ACTIVE llmeasyquant bench [--shapes smollm2] [--tokens 1,1
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import platform
 import statistics
@@ -48,7 +49,24 @@ CPU_SHAPES = {
     "quick": [(256, 384)],
 }
 
-LLC_BYTES = 32 * 2**20  # this machine's L3 (lscpu); rotate weights beyond 3x of it
+def _llc_bytes(default: int = 32 * 2**20) -> int:
+    """This CPU's last-level cache (Linux sysfs; ``default`` where it cannot be read).
+    It differs between our machines: 32 MiB (EPYC) to 480 MiB (Xeon with AMX)."""
+    try:
+        for idx in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+            with open(os.path.join(idx, "level")) as fh:
+                if fh.read().strip() != "3":
+                    continue
+            with open(os.path.join(idx, "size")) as fh:
+                size = fh.read().strip()
+            units = {"K": 2**10, "M": 2**20, "G": 2**30}
+            return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    except (OSError, ValueError):
+        pass
+    return default
+
+
+LLC_BYTES = _llc_bytes()  # rotate weights beyond 3x of it (as far as the copy cap allows)
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -328,6 +346,7 @@ def _header(threads: int, reps: int, rounds: int, command: str) -> str:
             f"torch {torch.__version__}; llmeasyquant {lq.__version__} (ISA {lq.build_info()['cpu_isa_active']})\n"
             f"- command: `{command}`\n"
             f"- fp32 activations in/out, quantization of activations included in W8A8 and ao-dyn; "
-            f"weights cold (copies rotated past the {LLC_BYTES >> 20} MiB L3); median of {reps} runs "
+            f"weights rotated over copies past 3x the {LLC_BYTES >> 20} MiB L3, at most 8 copies per layer "
+            f"(where 8 copies fit in 3x the L3, the weights are partly L3-resident); median of {reps} runs "
             f"per round (fewer at the largest M), median over {rounds} rounds; ratio ranges in "
             f"parentheses are the worst/best pairing of per-round medians.")
