@@ -1038,29 +1038,27 @@ void bench_quantize() {
 }  // namespace
 
 // ---------------------------------------------------------------------------
-// Instruction-mix peaks (peak_avx2.cpp): the ceilings the GEMM timings are read against
+// Instruction-mix peaks (peak_avx2.cpp, peak_amx.cpp): the ceilings the GEMM
+// timings are read against
 // ---------------------------------------------------------------------------
 #if defined(LLMEQ_PEAK_AVX2)
 namespace peak {
 double exact_int8_macs_per_s(long reps);
 double maddubs_int8_macs_per_s(long reps);
 double fp32_fma_macs_per_s(long reps);
+double vnni_int8_macs_per_s(long reps);  // each tier's functions run only where it was detected
+double amx_int8_macs_per_s(long reps);
 }  // namespace peak
 
-void bench_peak() {
-  if (detected_isa() < Isa::Avx2) {
-    std::printf("\n== peaks: this CPU has no AVX2; nothing to measure\n");
-    return;
-  }
-  const long reps = g_quick ? 20000 : 60000;
-  std::printf("\n== AVX2 instruction-mix peaks, GOP/s (2 x multiply-adds / s; best of 5), threads=%d\n", g_threads);
-  struct Row {
-    const char* name;
-    double (*fn)(long);
-  } rows[] = {{"exact int8: 12 vpmaddwd + 12 vpaddd + 6 vpbroadcastd / 192 (our AVX2 GEMM)", peak::exact_int8_macs_per_s},
-              {"7-bit int8: vpmaddubsw + vpmaddwd + vpaddd / 32 (fbgemm, reduce_range)", peak::maddubs_int8_macs_per_s},
-              {"fp32: vfmadd231ps / 8 (BLAS)", peak::fp32_fma_macs_per_s}};
-  for (const Row& r : rows) {
+struct PeakRow {
+  const char* name;
+  double (*fn)(long);  // multiply-adds per second on the calling thread
+};
+
+// Each row: the best of 5 runs of fn on every thread at once, summed.
+void print_peaks(const char* title, const std::vector<PeakRow>& rows, long reps) {
+  std::printf("\n== %s, GOP/s (2 x multiply-adds / s; best of 5), threads=%d\n", title, g_threads);
+  for (const PeakRow& r : rows) {
     double best = 0;
     for (int t = 0; t < 5; ++t) {
       double sum = 0;
@@ -1071,43 +1069,27 @@ void bench_peak() {
     std::printf("  %-78s %8.1f\n", r.name, 2 * best / 1e9);
   }
 }
-#else
-void bench_peak() { std::printf("\n== peaks: measured on x86-64 (AVX2) only\n"); }
-#endif
 
-// The AVX-512 tiers' peaks (peak_amx.cpp), each where this CPU has the tier.
-#if defined(LLMEQ_PEAK_AVX2)
-namespace peak {
-double vnni_int8_macs_per_s(long reps);
-double amx_int8_macs_per_s(long reps);
-}  // namespace peak
-
-void bench_peak_avx512() {
-  const Isa best = detected_isa();
-  if (!has_avx512(best)) return;
-  const long reps = g_quick ? 200000 : 1000000;
-  std::printf("\n== AVX-512 tier peaks, GOP/s (2 x multiply-adds / s; best of 5), threads=%d\n", g_threads);
-  struct Row {
-    const char* name;
-    double (*fn)(long);
-    bool run;
-  } rows[] = {{"vpdpbusd: 12 zmm chains (avx512_vnni int8 GEMM)", peak::vnni_int8_macs_per_s, true},
-              {"tdpbusd: 4 C tiles of 16x16, resident A/B (avx512_amx int8 GEMM)", peak::amx_int8_macs_per_s,
-               best == Isa::Avx512Amx}};
-  for (const Row& r : rows) {
-    if (!r.run) continue;
-    double best_s = 0;
-    for (int t = 0; t < 5; ++t) {
-      double sum = 0;
-#pragma omp parallel num_threads(g_threads) reduction(+ : sum)
-      sum += r.fn(reps);
-      best_s = std::max(best_s, sum);
-    }
-    std::printf("  %-78s %8.1f\n", r.name, 2 * best_s / 1e9);
+void bench_peak() {
+  const Isa isa = detected_isa();
+  if (isa == Isa::Scalar) {
+    std::printf("\n== peaks: this CPU has no AVX2; nothing to measure\n");
+    return;
   }
+  print_peaks("AVX2 instruction-mix peaks",
+              {{"exact int8: 12 vpmaddwd + 12 vpaddd + 6 vpbroadcastd / 192 (our AVX2 GEMM)",
+                peak::exact_int8_macs_per_s},
+               {"7-bit int8: vpmaddubsw + vpmaddwd + vpaddd / 32 (fbgemm, reduce_range)", peak::maddubs_int8_macs_per_s},
+               {"fp32: vfmadd231ps / 8 (BLAS)", peak::fp32_fma_macs_per_s}},
+              g_quick ? 20000 : 60000);
+  if (!has_avx512(isa)) return;
+  std::vector<PeakRow> rows{{"vpdpbusd: 12 zmm chains (avx512_vnni int8 GEMM)", peak::vnni_int8_macs_per_s}};
+  if (isa == Isa::Avx512Amx)
+    rows.push_back({"tdpbusd: 4 C tiles of 16x16, resident A/B (avx512_amx int8 GEMM)", peak::amx_int8_macs_per_s});
+  print_peaks("AVX-512 tier peaks", rows, g_quick ? 200000 : 1000000);
 }
 #else
-void bench_peak_avx512() {}
+void bench_peak() { std::printf("\n== peaks: measured on x86-64 only\n"); }
 #endif
 
 int main(int argc, char** argv) {
@@ -1151,7 +1133,6 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "quant") bench_quantize();
     if (only.empty() || only == "peak") {
       bench_peak();
-      bench_peak_avx512();
     }
   }
   if (env) setenv("LLMEQ_CPU_ISA", env_isa.c_str(), 1); else unsetenv("LLMEQ_CPU_ISA");
