@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../../src/cpp/kernels/amx_tiles.h"
+
 namespace peak {
 namespace {
 
@@ -48,23 +50,8 @@ double vnni_int8_macs_per_s(long reps) {
   return 12.0 * 64.0 * static_cast<double>(reps) / seconds_since(t0);
 }
 
-namespace {
-struct alignas(64) TileConfig {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-}  // namespace
-
 double amx_int8_macs_per_s(long reps) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  const llmeq::cpu::TileScope tiles;  // 8 tiles of 16 rows x 64 bytes, as the kernel uses them
   alignas(64) static thread_local uint8_t data[16 * 64];
   std::memset(data, 1, sizeof(data));
   _tile_zero(0);
@@ -85,7 +72,6 @@ double amx_int8_macs_per_s(long reps) {
   }
   const double s = seconds_since(t0);
   _tile_stored(0, data, 64);  // keep the chain observable
-  _tile_release();
   return 4.0 * 16384.0 * static_cast<double>(iters) / s;
 }
 

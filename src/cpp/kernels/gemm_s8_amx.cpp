@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "amx_tiles.h"
 #include "gemm_s8_sink_avx512.h"
 #include "llmeq/cpu_kernels.h"
 #include "thread_buffer.h"
@@ -51,33 +52,6 @@ constexpr int64_t kBlockCols = 32;        // 2 B tiles of 16 columns
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-
-// The tile configuration of palette 1 (Intel SDM, LDTILECFG): every register
-// 16 rows x 64 bytes (C tiles: 16 x 16 int32).
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tile state is per thread: each OpenMP thread configures its own registers
-// and releases them when done (a thread left holding tile state makes every
-// later context switch save 8 KiB more).
-struct TileScope {
-  TileScope() {
-    TileConfig cfg;
-    std::memset(&cfg, 0, sizeof(cfg));
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; ++t) {
-      cfg.rows[t] = 16;
-      cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-  }
-  ~TileScope() { _tile_release(); }
-};
 
 // A finished 32 x 32 int32 block (row stride 32) waiting for the epilogue:
 // rows [m0, m0 + rows), columns [n0, n0 + ncols) of the output.
