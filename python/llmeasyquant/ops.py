@@ -183,9 +183,10 @@ def dynamic_quant_linear_packed(x, w_packed, w_scale, w_sum, in_features: int, o
 
 
 def int8_prepacked_fast() -> bool:
-    """Whether :func:`dynamic_quant_linear_packed` runs a SIMD kernel here: the
-    AVX-512 VNNI tier in use (an ``LLMEQ_CPU_ISA`` cap below it counts, read
-    on every call). Elsewhere it runs a scalar loop and the row-major op is the
+    """Whether :func:`dynamic_quant_linear_packed` runs a SIMD kernel here: an
+    AVX-512 tier in use, ``avx512_vnni`` or ``avx512_amx`` (AMX tiles where
+    M >= 8 and K % 64 == 0; an ``LLMEQ_CPU_ISA`` cap below counts, read on
+    every call). Elsewhere it runs a scalar loop and the row-major op is the
     fast one."""
     return _native.has_prepacked_simd()
 
@@ -222,8 +223,8 @@ def w4a8_linear_packed(x, w_packed, gparams, in_features: int, out_features: int
 
 def w4a8_prepacked_fast(K: int, group_size: int) -> bool:
     """Whether :func:`w4a8_linear_packed` runs its SIMD kernel now for a layer
-    of ``K`` inputs in groups of ``group_size``: the AVX-512 VNNI tier in use
-    (LLMEQ_CPU_ISA read on every call) and groups of a multiple of 8."""
+    of ``K`` inputs in groups of ``group_size``: an AVX-512 tier in use
+    (``avx512_vnni`` or ``avx512_amx``; LLMEQ_CPU_ISA read on every call) and groups of a multiple of 8."""
     g = K if group_size == PER_ROW else group_size
     return g > 0 and g % 8 == 0 and _native.has_prepacked_simd()
 
