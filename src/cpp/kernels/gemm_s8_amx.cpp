@@ -62,10 +62,6 @@ struct Pending {
   int64_t done = 0;          // rows already sent to the sink
 };
 
-inline __mmask16 cols_mask(int64_t n) {  // n in (-inf, 16] -> lanes [0, n)
-  return n >= 16 ? __mmask16(0xffff) : n > 0 ? static_cast<__mmask16>((1u << n) - 1u) : __mmask16(0);
-}
-
 // Rows [p.done, p.done + n) of a pending block to the sink.
 inline void drain(const Sink& sink, Pending& p, int64_t n) {
   const int64_t r_end = p.done + n < p.rows ? p.done + n : p.rows;
@@ -111,17 +107,16 @@ inline void block_32x32(const uint8_t* a, int64_t lda, const uint8_t* b, int64_t
   _tile_stored(3, c + 16 * kBlockCols + 16, kBlockCols * 4);
 }
 
-// Weights a thread keeps in L2 across row groups when its span of columns
-// is walked row group by row group (half the 2 MiB L2 of the cores AMX
-// comes on). Measured, 1 thread, 2048 x 576 x 576: 1915 -> 2227 GOP/s with
-// the rows outside; 2 threads within the noise.
-constexpr int64_t kL2Weights = int64_t{1} << 20;
+// Half the 2 MiB L2 of the cores AMX comes on (Sapphire / Granite Rapids):
+// the budget of each operand a thread keeps in L2 -- a row block of A while
+// it walks the column units, or its span of weights when it walks them row
+// group by row group (measured, 1 thread, 2048 x 576 x 576: 1915 -> 2227
+// GOP/s with the rows outside; 2 threads within the noise).
+constexpr int64_t kL2Budget = int64_t{1} << 20;
 
-// Rows per block of A kept in L2 while the thread walks the column units:
-// about 1 MiB of A (half the 2 MiB L2 of Sapphire Rapids / Granite Rapids
-// cores, leaving room for a 64-column panel of B), whole 32-row groups.
+// Rows per block of A kept in L2 (whole 32-row groups).
 inline int64_t row_block(int64_t K) {
-  const int64_t rows = (int64_t{1} << 20) / imax(K, 1) / kBlockRows * kBlockRows;
+  const int64_t rows = kL2Budget / imax(K, 1) / kBlockRows * kBlockRows;
   return imin(imax(rows, kBlockRows), 1024);
 }
 
@@ -169,14 +164,14 @@ void prepacked_gemm_amx(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64
       prev.m0 = m0;
       prev.rows = rows;
       prev.n0 = n0;
-      prev.lo = cols_mask(ncols);
-      prev.hi = cols_mask(ncols - 16);
+      prev.lo = tail_mask16(ncols);
+      prev.hi = tail_mask16(imax(ncols - 16, 0));
       prev.done = 0;
       flip ^= 1;
     };
     // The thread's units in row-block-major order, taken a row block at a
     // time (its span of column units there). Where the span's weights fit
-    // in L2 (kL2Weights), the row groups go outside and the column units
+    // in L2 (kL2Budget), the row groups go outside and the column units
     // inside: B is re-read from L2 and the output is written along its rows
     // (the prefetchers follow row streams; a 32-column strip down the rows
     // is one RFO miss after another). Otherwise each column unit goes down
@@ -185,7 +180,7 @@ void prepacked_gemm_amx(int64_t M, int64_t N, int64_t K, const uint8_t* A, int64
       const int64_t rb = u / cunits, ub = imin(u1, (rb + 1) * cunits);
       const int64_t cu0 = u % cunits, cu1 = cu0 + (ub - u);
       const int64_t m_begin = rb * mb, m_end = imin(M, (rb + 1) * mb);
-      if ((cu1 - cu0) * kBlockCols * K <= kL2Weights) {
+      if ((cu1 - cu0) * kBlockCols * K <= kL2Budget) {
         for (int64_t m0 = m_begin; m0 < m_end; m0 += kBlockRows)
           for (int64_t cu = cu0; cu < cu1; ++cu) block(m0, m_end, cu);
       } else {

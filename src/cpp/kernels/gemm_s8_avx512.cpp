@@ -48,9 +48,6 @@ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline __mmask64 tail_mask64(int64_t n) {  // n in [0, 64]
   return n >= 64 ? ~__mmask64(0) : ((__mmask64(1) << n) - 1);
 }
-inline __mmask16 tail_mask16(int64_t n) {  // n in [0, 16]
-  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
-}
 
 // acc += a_u8 . b_s8 (vpdpbusd).  GCC 12 compiles _mm512_dpbusd_epi32 inside
 // loops with a register copy and a stack spill of every accumulator per call

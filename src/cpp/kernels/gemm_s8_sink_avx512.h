@@ -16,6 +16,10 @@ namespace llmeq {
 namespace cpu {
 namespace {
 
+inline __mmask16 tail_mask16(int64_t n) {  // n in [0, 16]: lanes [0, n)
+  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
 // Where finished int32 accumulators go: raw C, or the epilogue.
 struct Sink {
   int32_t* C;
