@@ -51,7 +51,6 @@ def has_w4a8_simd() -> bool:
 def has_prepacked_simd() -> bool:
     """Whether the kernels on pre-packed weights (W8A8 "panel64", W4A8
     "w4panel16") run their SIMD code now: an AVX-512 tier in use (avx512_vnni,
-    avx512_amx), the
-    LLMEQ_CPU_ISA cap included (asked of the C++ dispatch on every call:
-    QLinear asks per forward)."""
+    avx512_amx), the LLMEQ_CPU_ISA cap included (asked of the C++ dispatch on
+    every call: QLinear asks per forward)."""
     return _C.has_prepacked_simd()

@@ -224,7 +224,8 @@ def w4a8_linear_packed(x, w_packed, gparams, in_features: int, out_features: int
 def w4a8_prepacked_fast(K: int, group_size: int) -> bool:
     """Whether :func:`w4a8_linear_packed` runs its SIMD kernel now for a layer
     of ``K`` inputs in groups of ``group_size``: an AVX-512 tier in use
-    (``avx512_vnni`` or ``avx512_amx``; LLMEQ_CPU_ISA read on every call) and groups of a multiple of 8."""
+    (``avx512_vnni`` or ``avx512_amx``; LLMEQ_CPU_ISA read on every call) and
+    groups of a multiple of 8."""
     g = K if group_size == PER_ROW else group_size
     return g > 0 and g % 8 == 0 and _native.has_prepacked_simd()
 
