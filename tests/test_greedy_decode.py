@@ -78,12 +78,14 @@ def test_generation_configs_that_change_greedy_go_through_generate():
         assert sp.generated == _generate(model, short, 4)[:, 64:].tolist()  # the penalty applied
     with pytest.raises(ValueError, match="decode_loop='lean' cannot decode this model: its generation config sets"):
         throughput(model, ids, prefill_tokens=16, decode_tokens=3, reps=1, decode_loop="lean")
-    with pytest.raises(ValueError, match="decode_loop must be 'auto', 'lean' or 'generate', got 'fast'"):
-        throughput(model, ids, prefill_tokens=16, decode_tokens=3, decode_loop="fast")
+    with pytest.raises(ValueError, match="decode_loop='fast' cannot decode this model: its generation config sets"):
+        throughput(model, ids, prefill_tokens=16, decode_tokens=3, reps=1, decode_loop="fast")
+    with pytest.raises(ValueError, match="decode_loop must be 'auto', 'fast', 'lean' or 'generate', got 'quick'"):
+        throughput(model, ids, prefill_tokens=16, decode_tokens=3, decode_loop="quick")
 
 
-def test_throughput_times_the_lean_loop_by_default():
-    model = tiny_models.build("llama")
+def test_throughput_times_the_lean_loop_where_no_fast_one_exists():
+    model = tiny_models.build("gpt2")  # not LLaMA-form: no fast_decode (tests/test_fast_decode.py)
     ids = torch.randint(0, tiny_models.VOCAB, (200,), generator=torch.Generator().manual_seed(1))
     lean = throughput(model, ids, prefill_tokens=16, decode_tokens=3, reps=1, warmup=False)
     gen = throughput(model, ids, prefill_tokens=16, decode_tokens=3, reps=1, warmup=False, decode_loop="generate")

@@ -2,14 +2,20 @@
 decode (greedy generation through the model's own cache, a quantized KV cache
 included). Wall-clock medians on whatever device the model is on.
 
-Decode runs :func:`greedy_decode`, a plain loop of ``model.forward`` calls
-(one token each, the cache ``generate`` would build, EOS suppressed as
-``min_new_tokens`` does), which generates the tokens ``generate`` does
-without its per-token bookkeeping (stopping criteria, logits processors,
-kwargs updates: ~5-8 % of a decode token for the 135M default model on one CPU
-thread, docs/benchmarks.md). Models whose generation config asks for
-anything more (a repetition penalty, suppressed tokens, beams, ...) are timed
-through ``generate`` (:func:`lean_decode_unsupported` says why)."""
+Decode runs, by default, the fastest loop that generates what greedy
+``generate`` does:
+
+* "fast": :mod:`.fast_decode`, one plain pass over the decoder stack per
+  token for LLaMA-form models (LLaMA, Mistral, Qwen2/3, SmolLM), through the
+  model's own projection modules, K/V buffers allocated once;
+* "lean": :func:`greedy_decode`, a plain loop of ``model.forward`` calls (one
+  token each, the cache ``generate`` would build, EOS suppressed as
+  ``min_new_tokens`` does), without ``generate``'s per-token bookkeeping
+  (stopping criteria, logits processors, kwargs updates: ~5-8 % of a decode
+  token for the 135M default model on one CPU thread, docs/benchmarks.md);
+* "generate": HF ``generate``, for models whose generation config asks for
+  anything more (a repetition penalty, suppressed tokens, beams, ...;
+  :func:`lean_decode_unsupported` says why)."""
 
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
+
+from . import fast_decode
 
 #: tokens of the prompt that decode is measured after (its prefill cancels out)
 DECODE_PROMPT_TOKENS = 64
@@ -34,7 +42,7 @@ class SpeedResult:
     threads: int
     device: str
     batch: int = 1
-    # how decode ran: "lean" (greedy_decode) or "generate" (HF generate)
+    # how decode ran: "fast" (fast_decode.greedy), "lean" (greedy_decode) or "generate" (HF generate)
     decode_loop: str = "lean"
     # greedy tokens of the timed decode, [batch, 1 + decode_tokens]: lets a caller check that a
     # faster decode path generates the same tokens
@@ -131,8 +139,7 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     params = _forward_params(model)
     cache_kw = "cache" if "cache" in params else "past_key_values"
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos = fast_decode.eos_ids(model)
     B, L = prompt.shape
     mask = torch.ones(B, L + new_tokens, dtype=torch.long, device=prompt.device)
     kw = {cache_kw: _new_cache(model), "use_cache": True, **keep}
@@ -151,6 +158,21 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return torch.cat(toks, dim=1)
 
 
+def _decode_loop(model, asked: str, total_tokens: int) -> str:
+    """The loop ``throughput`` decodes ``model`` with: ``asked``, checked, or
+    for "auto" the first of fast, lean, generate that generates what greedy
+    ``generate`` does."""
+    why_lean = lean_decode_unsupported(model)
+    why_fast = why_lean or fast_decode.unsupported(model, total_tokens)
+    if asked == "fast" and why_fast is not None:
+        raise ValueError(f"throughput: decode_loop='fast' cannot decode this model: {why_fast}")
+    if asked == "lean" and why_lean is not None:
+        raise ValueError(f"throughput: decode_loop='lean' cannot decode this model: {why_lean}")
+    if asked != "auto":
+        return asked
+    return "fast" if why_fast is None else "lean" if why_lean is None else "generate"
+
+
 def _rows(ids: torch.Tensor, n: int, batch: int) -> torch.Tensor:
     """``batch`` different consecutive slices of ``n`` tokens of ``ids``, [batch, n]."""
     return ids[: n * batch].reshape(batch, n)
@@ -160,16 +182,18 @@ def _rows(ids: torch.Tensor, n: int, batch: int) -> torch.Tensor:
 def throughput(model, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_tokens: int = 32,
                reps: int = 3, batch: int = 1, warmup: bool = True, decode_loop: str = "auto") -> SpeedResult:
     """Prefill: median time of one forward over ``prefill_tokens`` tokens of
-    ``ids`` per sequence (no cache). Decode: ``decode_tokens`` / (time of greedy
-    generation of 1 + decode_tokens new tokens - time of 1 new token) after a
-    64-token prompt, so the prompt's prefill cancels out. ``batch`` sequences
-    (different slices of ``ids``) run together; tokens/s count all of them.
-    ``warmup=False`` skips the untimed first call of each measurement (for a
-    caller that repeats rounds on a model already warm). ``decode_loop``:
-    "lean" (:func:`greedy_decode`), "generate" (HF ``generate``) or "auto"
-    (lean where :func:`lean_decode_unsupported` allows it)."""
-    if decode_loop not in ("auto", "lean", "generate"):
-        raise ValueError(f"throughput: decode_loop must be 'auto', 'lean' or 'generate', got {decode_loop!r}")
+    ``ids`` per sequence (no cache; logits of the last position only where the
+    forward takes ``logits_to_keep``, as a generation needs and llama.cpp
+    computes). Decode: ``decode_tokens`` / (time of greedy generation of 1 +
+    decode_tokens new tokens - time of 1 new token) after a 64-token prompt, so
+    the prompt's prefill cancels out. ``batch`` sequences (different slices of
+    ``ids``) run together; tokens/s count all of them. ``warmup=False`` skips
+    the untimed first call of each measurement (for a caller that repeats
+    rounds on a model already warm). ``decode_loop``: "fast"
+    (:func:`.fast_decode.greedy`), "lean" (:func:`greedy_decode`), "generate"
+    (HF ``generate``) or "auto" (the first of those the model allows)."""
+    if decode_loop not in ("auto", "fast", "lean", "generate"):
+        raise ValueError(f"throughput: decode_loop must be 'auto', 'fast', 'lean' or 'generate', got {decode_loop!r}")
     need = batch * max(prefill_tokens, DECODE_PROMPT_TOKENS)
     if batch < 1:
         raise ValueError(f"throughput: batch must be >= 1, got {batch}")
@@ -182,19 +206,19 @@ def throughput(model, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_to
     device = next(model.parameters()).device
     ids = ids.reshape(-1)
     prompt = _rows(ids, prefill_tokens, batch).to(device)
-    t_prefill = _median_s(lambda: model(prompt, use_cache=False), reps, device, warmup)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    t_prefill = _median_s(lambda: model(prompt, use_cache=False, **keep), reps, device, warmup)
     short = _rows(ids, DECODE_PROMPT_TOKENS, batch).to(device)
     kw = dict(do_sample=False, attention_mask=torch.ones_like(short),
               pad_token_id=getattr(model.config, "eos_token_id", None) or 0)
     out = []
-    why = lean_decode_unsupported(model)
-    if decode_loop == "lean" and why is not None:
-        raise ValueError(f"throughput: decode_loop='lean' cannot decode this model: {why}")
-    loop = "lean" if decode_loop != "generate" and why is None else "generate"
+    loop = _decode_loop(model, decode_loop, DECODE_PROMPT_TOKENS + 1 + decode_tokens)
 
     def gen(n):
         def run():
-            if loop == "lean":
+            if loop == "fast":
+                out[:] = [fast_decode.greedy(model, short, n)]
+            elif loop == "lean":
                 out[:] = [greedy_decode(model, short, n)]
             else:
                 out[:] = [model.generate(short, max_new_tokens=n, min_new_tokens=n, **kw)]
