@@ -36,8 +36,10 @@ Run:
         [--gguf-f32 /work/e2e-gguf/smollm2-135m-f32.gguf] [--rounds 5] [--batches 1,8] [--breakdown]
 
 ``--lm-head`` adds W8A8 with an 8-bit weight-only output head
-(``quantize --lm-head w8``); ``--generate-too`` adds W8A8 decoded through HF
-``generate`` instead of eval/speed.py's lean loop (what decode ran before).
+(``quantize --lm-head w8``); ``--other-loops`` adds W8A8 decoded through
+eval/speed.py's lean loop (``model.forward`` per token) and through HF
+``generate``, beside the fast loop (eval/fast_decode.py) every other entry
+decodes with where the model allows it.
 ``--breakdown`` adds where a decode token's time goes at batch 1 for fp32 and
 W8A8 (torch.profiler self times: linear kernels, lm_head, attention, other
 ops, and time in no op at all, i.e. Python / HF / dispatch).
@@ -80,9 +82,9 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lm-head", action="store_true",
                     help="add W8A8 with an 8-bit weight-only lm_head (quantize --lm-head w8; llama.cpp's Q8_0 "
                          "output matrix is 8-bit too)")
-    ap.add_argument("--generate-too", action="store_true",
-                    help="add W8A8 decoded through HF generate (throughput(decode_loop='generate')): the decode "
-                         "loop before eval/speed.py's lean one")
+    ap.add_argument("--other-loops", action="store_true",
+                    help="add W8A8 decoded through the lean loop and through HF generate "
+                         "(throughput(decode_loop='lean' / 'generate')): what decode ran before the fast loop")
     ap.add_argument("--json", type=Path, help="write every round's figures here")
     return ap.parse_args(argv)
 
@@ -216,9 +218,10 @@ def _run(args, batches, worker) -> int:
                          f"not the same model (wrong GGUF or conversion?)")
 
     loops = {k: "auto" for k in ours}
-    if args.generate_too:  # the same model object, decoded through generate
-        ours["W8A8 (generate)"] = ours["W8A8"]
-        loops["W8A8 (generate)"] = "generate"
+    if args.other_loops:  # the same model object, decoded by the slower loops
+        for loop in ("lean", "generate"):
+            ours[f"W8A8 ({loop})"] = ours["W8A8"]
+            loops[f"W8A8 ({loop})"] = loop
     prefill_ids = ids[: args.prefill].tolist()
     prompt_ids = ids[:64].tolist()
     entries = [(k, b) for k in ours for b in batches] + [(k, 1) for k in gguf]
@@ -244,7 +247,8 @@ def _run(args, batches, worker) -> int:
     def ratio(a, b, what):
         return statistics.median(x / y for x, y in zip(rows[a][what], rows[b][what]))
 
-    anchor = {"W8A8": "llama.cpp Q8_0", "W8A8 +lm_head W8": "llama.cpp Q8_0", "W8A8 (generate)": "llama.cpp Q8_0",
+    anchor = {"W8A8": "llama.cpp Q8_0", "W8A8 +lm_head W8": "llama.cpp Q8_0", "W8A8 (lean)": "llama.cpp Q8_0",
+              "W8A8 (generate)": "llama.cpp Q8_0",
               "W4 g64": "llama.cpp Q4_0"}
     lines = [f"\n| model | batch | prefill tok/s ({args.prefill} tokens) | decode tok/s ({args.decode} tokens) | "
              f"prefill vs our fp32 | decode vs our fp32 | prefill vs llama.cpp | decode vs llama.cpp |",
@@ -284,17 +288,20 @@ def _category(e) -> str:
 
 def decode_breakdown(model, ids, n: int = 33) -> dict:
     """ms per decode token (batch 1, after a 64-token prompt) by category:
-    profiler self times of the decode loop eval/speed.py times
-    (``greedy_decode``) for n tokens minus 1 token, over n - 1 tokens."""
+    profiler self times of the decode loop eval/speed.py times for this model
+    (the fast loop where it applies, else ``greedy_decode``) for n tokens
+    minus 1 token, over n - 1 tokens."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from llmeasyquant.eval.speed import greedy_decode
+    from llmeasyquant.eval import fast_decode
+    from llmeasyquant.eval.speed import _decode_loop, greedy_decode
 
     short = ids[:64].reshape(1, -1)
+    loop = _decode_loop(model, "auto", 64 + n)
 
     def gen(k):
-        return greedy_decode(model, short, k)
+        return fast_decode.greedy(model, short, k) if loop == "fast" else greedy_decode(model, short, k)
 
     def walls(k, reps=3):
         ts = []
