@@ -136,3 +136,22 @@ def test_bad_calls_say_what_was_expected():
         fast_decode.FastDecoder(model, 0, 10)
     with pytest.raises(ValueError, match="new_tokens must be >= 1, got 0"):
         fast_decode.greedy(model, _prompt(1), 0)
+
+
+@pytest.mark.parametrize("method,kw", [("smoothquant", {}), ("absmax", dict(w_bits=4, w_group_size=16, act=None))])
+def test_joined_projections_give_the_separate_logits_bit_for_bit(method, kw, monkeypatch):
+    model = tiny_models.build("qwen2", seed=8)  # q/k/v with biases
+    lq.quantize(model, method, calib=[_prompt(1, 32, seed=s)[0] for s in range(2)], progress=False, **kw)
+    built = []
+    real = fast_decode.concat.concat
+    monkeypatch.setattr(fast_decode.concat, "concat", lambda parts: built.append(len(parts)) or real(parts))
+    prompt = _prompt(2, seed=9)
+    joined, separate = fast_decode.FastDecoder(model, 2, 20), fast_decode.FastDecoder(model, 2, 20, join=False)
+    assert built == [3, 2] * model.config.num_hidden_layers  # q/k/v and gate/up of every block, and only there
+    with torch.no_grad():
+        a, b = joined.forward(prompt), separate.forward(prompt)
+        for _ in range(4):
+            assert torch.equal(a, b)
+            nxt = a.argmax(-1, keepdim=True)
+            a, b = joined.forward(nxt), separate.forward(nxt)
+    assert torch.equal(a, b)

@@ -44,6 +44,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..nn import concat
+
 #: model types whose decoder blocks have LLaMA's form; the value names the
 #: per-head norms the attention applies to q and k before RoPE (Qwen3)
 DECODE_FORMS = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
@@ -125,20 +127,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * signed_sin
 
 
+def _side_by_side(parts, join: bool) -> Callable:
+    """A call of ``h`` returning each part's output: one joined QLinear where
+    :func:`llmeasyquant.nn.concat.refusal` allows it (bit for bit the same
+    outputs), else each part called as itself."""
+    if join and concat.refusal(parts) is None:
+        joined, sizes = concat.concat(parts), [m.out_features for m in parts]
+        return lambda h: joined(h).split(sizes, -1)
+    return lambda h: tuple(m(h) for m in parts)
+
+
 @dataclass
 class _Block:
     ln1_w: torch.Tensor
     ln1_eps: float
-    q: Callable
-    k: Callable
-    v: Callable
+    qkv: Callable
     o: Callable
     q_norm: Optional[tuple]
     k_norm: Optional[tuple]
     ln2_w: torch.Tensor
     ln2_eps: float
-    gate: Callable
-    up: Callable
+    gate_up: Callable
     down: Callable
     scaling: float
 
@@ -149,7 +158,7 @@ class FastDecoder:
     :meth:`forward` takes the next tokens of every row and returns the float32
     logits of their last position."""
 
-    def __init__(self, model, batch: int, max_tokens: int):
+    def __init__(self, model, batch: int, max_tokens: int, join: bool = True):
         why = unsupported(model, max_tokens)
         if why is not None:
             raise ValueError(f"FastDecoder: {why}")
@@ -175,12 +184,12 @@ class FastDecoder:
             a, m = layer.self_attn, layer.mlp
             self.blocks.append(_Block(
                 ln1_w=layer.input_layernorm.weight, ln1_eps=layer.input_layernorm.variance_epsilon,
-                q=a.q_proj, k=a.k_proj, v=a.v_proj, o=a.o_proj,
+                qkv=_side_by_side((a.q_proj, a.k_proj, a.v_proj), join), o=a.o_proj,
                 q_norm=(a.q_norm.weight, a.q_norm.variance_epsilon) if qk_norm else None,
                 k_norm=(a.k_norm.weight, a.k_norm.variance_epsilon) if qk_norm else None,
                 ln2_w=layer.post_attention_layernorm.weight,
                 ln2_eps=layer.post_attention_layernorm.variance_epsilon,
-                gate=m.gate_proj, up=m.up_proj, down=m.down_proj,
+                gate_up=_side_by_side((m.gate_proj, m.up_proj), join), down=m.down_proj,
                 scaling=float(getattr(a, "scaling", self.head_dim ** -0.5))))
         shape = (batch, self.kv_heads, max_tokens, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]
@@ -212,19 +221,21 @@ class FastDecoder:
         x = self.embed(ids)
         for blk, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             h = _rms_norm(x, blk.ln1_w, blk.ln1_eps)
-            q = blk.q(h).view(B, T, H, D)
-            k = blk.k(h).view(B, T, Hkv, D)
+            q, k, v = blk.qkv(h)
+            q = q.view(B, T, H, D)
+            k = k.view(B, T, Hkv, D)
             if blk.q_norm is not None:
                 q = _rms_norm(q, *blk.q_norm)
                 k = _rms_norm(k, *blk.k_norm)
             q = _rope(q.transpose(1, 2), cos, sin)
             kc[:, :, p0:p1] = _rope(k.transpose(1, 2), cos, sin)
-            vc[:, :, p0:p1] = blk.v(h).view(B, T, Hkv, D).transpose(1, 2)
+            vc[:, :, p0:p1] = v.view(B, T, Hkv, D).transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, kc[:, :, :p1], vc[:, :, :p1], is_causal=T > 1,
                                                   scale=blk.scaling, enable_gqa=gqa)
             x = x + blk.o(attn.transpose(1, 2).reshape(B, T, H * D))
             h = _rms_norm(x, blk.ln2_w, blk.ln2_eps)
-            x = x + blk.down(F.silu(blk.gate(h)) * blk.up(h))
+            gate, up = blk.gate_up(h)
+            x = x + blk.down(F.silu(gate) * up)
         self.pos = p1
         h = _rms_norm(x[:, -1:], *self.final_norm)
         return self.lm_head(h)[:, -1].to(torch.float32)

@@ -252,7 +252,21 @@ void tile(const WoArgs& a, const float* xs, int64_t ldx, int64_t m0, int64_t n0,
       partial(k, gs, imin(ge, k + C));
       k += C;
     }
-    for (; k + C <= ge; k += C) chunk(xr, k, k, false);
+    for (; k + C <= ge; k += C) {
+      // Decode (MR = 1) streams NR short weight rows at once from DRAM, which
+      // the hardware prefetchers do not follow in time: each row's next cache
+      // line in the next tile (NR rows on) is asked for when this tile's
+      // chunk starts a line, as gemm_s8_avx2.cpp's micro1x6 does (prefetches
+      // never fault, so a reach past the matrix is harmless).
+      if constexpr (FOLD) {
+        const int64_t byte = k * BITS / 8;
+        if ((byte & 63) < C * BITS / 8)
+#pragma GCC unroll 8
+          for (int j = 0; j < NR; ++j)
+            _mm_prefetch(reinterpret_cast<const char*>(w[j] + NR * a.rb + byte), _MM_HINT_T0);
+      }
+      chunk(xr, k, k, false);
+    }
     if (k < ge) partial(k, k, ge);
     if constexpr (FOLD) {
 #pragma GCC unroll 8
