@@ -10,7 +10,12 @@ plain loop over the model's own submodules:
 * every projection (``q/k/v/o_proj``, ``gate/up/down_proj``, ``lm_head``) is
   called as the module it is — ``nn.Linear``, ``QLinear``, with its forward
   hooks (the online Hadamard of a rotated model is one) — so whatever a method
-  put there runs unchanged;
+  put there runs unchanged; the one exception: where
+  :mod:`llmeasyquant.nn.concat` can join ``q/k/v_proj`` (and ``gate/up_proj``)
+  into one QLinear with bit-for-bit the same outputs, one call replaces
+  three (two), on a copy of their integer weights held for this decoder's
+  life (``join=False`` calls them one by one; float layers never join, so a
+  float model runs HF's own calls);
 * the glue around them is the same arithmetic HF's LLaMA code does, in the
   same order (RMSNorm as ``x * rsqrt(mean(x^2) + eps) * w``, rotate-half
   RoPE, scaled-dot-product attention), with the cos/sin table computed once
