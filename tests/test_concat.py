@@ -90,6 +90,9 @@ def test_what_cannot_be_joined_exactly_is_refused_with_the_reason():
     perm[0].set_in_perm(perm[1].in_perm)
     assert concat.refusal(perm) is None
 
+    meta = [lq.QLinear(32, 16, bias=False, device="meta") for _ in range(2)]
+    assert "on meta; joining is verified on the CPU kernels only" in concat.refusal(meta)
+
     hooked = _layers(32, (16, 16))
     handle = hooked[1].register_forward_pre_hook(lambda m, args: None)
     assert "forward hooks" in concat.refusal(hooked)
