@@ -138,7 +138,9 @@ def _side_by_side(parts, join: bool) -> Callable:
     outputs), else each part called as itself."""
     if join and concat.refusal(parts) is None:
         joined, sizes = concat.concat(parts), [m.out_features for m in parts]
-        return lambda h: joined(h).split(sizes, -1)
+        call = lambda h: joined(h).split(sizes, -1)  # noqa: E731
+        call.joined = joined  # the q/k RoPE reads q and k as one tensor from its output
+        return call
     return lambda h: tuple(m(h) for m in parts)
 
 
@@ -226,14 +228,24 @@ class FastDecoder:
         x = self.embed(ids)
         for blk, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             h = _rms_norm(x, blk.ln1_w, blk.ln1_eps)
-            q, k, v = blk.qkv(h)
-            q = q.view(B, T, H, D)
-            k = k.view(B, T, Hkv, D)
-            if blk.q_norm is not None:
-                q = _rms_norm(q, *blk.q_norm)
-                k = _rms_norm(k, *blk.k_norm)
-            q = _rope(q.transpose(1, 2), cos, sin)
-            kc[:, :, p0:p1] = _rope(k.transpose(1, 2), cos, sin)
+            joined = getattr(blk.qkv, "joined", None)
+            if joined is not None and blk.q_norm is None:
+                # q and k side by side in the joined output: one RoPE over
+                # both heads' sets (element-wise ops: the same values as two)
+                qkv = joined(h)
+                qk = _rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
+                q = qk[:, :H]
+                kc[:, :, p0:p1] = qk[:, H:]
+                v = qkv[..., (H + Hkv) * D:]
+            else:
+                q, k, v = blk.qkv(h)
+                q = q.view(B, T, H, D)
+                k = k.view(B, T, Hkv, D)
+                if blk.q_norm is not None:
+                    q = _rms_norm(q, *blk.q_norm)
+                    k = _rms_norm(k, *blk.k_norm)
+                q = _rope(q.transpose(1, 2), cos, sin)
+                kc[:, :, p0:p1] = _rope(k.transpose(1, 2), cos, sin)
             vc[:, :, p0:p1] = v.view(B, T, Hkv, D).transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, kc[:, :, :p1], vc[:, :, :p1], is_causal=T > 1,
                                                   scale=blk.scaling, enable_gqa=gqa)
