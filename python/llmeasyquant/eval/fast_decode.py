@@ -132,16 +132,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * signed_sin
 
 
-def _side_by_side(parts, join: bool) -> Callable:
-    """A call of ``h`` returning each part's output: one joined QLinear where
-    :func:`llmeasyquant.nn.concat.refusal` allows it (bit for bit the same
-    outputs), else each part called as itself."""
+def _side_by_side(parts, join: bool) -> tuple[Callable, Optional[torch.nn.Module]]:
+    """``(call, joined)``: ``call(h)`` returns each part's output, through one
+    joined QLinear where :func:`llmeasyquant.nn.concat.refusal` allows it (bit
+    for bit the same outputs; ``joined`` is that layer), else each part called
+    as itself (``joined`` None)."""
     if join and concat.refusal(parts) is None:
         joined, sizes = concat.concat(parts), [m.out_features for m in parts]
-        call = lambda h: joined(h).split(sizes, -1)  # noqa: E731
-        call.joined = joined  # the q/k RoPE reads q and k as one tensor from its output
-        return call
-    return lambda h: tuple(m(h) for m in parts)
+        return (lambda h: joined(h).split(sizes, -1)), joined
+    return (lambda h: tuple(m(h) for m in parts)), None
 
 
 @dataclass
@@ -149,6 +148,7 @@ class _Block:
     ln1_w: torch.Tensor
     ln1_eps: float
     qkv: Callable
+    qkv_joined: Optional[torch.nn.Module]  # q/k/v as one layer (the q/k RoPE reads its output whole)
     o: Callable
     q_norm: Optional[tuple]
     k_norm: Optional[tuple]
@@ -189,14 +189,15 @@ class FastDecoder:
         self.blocks = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
+            qkv, qkv_joined = _side_by_side((a.q_proj, a.k_proj, a.v_proj), join)
             self.blocks.append(_Block(
                 ln1_w=layer.input_layernorm.weight, ln1_eps=layer.input_layernorm.variance_epsilon,
-                qkv=_side_by_side((a.q_proj, a.k_proj, a.v_proj), join), o=a.o_proj,
+                qkv=qkv, qkv_joined=qkv_joined, o=a.o_proj,
                 q_norm=(a.q_norm.weight, a.q_norm.variance_epsilon) if qk_norm else None,
                 k_norm=(a.k_norm.weight, a.k_norm.variance_epsilon) if qk_norm else None,
                 ln2_w=layer.post_attention_layernorm.weight,
                 ln2_eps=layer.post_attention_layernorm.variance_epsilon,
-                gate_up=_side_by_side((m.gate_proj, m.up_proj), join), down=m.down_proj,
+                gate_up=_side_by_side((m.gate_proj, m.up_proj), join)[0], down=m.down_proj,
                 scaling=float(getattr(a, "scaling", self.head_dim ** -0.5))))
         shape = (batch, self.kv_heads, max_tokens, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]
@@ -228,11 +229,10 @@ class FastDecoder:
         x = self.embed(ids)
         for blk, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             h = _rms_norm(x, blk.ln1_w, blk.ln1_eps)
-            joined = getattr(blk.qkv, "joined", None)
-            if joined is not None and blk.q_norm is None:
+            if blk.qkv_joined is not None and blk.q_norm is None:
                 # q and k side by side in the joined output: one RoPE over
                 # both heads' sets (element-wise ops: the same values as two)
-                qkv = joined(h)
+                qkv = blk.qkv_joined(h)
                 qk = _rope(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2), cos, sin)
                 q = qk[:, :H]
                 kc[:, :, p0:p1] = qk[:, H:]

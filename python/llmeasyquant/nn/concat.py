@@ -47,7 +47,8 @@ _SAME = ("w_bits", "w_group_size", "w_symmetric", "act", "act_symmetric")
 
 
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None))
+    # (hooks registered with_kwargs are in _forward_hooks too)
+    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def refusal(layers: Sequence[nn.Module]) -> Optional[str]:
