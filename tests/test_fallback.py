@@ -50,7 +50,8 @@ def test_fallback_is_the_kernel_only_of_devices_without_one(op):
     assert "_fallback.py" not in t["Meta"]  # the fakes still trace
     for dev in ("MPS", "XPU", "PrivateUse1"):
         assert "_fallback.py" in t[dev] and "default backend kernel" in t[dev], t[dev]
-    if lq.build_info()["cuda"] and op != "w4a8_linear":  # W4A8: a CPU kernel only, so far
+    # W4A8 and the decode glue: CPU kernels only, so far
+    if lq.build_info()["cuda"] and op not in ("w4a8_linear", "add_rms_norm", "silu_mul", "decode_attention_"):
         assert "register_cuda.cpp" in t["CUDA"]
     else:
         assert "_fallback.py" in t["CUDA"]

@@ -155,3 +155,25 @@ def test_joined_projections_give_the_separate_logits_bit_for_bit(method, kw, mon
             nxt = a.argmax(-1, keepdim=True)
             a, b = joined.forward(nxt), separate.forward(nxt)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_glue_stays_within_rounding_of_the_plain_loop(arch, dtype, monkeypatch):
+    # the fused ops are CPU kernels with their own sum orders: close to HF's
+    # op-by-op arithmetic, not bit-equal; the default on the CPU
+    model = tiny_models.build(arch, seed=3).to(dtype)
+    prompt = _prompt(2, seed=4)
+    calls = []
+    real = lq.ops.decode_attention_
+    monkeypatch.setattr(lq.ops, "decode_attention_", lambda *a: calls.append(1) or real(*a))
+    plain, fused = fast_decode.FastDecoder(model, 2, 20, fused=False), fast_decode.FastDecoder(model, 2, 20)
+    assert fused.fused and not plain.fused
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    with torch.no_grad():
+        a, b = plain.forward(prompt), fused.forward(prompt)
+        for _ in range(4):
+            torch.testing.assert_close(b, a, **tol)
+            nxt = a.argmax(-1, keepdim=True)
+            a, b = plain.forward(nxt), fused.forward(nxt)
+    assert len(calls) == 4 * len(model.model.layers)  # every decode step of every block took the fused op

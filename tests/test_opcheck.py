@@ -45,7 +45,19 @@ def _samples(device):
         (ops.hadamard_transform.default, (x[..., :16], None, 0.5)),
         (ops.weight_only_linear_panel.default, (*_panel_args(device, g), torch.randn(70, generator=g).to(device))),
         (ops.w4a8_linear.default, _w4a8_args(device, g)),
+        (ops.add_rms_norm.default, (x, torch.randn(3, 4, 20, generator=g).to(device), torch.randn(20).to(device),
+                                    1e-5)),
+        (ops.add_rms_norm.default, (xb, None, torch.randn(20).to(device).to(torch.bfloat16), 1e-6)),
+        (ops.silu_mul.default, (x[..., :10], x[..., 10:])),
+        (ops.decode_attention_.default, _decode_attention_args(device, g)),
     ]
+
+
+def _decode_attention_args(device, g):
+    qkv = torch.randn(2, (4 + 2 * 2) * 8, generator=g).to(device)
+    q, k, v = qkv.split((32, 16, 16), -1)
+    kc, vc = (torch.randn(2, 2, 6, 8, generator=g).to(device) for _ in range(2))
+    return q, k, v, kc, vc, torch.randn(8, generator=g).to(device), torch.randn(8, generator=g).to(device), 3, 0.35
 
 
 def _w4a8_args(device, g):
@@ -71,10 +83,10 @@ def _panel_args(device, g):
 def test_every_op_has_an_opcheck_sample():
     covered = {op._schema.name.split("::")[1] for op, _ in _samples("cpu")}
     defined = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("llmeasyquant::")}
-    assert len(defined) == 14 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
+    assert len(defined) == 17 and defined == covered, f"ops without an opcheck sample: {defined - covered}"
 
 
-@pytest.mark.parametrize("i", range(18))
+@pytest.mark.parametrize("i", range(22))
 def test_opcheck(device, i):
     samples = _samples(device)
     if i >= len(samples):

@@ -461,3 +461,69 @@ def weight_only_linear_panel(x, qpanel, gparams, out_features: int, group_size: 
         f"group size {g}, got {shape_str(gparams)}"))
     _bias(op, bias, out_features, dev)
 
+
+
+# --------------------------------------------------------------------------
+# decode-step glue (C++: op_checks.h check_add_rms_norm_args, ...)
+# --------------------------------------------------------------------------
+def add_rms_norm(x, residual, weight, eps: float) -> None:
+    op = "llmeasyquant.add_rms_norm"
+    dev = x.device
+    check_device(op, "x", x, dev)
+    check_float(op, "x", x)
+    torch._check_value(x.dim() >= 1 and x.shape[-1] >= 1, lambda: (
+        f"{op}: expected x with at least 1 dimension and a non-empty last dim, got {shape_str(x)}"))
+    if residual is not None:
+        check_device(op, "residual", residual, dev)
+        check_dtype(op, "residual", residual, x.dtype)
+        torch._check_value(residual.shape == x.shape, lambda: (
+            f"{op}: expected residual of x's shape {shape_str(x)}, got {shape_str(residual)}"))
+    check_device(op, "weight", weight, dev)
+    check_dtype(op, "weight", weight, x.dtype)
+    torch._check_value(weight.dim() == 1 and weight.shape[0] == x.shape[-1], lambda: (
+        f"{op}: expected weight of shape [{x.shape[-1]}] (the last dim of x), got {shape_str(weight)}"))
+    torch._check_value(eps >= 0.0 and math.isfinite(eps), lambda: (
+        f"{op}: expected a finite eps >= 0, got {_fmt(float(eps))}"))
+
+
+def silu_mul(gate, up) -> None:
+    op = "llmeasyquant.silu_mul"
+    dev = gate.device
+    check_device(op, "gate", gate, dev)
+    check_float(op, "gate", gate)
+    check_device(op, "up", up, dev)
+    check_dtype(op, "up", up, gate.dtype)
+    torch._check_value(gate.dim() >= 1, lambda: f"{op}: expected gate with at least 1 dimension, got a scalar")
+    torch._check_value(up.shape == gate.shape, lambda: (
+        f"{op}: expected up of gate's shape {shape_str(gate)}, got {shape_str(up)}"))
+
+
+def decode_attention_(q, k, v, k_cache, v_cache, cos, sin, pos: int) -> tuple[int, int, int, int]:
+    """Returns (heads, kv_heads, max_pos, head_dim)."""
+    op = "llmeasyquant.decode_attention_"
+    dev = q.device
+    check_device(op, "q", q, dev)
+    check_float(op, "q", q)
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_device(op, name, t, dev)
+        check_dtype(op, name, t, q.dtype)
+    torch._check_value(k_cache.dim() == 4 and v_cache.shape == k_cache.shape and k_cache.shape[3] >= 2
+                       and k_cache.shape[3] % 2 == 0, lambda: (
+        f"{op}: expected k_cache and v_cache of one shape [batch, kv_heads, max_pos, head_dim] with an even "
+        f"head_dim, got {shape_str(k_cache)} and {shape_str(v_cache)}"))
+    torch._check_value(k_cache.is_contiguous() and v_cache.is_contiguous(), lambda: (
+        f"{op}: expected contiguous k_cache and v_cache (written in place)"))
+    B, Hkv, S, D = k_cache.shape
+    torch._check_value(q.dim() == 2 and q.shape[0] == B and q.shape[1] >= D and q.shape[1] % (Hkv * D) == 0,
+                       lambda: (f"{op}: expected q of shape [{B}, heads * {D}] with heads a multiple of "
+                                f"kv_heads={Hkv} (the caches' {shape_str(k_cache)}), got {shape_str(q)}"))
+    for name, t in (("k", k), ("v", v)):
+        torch._check_value(t.dim() == 2 and t.shape[0] == B and t.shape[1] == Hkv * D, lambda: (
+            f"{op}: expected {name} of shape [{B}, {Hkv * D}] (kv_heads * head_dim), got {shape_str(t)}"))
+    torch._check_value(0 <= pos < S, lambda: f"{op}: expected 0 <= pos < max_pos={S}, got pos={pos}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_device(op, name, t, dev)
+        check_dtype(op, name, t, torch.float32)
+        torch._check_value(t.dim() == 1 and t.shape[0] == D, lambda: (
+            f"{op}: expected {name} of shape [{D}] (head_dim), got {shape_str(t)}"))
+    return q.shape[1] // D, Hkv, S, D

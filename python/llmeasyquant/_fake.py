@@ -110,3 +110,21 @@ def _weight_only_linear_panel(x, qpanel, gparams, out_features, group_size, bias
     _checks.weight_only_linear_panel(x, qpanel, gparams, out_features, group_size, bias)
     return x.new_empty([*x.shape[:-1], out_features])
 
+
+
+@torch.library.register_fake("llmeasyquant::add_rms_norm")
+def _add_rms_norm(x, residual, weight, eps):
+    _checks.add_rms_norm(x, residual, weight, eps)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("llmeasyquant::silu_mul")
+def _silu_mul(gate, up):
+    _checks.silu_mul(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("llmeasyquant::decode_attention_")
+def _decode_attention_(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
+    _checks.decode_attention_(q, k, v, k_cache, v_cache, cos, sin, pos)
+    return q.new_empty(q.shape)

@@ -157,6 +157,36 @@ def _hadamard_transform_kernel(x, had_m, scale):
     return hadamard.transform(x, had_m, scale)
 
 
+def _add_rms_norm_kernel(x, residual, weight, eps):
+    # HF's LlamaRMSNorm after the residual add, op for op
+    _checks.add_rms_norm(x, residual, weight, eps)
+    s = x + residual if residual is not None else x.clone()
+    h = s.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), s
+
+
+def _silu_mul_kernel(gate, up):
+    _checks.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+def _rope_rows(x, cos, sin):
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def _decode_attention_kernel(q, k, v, k_cache, v_cache, cos, sin, pos, scale):
+    # float32 RoPE, the cache write, then SDPA over positions 0..pos (GQA)
+    H, Hkv, _, D = _checks.decode_attention_(q, k, v, k_cache, v_cache, cos, sin, pos)
+    B = q.shape[0]
+    k_cache[:, :, pos] = _rope_rows(k.float().reshape(B, Hkv, D), cos, sin).to(k_cache.dtype)
+    v_cache[:, :, pos] = v.reshape(B, Hkv, D)
+    qr = _rope_rows(q.float().reshape(B, H, 1, D), cos, sin)
+    out = F.scaled_dot_product_attention(qr, k_cache[:, :, :pos + 1].float(), v_cache[:, :, :pos + 1].float(),
+                                         scale=scale, enable_gqa=H != Hkv)
+    return out.reshape(B, H * D).to(q.dtype)
+
+
 def _weight_only_linear_panel_kernel(x, qpanel, gparams, out_features, group_size, bias):
     from . import panel
 
@@ -179,6 +209,11 @@ KERNELS = {
     "weight_only_linear_panel": _weight_only_linear_panel_kernel,
     # W4A8: a compiled kernel on the CPU only; this runs it on CUDA and elsewhere
     "w4a8_linear": _w4a8_linear_kernel,
+    # the decode-step glue (eval/fast_decode.py): CPU kernels; elsewhere
+    # HF's arithmetic in PyTorch ops
+    "add_rms_norm": _add_rms_norm_kernel,
+    "silu_mul": _silu_mul_kernel,
+    "decode_attention_": _decode_attention_kernel,
 }
 
 # Kept at module level: dropping the Library object would unregister the kernels.

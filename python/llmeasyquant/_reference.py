@@ -312,3 +312,45 @@ def hadamard_transform(x, had_m, scale: float, dtype=None):
     Q = torch.kron(hm, hadamard.sylvester(n // m)).to(x.device)
     y = (x.double() @ Q.T) * scale
     return y.to(x.dtype if dtype is None else dtype)
+
+
+# --------------------------------------------------------------------------
+# decode-step glue: HF's LLaMA arithmetic (modeling_llama.py), float32 inside
+# --------------------------------------------------------------------------
+def add_rms_norm(x, residual, weight, eps: float):
+    """``(weight * (s * rsqrt(mean(s^2) + eps)).to(dtype), s)`` with ``s = x +
+    residual`` in x's dtype (``s = x`` without residual): LlamaRMSNorm after
+    the residual add."""
+    _checks.add_rms_norm(x, residual, weight, eps)
+    s = x + residual if residual is not None else x.clone()
+    h = s.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype), s
+
+
+def silu_mul(gate, up):
+    """``silu(gate) * up`` in gate's dtype (LlamaMLP's ``act_fn(gate) * up``)."""
+    _checks.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+def _rotate_half_rope(x, cos, sin):
+    # HF's apply_rotary_pos_emb for one position, in float32
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def decode_attention_(q, k, v, k_cache, v_cache, cos, sin, pos: int, scale: float):
+    """One decode position: writes RoPE(k) (in the caches' dtype) and v into
+    ``k_cache`` / ``v_cache`` [B, Hkv, S, D] at ``pos`` and returns [B, H*D]
+    softmax(scale * RoPE(q) K^T) V over positions 0..pos, query head h
+    reading KV head h // (H / Hkv) (GQA); float32 arithmetic, q's dtype out."""
+    H, Hkv, _, D = _checks.decode_attention_(q, k, v, k_cache, v_cache, cos, sin, pos)
+    B = q.shape[0]
+    k_cache[:, :, pos] = _rotate_half_rope(k.float().reshape(B, Hkv, D), cos, sin).to(k_cache.dtype)
+    v_cache[:, :, pos] = v.reshape(B, Hkv, D)
+    qr = _rotate_half_rope(q.float().reshape(B, H, D), cos, sin)
+    K = k_cache[:, :, :pos + 1].float().repeat_interleave(H // Hkv, dim=1)  # [B, H, L, D]
+    V = v_cache[:, :, :pos + 1].float().repeat_interleave(H // Hkv, dim=1)
+    p = torch.softmax((K @ qr.unsqueeze(-1)).squeeze(-1) * scale, dim=-1)  # [B, H, L]
+    return (p.unsqueeze(-2) @ V).squeeze(-2).reshape(B, H * D).to(q.dtype)

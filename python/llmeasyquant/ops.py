@@ -276,3 +276,36 @@ def weight_only_linear_panel(x: torch.Tensor, qpanel: torch.Tensor, gparams: tor
     accumulation. The tensor-core kernel on CUDA (compiled, not yet validated on
     a GPU); ``panel.linear`` (PyTorch) on every other device."""
     return _ops.weight_only_linear_panel(x, qpanel, gparams, int(out_features), int(group_size), bias)
+
+
+# --------------------------------------------------------------------------
+# decode-step glue (eval/fast_decode.py): one call where HF's LLaMA code makes
+# several small ops. CPU kernels; the PyTorch kernel (_reference's HF
+# arithmetic) on every other device.
+# --------------------------------------------------------------------------
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normed, s)``: ``s = x + residual`` (x's dtype; ``x`` itself copied
+    without residual) and LlamaRMSNorm of it, ``weight * (s * rsqrt(mean(s^2)
+    + eps)).to(dtype)``, float32 inside. Rows may be strided (last dim unit
+    stride avoids a copy)."""
+    return _ops.add_rms_norm(x, residual, weight, float(eps))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (LlamaMLP's ``act_fn(gate_proj(x)) * up_proj(x)``):
+    gate and up may be the two halves of one joined output (row-strided views)."""
+    return _ops.silu_mul(gate, up)
+
+
+def decode_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int,
+                      scale: float) -> torch.Tensor:
+    """One decode position of rotate-half RoPE attention with a KV cache
+    written in place: ``q`` [B, H*D], ``k`` / ``v`` [B, Hkv*D] (views of a
+    joined q/k/v output are fine); ``k_cache`` / ``v_cache`` [B, Hkv, S, D]
+    contiguous, their dtype q's; ``cos`` / ``sin`` float32 [D], HF's table
+    row for ``pos``. Writes RoPE(k) and v at ``pos``, returns [B, H*D] =
+    softmax(scale * RoPE(q) K[:pos+1]^T) V[:pos+1] per query head (GQA:
+    head h reads KV head h // (H / Hkv))."""
+    return _ops.decode_attention_(q, k, v, k_cache, v_cache, cos, sin, int(pos), float(scale))

@@ -22,6 +22,15 @@ plain loop over the model's own submodules:
   by the model's own rotary module and K/V written into one buffer per layer
   allocated for the whole generation (no concatenation per token).
 
+* on the CPU the glue runs fused by default (``fused=None``: on for CPU
+  models): each residual add and the RMSNorm after it, SiLU(gate) * up, and
+  one decode position's RoPE + KV-cache write + attention are one op each
+  (``ops.add_rms_norm`` / ``silu_mul`` / ``decode_attention_``, C++ kernels,
+  kernels/decode_glue.cpp) instead of ~30 small ATen ops per block. Same
+  arithmetic in float32, other summation orders: within float rounding of
+  the plain loop (fp32 logits of the default model within 3e-5 over 6
+  steps), not bit-equal. ``fused=False`` keeps HF's ops, op for op.
+
 What it refuses (:func:`unsupported` says why; callers fall back to
 :func:`llmeasyquant.eval.speed.greedy_decode`): any model type outside
 :data:`DECODE_FORMS`, a block that lacks one of the modules named there, a
@@ -31,7 +40,7 @@ sequence length (``dynamic``, ``longrope``), an activation other than SiLU,
 and padded batches (every prompt row the same length, as in
 :func:`~llmeasyquant.eval.speed.greedy_decode`).
 
-Exactness: the same ops on the same shapes as HF's forward with its cache
+Exactness (``fused=False``): the same ops on the same shapes as HF's forward with its cache
 (the one difference: attention reads a view of the preallocated buffer, not
 a concatenated tensor), so the logits come out as HF's — bit for bit where
 measured (tiny LLaMA, float and SmoothQuant W8A8, AVX2, 2026-12-02) — and so
@@ -49,6 +58,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..nn import concat
 
 #: model types whose decoder blocks have LLaMA's form; the value names the
@@ -165,7 +175,7 @@ class FastDecoder:
     :meth:`forward` takes the next tokens of every row and returns the float32
     logits of their last position."""
 
-    def __init__(self, model, batch: int, max_tokens: int, join: bool = True):
+    def __init__(self, model, batch: int, max_tokens: int, join: bool = True, fused: Optional[bool] = None):
         why = unsupported(model, max_tokens)
         if why is not None:
             raise ValueError(f"FastDecoder: {why}")
@@ -209,6 +219,13 @@ class FastDecoder:
         half = self.head_dim // 2
         self.cos = cos[0]  # [max_tokens, head_dim]
         self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        # The fused glue (module docstring): CPU kernels; elsewhere the ops
+        # run HF's arithmetic op by op, so the plain loop is as good there.
+        self.fused = device.type == "cpu" if fused is None else bool(fused)
+        if self.fused:
+            with torch.no_grad():
+                cos32, sin32 = inner.rotary_emb(probe.float(), position_ids=positions)
+            self.cos32, self.sin32 = cos32[0].float().contiguous(), sin32[0].float().contiguous()
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -223,6 +240,10 @@ class FastDecoder:
             raise ValueError(f"FastDecoder.forward: {p1} positions exceed max_tokens={self.max_tokens}")
         if T > 1 and p0 > 0:
             raise ValueError("FastDecoder.forward: several tokens at once only as the first call (the prompt)")
+        if self.fused:
+            logits = self._forward_fused(ids, p0, p1)
+            self.pos = p1
+            return logits
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[p0:p1], self.signed_sin[p0:p1]  # broadcast over [B, heads, T, D]
         gqa = H != Hkv
@@ -257,6 +278,43 @@ class FastDecoder:
         h = _rms_norm(x[:, -1:], *self.final_norm)
         return self.lm_head(h)[:, -1].to(torch.float32)
 
+    def _forward_fused(self, ids: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
+        # The same dataflow as forward with the glue in single ops: each
+        # residual add rides in the next RMSNorm (``delta`` is the sublayer
+        # output still to be added to x), and one decode position's RoPE, KV
+        # write and attention are one call. The prompt (T > 1) keeps RoPE +
+        # SDPA (its glue is amortised over T tokens).
+        B, T = ids.shape
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        gqa = H != Hkv
+        x, delta = self.embed(ids), None
+        for blk, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
+            h, x = ops.add_rms_norm(x, blk.ln1_w, blk.ln1_eps, delta)
+            if blk.qkv_joined is not None:
+                qkv = blk.qkv_joined(h)
+                q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), -1)
+            else:
+                q, k, v = blk.qkv(h)
+            if blk.q_norm is not None:
+                q = ops.add_rms_norm(q.unflatten(-1, (H, D)), *blk.q_norm)[0].flatten(-2)
+                k = ops.add_rms_norm(k.unflatten(-1, (Hkv, D)), *blk.k_norm)[0].flatten(-2)
+            if T == 1:
+                attn = ops.decode_attention_(q[:, 0], k[:, 0], v[:, 0], kc, vc, self.cos32[p0], self.sin32[p0],
+                                             p0, blk.scaling).unsqueeze(1)
+            else:
+                cos, sin = self.cos[p0:p1], self.signed_sin[p0:p1]
+                q = _rope(q.reshape(B, T, H, D).transpose(1, 2), cos, sin)
+                kc[:, :, p0:p1] = _rope(k.reshape(B, T, Hkv, D).transpose(1, 2), cos, sin)
+                vc[:, :, p0:p1] = v.reshape(B, T, Hkv, D).transpose(1, 2)
+                attn = F.scaled_dot_product_attention(q, kc[:, :, :p1], vc[:, :, :p1], is_causal=True,
+                                                      scale=blk.scaling, enable_gqa=gqa)
+                attn = attn.transpose(1, 2).reshape(B, T, H * D)
+            h, x = ops.add_rms_norm(x, blk.ln2_w, blk.ln2_eps, blk.o(attn))
+            gate, up = blk.gate_up(h)
+            delta = blk.down(ops.silu_mul(gate, up))
+        h = ops.add_rms_norm(x[:, -1:], *self.final_norm, delta[:, -1:])[0]
+        return self.lm_head(h)[:, -1].to(torch.float32)
+
 
 def eos_ids(model) -> list:
     """The EOS ids greedy ``generate`` masks under ``min_new_tokens``."""
@@ -266,7 +324,7 @@ def eos_ids(model) -> list:
 
 
 @torch.no_grad()
-def greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy(model, prompt: torch.Tensor, new_tokens: int, fused: Optional[bool] = None) -> torch.Tensor:
     """``[batch, prompt + new_tokens]``: what greedy ``generate`` (and
     :func:`llmeasyquant.eval.speed.greedy_decode`) returns with
     ``min_new_tokens=new_tokens`` (EOS masked, first maximum), through
@@ -277,7 +335,7 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         raise ValueError(f"fast_decode.greedy: new_tokens must be >= 1, got {new_tokens}")
     eos = eos_ids(model)
     B, L = prompt.shape
-    dec = FastDecoder(model, B, L + new_tokens)
+    dec = FastDecoder(model, B, L + new_tokens, fused=fused)
     logits = dec.forward(prompt)
     toks = [prompt]
     for i in range(new_tokens):

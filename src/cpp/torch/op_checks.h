@@ -277,4 +277,73 @@ inline at::Tensor bias_f32(const char* op, const c10::optional<at::Tensor>& bias
   return bias->to(at::kFloat).contiguous();
 }
 
+// add_rms_norm: x float [..., n], n >= 1; residual (optional) of x's shape
+// and dtype; weight [n] of x's dtype; eps >= 0.
+inline void check_add_rms_norm_args(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& weight, double eps, const at::Device& dev) {
+  check_device(op, "x", x, dev);
+  check_float(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1,
+                    msg(op, ": expected x with at least 1 dimension and a non-empty last dim, got ", shape_str(x)));
+  if (residual.has_value()) {
+    check_device(op, "residual", *residual, dev);
+    check_dtype(op, "residual", *residual, x.scalar_type());
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), msg(op, ": expected residual of x's shape ", shape_str(x),
+                                                          ", got ", shape_str(*residual)));
+  }
+  check_device(op, "weight", weight, dev);
+  check_dtype(op, "weight", weight, x.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1),
+                    msg(op, ": expected weight of shape [", x.size(-1), "] (the last dim of x), got ", shape_str(weight)));
+  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), msg(op, ": expected a finite eps >= 0, got ", eps));
+}
+
+// silu_mul: gate, up float of one shape and dtype, at least 1 dimension.
+inline void check_silu_mul_args(const char* op, const at::Tensor& gate, const at::Tensor& up, const at::Device& dev) {
+  check_device(op, "gate", gate, dev);
+  check_float(op, "gate", gate);
+  check_device(op, "up", up, dev);
+  check_dtype(op, "up", up, gate.scalar_type());
+  TORCH_CHECK_VALUE(gate.dim() >= 1, msg(op, ": expected gate with at least 1 dimension, got a scalar"));
+  TORCH_CHECK_VALUE(up.sizes() == gate.sizes(), msg(op, ": expected up of gate's shape ", shape_str(gate), ", got ",
+                                                    shape_str(up)));
+}
+
+// decode_attention_: q [B, H*D], k / v [B, Hkv*D] of one float dtype; caches
+// [B, Hkv, S, D] contiguous, that dtype; D even; H a multiple of Hkv;
+// 0 <= pos < S; cos / sin float32 [D].
+inline void check_decode_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cos,
+                                        const at::Tensor& sin, int64_t pos, const at::Device& dev) {
+  check_device(op, "q", q, dev);
+  check_float(op, "q", q);
+  const auto dt = q.scalar_type();
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}, {"k_cache", &k_cache},
+                         {"v_cache", &v_cache}}) {
+    check_device(op, name, *t, dev);
+    check_dtype(op, name, *t, dt);
+  }
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(3) >= 2 &&
+                        k_cache.size(3) % 2 == 0,
+                    msg(op, ": expected k_cache and v_cache of one shape [batch, kv_heads, max_pos, head_dim] with "
+                        "an even head_dim, got ", shape_str(k_cache), " and ", shape_str(v_cache)));
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(),
+                    msg(op, ": expected contiguous k_cache and v_cache (written in place)"));
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK_VALUE(q.dim() == 2 && q.size(0) == B && q.size(1) >= D && q.size(1) % (Hkv * D) == 0,
+                    msg(op, ": expected q of shape [", B, ", heads * ", D, "] with heads a multiple of kv_heads=", Hkv,
+                        " (the caches' ", shape_str(k_cache), "), got ", shape_str(q)));
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k", &k}, {"v", &v}})
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) == Hkv * D,
+                      msg(op, ": expected ", name, " of shape [", B, ", ", Hkv * D, "] (kv_heads * head_dim), got ",
+                          shape_str(*t)));
+  TORCH_CHECK_VALUE(pos >= 0 && pos < S, msg(op, ": expected 0 <= pos < max_pos=", S, ", got pos=", pos));
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cos", &cos}, {"sin", &sin}}) {
+    check_device(op, name, *t, dev);
+    check_dtype(op, name, *t, at::kFloat);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == D,
+                      msg(op, ": expected ", name, " of shape [", D, "] (head_dim), got ", shape_str(*t)));
+  }
+}
+
 }  // namespace llmeq

@@ -407,6 +407,47 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& x, const c10::optional<at::T
   return shaped_result(out, x.sizes());
 }
 
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                    const at::Tensor& weight, double eps) {
+  const char* op = "llmeasyquant.add_rms_norm";
+  check_add_rms_norm_args(op, x, residual, weight, eps, kCpu);
+  const int64_t n = x.size(-1);
+  const at::Tensor xv = rows_view(x);
+  const at::Tensor rv = residual.has_value() ? rows_view(*residual) : at::Tensor();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor sum = at::empty(x.sizes(), x.options()), norm = at::empty(x.sizes(), x.options());
+  cpu::add_rms_norm(xv.data_ptr(), rv.defined() ? rv.data_ptr() : nullptr, float_type(x.scalar_type()), xv.size(0),
+                    n, xv.stride(0), rv.defined() ? rv.stride(0) : 0, w.data_ptr(), static_cast<float>(eps),
+                    sum.data_ptr(), norm.data_ptr(), nthreads());
+  return {norm, sum};
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
+  const char* op = "llmeasyquant.silu_mul";
+  check_silu_mul_args(op, gate, up, kCpu);
+  const at::Tensor gv = rows_view(gate), uv = rows_view(up);
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  cpu::silu_mul(gv.data_ptr(), uv.data_ptr(), float_type(gate.scalar_type()), gv.size(0), gv.size(1), gv.stride(0),
+                uv.stride(0), out.data_ptr(), nthreads());
+  return out;
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                                at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin, int64_t pos,
+                                double scale) {
+  const char* op = "llmeasyquant.decode_attention_";
+  check_decode_attention_args(op, q, k, v, k_cache, v_cache, cos, sin, pos, kCpu);
+  const int64_t B = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  const at::Tensor qv = rows_view(q), kv = rows_view(k), vv = rows_view(v);
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  cpu::decode_attention(qv.data_ptr(), kv.data_ptr(), vv.data_ptr(), float_type(q.scalar_type()), B, q.size(1) / D,
+                        Hkv, D, qv.stride(0), kv.stride(0), vv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), S,
+                        pos, c.data_ptr<float>(), s.data_ptr<float>(), static_cast<float>(scale), out.data_ptr(),
+                        nthreads());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
@@ -423,6 +464,9 @@ TORCH_LIBRARY_IMPL(llmeasyquant, CPU, m) {
   m.impl("w4a8_linear", &w4a8_linear_cpu);
   m.impl("w4a8_linear_packed", &w4a8_linear_packed_cpu);
   m.impl("hadamard_transform", &hadamard_transform_cpu);
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("decode_attention_", &decode_attention_cpu);
 }
 
 }  // namespace llmeq

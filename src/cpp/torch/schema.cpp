@@ -60,4 +60,17 @@ TORCH_LIBRARY(llmeasyquant, m) {
   // PyTorch kernel (panel.linear) everywhere else.
   m.def("weight_only_linear_panel(Tensor x, Tensor qpanel, Tensor gparams, int out_features, int group_size, "
         "Tensor? bias) -> Tensor");
+  // Decode-step glue of LLaMA-form decoders (eval/fast_decode.py), HF's
+  // arithmetic in one call each (kernels/decode_glue.cpp). CPU kernels; the
+  // PyTorch kernel elsewhere. add_rms_norm -> (weight * norm(x + residual),
+  // x + residual), residual None: x alone.
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // silu(gate) * up, gate and up [..., n] of one shape (views of one
+  // joined gate/up output allowed).
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  // One decode position: q [B, H*D], k / v [B, Hkv*D]; RoPE(k) and v written
+  // into the caches [B, Hkv, S, D] at pos, returns [B, H*D] attention over
+  // positions 0..pos. cos / sin float32 [D] for pos.
+  m.def("decode_attention_(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
+        "Tensor sin, int pos, float scale) -> Tensor");
 }

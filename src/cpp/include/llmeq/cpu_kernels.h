@@ -215,5 +215,29 @@ void gemm_w4a8_prepacked(int64_t M, int64_t N, int64_t K, const int8_t* a, int64
 void hadamard_transform(const void* x, FloatType t, int64_t rows, int64_t n, int64_t ldx,
                         const float* had, int64_t m, float scale, void* out, int num_threads);
 
+// ---------------------------------------------------------------------------
+// Decode-step glue (src/cpp/kernels/decode_glue.cpp): one tier for every CPU
+// ---------------------------------------------------------------------------
+// rows x n values of type t, rows ldx / ldr / ldg / ldu elements apart;
+// outputs [rows, n] contiguous, type t. fp32 arithmetic, rounding to t where
+// HF's LLaMA ops round (_reference.py has the semantics).
+// sum_out = x + residual (x alone where residual is null);
+// norm_out = weight * t(sum * rsqrt(mean(sum^2) + eps)).
+void add_rms_norm(const void* x, const void* residual, FloatType t, int64_t rows, int64_t n, int64_t ldx,
+                  int64_t ldr, const void* weight, float eps, void* sum_out, void* norm_out, int num_threads);
+// out = t(silu(gate)) * up.
+void silu_mul(const void* gate, const void* up, FloatType t, int64_t rows, int64_t n, int64_t ldg, int64_t ldu,
+              void* out, int num_threads);
+// One decode position of attention for `batch` rows: q [batch, heads * D]
+// (row stride ldq), k / v [batch, kv_heads * D] (ldk, ldv); caches
+// [batch, kv_heads, max_pos, D] contiguous. Writes RoPE(k) and v at `pos`,
+// then out [batch, heads * D] = softmax(scale * RoPE(q) K[0..pos]^T) V[0..pos]
+// per query head h over KV head h / (heads / kv_heads). cos / sin: fp32 [D],
+// this position's rotate-half RoPE table (HF's, not sign-folded).
+void decode_attention(const void* q, const void* k, const void* v, FloatType t, int64_t batch, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, int64_t ldq, int64_t ldk, int64_t ldv, void* k_cache,
+                      void* v_cache, int64_t max_pos, int64_t pos, const float* cos, const float* sin, float scale,
+                      void* out, int num_threads);
+
 }  // namespace cpu
 }  // namespace llmeq
