@@ -296,6 +296,20 @@ def _opcheck_samples():
         px = _values((rng.randint(1, 20), pk), rng.choice([torch.bfloat16, torch.float16]), rng, gen)
         out.append((ops.weight_only_linear_panel.default, (px, p.qpanel, p.gparams, pn, pg,
                                                            torch.randn(pn, generator=gen))))
+        # the decode glue: random sizes, dtypes, GQA groups, positions
+        dt, n = rng.choice(FLOATS), rng.randint(1, 70)
+        xg = _values((rng.randint(1, 5), n), dt, rng, gen)
+        out.append((ops.add_rms_norm.default, (xg, _values(xg.shape, dt, rng, gen) if rng.random() < 0.5 else None,
+                                               _values((n,), dt, rng, gen), 1e-5)))
+        gu = _values((rng.randint(1, 5), 2 * n), dt, rng, gen)
+        out.append((ops.silu_mul.default, (gu[:, :n], gu[:, n:])))
+        B, Hkv, D, S = rng.randint(1, 3), rng.randint(1, 3), 2 * rng.randint(1, 9), rng.randint(1, 20)
+        H = Hkv * rng.randint(1, 3)
+        qkv = _values((B, (H + 2 * Hkv) * D), dt, rng, gen)
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), -1)
+        kc, vc = (_values((B, Hkv, S, D), dt, rng, gen) for _ in range(2))
+        out.append((ops.decode_attention_.default, (q, k, v, kc, vc, torch.randn(D, generator=gen),
+                                                    torch.randn(D, generator=gen), rng.randrange(S), D ** -0.5)))
     return out
 
 
