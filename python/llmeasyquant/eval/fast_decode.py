@@ -290,11 +290,7 @@ class FastDecoder:
         x, delta = self.embed(ids), None
         for blk, kc, vc in zip(self.blocks, self.k_cache, self.v_cache):
             h, x = ops.add_rms_norm(x, blk.ln1_w, blk.ln1_eps, delta)
-            if blk.qkv_joined is not None:
-                qkv = blk.qkv_joined(h)
-                q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), -1)
-            else:
-                q, k, v = blk.qkv(h)
+            q, k, v = blk.qkv(h)  # joined or not: views of one output are what the ops take
             if blk.q_norm is not None:
                 q = ops.add_rms_norm(q.unflatten(-1, (H, D)), *blk.q_norm)[0].flatten(-2)
                 k = ops.add_rms_norm(k.unflatten(-1, (Hkv, D)), *blk.k_norm)[0].flatten(-2)
