@@ -28,7 +28,16 @@ PER_TENSOR = 0
 PER_ROW = -1
 
 
-def _kernels_lack(bits: int, device: torch.device) -> bool:
+def kernel(name: str):
+    """The registered op ``name`` itself (its default overload): the C++ checks
+    and kernels without this module's Python wrapper, for callers that bind
+    the arguments once and call it many times (:meth:`QLinear.bound_forward`:
+    a decode step makes ~200 calls of ~20-60 us, where a wrapper's few us
+    count)."""
+    return getattr(_ops, name).default
+
+
+def kernels_lack(bits: int, device: torch.device) -> bool:
     """Whether ``device``'s kernels lack ``bits``-bit values that the ops take on
     every device (2/3 bits on CUDA): those calls go to ``_fallback``. (No
     device-type shortcut: tests/test_fallback.py runs the CUDA rules on the CPU
@@ -60,7 +69,7 @@ def quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True, group_size:
     kernels compute float32 scales only, so this mode runs in PyTorch.
     """
     scale_dtype = scale_dtype_of(scale_dtype)
-    if scale_dtype != torch.float32 or _kernels_lack(bits, x.device):
+    if scale_dtype != torch.float32 or kernels_lack(bits, x.device):
         _checks.quantize(x, bits, symmetric, group_size, rule=_checks.ANY_DEVICE)
         return _fallback.quantize(x, bits, symmetric, group_size, scale_dtype)
     return _ops.quantize(x, bits, symmetric, group_size)
@@ -89,7 +98,7 @@ def quantize_groupwise(x: torch.Tensor, group_size: int, bits: int = 4, symmetri
 
 def quantize_static(x, scale, zero_point, bits: int = 8, group_size: int = PER_TENSOR) -> torch.Tensor:
     """Quantize with given (calibrated) scales; scales must be finite and > 0."""
-    if _kernels_lack(bits, x.device):
+    if kernels_lack(bits, x.device):
         # the values are checked where they exist (eagerly), as the kernels do
         _checks.quantize_static(x, scale, zero_point, bits, group_size, values=not torch.compiler.is_compiling(),
                                 rule=_checks.ANY_DEVICE)
@@ -98,7 +107,7 @@ def quantize_static(x, scale, zero_point, bits: int = 8, group_size: int = PER_T
 
 
 def dequantize(q, scale, zero_point, bits: int, group_size: int, K: int, dtype=torch.float32) -> torch.Tensor:
-    if _kernels_lack(bits, q.device):
+    if kernels_lack(bits, q.device):
         _checks.dequantize(q, scale, zero_point, bits, group_size, K, dtype, rule=_checks.ANY_DEVICE)
         return _fallback.dequantize_as_int8(q, scale, zero_point, bits, group_size, K, dtype)
     return _ops.dequantize(q, scale, zero_point, bits, group_size, K, dtype)
@@ -194,7 +203,7 @@ def int8_prepacked_fast() -> bool:
 def weight_only_linear(x, qw, scale, zero_point=None, bits: int = 8, group_size: int = PER_ROW,
                        bias=None) -> torch.Tensor:
     """Weight-only linear (W8A16 ... W2A16): float activations, int8 or packed weights."""
-    if _kernels_lack(bits, x.device):
+    if kernels_lack(bits, x.device):
         _checks.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias, rule=_checks.ANY_DEVICE)
         return _fallback.weight_only_linear_as_int8(x, qw, scale, zero_point, bits, group_size, bias)
     return _ops.weight_only_linear(x, qw, scale, zero_point, bits, group_size, bias)

@@ -7,10 +7,13 @@ mask and cache objects and in dozens of tiny ops per layer
 (docs/benchmarks.md, "Decode overhead"). This runs the decoder stack as one
 plain loop over the model's own submodules:
 
-* every projection (``q/k/v/o_proj``, ``gate/up/down_proj``, ``lm_head``) is
-  called as the module it is — ``nn.Linear``, ``QLinear``, with its forward
+* every projection (``q/k/v/o_proj``, ``gate/up/down_proj``, ``lm_head``)
+  runs what its module runs — ``nn.Linear``, ``QLinear``, with its forward
   hooks (the online Hadamard of a rotated model is one) — so whatever a method
-  put there runs unchanged; the one exception: where
+  put there runs unchanged; a layer without hooks is called through its
+  forward with the arguments bound once (``QLinear.bound_forward``, the
+  kernel op itself; ``F.linear`` for ``nn.Linear``): the same op on the same
+  tensors, ~15-25 us of Python less per call. The one exception: where
   :mod:`llmeasyquant.nn.concat` can join ``q/k/v_proj`` (and ``gate/up_proj``)
   into one QLinear with bit-for-bit the same outputs, one call replaces
   three (two), on a copy of their integer weights held for this decoder's
@@ -60,6 +63,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn import concat
+from ..nn.qlinear import QLinear
 
 #: model types whose decoder blocks have LLaMA's form; the value names the
 #: per-head norms the attention applies to q and k before RoPE (Qwen3)
@@ -142,15 +146,33 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * signed_sin
 
 
-def _side_by_side(parts, join: bool) -> tuple[Callable, Optional[torch.nn.Module]]:
+def _direct(module: torch.nn.Module) -> Callable:
+    """``module``'s call without its per-call Python plumbing where that
+    changes nothing: a QLinear's :meth:`~llmeasyquant.nn.qlinear.QLinear.bound_forward`
+    (its kernel op with the arguments bound), an ``nn.Linear``'s ``F.linear``
+    on its own weight and bias (what its forward does); the module itself
+    when it has hooks to run (an online rotation) or is anything else. Bound
+    for this decoder's life, as the joined layers are."""
+    if concat.hooked(module) or concat.global_hooks():
+        return module
+    if type(module) is QLinear:
+        return module.bound_forward()
+    if type(module) is torch.nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
+def _side_by_side(parts, join: bool) -> tuple[Callable, Optional[Callable]]:
     """``(call, joined)``: ``call(h)`` returns each part's output, through one
     joined QLinear where :func:`llmeasyquant.nn.concat.refusal` allows it (bit
-    for bit the same outputs; ``joined`` is that layer), else each part called
-    as itself (``joined`` None)."""
+    for bit the same outputs; ``joined`` calls that layer), else each part
+    called as itself (``joined`` None)."""
     if join and concat.refusal(parts) is None:
-        joined, sizes = concat.concat(parts), [m.out_features for m in parts]
+        joined, sizes = _direct(concat.concat(parts)), [m.out_features for m in parts]
         return (lambda h: joined(h).split(sizes, -1)), joined
-    return (lambda h: tuple(m(h) for m in parts)), None
+    calls = [_direct(m) for m in parts]
+    return (lambda h: [c(h) for c in calls]), None
 
 
 @dataclass
@@ -158,7 +180,7 @@ class _Block:
     ln1_w: torch.Tensor
     ln1_eps: float
     qkv: Callable
-    qkv_joined: Optional[torch.nn.Module]  # q/k/v as one layer (the q/k RoPE reads its output whole)
+    qkv_joined: Optional[Callable]  # q/k/v as one layer (the q/k RoPE reads its output whole)
     o: Callable
     q_norm: Optional[tuple]
     k_norm: Optional[tuple]
@@ -186,7 +208,7 @@ class FastDecoder:
         self.model = model
         self.embed = inner.embed_tokens
         self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
-        self.lm_head = model.lm_head
+        self.lm_head = _direct(model.lm_head)
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -202,12 +224,12 @@ class FastDecoder:
             qkv, qkv_joined = _side_by_side((a.q_proj, a.k_proj, a.v_proj), join)
             self.blocks.append(_Block(
                 ln1_w=layer.input_layernorm.weight, ln1_eps=layer.input_layernorm.variance_epsilon,
-                qkv=qkv, qkv_joined=qkv_joined, o=a.o_proj,
+                qkv=qkv, qkv_joined=qkv_joined, o=_direct(a.o_proj),
                 q_norm=(a.q_norm.weight, a.q_norm.variance_epsilon) if qk_norm else None,
                 k_norm=(a.k_norm.weight, a.k_norm.variance_epsilon) if qk_norm else None,
                 ln2_w=layer.post_attention_layernorm.weight,
                 ln2_eps=layer.post_attention_layernorm.variance_epsilon,
-                gate_up=_side_by_side((m.gate_proj, m.up_proj), join)[0], down=m.down_proj,
+                gate_up=_side_by_side((m.gate_proj, m.up_proj), join)[0], down=_direct(m.down_proj),
                 scaling=float(getattr(a, "scaling", self.head_dim ** -0.5))))
         shape = (batch, self.kv_heads, max_tokens, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks]

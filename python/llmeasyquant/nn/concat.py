@@ -46,9 +46,15 @@ from .qlinear import QLinear, _tensor_key
 _SAME = ("w_bits", "w_group_size", "w_symmetric", "act", "act_symmetric")
 
 
-def _hooked(m: nn.Module) -> bool:
-    # (hooks registered with_kwargs are in _forward_hooks too)
+def hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs forward hooks of its own (those registered
+    with_kwargs included)."""
     return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def global_hooks() -> bool:
+    """Whether forward hooks for every module are registered."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 def refusal(layers: Sequence[nn.Module]) -> Optional[str]:
@@ -81,9 +87,9 @@ def refusal(layers: Sequence[nn.Module]) -> Optional[str]:
         perm, p0 = mb["in_perm"], b["in_perm"]
         if (perm is None) != (p0 is None) or (perm is not None and not torch.equal(perm, p0)):
             return "input permutations (act order) differ"
-        if _hooked(m):
+        if hooked(m):
             return "a layer has forward hooks"
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if global_hooks():
         return "global forward hooks are registered"
     return None
 

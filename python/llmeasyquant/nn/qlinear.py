@@ -31,7 +31,7 @@ weight in the input's own order, so the layer stays a drop-in ``nn.Linear``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -421,6 +421,53 @@ class QLinear(nn.Module):
         out = ops.scaled_int8_gemm(qx, scale, qw, self.scales().view(-1), a_zero=None if self.act_symmetric else zero,
                                    b_sum=self._row_sums(qw), bias=bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def bound_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A callable equal to :meth:`forward` for the layer as it is now, with
+        every per-call decision taken once: for a CPU layer on a compiled
+        kernel (weight-only, dynamic W8A8, W4A8) the kernel op with its weight
+        tensors, scales, row sums and derived layout bound (``ops.kernel``),
+        else ``forward`` itself. The same op on the same tensors: the same
+        outputs, bit for bit.
+
+        Why: at decode a 135M model makes ~120 QLinear calls per token of
+        ~20-60 us each, and ``module(x)`` spends ~15-25 us of Python on top of
+        its op (nn.Module.__call__, the branches above, the ops wrapper).
+
+        Valid while the layer's tensors stay as they are (the bound ones are
+        not re-checked: rebuild it after ``set_weight``, ``load_state_dict``
+        or ``.to()``), and it is ``forward``, not ``__call__``: hooks do not
+        run (callers that honour them check for them first, as
+        ``eval.fast_decode`` does). The kernel choice (``LLMEQ_CPU_ISA``,
+        ``prepack_cpu_weights``) is the one in force now."""
+        b = self._buffers
+        qw, bias, perm = b["qweight"], b["bias"], b["in_perm"]
+        if not qw.is_cpu or torch.compiler.is_compiling():
+            return self.forward
+        K, N = self.in_features, self.out_features
+        if self.act is None and not ops.kernels_lack(self.storage_bits, qw.device):
+            op = ops.kernel("weight_only_linear")
+            args = (qw, self.scales(), b["w_zero"], self.storage_bits, self.w_group_size, bias)
+        elif self.act == "dynamic" and self.int8_gemm:
+            if self.prepack_cpu_weights and ops.int8_prepacked_fast():
+                op = ops.kernel("dynamic_quant_linear_packed")
+                args = (self._cpu_packed(qw), self.scales().view(-1), self._row_sums(qw), K, N, bias,
+                        self.act_symmetric)
+            else:
+                op = ops.kernel("dynamic_quant_linear")
+                args = (qw, self.scales().view(-1), self._row_sums(qw), bias, self.act_symmetric)
+        elif self.w4a8:
+            if self.prepack_cpu_weights and ops.w4a8_prepacked_fast(K, self.w_group_size):
+                op = ops.kernel("w4a8_linear_packed")
+                args = (*self._cpu_w4a8_packed(qw), K, N, self.w_group_size, bias)
+            else:
+                op = ops.kernel("w4a8_linear")
+                args = (qw, self.scales(), b["w_zero"], self.w_group_size, bias)
+        else:  # static / EMA activations, simulated layouts: forward's own path
+            return self.forward
+        if perm is None:
+            return lambda x: op(x, *args)
+        return lambda x: op(x.index_select(-1, perm), *args)
 
     def _count_ema_skip(self, skipped: torch.Tensor) -> None:
         self.ema_skipped += skipped.to(torch.int64)

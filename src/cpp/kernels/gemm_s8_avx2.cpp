@@ -251,39 +251,39 @@ inline void micro_small(const int16_t* a, int64_t kc16, const BRows& b, __m128i*
   for (int i = 0; i < MR; ++i) out[i] = hsum4(c[i][0], c[i][1], c[i][2], _mm256_setzero_si256());
 }
 
-// 1 row x 6 columns (two column groups at once), for M = 1: decode streams
-// every weight byte once from DRAM, and six rows in flight keep more memory
-// requests outstanding than three.  `ahead` (bytes; 0: none): each cache
-// line of the six rows also prefetches the line that far past it, i.e. the
-// same position in the next six rows.  Why: six interleaved streams of one
-// short row each (K = 576 is nine lines) end before the hardware
-// prefetchers have ramped up: a decode matrix-vector product read its
-// weights from DRAM at 8-11 GB/s of the 20-32 a plain sum reaches here, 10-13
-// with it (whole QLinear calls, Zen 3 VM, 2 threads, 2026-12-03).
-// Prefetches never fault, so a reach past the matrix would be harmless.
-inline void micro1x6(const int16_t* a, int64_t kc16, const BRows& b, const BRows& b2, int64_t ahead, __m128i* out) {
-  __m256i c[6];
-  for (auto& v : c) v = _mm256_setzero_si256();
-  auto step = [&](const int8_t* const* p, int64_t k) {
-    const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(a + k));
-    for (int j = 0; j < 6; ++j)
-      c[j] = _mm256_add_epi32(c[j], _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(
-                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[j])))));
-  };
-  int64_t k = 0;
-  for (; k < b.nfull; k += 16) {
-    const int8_t* p[6] = {b.row[0] + k, b.row[1] + k, b.row[2] + k, b2.row[0] + k, b2.row[1] + k, b2.row[2] + k};
-    if (ahead != 0 && (k & 63) == 0)
-      for (int j = 0; j < 6; ++j) _mm_prefetch(reinterpret_cast<const char*>(p[j] + ahead), _MM_HINT_T0);
-    step(p, k);
+// 1 row x 3 columns for M = 1 (decode), one weight row after the other:
+// rows are contiguous, so a task's columns are read as one sequential stream
+// (the best case for the hardware prefetchers), with a software prefetch
+// `ahead` bytes down that stream.  Why not interleave rows (more independent
+// accumulators)?  Decode is bound by DRAM bandwidth, not by the multiply
+// ports, and interleaved rows are as many short streams: K = 576 rows are nine
+// cache lines each, over before the prefetchers ramp up.  Measured on a Zen 3
+// VM, 2 threads, 150 MB of weights (2026-12-03): six rows interleaved read
+// 10.5-13 GB/s (13-17 with a prefetch of the next six rows), one row at a
+// time 16-18 GB/s and 19-22 GB/s with a prefetch 2 KiB ahead, as fast as a
+// plain float sum over the same bytes (17-19 GB/s).  Exact int32 sums: the
+// order of the columns changes nothing.
+constexpr int64_t kDecodePrefetch = 2048;
+
+inline __m128i micro1_seq(const int16_t* a, int64_t kc16, const BRows& b) {
+  __m256i c[kNR];
+  for (int j = 0; j < kNR; ++j) {
+    const int8_t* p = b.row[j];
+    __m256i acc = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k < b.nfull; k += 16) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + k + kDecodePrefetch), _MM_HINT_T0);
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + k)),
+                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                                        reinterpret_cast<const __m128i*>(p + k)))));
+    }
+    if (k < kc16)
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + k)),
+                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                                        reinterpret_cast<const __m128i*>(b.tail + 16 * j)))));
+    c[j] = acc;
   }
-  if (k < kc16) {
-    const int8_t* p[6] = {b.tail, b.tail + 16, b.tail + 32, b2.tail, b2.tail + 16, b2.tail + 32};
-    step(p, k);
-  }
-  const __m256i z = _mm256_setzero_si256();
-  out[0] = hsum4(c[0], c[1], c[2], z);
-  out[1] = hsum4(c[3], c[4], c[5], z);
+  return hsum4(c[0], c[1], c[2], _mm256_setzero_si256());
 }
 
 thread_local ThreadBuffer tl_abuf;  // per thread: widened A block, kMC x K block s16
@@ -295,7 +295,7 @@ void dot_task(int64_t m0, int64_t mr, int64_t n0, int64_t nc, int64_t N, int64_t
               const uint8_t* A, int64_t lda, const int8_t* B, int64_t ldb, const Sink& sink, int16_t* abuf,
               int32_t* part) {
   const int64_t nkb = K == 0 ? 1 : (K + kblock - 1) / kblock;
-  alignas(16) int8_t btail[2 * kNR * 16];
+  alignas(16) int8_t btail[kNR * 16];
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t k0 = kb * kblock, kc = imin(kblock, K - k0), kc16 = round_up(kc, 16);
     const bool first = kb == 0, last = kb == nkb - 1;
@@ -326,16 +326,8 @@ void dot_task(int64_t m0, int64_t mr, int64_t n0, int64_t nc, int64_t N, int64_t
       }
     };
     int64_t jn = 0;
-    if (mr == 1) {  // decode: six B rows in flight
-      for (; jn + 2 * kNR <= nc; jn += 2 * kNR) {
-        const BRows b = rows_at(n0 + jn, btail), b2 = rows_at(n0 + jn + kNR, btail + kNR * 16);
-        __m128i s[2];
-        // the next six rows of this task sit 6 * ldb bytes on (measured: one
-        // tile ahead +15-20 % from DRAM at K = 576-1536; two or four no better)
-        micro1x6(abuf, kc16, b, b2, jn + 4 * kNR <= nc ? 2 * kNR * ldb : 0, s);
-        finish(0, jn, s[0]);
-        finish(0, jn + kNR, s[1]);
-      }
+    if (mr == 1) {  // decode: one sequential stream of weight rows
+      for (; jn < nc; jn += kNR) finish(0, jn, micro1_seq(abuf, kc16, rows_at(n0 + jn, btail)));
     }
     for (; jn < nc; jn += kNR) {
       const BRows b = rows_at(n0 + jn, btail);
