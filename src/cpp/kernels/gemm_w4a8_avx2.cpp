@@ -56,6 +56,7 @@ constexpr int kNR = 4;        // weight rows per tile
 constexpr int64_t kBlock = 32;  // values per vector step (16 packed bytes)
 constexpr int64_t kChunkBlocks = 8;  // int16 blocks per widening (see the bound above)
 constexpr int64_t kRowChunkBytes = 256 * 1024;
+constexpr int64_t kDecodePrefetch = 2048;  // bytes
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -138,6 +139,11 @@ void tile(const W4a8Args& A, int64_t m0, int64_t n0, int nv, const uint8_t* cons
         __m256i av[MR];
         for (int i = 0; i < MR; ++i) av[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ar[i] + k));
         for (int j = 0; j < kNR; ++j) {
+          // Decode reads 4 short weight rows at once; they lie side by side,
+          // so a prefetch 2 KiB down the row stream is a later tile's bytes
+          // (as in gemm_s8_avx2.cpp's decode path; never faults).
+          if (!kBuffered && MR == 1 && ((k / 2) & 63) == 0)
+            _mm_prefetch(reinterpret_cast<const char*>(wr[j] + k / 2 + kDecodePrefetch), _MM_HINT_T0);
           const __m256i wv = kBuffered
                                  ? _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + j * A.K + k))
                                  : unpack_block(wr[j] + k / 2, shift, m0f, m08);
