@@ -1,7 +1,9 @@
 """Per-call cost of one QLinear at decode (M = 1) next to fp32 ``F.linear``
 and ``nn.Linear`` on the same shape, and the op called directly
 (``torch.ops.llmeasyquant.*`` on the held tensors): QLinear() minus the op is
-what our Python layer adds per call (module call, buffer reads, wrappers).
+what our Python layer adds per call (module call, buffer reads, wrappers);
+``QLinear.bound_forward()`` (what the fast decoder calls) is the op with its
+arguments bound once.
 
 Shapes: SmolLM2-135M's 576 -> 1536 (gate/up projection of the default model)
 and 64 -> 64 (kernels negligible: the fixed per-call cost). Weights hot in
@@ -45,8 +47,10 @@ def cases(K: int, N: int) -> dict:
         "nn.Linear() fp32": lambda: lin(x),
         "op dynamic_quant_linear": lambda: o.dynamic_quant_linear(x, q8.qweight, s8, w_sum, None, True),
         "QLinear() W8A8 dynamic": lambda: q8(x),
+        "QLinear.bound_forward() W8A8": (lambda f: lambda: f(x))(q8.bound_forward()),
         "op weight_only_linear": lambda: o.weight_only_linear(x, q4.qweight, s4, None, 4, q4.w_group_size, None),
         "QLinear() W4 g64": lambda: q4(x),
+        "QLinear.bound_forward() W4 g64": (lambda f: lambda: f(x))(q4.bound_forward()),
     }
 
 
