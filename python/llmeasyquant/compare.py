@@ -83,6 +83,14 @@ PRESETS = {p.name: p for p in [
     Preset("simquant-kv2-outl5-vhad", "simquant", "KV2 5% outl. V-had. chunk32",
            {"k_bits": 2, "v_bits": 2, "residual_length": 0, "outlier_fraction": 0.05, "v_hadamard": True,
             "chunk_size": 32}),
+    # the first token of every sequence kept in float (attention sink, as KVQuant and IntactKV do: most
+    # heads put much of their attention there, and its keys are outliers on every channel)
+    Preset("simquant-kv4-outl2-sink", "simquant", "KV4 2% outl. V-had. sink 1",
+           {"k_bits": 4, "v_bits": 4, "residual_length": 0, "outlier_fraction": 0.02, "v_hadamard": True,
+            "sink_tokens": 1}),
+    Preset("simquant-kv2-outl5-sink", "simquant", "KV2 5% outl. V-had. chunk32 sink 1",
+           {"k_bits": 2, "v_bits": 2, "residual_length": 0, "outlier_fraction": 0.05, "v_hadamard": True,
+            "chunk_size": 32, "sink_tokens": 1}),
 ]}
 
 # Named sets for --methods: a few-minute default, the accuracy bar, everything.
