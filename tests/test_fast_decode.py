@@ -177,3 +177,29 @@ def test_fused_glue_stays_within_rounding_of_the_plain_loop(arch, dtype, monkeyp
             nxt = a.argmax(-1, keepdim=True)
             a, b = plain.forward(nxt), fused.forward(nxt)
     assert len(calls) == 4 * len(model.model.layers)  # every decode step of every block took the fused op
+
+
+def test_projections_run_bound_unless_hooked_and_hooks_still_run():
+    # un-hooked QLinear / nn.Linear layers are called through bound kernels
+    # (QLinear.bound_forward, F.linear); a layer with a hook keeps its module
+    # call, so the hook runs at every step, and the logits are those of the
+    # HF forward (which calls every module) either way
+    model = tiny_models.build("llama", seed=5)
+    lq.quantize(model, "smoothquant", calib=[_prompt(1, 32, seed=s)[0] for s in range(2)], progress=False)
+    seen = []
+    o0 = model.model.layers[0].self_attn.o_proj
+    o0.register_forward_hook(lambda mod, inp, out: seen.append(1) or out * 1.5)
+    dec = fast_decode.FastDecoder(model, 1, 20, fused=False)
+    blk0, blk1 = dec.blocks[0], dec.blocks[1]
+    assert blk0.o is o0 and blk1.o is not model.model.layers[1].self_attn.o_proj
+    assert blk1.o.__name__ == "<lambda>" and dec.lm_head.__name__ == "<lambda>"  # bound kernel / F.linear
+    prompt = _prompt(1, seed=6)
+    ids = prompt
+    with torch.no_grad():
+        got = dec.forward(prompt)
+        for _ in range(3):
+            torch.testing.assert_close(got, model(ids, logits_to_keep=1).logits[:, -1], rtol=1e-5, atol=1e-5)
+            nxt = got.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            got = dec.forward(nxt)
+    assert len(seen) == 4 + 3  # the decoder's 4 calls, then the HF forward's 3
