@@ -95,7 +95,8 @@ def test_throughput_times_the_lean_loop_where_no_fast_one_exists():
 
 def test_lm_head_w8_option():
     """quantize(..., lm_head="w8"): after the method, the float head becomes
-    QLinear.from_linear(head, w_bits=8, act=None) (RTN W8A16), the tied input
+    QLinear.from_linear(head, w_bits=8, w_group_size=64, act=None) (RTN
+    W8A16 in groups of 64; per channel where 64 does not divide K), the tied input
     embedding stays as it was; opt-in, and refused when the method quantizes
     the head itself."""
     model = tiny_models.build("llama", seed=2)
@@ -104,11 +105,14 @@ def test_lm_head_w8_option():
     emb = model.get_input_embeddings().weight.detach().clone()
     lq.quantize(model, "absmax", act="dynamic", lm_head="w8", progress=False)
     assert isinstance(model.lm_head, lq.QLinear) and model.lm_head.act is None and model.lm_head.w_bits == 8
+    assert model.lm_head.w_group_size == 64
     assert torch.equal(model.get_input_embeddings().weight, emb)
     x = torch.randn(3, 64)
     with torch.no_grad():
-        assert torch.equal(model.lm_head(x), lq.QLinear.from_linear(head, w_bits=8, act=None)(x))
+        assert torch.equal(model.lm_head(x), lq.QLinear.from_linear(head, w_bits=8, w_group_size=64, act=None)(x))
     assert "lm_head W8A16" in model.llmeq_config.describe()
+    narrow = lq.quantize(tiny_models.build("mixtral"), "absmax", act="dynamic", lm_head="w8", progress=False)
+    assert narrow.lm_head.in_features == 32 and narrow.lm_head.w_group_size == -1  # 64 does not divide 32
     assert lq.config_for("smoothquant").lm_head is None  # the default: the head stays float
     with pytest.raises(ValueError, match=r"keep 'lm_head' in exclude \(got exclude=\[\]\)"):
         lq.config_for("absmax", lm_head="w8", exclude=())

@@ -383,10 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--option damp=0.02 (gptq); VALUE is read as JSON (80, true, [0.4, 0.6]) or else as text; "
                         "repeatable; python -c 'import llmeasyquant as lq; print(lq.config_for(\"gptq\"))' lists them")
     s.add_argument("--lm-head", choices=["float", "w8", "method"], default="float",
-                   help="the output head: float (default, the method's exclude), w8 (8-bit per-channel weights, "
-                        "float activations, like llama.cpp Q8_0's output matrix: faster decode, perplexity "
-                        "+0.08 %% on the default model, docs/benchmarks.md) or method (quantized by the method "
-                        "itself, in its layer format)")
+                   help="the output head: float (default, the method's exclude), w8 (8-bit weights in groups "
+                        "of 64, float activations, like llama.cpp Q8_0's output matrix: faster decode, perplexity "
+                        "within noise of the float head on the default model, docs/results.md) or method "
+                        "(quantized by the method itself, in its layer format)")
     s.add_argument("--out", required=True,
                    help="output folder (created; an existing llmeasyquant model folder is replaced atomically)")
     s.add_argument("--overwrite", action="store_true",

@@ -57,10 +57,12 @@ class QuantConfig:
     rotate_seed: int = 0
     rotate_online: bool = True
     # the output head after the method: None keeps what exclude says (float by
-    # default); "w8" quantizes it to 8-bit per-channel symmetric weights, float
-    # activations (RTN, W8A16; llama.cpp's Q8_0 files hold the output matrix in
-    # 8 bits too): on the 135M default model decode ~1.1x faster, perplexity
-    # +0.08 % (docs/benchmarks.md). Opt-in: no method's default changes.
+    # default); "w8" quantizes it to 8-bit symmetric weights in groups of 64
+    # inputs (per channel where 64 does not divide them), float activations
+    # (RTN, W8A16; llama.cpp's Q8_0 files hold the output matrix in 8 bits
+    # too): on the 135M default model decode ~1.5-1.8x faster at W8A8, perplexity
+    # within noise of the float head (docs/results.md). Opt-in: no method's
+    # default changes.
     lm_head: Optional[str] = None
 
     def __post_init__(self):
