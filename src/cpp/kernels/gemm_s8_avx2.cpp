@@ -254,7 +254,7 @@ inline void micro_small(const int16_t* a, int64_t kc16, const BRows& b, __m128i*
 // 1 row x 3 columns for M = 1 (decode), one weight row after the other:
 // rows are contiguous, so a task's columns are read as one sequential stream
 // (the best case for the hardware prefetchers), with a software prefetch
-// `ahead` bytes down that stream.  Why not interleave rows (more independent
+// kDecodePrefetch bytes down that stream.  Why not interleave rows (more independent
 // accumulators)?  Decode is bound by DRAM bandwidth, not by the multiply
 // ports, and interleaved rows are as many short streams: K = 576 rows are nine
 // cache lines each, over before the prefetchers ramp up.  Measured on a Zen 3

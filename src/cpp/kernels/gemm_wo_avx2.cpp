@@ -256,7 +256,7 @@ void tile(const WoArgs& a, const float* xs, int64_t ldx, int64_t m0, int64_t n0,
       // Decode (MR = 1) streams NR short weight rows at once from DRAM, which
       // the hardware prefetchers do not follow in time: each row's next cache
       // line in the next tile (NR rows on) is asked for when this tile's
-      // chunk starts a line, as gemm_s8_avx2.cpp's micro1x6 does (prefetches
+      // chunk starts a line, as gemm_s8_avx2.cpp's M = 1 kernel once did (prefetches
       // never fault, so a reach past the matrix is harmless).
       if constexpr (FOLD) {
         const int64_t byte = k * BITS / 8;
