@@ -249,3 +249,12 @@ def test_bench_decode_call_runs():
                         "--calls", "2", "--shapes", "64x64"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| QLinear() W8A8 dynamic |" in r.stdout and "| QLinear() W4 g64 |" in r.stdout
+    assert "| QLinear.bound_forward() W8A8 |" in r.stdout
+
+
+def test_bench_decode_gemv_runs():
+    # (2 MB instead of the 100+ that make it a DRAM measurement: this only checks that it runs)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode_gemv.py"), "--rounds", "1",
+                        "--mbytes", "2", "--k", "576", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| W8A8 dynamic (int8 GEMV) |" in r.stdout and "| float sum (ceiling) |" in r.stdout
