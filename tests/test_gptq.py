@@ -232,3 +232,75 @@ def test_errors():
         gptq_quantize(W, -H - torch.eye(24), bits=4, damp=0.0)
     # block_size not dividing K is fine
     assert gptq_quantize(W, H, bits=4, group_size=8, block_size=7).q.shape == (4, 24)
+
+
+def test_stacked_rows_solve_as_separate_layers():
+    """Rows are independent given H: one solve of stacked weights (what the
+    model driver does for linears that read the same input) gives each
+    linear's codes and scales as its own solve (scales up to float rounding
+    of the lazy update where group scales come from updated weights)."""
+    g = torch.Generator().manual_seed(5)
+    K = 96
+    X = torch.randn(512, K, generator=g) * torch.rand(K, generator=g) * 3
+    H = X.double().T @ X.double()
+    Ws = [torch.randn(n, K, generator=g) for n in (40, 8, 8)]
+    for act_order in (True, False):
+        alone = [gptq_quantize(W, H, bits=4, group_size=32, act_order=act_order) for W in Ws]
+        both = gptq_quantize(torch.cat(Ws), H, bits=4, group_size=32, act_order=act_order)
+        assert torch.equal(both.q, torch.cat([r.q for r in alone]))
+        assert torch.allclose(both.scale, torch.cat([r.scale for r in alone]), rtol=1e-6, atol=0)
+        assert torch.equal(both.zero_point, torch.cat([r.zero_point for r in alone]))
+
+
+def test_model_driver_solves_shared_input_linears_together():
+    """On a real (tiny) Llama, q/k/v and gate/up form one unit each, o and
+    down are alone, and block 0's quantized linears equal per-linear GPTQ
+    solves from that block's float inputs (the driver's single Hessian per
+    unit is the Hessian each of its linears would have had)."""
+    import copy
+
+    import llmeasyquant as lq
+    import tiny_models
+    from llmeasyquant.methods._common import quantized_from
+    from llmeasyquant.methods.gptq import GPTQConfig, shared_input_units
+    from llmeasyquant.models.extract import extract
+    from llmeasyquant.pipeline import BlockContext
+    from llmeasyquant.sharding import Shard
+
+    model = tiny_models.build("llama", seed=3)
+    spec = extract(model)
+    names = list(spec.linears_of(0))
+    ctx = BlockContext(index=0, key="model.layers.0", block=model.model.layers[0], names=names, shard=Shard(),
+                       batches=1)
+    units = shared_input_units(spec, ctx)
+    assert units == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+    assert shared_input_units(spec, BlockContext(index=0, key="model.layers.0", block=ctx.block,
+                                                 names=["self_attn.k_proj", "mlp.down_proj"], shard=Shard(),
+                                                 batches=1)) == [("self_attn.k_proj",), ("mlp.down_proj",)]
+
+    calib = [torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    float_model = copy.deepcopy(model)
+    H = {n: torch.zeros(64, 64, dtype=torch.float64) for n in names if n != "mlp.down_proj"}
+    block = float_model.model.layers[0]
+
+    def gram(n, x):
+        x = x.reshape(-1, 64).double()
+        H[n].add_(x.T @ x)
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: gram(n, a[0])) for n in H]
+    with torch.no_grad():
+        for ids in calib:
+            float_model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    lq.quantize(model, "gptq", calib=calib, progress=False, w_bits=4, w_group_size=16)
+    cfg = GPTQConfig(w_bits=4, w_group_size=16)
+    for n in H:
+        r = gptq_quantize(block.get_submodule(n).weight.detach().float(), H[n], bits=4, group_size=16,
+                          act_order=cfg.act_order)
+        want = quantized_from(block.get_submodule(n), cfg, r.q, r.scale, r.zero_point)
+        got = model.model.layers[0].get_submodule(n)
+        assert torch.equal(got.qweight, want.qweight), n
+        assert torch.equal(got.w_zero, want.w_zero), n
+        assert torch.allclose(got.w_scale, want.w_scale, rtol=1e-6, atol=0), n

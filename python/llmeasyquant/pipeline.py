@@ -154,6 +154,16 @@ class BlockContext:
         mine = self.shard.assign(list(full), list(costs))
         return {full[p] for p in mine}
 
+    def assign_units(self, units: Sequence[Sequence[str]], costs: Sequence[float]) -> set[str]:
+        """As :meth:`assign`, for units of names one rank handles together:
+        the first names of the units this rank owns; every name of a unit
+        gets the unit's owner (the driver gathers each name from it)."""
+        mine = self.assign([u[0] for u in units], costs)
+        for u in units:
+            for n in u[1:]:
+                self.shard.owner[self.path(n)] = self.shard.owner[self.path(u[0])]
+        return mine
+
 
 class BlockHooks:
     """What a blockwise method supplies; the driver calls, in this order per
