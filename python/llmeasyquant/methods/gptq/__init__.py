@@ -62,7 +62,7 @@ def shared_input_units(spec: ModelSpec, ctx: BlockContext) -> list[tuple[str, ..
     units, seen = [], set()
     for g in spec.groups_of(ctx.index):
         unit = tuple(n for n in g.linears if n in wanted and n not in seen)
-        if len(unit) > 1 and len({weight_nk(ctx.module(n)).shape[1] for n in unit}) == 1:
+        if len(unit) > 1:
             units.append(unit)
             seen.update(unit)
     units += [(n,) for n in ctx.names if n not in seen]
@@ -107,6 +107,7 @@ class _GPTQHooks(BlockHooks):
                     for n, mod in zip(unit, mods):
                         swap(ctx.block, n, to_qlinear(mod, cfg))
                 continue
+            sizes = [weight_nk(mod).shape[0] for mod in mods]
             with ctx.shard.phase(ctx.path(k), "load"):
                 W = torch.cat([weight_nk(mod).float() for mod in mods])
             with ctx.shard.phase(ctx.path(k), "quant"):
@@ -114,11 +115,9 @@ class _GPTQHooks(BlockHooks):
                                   symmetric=cfg.w_symmetric, block_size=cfg.block_size, damp=cfg.damp,
                                   act_order=cfg.act_order, scale_dtype=scale_dtype_of(cfg.w_scale_dtype),
                                   clip=ClipSearch() if cfg.clip_search else None)
-                start = 0
-                for n, mod in zip(unit, mods):
-                    rows = slice(start, start + weight_nk(mod).shape[0])
-                    start = rows.stop
-                    swap(ctx.block, n, quantized_from(mod, cfg, r.q[rows], r.scale[rows], r.zero_point[rows]))
+                for n, mod, q, scale, zero in zip(unit, mods, r.q.split(sizes), r.scale.split(sizes),
+                                                  r.zero_point.split(sizes)):
+                    swap(ctx.block, n, quantized_from(mod, cfg, q, scale, zero))
         self.hessians.clear()
 
 
