@@ -87,3 +87,32 @@ def test_cli_compare_on_a_local_folder(tmp_path, capsys, one_thread):
     assert (tmp_path / "o" / "compare.md").exists()
     assert cli.main(["compare", str(tmp_path / "m"), "--methods", "nope"]) == 2
     assert "unknown method preset" in capsys.readouterr().err
+
+
+def test_other_texts_get_their_own_columns(tmp_path, one_thread):
+    from llmeasyquant.eval.perplexity import perplexity, tokenize_file
+
+    legal = tmp_path / "legal.txt"
+    legal.write_text("The licensee shall not sublicense the work, except as expressly provided. " * 60)
+    presets = resolve_methods("float,rtn-w4-g64")
+    rows = run_compare(_loader, presets, out_dir=str(tmp_path / "o"), speed=False, texts={"legal": str(legal)},
+                       **KW)
+    model, tok = _loader()
+    want = perplexity(model, ids=tokenize_file(tok, str(legal)), seq_len=64, max_windows=2, progress=False).ppl
+    assert rows[0]["texts"]["legal"]["ppl"] == pytest.approx(want, rel=1e-6)
+    assert rows[0]["texts"]["legal"]["delta_pct"] is None
+    q = rows[1]["texts"]["legal"]
+    assert q["delta_pct"] == pytest.approx(100 * (q["ppl"] - want) / want, rel=1e-6)
+    assert q["ppl"] != rows[1]["ppl"]  # scored on the other text, not the test file
+    md = (tmp_path / "o" / "compare.md").read_text()
+    assert "| legal ppl | legal Δ% |" in md and "legal: legal.txt, 2 windows" in md
+    assert f"{q['delta_pct']:+.2f}" in md
+    with open(tmp_path / "o" / "compare.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert float(table[1]["ppl_legal"]) == pytest.approx(q["ppl"]) and table[0]["delta_pct_legal"] == ""
+
+
+def test_cli_text_flag_is_checked_before_loading(tmp_path, capsys):
+    for spec, msg in [("legal", "expects NAME=FILE"), (f"x={tmp_path / 'none.txt'}", "no such file")]:
+        assert cli.main(["compare", str(tmp_path / "not-a-model"), "--methods", "float", "--text", spec]) == 2
+        assert msg in capsys.readouterr().err

@@ -94,6 +94,21 @@ def bench_options(args: argparse.Namespace) -> dict:
                 tokens=parse_tokens(args.tokens), ops=args.ops)
 
 
+def _named_texts(specs: list[str] | None) -> dict[str, str]:
+    """--text NAME=FILE (repeated) -> {NAME: FILE}, every file checked before any model loads."""
+    out = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--text expects NAME=FILE (e.g. legal=licenses.txt), got {spec!r}")
+        if name in out:
+            raise ValueError(f"--text: the name {name!r} is given twice")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--text {spec}: no such file: {path}")
+        out[name] = path
+    return out
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     import shlex
 
@@ -103,6 +118,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .models import load_model
 
     presets = resolve_methods(args.methods)
+    texts = _named_texts(args.text)
     if args.out:
         from .outdir import check_writable_folder
 
@@ -116,7 +132,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                        speed=not args.no_speed, resume=args.resume, progress=not args.quiet,
                        command="llmeasyquant " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                       model_name=args.model)
+                       model_name=args.model, texts=texts)
     print(format_table(rows))
     print(f"\n({rows[0]['protocol']}; {time.perf_counter() - t0:.0f} s in all"
           + (f"; written to {args.out}/compare.{{md,csv,json}})" if args.out else ")"))
@@ -233,14 +249,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.perplexity import perplexity, tokenize_file
     from .io import load_any
 
+    text = args.text or default_eval_file()
+    if not os.path.isfile(text):  # before loading a model for minutes
+        raise FileNotFoundError(f"--text: no such file: {text}" if args.text else
+                                f"WikiText-2 raw test not found at {text} (set LLMEQ_DATA_DIR, or pass --text FILE)")
     model, tok = load_any(args.model, trust_remote_code=args.trust_remote_code)
     want = {k for k in ("ppl", "memory", "speed") if getattr(args, k)} or {"ppl", "memory", "speed"}
-    ids = tokenize_file(tok, default_eval_file())
+    ids = tokenize_file(tok, text)
     cfg = getattr(model, "llmeq_config", None)
     print(f"{args.model}: {cfg.describe() if cfg is not None else 'float model'}")
     if "ppl" in want:
-        r = perplexity(model, ids=ids, seq_len=args.seq_len,
-                             max_windows=None if args.max_windows == 0 else args.max_windows, progress=not args.quiet)
+        r = perplexity(model, ids=ids, path=text, seq_len=args.seq_len,
+                       max_windows=None if args.max_windows == 0 else args.max_windows, progress=not args.quiet)
         print(f"  perplexity {r.ppl:.3f}  ({r.protocol()})")
     if "memory" in want:
         m = model_memory(model)
@@ -351,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-windows", type=WINDOWS, default=16,
                    help="evaluate the first N windows of the test file (0 = the whole file; default 16)")
     s.add_argument("--seq-len", type=SEQ_LEN, default=2048, help="tokens per perplexity window (default 2048)")
+    s.add_argument("--text", action="append", metavar="NAME=FILE",
+                   help="also score every model on this text (repeatable): perplexity and Δ%% columns named "
+                        "NAME, the same window count; how methods calibrated on WikiText do on other text")
     s.add_argument("--calib-samples", type=COUNT, default=128, help="calibration sequences (default 128)")
     s.add_argument("--calib-seq-len", type=SEQ_LEN, default=512, help="tokens per calibration sequence (default 512)")
     s.add_argument("--out", default=None, help="folder for compare.md/.csv/.json (rewritten after each method)")
@@ -464,11 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", parents=[common, trust], help="perplexity, memory and tokens/s of a model or a saved quantized folder",
                        description="Evaluate a model (local HF folder, .gguf, 'smollm2-135m') or a folder written "
-                                   "by `llmeasyquant quantize`: WikiText-2 perplexity, bytes held, tokens/s "
-                                   "(all three unless some are named).",
+                                   "by `llmeasyquant quantize`: perplexity (WikiText-2 raw test, or --text FILE), "
+                                   "bytes held, tokens/s (all three unless some are named).",
                        epilog="example: llmeasyquant eval smollm2-awq --ppl --max-windows 8")
     s.add_argument("model", help="model or saved quantized folder")
-    s.add_argument("--ppl", action="store_true", help="perplexity on WikiText-2 raw test")
+    s.add_argument("--ppl", action="store_true", help="perplexity (on --text)")
+    s.add_argument("--text", default=None,
+                   help="text file for perplexity and the speed prompt (default: WikiText-2 raw test)")
     s.add_argument("--memory", action="store_true", help="bytes held by the linear layers and the model")
     s.add_argument("--speed", action="store_true", help="prefill / decode tokens per second")
     s.add_argument("--prefill-tokens", type=COUNT, default=512, help="speed: tokens per prefill forward (default 512)")

@@ -130,16 +130,27 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _text_names(rows: list[dict]) -> list[str]:
+    """The other texts (``--text NAME=FILE``) the rows were scored on, in order."""
+    return list(rows[0].get("texts", {})) if rows else []
+
+
+def _delta(d) -> str:
+    return "—" if d is None else f"{d:+.2f}"
+
+
 def _row_table(rows: list[dict]) -> str:
     def fmt(v, nd=2):
         return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
-    lines = ["| method | bits | perplexity | Δ% vs float | linear MiB | total MiB | prefill tok/s | decode tok/s "
-             "| calib s | quantize s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    names = _text_names(rows)
+    extra_head = "".join(f" {n} ppl | {n} Δ% |" for n in names)
+    lines = ["| method | bits | perplexity | Δ% vs float |" + extra_head + " linear MiB | total MiB | prefill tok/s "
+             "| decode tok/s | calib s | quantize s |", "|---" * (10 + 2 * len(names)) + "|"]
     for r in rows:
-        d = r.get("delta_pct")
-        lines.append(f"| {r['method']} | {r['bits']} | {fmt(r['ppl'])} | "
-                     f"{'—' if d is None else f'{d:+.2f}'} | {fmt(r['linear_MiB'], 1)} | {fmt(r['total_MiB'], 1)} | "
+        extra = "".join(f" {fmt(r['texts'][n]['ppl'])} | {_delta(r['texts'][n].get('delta_pct'))} |" for n in names)
+        lines.append(f"| {r['method']} | {r['bits']} | {fmt(r['ppl'])} | {_delta(r.get('delta_pct'))} |{extra} "
+                     f"{fmt(r['linear_MiB'], 1)} | {fmt(r['total_MiB'], 1)} | "
                      f"{fmt(r.get('prefill_tok_s'), 0)} | {fmt(r.get('decode_tok_s'), 1)} | "
                      f"{fmt(r.get('calib_s'), 1)} | {fmt(r.get('quant_s'), 1)} |")
     return "\n".join(lines)
@@ -177,10 +188,12 @@ def write_outputs(rows: list[dict], meta: dict, out_dir: str) -> dict:
     paths = {k: os.path.join(out_dir, f"compare.{k}") for k in ("md", "csv", "json")}
     _atomic_write(paths["json"], json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS + ["protocol"], extrasaction="ignore")
+    names = _text_names(rows)
+    text_cols = [f"{k}_{n}" for n in names for k in ("ppl", "delta_pct")]
+    w = csv.DictWriter(buf, fieldnames=COLUMNS + text_cols + ["protocol"], extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        w.writerow({**r, **{f"{k}_{n}": r["texts"][n].get(k) for n in names for k in ("ppl", "delta_pct")}})
     _atomic_write(paths["csv"], buf.getvalue())
     md = [f"# {meta['model']}: methods compared", "", _row_table(rows), "",
           f"Protocol: {meta['protocol']}.", f"Calibration: {meta['calibration']}.",
@@ -193,9 +206,14 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
                 seq_len: int = 2048, max_windows: Optional[int] = None, calib_samples: int = 128,
                 calib_seq_len: int = 512, speed: bool = True, speed_prefill_tokens: int = 512,
                 resume: bool = False, progress: bool = True,
-                command: str = "", model_name: str = "") -> list[dict]:
+                command: str = "", model_name: str = "", texts: Optional[dict[str, str]] = None) -> list[dict]:
     """Quantize + evaluate each preset on a fresh copy of the float model.
-    ``model_loader()`` -> (model, tokenizer). Returns the rows (float first)."""
+    ``model_loader()`` -> (model, tokenizer). Returns the rows (float first).
+
+    ``texts``: name -> text file, other texts each model is also scored on
+    (the same windows rule as the test file; ``row["texts"][name]`` holds
+    ``ppl`` and ``delta_pct``): how a method calibrated on WikiText does on
+    text of other kinds."""
     from .calibration import calibration_batches
     from . import plots
     from .data import default_eval_file
@@ -211,6 +229,14 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
     windows = (ids.numel() // seq_len) if max_windows is None else min(max_windows, ids.numel() // seq_len)
     protocol = (f"WikiText-2 raw test ({os.path.basename(eval_file)}), {windows} non-overlapping windows "
                 f"x {seq_len} tokens{' (whole file)' if max_windows is None else ''}, fp32 logits")
+    other = {}  # name -> (ids, windows)
+    for name, path in (texts or {}).items():
+        t_ids = tokenize_file(tok, path)
+        t_win = t_ids.numel() // seq_len if max_windows is None else min(max_windows, t_ids.numel() // seq_len)
+        if t_win < 1:
+            raise ValueError(f"--text {name}={path}: {t_ids.numel()} tokens, fewer than one window of {seq_len}")
+        other[name] = (t_ids, t_win)
+        protocol += f"; {name}: {os.path.basename(path)}, {t_win} windows"
     meta = {"model": model_name, "protocol": protocol,
             "calibration": f"{calib_samples} x {calib_seq_len} tokens of WikiText-2 validation (wiki.valid.tokens)",
             "speed": f"prefill: one forward of {speed_prefill_tokens} tokens; decode: 32 greedy tokens after a "
@@ -225,13 +251,11 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
         done = {r["method"]: r for r in old.get("rows", []) if r.get("protocol") == protocol}
     calib = None
     rows: list[dict] = []
-    float_ppl = None
     for p in tqdm(presets, desc="methods", disable=not progress):
         if p.name in done:
             if p.method is None and not done[p.name].get("weight_hist"):  # a row from before the histograms
                 done[p.name]["weight_hist"] = plots.weight_histogram(float_w, *hist_range)
             rows.append(done[p.name])
-            float_ppl = rows[-1]["ppl"] if p.method is None else float_ppl
             continue
         model = base if p.method is None else copy.deepcopy(base)
         calib_s = quant_s = None
@@ -246,30 +270,42 @@ def run_compare(model_loader: Callable, presets: list[Preset], *, out_dir: Optio
                      progress=progress, **p.options)
             quant_s = time.perf_counter() - t0
         res = perplexity(model, ids=ids, seq_len=seq_len, max_windows=windows, progress=progress)
+        row_texts = {name: {"ppl": perplexity(model, ids=t_ids, seq_len=seq_len, max_windows=t_win,
+                                              progress=progress).ppl}
+                     for name, (t_ids, t_win) in other.items()}
         mem = model_memory(model)
         hist = plots.weight_histogram(plots.layer_weight(model, plot_layer), *hist_range)
         row = {"method": p.name, "bits": p.bits, "ppl": res.ppl, "tokens": res.tokens,
                "linear_MiB": mem["linear"] / 2**20, "total_MiB": mem["total"] / 2**20,
                "calib_s": calib_s, "quant_s": quant_s, "protocol": protocol,
-               "options": {"method": p.method, **p.options}, "weight_hist": hist}
+               "options": {"method": p.method, **p.options}, "weight_hist": hist, "texts": row_texts}
         if speed:
             sp = throughput(model, ids, prefill_tokens=speed_prefill_tokens)
             row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s)
-        if p.method is None:
-            float_ppl = res.ppl
         rows.append(row)
-        for r in rows:
-            r["delta_pct"] = None if float_ppl is None or r["method"] == "float" else \
-                100.0 * (r["ppl"] - float_ppl) / float_ppl
+        _set_deltas(rows)
         if out_dir:
             write_outputs(rows, meta, out_dir)
         del model
-    for r in rows:
-        r["delta_pct"] = None if r["method"] == "float" else 100.0 * (r["ppl"] - float_ppl) / float_ppl
+    _set_deltas(rows)
     if out_dir:
         write_outputs(rows, meta, out_dir)
         write_report(rows, meta, out_dir)
     return rows
+
+
+def _set_deltas(rows: list[dict]) -> None:
+    """Δ% of each row against the float row, on the test file and each other text (None until float is in)."""
+    base = next((r for r in rows if r["method"] == "float"), None)
+
+    def pct(ppl, ref):
+        return None if ref is None else 100.0 * (ppl - ref) / ref
+
+    for r in rows:
+        own = r["method"] == "float" or base is None
+        r["delta_pct"] = None if own else pct(r["ppl"], base["ppl"])
+        for name, t in r.get("texts", {}).items():
+            t["delta_pct"] = None if own else pct(t["ppl"], base["texts"][name]["ppl"])
 
 
 def _environment() -> str:

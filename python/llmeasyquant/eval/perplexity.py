@@ -34,10 +34,10 @@ class PerplexityResult:
     seq_len: int
     stride: int
     dtype: str
-    source: str
+    source: str  # the text file scored, or "ids" when the caller tokenized it
 
     def protocol(self) -> str:
-        return (f"wikitext-2 raw test ({self.source}), {self.windows} windows x {self.seq_len} tokens, "
+        return (f"{self.source}, {self.windows} windows x {self.seq_len} tokens, "
                 f"stride {self.stride}, {self.tokens} predicted tokens, {self.dtype}")
 
     def to_dict(self) -> dict:
