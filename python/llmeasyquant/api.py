@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .calibration import calibration_batches
+from .calibration import GENERATED, calibration_batches, generated_batches
 from .log import logger
 from .methods import QuantConfig, config_for, method_for
 from .models.extract import extract
@@ -19,7 +19,15 @@ from .pipeline import PipelineReport
 from .sharding import Shard
 
 
-def _calibration(config: QuantConfig, calib, tokenizer) -> list[torch.Tensor]:
+def _calibration(config: QuantConfig, calib, tokenizer, model: nn.Module, shard) -> list[torch.Tensor]:
+    if isinstance(calib, str) and calib == GENERATED:
+        if tokenizer is None:
+            raise ValueError(f"{config.method}: calib='generated' needs tokenizer= (to pick the first tokens)")
+        if shard.world > 1:
+            # ranks sampling on their own could draw different text; one process must write it for all
+            raise ValueError("calib='generated' is not supported across ranks: generate once with "
+                             "llmeasyquant.calibration.generated_batches and pass the token tensors as calib=")
+        return generated_batches(model, tokenizer, n_samples=config.n_calib, seq_len=config.calib_seq_len)
     if calib is not None and not isinstance(calib, (str, list, tuple)):
         raise TypeError(f"calib must be a file path, a list of strings or a list of token tensors, got {type(calib)}")
     if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], torch.Tensor):
@@ -76,8 +84,10 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
     ``awq``, ``simquant``, ``mixed``, and any registered with
     ``llmeasyquant.methods.register_method``) with ``options`` overriding its
     config fields, or a config object. ``calib``: a text file, a list of
-    strings, or a list of token-id tensors; default WikiText-2 validation
-    (needs ``tokenizer``). Linears named in ``exclude`` (default ``lm_head``)
+    strings, a list of token-id tensors, or ``"generated"`` (text the float
+    model samples itself, :func:`llmeasyquant.calibration.generated_batches`:
+    no data needed, and less fitted to one kind of text); default WikiText-2
+    validation (needs ``tokenizer``). Linears named in ``exclude`` (default ``lm_head``)
     stay float. ``shard``: a :class:`llmeasyquant.distributed.ProcessShard` to
     split the work over torch.distributed ranks (see
     :func:`llmeasyquant.distributed.quantize`); every rank ends with the same
@@ -94,12 +104,13 @@ def quantize(model: nn.Module, method_or_config: str | QuantConfig = "smoothquan
         config = config_for(method_or_config, **options)
     method = method_for(config.method)
     spec = extract(model)
+    shard = shard or Shard()
+    needs = method.needs_calibration(config)
+    # before the rotation: text the model generates comes from the model as given
+    batches = _calibration(config, calib, tokenizer, model, shard) if needs else []
     if ensure_rotated(model, config.rotate, spec, seed=config.rotate_seed, online=config.rotate_online,
                       who=config.method):
         spec = extract(model)  # the folds the rotation leaves
-    needs = method.needs_calibration(config)
-    batches = _calibration(config, calib, tokenizer) if needs else []
-    shard = shard or Shard()
     if needs:
         # every rank tokenizes the same windows (seeded); data-parallel keeps its share
         batches = shard.local_batches(batches)

@@ -183,6 +183,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.distributed:
         from .distributed.command import quantize_distributed
 
+        if args.calib == "generated":
+            raise ValueError("--calib generated is not supported with --distributed (ranks sampling on their own "
+                             "could write different text); run it in one process")
+
         report = quantize_distributed(model=args.model, method=args.method, out=args.out, calib=args.calib,
                                       data_parallel=args.data_parallel, backend=args.backend, device=args.device,
                                       timeout_s=args.timeout, breakdown=args.breakdown, overwrite=args.overwrite,
@@ -399,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation quantization (none = weight-only)")
     s.add_argument("--w-scale-dtype", choices=["float32", "float16"], default=None,
                    help="dtype of the weight scales held (method default: float32; mixed: float16)")
-    s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
+    s.add_argument("--calib", default=None,
+                   help="calibration text file, or 'generated': text the float model samples itself (no data "
+                        "needed; ./generated for a file of that name) (default: WikiText-2 validation)")
     s.add_argument("--calib-samples", type=COUNT, default=None, help="calibration sequences (method default)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other field of the method's config, e.g. --option iters=80 (autoround), "
