@@ -77,3 +77,15 @@ def test_cli_quantize_calib_generated(tmp_path, capsys, one_thread):
     assert cli.main(args + ["--out", str(tmp_path / "q2"), "--distributed"]) == 2
     assert "not supported with --distributed" in capsys.readouterr().err
     assert not (tmp_path / "q2").exists()
+
+
+def test_search_draws_calibration_and_probe_from_the_model(one_thread):
+    from llmeasyquant.search import calibration_and_probe
+
+    model, tok = _model()
+    calib, probe = calibration_and_probe(tok, "generated", 2, 1, 10, model)
+    assert len(calib) == 2 and len(probe) == 1 and all(t.shape == (1, 10) for t in calib + probe)
+    assert not torch.equal(probe[0], calib[0])  # held out: another seed
+    assert torch.equal(calib[0], generated_batches(model, tok, n_samples=2, seq_len=10, progress=False)[0])
+    with pytest.raises(ValueError, match="needs the model"):
+        calibration_and_probe(tok, "generated", 2, 1, 10)

@@ -231,7 +231,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     batches, probe = calibration_and_probe(tok, args.calib, args.calib_samples, args.probe_samples,
-                                           args.calib_seq_len)
+                                           args.calib_seq_len, model)
     s = Searcher(model, batches, bits=bits, group_size=args.group_size, base=args.base, probe_batches=probe,
                  scale_dtype=args.scale_dtype, progress=not args.quiet, rotate="hadamard" if args.rotate else None)
     budget_bytes = None if args.budget_mib is None else int(args.budget_mib * 2**20)
@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-dtype", choices=["float16", "float32"], default="float16",
                    help="dtype the candidates hold their scales in (default float16: 0.25 bits per weight less "
                         "than float32 at group 64)")
-    s.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
+    s.add_argument("--calib", default=None,
+                   help="calibration text file, or 'generated' (text the float model samples itself) "
+                        "(default: WikiText-2 validation)")
     s.add_argument("--calib-samples", type=int, default=16,
                    help="calibration sequences for the candidates (GPTQ Hessians; default 16)")
     s.add_argument("--probe-samples", type=int, default=4,

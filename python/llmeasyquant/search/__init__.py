@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import calibration_batches, observe_model
+from ..calibration import GENERATED, calibration_batches, generated_batches, observe_model
 from ..log import logger
 from ..methods._common import swap, target_paths
 from ..models.extract import extract
@@ -254,7 +254,7 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
         if tokenizer is None:
             raise ValueError("search needs calibration data: pass tokenizer= (to tokenize text) or calib= as a "
                              "list of token tensors")
-        batches, probe = calibration_and_probe(tokenizer, calib, n_calib, n_probe, calib_seq_len)
+        batches, probe = calibration_and_probe(tokenizer, calib, n_calib, n_probe, calib_seq_len, model)
     s = Searcher(model, batches, bits=bits, group_size=group_size, base=base, exclude=exclude, probe_batches=probe,
                  scale_dtype=scale_dtype, progress=progress, rotate=rotate)
     res = s.run(strategy, budget_bits=budget_bits, budget_bytes=budget_bytes, lam=lam, max_evals=max_evals)
@@ -263,8 +263,14 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
     return res
 
 
-def calibration_and_probe(tokenizer, source, n_calib: int, n_probe: int, seq_len: int):
-    """Calibration windows (seed 0, as every method draws them) and held-out probe windows (seed 1)."""
+def calibration_and_probe(tokenizer, source, n_calib: int, n_probe: int, seq_len: int, model=None):
+    """Calibration windows (seed 0, as every method draws them) and held-out probe windows (seed 1);
+    ``source="generated"``: sequences the float ``model`` samples, the same seeds."""
+    if isinstance(source, str) and source == GENERATED:
+        if model is None:
+            raise ValueError("calib='generated' needs the model to sample from")
+        return (generated_batches(model, tokenizer, n_samples=n_calib, seq_len=seq_len),
+                generated_batches(model, tokenizer, n_samples=n_probe, seq_len=seq_len, seed=1))
     return (calibration_batches(tokenizer, source, n_samples=n_calib, seq_len=seq_len),
             calibration_batches(tokenizer, source, n_samples=n_probe, seq_len=seq_len, seed=1))
 
