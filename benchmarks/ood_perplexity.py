@@ -22,21 +22,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 TEXTS = ("kjv.txt", "debian-reference.txt", "licenses.txt")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def table(rows: list[dict]) -> str:
@@ -70,12 +61,15 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default="float,rtn-w4-g64,gptq-w4-g64,awq-w4-g64,gptq-w4-g64-rot")
     ap.add_argument("--calib", default=None, help="calib= for every method (a file, or 'generated')")
     ap.add_argument("--tag", default="", help="label of these rows (e.g. the calibration)")
-    ap.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="extra method option")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra method option, read as `llmeasyquant quantize --option` reads it")
     ap.add_argument("--windows", type=int, default=16, help="windows of 2048 tokens per text (default 16)")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args(argv)
 
     import llmeasyquant as lq
+    from llmeasyquant.bench import _cpu_name
+    from llmeasyquant.cli import method_options
     from llmeasyquant.compare import PRESETS
     from llmeasyquant.data import default_eval_file
     from llmeasyquant.eval.perplexity import perplexity, tokenize_file
@@ -89,7 +83,7 @@ def main(argv=None) -> int:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"unknown presets {unknown}")
-    extra = {k: json.loads(v) for k, _, v in (o.partition("=") for o in args.option)}
+    extra = method_options(args.option)
     done = []
     if os.path.exists(args.out):
         with open(args.out) as fh:
@@ -108,7 +102,8 @@ def main(argv=None) -> int:
         quant_s = time.perf_counter() - t0
         ppl = {n: perplexity(m, ids=v, max_windows=args.windows).ppl for n, v in ids.items()}
         row = {"preset": name, "tag": args.tag, "options": extra, "calib": args.calib, "windows": args.windows,
-               "ppl": ppl, "quant_s": quant_s, "cpu": _cpu(), "threads": torch.get_num_threads(),
+               "ppl": ppl, "quant_s": quant_s, "cpu": _cpu_name(),
+               "isa": lq.build_info()["cpu_isa_active"], "threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d %H:%M %Z")}
         done.append(row)
         with open(args.out, "a") as fh:  # one whole line per model: a stop loses at most the model in hand

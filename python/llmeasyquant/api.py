@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .calibration import GENERATED, calibration_batches, generated_batches
+from .calibration import GENERATED, batches_from
 from .log import logger
 from .methods import QuantConfig, config_for, method_for
 from .models.extract import extract
@@ -27,8 +27,7 @@ def _calibration(config: QuantConfig, calib, tokenizer, model: nn.Module, shard)
             # ranks sampling on their own could draw different text; one process must write it for all
             raise ValueError("calib='generated' is not supported across ranks: generate once with "
                              "llmeasyquant.calibration.generated_batches and pass the token tensors as calib=")
-        return generated_batches(model, tokenizer, n_samples=config.n_calib, seq_len=config.calib_seq_len)
-    if calib is not None and not isinstance(calib, (str, list, tuple)):
+    elif calib is not None and not isinstance(calib, (str, list, tuple)):
         raise TypeError(f"calib must be a file path, a list of strings or a list of token tensors, got {type(calib)}")
     if isinstance(calib, (list, tuple)) and calib and isinstance(calib[0], torch.Tensor):
         return [c if c.dim() == 2 else c.unsqueeze(0) for c in calib]
@@ -37,7 +36,7 @@ def _calibration(config: QuantConfig, calib, tokenizer, model: nn.Module, shard)
     if tokenizer is None:
         raise ValueError(f"{config.method} needs calibration data: pass tokenizer= (to tokenize text) "
                          "or calib= as a list of token tensors")
-    return calibration_batches(tokenizer, calib, n_samples=config.n_calib, seq_len=config.calib_seq_len)
+    return batches_from(calib, tokenizer, model, n_samples=config.n_calib, seq_len=config.calib_seq_len)
 
 
 @dataclass

@@ -102,6 +102,18 @@ def generated_batches(model: nn.Module, tokenizer, *, n_samples: int = 32, seq_l
     return out
 
 
+def batches_from(source, tokenizer, model: nn.Module, *, n_samples: int, seq_len: int,
+                 seed: int = 0) -> list[torch.Tensor]:
+    """The one place a calibration source becomes token batches: ``"generated"``
+    samples ``model`` (:func:`generated_batches`), anything else is text
+    (:func:`calibration_batches`: a file, a list of strings, None = WikiText-2)."""
+    if isinstance(source, str) and source == GENERATED:
+        if model is None:
+            raise ValueError("calib='generated' needs the model to sample from")
+        return generated_batches(model, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    return calibration_batches(tokenizer, source, n_samples=n_samples, seq_len=seq_len, seed=seed)
+
+
 @dataclass
 class ChannelStats:
     """Running per-input-channel statistics of one linear's activations."""

@@ -183,7 +183,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.distributed:
         from .distributed.command import quantize_distributed
 
-        if args.calib == "generated":
+        from .calibration import GENERATED
+
+        if args.calib == GENERATED:
             raise ValueError("--calib generated is not supported with --distributed (ranks sampling on their own "
                              "could write different text); run it in one process")
 

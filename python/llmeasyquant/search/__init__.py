@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import GENERATED, calibration_batches, generated_batches, observe_model
+from ..calibration import batches_from, observe_model
 from ..log import logger
 from ..methods._common import swap, target_paths
 from ..models.extract import extract
@@ -266,13 +266,8 @@ def search(model: nn.Module, tokenizer=None, *, budget_bits: Optional[float] = N
 def calibration_and_probe(tokenizer, source, n_calib: int, n_probe: int, seq_len: int, model=None):
     """Calibration windows (seed 0, as every method draws them) and held-out probe windows (seed 1);
     ``source="generated"``: sequences the float ``model`` samples, the same seeds."""
-    if isinstance(source, str) and source == GENERATED:
-        if model is None:
-            raise ValueError("calib='generated' needs the model to sample from")
-        return (generated_batches(model, tokenizer, n_samples=n_calib, seq_len=seq_len),
-                generated_batches(model, tokenizer, n_samples=n_probe, seq_len=seq_len, seed=1))
-    return (calibration_batches(tokenizer, source, n_samples=n_calib, seq_len=seq_len),
-            calibration_batches(tokenizer, source, n_samples=n_probe, seq_len=seq_len, seed=1))
+    return (batches_from(source, tokenizer, model, n_samples=n_calib, seq_len=seq_len),
+            batches_from(source, tokenizer, model, n_samples=n_probe, seq_len=seq_len, seed=1))
 
 
 def write_json(obj, path: str) -> None:
